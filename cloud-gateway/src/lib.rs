@@ -1,1 +1,188 @@
-//! placeholder
+//! The cloud gateway: takes password operations over gRPC (`writeback.v1.Writeback`), seals
+//! them per tenant, queues them in Redis, hands them to on-premises agents over their
+//! outbound streams (`writeback.v1.AgentLink`) and returns each caller its outcome, whichever
+//! replica holds the agent's stream.
+
+pub mod admin;
+pub mod agent_link;
+pub mod error;
+pub mod store;
+pub mod sweeper;
+pub mod tenants;
+pub mod validate;
+pub mod waiters;
+pub mod writeback;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use relay::envelope::KeyBytes;
+use relay::proto::agent_link_server::AgentLinkServer;
+use relay::proto::writeback_server::WritebackServer;
+
+use crate::store::Store;
+use crate::tenants::Tenants;
+use crate::waiters::Waiters;
+
+/// Everything a gateway replica needs to run. Built by `main` from flags and environment.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Name of this replica (pod name); callers' outcomes are routed to it.
+    pub replica_id: String,
+    pub redis_url: String,
+    /// Key-encryption key for tenant keys at rest.
+    pub master_key: KeyBytes,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Wait used when a request has `timeout_ms = 0`.
+    pub default_timeout: Duration,
+    /// Longest wait a caller may ask for.
+    pub max_timeout: Duration,
+    /// An agent not heard from for this long is not live.
+    pub agent_liveness: Duration,
+    /// How often gateway and agent exchange heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long after the deadline a delivered, unacknowledged operation becomes `TIMED_OUT`.
+    pub ack_grace: Duration,
+    /// How long operation records and timelines are kept.
+    pub record_ttl: Duration,
+    /// A stream entry pending this long on a consumer is looked at again by another session.
+    pub reclaim_idle: Duration,
+}
+
+impl GatewayConfig {
+    /// Defaults for everything but identity, Redis, key and TLS files.
+    pub fn new(
+        replica_id: impl Into<String>,
+        redis_url: impl Into<String>,
+        master_key: KeyBytes,
+        tls_cert: PathBuf,
+        tls_key: PathBuf,
+    ) -> Self {
+        Self {
+            replica_id: replica_id.into(),
+            redis_url: redis_url.into(),
+            master_key,
+            tls_cert,
+            tls_key,
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(120),
+            agent_liveness: Duration::from_secs(15),
+            heartbeat_interval: Duration::from_secs(5),
+            ack_grace: Duration::from_secs(10),
+            record_ttl: Duration::from_secs(7 * 24 * 3600),
+            reclaim_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// State shared by the services of one replica.
+#[derive(Clone)]
+pub struct Gateway {
+    pub config: Arc<GatewayConfig>,
+    pub store: Store,
+    pub tenants: Tenants,
+    pub waiters: Waiters,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Errors that stop the gateway from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot connect to redis at the configured URL: {0}")]
+    Redis(#[from] store::StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] relay::tls::TlsError),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves Writeback, AgentLink, health and reflection on `listener` (TLS) until `shutdown`,
+/// then lets agent sessions and waiting callers finish.
+///
+/// # Errors
+/// When Redis is unreachable at start, TLS files are unusable, or the server fails.
+pub async fn run(
+    config: GatewayConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    relay::tls::install_crypto_provider();
+    let cert = relay::tls::read_pem(&config.tls_cert)?;
+    relay::tls::read_certs(&config.tls_cert)?;
+    let key = relay::tls::read_key_pem(&config.tls_key)?;
+    let identity = Identity::from_pem(cert, key.as_slice());
+
+    let store = Store::connect(&config.redis_url).await?;
+    let tenants = Tenants::new(store.clone(), config.master_key.clone());
+    let gateway = Gateway {
+        config: Arc::new(config),
+        store: store.clone(),
+        tenants,
+        waiters: Waiters::default(),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    };
+
+    gateway.tasks.spawn(gateway.waiters.clone().listen(
+        store.clone(),
+        gateway.config.replica_id.clone(),
+        shutdown.clone(),
+    ));
+    gateway.tasks.spawn(sweeper::run(gateway.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WritebackServer<writeback::WritebackService>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentLinkServer<agent_link::AgentLinkService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(relay::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Tls(relay::tls::TlsError::Invalid {
+            path: "reflection".into(),
+            detail: e.to_string(),
+        }))?;
+
+    tracing::info!(
+        replica = %gateway.config.replica_id,
+        addr = ?listener.local_addr().ok(),
+        "gateway serving"
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let serve_shutdown = shutdown.clone();
+    let result = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(WritebackServer::new(writeback::WritebackService::new(
+            gateway.clone(),
+        )))
+        .add_service(AgentLinkServer::new(agent_link::AgentLinkService::new(
+            gateway.clone(),
+        )))
+        .serve_with_incoming_shutdown(incoming, async move {
+            serve_shutdown.cancelled().await;
+            health_reporter
+                .set_not_serving::<WritebackServer<writeback::WritebackService>>()
+                .await;
+        })
+        .await;
+    gateway.tasks.close();
+    gateway.tasks.wait().await;
+    tracing::info!(replica = %gateway.config.replica_id, "gateway stopped");
+    Ok(result?)
+}

@@ -1,0 +1,83 @@
+//! The one place where gateway errors become gRPC statuses. Messages name what was wrong and
+//! never carry a secret; internal details go to the log, not to the caller.
+
+use tonic::{Code, Status};
+
+use crate::store::StoreError;
+use crate::tenants::TenantError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing or malformed authorization: expected metadata `authorization: Bearer <token>`")]
+    Unauthenticated,
+    #[error("the token does not belong to tenant {0:?}")]
+    WrongTenant(String),
+    #[error("{field}: {problem}")]
+    InvalidArgument { field: &'static str, problem: String },
+    #[error("operation {0:?} not found")]
+    NotFound(String),
+    #[error("operation {0:?} already exists with a different request")]
+    Conflict(String),
+    #[error("{0}")]
+    Unimplemented(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("the gateway cannot reach its store; retry with the same operation_id")]
+    Store(#[from] StoreError),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn invalid(field: &'static str, problem: impl Into<String>) -> Self {
+        Self::InvalidArgument { field, problem: problem.into() }
+    }
+}
+
+impl From<TenantError> for GatewayError {
+    fn from(e: TenantError) -> Self {
+        match e {
+            TenantError::Store(s) => Self::Store(s),
+            TenantError::UnknownTenant(t) => Self::WrongTenant(t),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Self {
+        let code = match &e {
+            GatewayError::Unauthenticated => Code::Unauthenticated,
+            GatewayError::WrongTenant(_) => Code::PermissionDenied,
+            GatewayError::InvalidArgument { .. } => Code::InvalidArgument,
+            GatewayError::NotFound(_) => Code::NotFound,
+            GatewayError::Conflict(_) => Code::AlreadyExists,
+            GatewayError::Unimplemented(_) => Code::Unimplemented,
+            GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
+            GatewayError::Store(_) => Code::Unavailable,
+            GatewayError::Internal(_) => Code::Internal,
+        };
+        match &e {
+            GatewayError::Store(inner) => tracing::warn!(error = %inner, "store error"),
+            GatewayError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            _ => {}
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_to_spec_codes() {
+        let s: Status = GatewayError::invalid("user.forest", "must not be empty").into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "user.forest: must not be empty");
+        assert_eq!(Status::from(GatewayError::Unauthenticated).code(), Code::Unauthenticated);
+        assert_eq!(Status::from(GatewayError::WrongTenant("b".into())).code(), Code::PermissionDenied);
+        let internal = Status::from(GatewayError::Internal("secret detail".into()));
+        assert_eq!(internal.message(), "internal error");
+    }
+}

@@ -1,0 +1,195 @@
+//! `cloud-gateway`: parse configuration, start logging, bind, and hand off to the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use cloud_gateway::{admin, store::Store, tenants::Tenants, GatewayConfig};
+
+#[derive(Parser)]
+#[command(name = "cloud-gateway", version, about = "Password writeback relay: cloud gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Writeback, AgentLink, health and reflection over TLS.
+    Serve(ServeArgs),
+    /// Manage tenants and agent credentials.
+    Admin(AdminArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "WRITEBACK_LISTEN", default_value = "0.0.0.0:7443")]
+    listen: String,
+    /// PEM certificate chain of this gateway.
+    #[arg(long, env = "WRITEBACK_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// PEM private key of this gateway.
+    #[arg(long, env = "WRITEBACK_TLS_KEY")]
+    tls_key: PathBuf,
+    #[command(flatten)]
+    common: Common,
+    /// Name of this replica (defaults to the host name, i.e. the pod name on Kubernetes).
+    #[arg(long, env = "WRITEBACK_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Longest wait a caller may ask for, in seconds.
+    #[arg(long, env = "WRITEBACK_MAX_TIMEOUT_SECS", default_value_t = 120)]
+    max_timeout_secs: u64,
+    /// Seconds to let agent sessions and waiting callers finish after SIGTERM.
+    #[arg(long, env = "WRITEBACK_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    shutdown_grace_secs: u64,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Redis URL shared by all replicas.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: String,
+    /// File holding the gateway master key (64 hex digits; `admin gen-master-key` makes one).
+    #[arg(long, env = "WRITEBACK_MASTER_KEY_FILE")]
+    master_key_file: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Print a new master key (64 hex digits).
+    GenMasterKey,
+    /// Create a tenant and print its bearer token (re-running rotates the token).
+    CreateTenant {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+        /// Print nothing and succeed when the tenant already exists.
+        #[arg(long)]
+        if_missing: bool,
+    },
+    /// Register an agent for a tenant's forest and print its secret (re-running rotates it).
+    RegisterAgent {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        forest: String,
+        #[arg(long)]
+        agent_id: String,
+    },
+    /// Set a forest's switches.
+    SetForest {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        forest: String,
+        /// Apply operations to members of protected groups (adminCount=1).
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
+        allow_protected_accounts: bool,
+    },
+}
+
+fn load_master_key(path: &std::path::Path) -> anyhow::Result<relay::envelope::KeyBytes> {
+    let content = relay::secret::Secret::from_file(path)?;
+    admin::parse_master_key(content.expose())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+async fn tenants(common: &Common) -> anyhow::Result<Tenants> {
+    let key = load_master_key(&common.master_key_file)?;
+    let store = Store::connect(&common.redis_url)
+        .await
+        .context("cannot connect to redis")?;
+    Ok(Tenants::new(store, key))
+}
+
+fn check_name(field: &str, v: &str) -> anyhow::Result<()> {
+    cloud_gateway::validate::tenant_id(v).map_err(|e| anyhow::anyhow!("--{field}: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    relay::telemetry::init_logging();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Admin(AdminArgs { command }) => match command {
+            AdminCommand::GenMasterKey => {
+                println!("{}", admin::generate_master_key()?.expose());
+                Ok(())
+            }
+            AdminCommand::CreateTenant { common, tenant, if_missing } => {
+                check_name("tenant", &tenant)?;
+                let t = tenants(&common).await?;
+                if let Some(token) = admin::create_tenant(&t, &tenant, if_missing).await? {
+                    println!("{}", token.expose());
+                }
+                Ok(())
+            }
+            AdminCommand::RegisterAgent { common, tenant, forest, agent_id } => {
+                check_name("tenant", &tenant)?;
+                check_name("agent-id", &agent_id)?;
+                cloud_gateway::validate::forest("forest", &forest)
+                    .map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let t = tenants(&common).await?;
+                println!("{}", t.register_agent(&tenant, &forest, &agent_id).await?.expose());
+                Ok(())
+            }
+            AdminCommand::SetForest { common, tenant, forest, allow_protected_accounts } => {
+                let t = tenants(&common).await?;
+                admin::set_forest(&t, &tenant, &forest, allow_protected_accounts).await?;
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let replica_id = match args.replica_id {
+        Some(r) => r,
+        None => std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .context("--replica-id (WRITEBACK_REPLICA_ID) is required when HOSTNAME is not set")?,
+    };
+    let mut config = GatewayConfig::new(
+        replica_id,
+        args.common.redis_url,
+        load_master_key(&args.common.master_key_file)?,
+        args.tls_cert,
+        args.tls_key,
+    );
+    config.max_timeout = Duration::from_secs(args.max_timeout_secs);
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(cloud_gateway::run(config, listener, shutdown.clone()));
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return Ok(r??),
+        _ = relay::telemetry::shutdown_signal() => {}
+    }
+    tracing::info!(grace_secs = args.shutdown_grace_secs, "shutting down");
+    shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(args.shutdown_grace_secs), server).await {
+        Ok(r) => Ok(r??),
+        Err(_) => {
+            tracing::warn!("grace period over; exiting with work still open");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Tenants and agent credentials: bearer tokens and agent secrets stored only as SHA-256
+//! hashes, tenant keys stored only wrapped under the gateway's key-encryption key, and
+//! per-forest operator switches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use redis::AsyncCommands;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use relay::envelope::{self, ForestKey, KeyBytes, TenantKey};
+use relay::secret::Secret;
+
+use crate::store::{self, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("unknown tenant {0:?}")]
+    UnknownTenant(String),
+    #[error("tenant key of {0:?} does not unwrap with this gateway's master key")]
+    KeyUnwrap(String),
+    #[error("{0}")]
+    Crypto(#[from] envelope::EnvelopeError),
+}
+
+impl From<redis::RedisError> for TenantError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Store(StoreError::Redis(e))
+    }
+}
+
+/// What an authenticated agent may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+    pub tenant: String,
+    pub forest: String,
+}
+
+/// Per-forest operator switches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForestSettings {
+    /// Apply operations to members of protected groups (adminCount=1).
+    pub allow_protected_accounts: bool,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+}
+
+fn random_secret(prefix: &str) -> Result<Secret, TenantError> {
+    let mut b = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| envelope::EnvelopeError::Rng)?;
+    let s = Secret::new(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    ));
+    zeroize::Zeroize::zeroize(&mut b);
+    Ok(s)
+}
+
+/// Constant-time equality of two byte strings of public length.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Looks up and caches tenants' keys; creates tenants and credentials for the admin commands.
+#[derive(Clone)]
+pub struct Tenants {
+    store: Store,
+    kek: Arc<ForestKey>,
+    keys: Arc<Mutex<HashMap<String, TenantKey>>>,
+}
+
+impl Tenants {
+    pub fn new(store: Store, master_key: KeyBytes) -> Self {
+        Self {
+            store,
+            kek: Arc::new(ForestKey::from_bytes(master_key)),
+            keys: Arc::default(),
+        }
+    }
+
+    /// Creates a tenant (or rotates its token when it exists) and returns the new bearer token.
+    /// The tenant key is created once and kept across token rotations.
+    ///
+    /// # Errors
+    /// On Redis or crypto errors.
+    pub async fn create_tenant(&self, tenant: &str) -> Result<Secret, TenantError> {
+        let mut c = self.store.conn();
+        let key = store::tenant_key(tenant);
+        let existing: Option<Vec<u8>> = c.hget(&key, "wrapped_key").await?;
+        if existing.is_none() {
+            let tk = TenantKey::new(KeyBytes::generate()?);
+            let wrapped = envelope::wrap_tenant_key(&self.kek, tenant, &tk)?;
+            let _: () = c
+                .hset_multiple(
+                    &key,
+                    &[
+                        ("wrapped_key", wrapped),
+                        ("created", relay::now_unix_ms().to_string().into_bytes()),
+                    ],
+                )
+                .await?;
+        }
+        let token = random_secret("wbt_")?;
+        let hash = sha256_hex(token.expose().as_bytes());
+        let old: Option<String> = c.hget(&key, "token_sha256").await?;
+        if let Some(old) = old {
+            let _: i64 = c.del(store::token_key(&old)).await?;
+        }
+        let _: () = c.set(store::token_key(&hash), tenant).await?;
+        let _: () = c.hset(&key, "token_sha256", &hash).await?;
+        Ok(token)
+    }
+
+    /// Whether the tenant exists.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn exists(&self, tenant: &str) -> Result<bool, TenantError> {
+        Ok(self.store.conn().exists(store::tenant_key(tenant)).await?)
+    }
+
+    /// Registers (or rotates) an agent credential for one tenant's forest; returns the secret.
+    ///
+    /// # Errors
+    /// When the tenant does not exist, or on Redis errors.
+    pub async fn register_agent(
+        &self,
+        tenant: &str,
+        forest: &str,
+        agent_id: &str,
+    ) -> Result<Secret, TenantError> {
+        if !self.exists(tenant).await? {
+            return Err(TenantError::UnknownTenant(tenant.to_owned()));
+        }
+        let secret = random_secret("wba_")?;
+        let _: () = self
+            .store
+            .conn()
+            .hset_multiple(
+                store::agent_cred_key(agent_id),
+                &[
+                    ("tenant", tenant.to_owned()),
+                    ("forest", forest.to_owned()),
+                    ("secret_sha256", sha256_hex(secret.expose().as_bytes())),
+                ],
+            )
+            .await?;
+        Ok(secret)
+    }
+
+    /// Sets a forest's operator switches.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn set_forest(
+        &self,
+        tenant: &str,
+        forest: &str,
+        settings: &ForestSettings,
+    ) -> Result<(), TenantError> {
+        let _: () = self
+            .store
+            .conn()
+            .hset(
+                store::forest_key(tenant, forest),
+                "allow_protected_accounts",
+                u8::from(settings.allow_protected_accounts),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Reads a forest's operator switches (defaults when never set).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn forest(&self, tenant: &str, forest: &str) -> Result<ForestSettings, TenantError> {
+        let v: Option<u8> = self
+            .store
+            .conn()
+            .hget(store::forest_key(tenant, forest), "allow_protected_accounts")
+            .await?;
+        Ok(ForestSettings {
+            allow_protected_accounts: v == Some(1),
+        })
+    }
+
+    /// The tenant a bearer token belongs to, if any.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn tenant_for_token(&self, token: &str) -> Result<Option<String>, TenantError> {
+        let hash = sha256_hex(token.as_bytes());
+        Ok(self.store.conn().get(store::token_key(&hash)).await?)
+    }
+
+    /// Verifies `<agent_id>.<secret>`; returns who the agent is.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn authenticate_agent(
+        &self,
+        credential: &str,
+    ) -> Result<Option<AgentIdentity>, TenantError> {
+        let Some((agent_id, secret)) = credential.split_once('.') else {
+            return Ok(None);
+        };
+        let h: HashMap<String, String> = self
+            .store
+            .conn()
+            .hgetall(store::agent_cred_key(agent_id))
+            .await?;
+        let (Some(tenant), Some(forest), Some(expected)) =
+            (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
+        else {
+            return Ok(None);
+        };
+        if !ct_eq(
+            sha256_hex(secret.as_bytes()).as_bytes(),
+            expected.as_bytes(),
+        ) {
+            return Ok(None);
+        }
+        Ok(Some(AgentIdentity {
+            agent_id: agent_id.to_owned(),
+            tenant: tenant.clone(),
+            forest: forest.clone(),
+        }))
+    }
+
+    /// The tenant's key (unwrapped once, then cached in memory).
+    ///
+    /// # Errors
+    /// When the tenant is unknown or its key does not unwrap.
+    pub async fn tenant_key(&self, tenant: &str) -> Result<TenantKey, TenantError> {
+        if let Some(k) = self.keys.lock().expect("tenant key cache").get(tenant) {
+            return Ok(k.clone());
+        }
+        let wrapped: Option<Vec<u8>> = self
+            .store
+            .conn()
+            .hget(store::tenant_key(tenant), "wrapped_key")
+            .await?;
+        let wrapped = wrapped.ok_or_else(|| TenantError::UnknownTenant(tenant.to_owned()))?;
+        let key = envelope::unwrap_tenant_key(&self.kek, tenant, &wrapped)
+            .map_err(|_| TenantError::KeyUnwrap(tenant.to_owned()))?;
+        self.keys
+            .lock()
+            .expect("tenant key cache")
+            .insert(tenant.to_owned(), key.clone());
+        Ok(key)
+    }
+
+    /// The data key of one tenant's forest.
+    ///
+    /// # Errors
+    /// As [`Tenants::tenant_key`].
+    pub async fn forest_key(&self, tenant: &str, forest: &str) -> Result<ForestKey, TenantError> {
+        Ok(self.tenant_key(tenant).await?.forest_key(tenant, forest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn secrets_are_random_and_prefixed() {
+        let a = random_secret("wbt_").unwrap();
+        let b = random_secret("wbt_").unwrap();
+        assert!(a.expose().starts_with("wbt_") && a.expose().len() > 40);
+        assert_ne!(a, b);
+    }
+}

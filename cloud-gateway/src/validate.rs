@@ -1,0 +1,239 @@
+//! Input validation for `Writeback` requests: every rejection names the field and the problem,
+//! and never echoes a password.
+
+use relay::proto::{submit_request::Action, user_ref, Initiator, SubmitRequest, UserRef};
+
+use crate::error::GatewayError;
+
+/// Longest password AD accepts in `unicodePwd` (characters).
+pub const MAX_PASSWORD_CHARS: usize = 256;
+
+fn check_id(field: &'static str, v: &str, max: usize) -> Result<(), GatewayError> {
+    if v.is_empty() {
+        return Err(GatewayError::invalid(field, "must not be empty"));
+    }
+    if v.len() > max {
+        return Err(GatewayError::invalid(field, format!("must be at most {max} characters")));
+    }
+    if !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+        return Err(GatewayError::invalid(
+            field,
+            "may contain only ASCII letters, digits and - _ . :",
+        ));
+    }
+    Ok(())
+}
+
+/// A tenant id: 1–64 of `[A-Za-z0-9._:-]`.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `tenant_id`.
+pub fn tenant_id(v: &str) -> Result<(), GatewayError> {
+    check_id("tenant_id", v, 64)
+}
+
+/// An operation id: 1–128 of `[A-Za-z0-9._:-]`.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `operation_id`.
+pub fn operation_id(v: &str) -> Result<(), GatewayError> {
+    check_id("operation_id", v, 128)
+}
+
+/// A forest name: a DNS name.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field`.
+pub fn forest(field: &'static str, v: &str) -> Result<(), GatewayError> {
+    if v.is_empty() {
+        return Err(GatewayError::invalid(field, "must not be empty"));
+    }
+    let ok = v.len() <= 253
+        && v.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !ok {
+        return Err(GatewayError::invalid(field, "must be a DNS name such as corp.example.com"));
+    }
+    Ok(())
+}
+
+/// Parses an objectGUID in canonical form (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
+pub fn is_canonical_guid(v: &str) -> bool {
+    let groups: Vec<&str> = v.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
+            g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit())
+        })
+}
+
+fn user(u: Option<&UserRef>) -> Result<(), GatewayError> {
+    let u = u.ok_or_else(|| GatewayError::invalid("user", "is required"))?;
+    forest("user.forest", &u.forest)?;
+    match &u.id {
+        None => Err(GatewayError::invalid(
+            "user",
+            "one of object_guid, user_principal_name or sam_account_name is required",
+        )),
+        Some(user_ref::Id::ObjectGuid(g)) if !is_canonical_guid(g) => Err(GatewayError::invalid(
+            "user.object_guid",
+            "must be a GUID in canonical form (8-4-4-4-12 hex digits)",
+        )),
+        Some(user_ref::Id::UserPrincipalName(upn)) => {
+            let valid = upn.len() <= 1024
+                && upn
+                    .split_once('@')
+                    .is_some_and(|(name, suffix)| !name.is_empty() && !suffix.is_empty())
+                && !upn.chars().any(char::is_control);
+            if valid {
+                Ok(())
+            } else {
+                Err(GatewayError::invalid(
+                    "user.user_principal_name",
+                    "must look like name@suffix",
+                ))
+            }
+        }
+        Some(user_ref::Id::SamAccountName(sam)) => {
+            // AD: at most 20 characters for users, none of " / \ [ ] : ; | = , + * ? < > @
+            let forbidden = "\"/\\[]:;|=,+*?<>@";
+            if sam.is_empty() || sam.chars().count() > 20 {
+                Err(GatewayError::invalid(
+                    "user.sam_account_name",
+                    "must be 1 to 20 characters",
+                ))
+            } else if sam.chars().any(|c| forbidden.contains(c) || c.is_control()) {
+                Err(GatewayError::invalid(
+                    "user.sam_account_name",
+                    "must not contain \" / \\ [ ] : ; | = , + * ? < > @",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn password(field: &'static str, p: &str) -> Result<(), GatewayError> {
+    if p.is_empty() {
+        return Err(GatewayError::invalid(field, "must not be empty"));
+    }
+    if p.chars().count() > MAX_PASSWORD_CHARS {
+        return Err(GatewayError::invalid(
+            field,
+            format!("must be at most {MAX_PASSWORD_CHARS} characters"),
+        ));
+    }
+    if p.chars().any(|c| c == '\0') {
+        return Err(GatewayError::invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Validates a `SubmitRequest` (the operation id may be empty: the gateway assigns one).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the first offending field.
+pub fn submit(req: &SubmitRequest) -> Result<(), GatewayError> {
+    tenant_id(&req.tenant_id)?;
+    if !req.operation_id.is_empty() {
+        operation_id(&req.operation_id)?;
+    }
+    user(req.user.as_ref())?;
+    match Initiator::try_from(req.initiator) {
+        Ok(Initiator::EndUser | Initiator::Admin) => {}
+        _ => return Err(GatewayError::invalid("initiator", "must be END_USER or ADMIN")),
+    }
+    match &req.action {
+        None => Err(GatewayError::invalid("action", "one of reset, change or unlock is required")),
+        Some(Action::Reset(r)) => password("reset.new_password", &r.new_password),
+        Some(Action::Change(c)) => {
+            password("change.old_password", &c.old_password)?;
+            password("change.new_password", &c.new_password)
+        }
+        Some(Action::Unlock(_)) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay::proto::{ChangePassword, ResetPassword, UnlockAccount};
+
+    fn base() -> SubmitRequest {
+        SubmitRequest {
+            tenant_id: "acme".into(),
+            operation_id: "op-1".into(),
+            user: Some(UserRef {
+                forest: "corp.acme.test".into(),
+                id: Some(user_ref::Id::SamAccountName("alice".into())),
+            }),
+            initiator: Initiator::EndUser as i32,
+            timeout_ms: 0,
+            action: Some(Action::Reset(ResetPassword {
+                new_password: "S3cret-Passw0rd!".into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn field_of(req: &SubmitRequest) -> String {
+        match submit(req) {
+            Err(GatewayError::InvalidArgument { field, .. }) => field.to_owned(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_valid_requests() {
+        submit(&base()).unwrap();
+        let mut r = base();
+        r.operation_id.clear();
+        r.action = Some(Action::Unlock(UnlockAccount {}));
+        submit(&r).unwrap();
+        r.user.as_mut().unwrap().id =
+            Some(user_ref::Id::ObjectGuid("99b3a1d2-17db-4c4a-9c27-0123456789ab".into()));
+        submit(&r).unwrap();
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut SubmitRequest)>)> = vec![
+            ("tenant_id", Box::new(|r| r.tenant_id.clear())),
+            ("tenant_id", Box::new(|r| r.tenant_id = "a b".into())),
+            ("operation_id", Box::new(|r| r.operation_id = "x".repeat(200))),
+            ("user", Box::new(|r| r.user = None)),
+            ("user.forest", Box::new(|r| r.user.as_mut().unwrap().forest.clear())),
+            ("user.forest", Box::new(|r| r.user.as_mut().unwrap().forest = "bad forest".into())),
+            ("user", Box::new(|r| r.user.as_mut().unwrap().id = None)),
+            ("user.object_guid", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::ObjectGuid("nope".into())))),
+            ("user.user_principal_name", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::UserPrincipalName("alice".into())))),
+            ("user.sam_account_name", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::SamAccountName("a".repeat(21))))),
+            ("user.sam_account_name", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::SamAccountName("a,b".into())))),
+            ("initiator", Box::new(|r| r.initiator = 0)),
+            ("action", Box::new(|r| r.action = None)),
+            ("reset.new_password", Box::new(|r| r.action = Some(Action::Reset(ResetPassword::default())))),
+            ("change.old_password", Box::new(|r| r.action = Some(Action::Change(ChangePassword { old_password: String::new(), new_password: "x".into() })))),
+            ("change.new_password", Box::new(|r| r.action = Some(Action::Change(ChangePassword { old_password: "x".into(), new_password: "y".repeat(257) })))),
+        ];
+        for (field, mutate) in cases {
+            let mut r = base();
+            mutate(&mut r);
+            assert_eq!(field_of(&r), field);
+        }
+    }
+
+    #[test]
+    fn rejection_never_echoes_a_password() {
+        let mut r = base();
+        r.action = Some(Action::Reset(ResetPassword {
+            new_password: format!("Secret{}", "x".repeat(300)),
+            ..Default::default()
+        }));
+        let msg = submit(&r).unwrap_err().to_string();
+        assert!(!msg.contains("Secret"), "{msg}");
+    }
+}

@@ -1,0 +1,345 @@
+//! `writeback.v1.Writeback`: accepts operations from the cloud identity service, seals and
+//! queues them, and waits for their outcome.
+
+use std::time::Duration;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use zeroize::Zeroize;
+
+use relay::envelope::{Binding, KEY_VERSION};
+use relay::proto::writeback_server::Writeback;
+use relay::proto::{
+    GetOperationRequest, GetPasswordPolicyRequest, Operation, OperationState, Outcome,
+    PasswordPolicy, PolicyViolation, SealedOperation, SubmitRequest, SubmitResponse,
+    TimelineEvent as PbEvent,
+};
+use relay::trace::TraceParent;
+
+use crate::error::GatewayError;
+use crate::store::{self, Finalized, NewOperation, OpRecord, OpState, TimelineEvent};
+use crate::{validate, Gateway};
+
+/// How often a waiting caller re-reads its record, in case a pub/sub notification was lost.
+const POLL_INTERVAL: Duration = Duration::from_millis(1000);
+
+const AGENT_UNAVAILABLE_MESSAGE: &str =
+    "Your organization's directory cannot be reached right now; nothing was changed. Please try again later.";
+
+pub struct WritebackService {
+    gw: Gateway,
+}
+
+impl WritebackService {
+    pub fn new(gw: Gateway) -> Self {
+        Self { gw }
+    }
+
+    /// Authenticates the bearer token and checks that it belongs to `tenant_id`.
+    async fn authorize<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<(), GatewayError> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(GatewayError::Unauthenticated)?;
+        let owner = self
+            .gw
+            .tenants
+            .tenant_for_token(token)
+            .await?
+            .ok_or(GatewayError::Unauthenticated)?;
+        if owner != tenant_id {
+            tracing::warn!(token_tenant = %owner, requested_tenant = %tenant_id, "token used for another tenant");
+            return Err(GatewayError::WrongTenant(tenant_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn timeout(&self, timeout_ms: u32) -> Duration {
+        if timeout_ms == 0 {
+            self.gw.config.default_timeout
+        } else {
+            Duration::from_millis(u64::from(timeout_ms)).min(self.gw.config.max_timeout)
+        }
+    }
+
+    async fn submit(&self, request: Request<SubmitRequest>) -> Result<SubmitResponse, GatewayError> {
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        if request.get_ref().tenant_id.is_empty() {
+            // Authenticate first so an anonymous caller learns nothing, but say which field is
+            // missing once the token is known to be absent or good.
+            validate::tenant_id("")?;
+        }
+        self.authorize(&request, &request.get_ref().tenant_id).await?;
+        let mut req = request.into_inner();
+        let result = self.submit_validated(&mut req, traceparent).await;
+        if let Some(action) = req.action.as_mut() {
+            action.zeroize();
+        }
+        result
+    }
+
+    async fn submit_validated(
+        &self,
+        req: &mut SubmitRequest,
+        parent: Option<TraceParent>,
+    ) -> Result<SubmitResponse, GatewayError> {
+        validate::submit(req)?;
+        if req.operation_id.is_empty() {
+            req.operation_id = uuid::Uuid::new_v4().to_string();
+        }
+        let span = tracing::info_span!(
+            "submit",
+            tenant = %req.tenant_id,
+            forest = req.user.as_ref().map(|u| u.forest.as_str()).unwrap_or_default(),
+            operation_id = %req.operation_id,
+            kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default(),
+        );
+        self.accept(req, parent).instrument(span).await
+    }
+
+    /// Accepts a validated request: answers a resubmission from its record, refuses at once
+    /// when no agent is live, otherwise seals, queues and waits.
+    async fn accept(
+        &self,
+        req: &mut SubmitRequest,
+        parent: Option<TraceParent>,
+    ) -> Result<SubmitResponse, GatewayError> {
+        let gw = &self.gw;
+        let replica = gw.config.replica_id.as_str();
+        let tenant = req.tenant_id.clone();
+        let forest = req.user.as_ref().map(|u| u.forest.clone()).unwrap_or_default();
+        let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default();
+        let operation_id = req.operation_id.clone();
+
+        // A resubmitted operation id: answer with the first submission's outcome.
+        if let Some(rec) = gw.store.operation(&tenant, &operation_id).await? {
+            if rec.forest != forest || rec.kind != kind {
+                return Err(GatewayError::Conflict(operation_id));
+            }
+            tracing::info!("resubmitted operation; returning its outcome");
+            return self.wait_for_outcome(&tenant, &operation_id, self.timeout(req.timeout_ms)).await;
+        }
+
+        if gw.store.live_agents(&tenant, &forest, gw.config.agent_liveness).await? == 0 {
+            tracing::warn!("no live agent for forest; answered at once, nothing queued");
+            return Ok(SubmitResponse {
+                operation_id,
+                outcome: Outcome::AgentUnavailable as i32,
+                policy_violation: PolicyViolation::Unspecified as i32,
+                message: AGENT_UNAVAILABLE_MESSAGE.to_owned(),
+                trace_id: parent.map(|p| p.trace_id_hex()).unwrap_or_default(),
+            });
+        }
+
+        let trace = parent.map(|p| p.child()).unwrap_or_else(TraceParent::new_root);
+        let traceparent = trace.to_string();
+        let accepted_ms = relay::now_unix_ms();
+        let timeout = self.timeout(req.timeout_ms);
+        let deadline_ms = accepted_ms + timeout.as_millis() as i64;
+
+        let forest_key = gw.tenants.forest_key(&tenant, &forest).await?;
+        let sealed = SealedOperation {
+            user: req.user.clone(),
+            initiator: req.initiator,
+            action: req.action.take().map(Into::into),
+        };
+        let mut plaintext = sealed.encode_to_vec();
+        drop(sealed);
+        let binding = Binding {
+            tenant_id: &tenant,
+            forest: &forest,
+            operation_id: &operation_id,
+            deadline_unix_ms: deadline_ms,
+            traceparent: &traceparent,
+        };
+        let envelope = forest_key.seal(&binding, &plaintext);
+        plaintext.zeroize();
+        let envelope = envelope.map_err(|e| GatewayError::Internal(e.to_string()))?;
+
+        // Register before the record exists so an outcome notification cannot be missed.
+        let waiter = gw.waiters.register(&tenant, &operation_id);
+        gw.store.ensure_group(&store::queue_key(&tenant, &forest)).await?;
+        let created = gw
+            .store
+            .create_operation(&NewOperation {
+                tenant: &tenant,
+                operation_id: &operation_id,
+                forest: &forest,
+                kind,
+                initiator: req.initiator,
+                trace_id: &trace.trace_id_hex(),
+                traceparent: &traceparent,
+                accepted_ms,
+                deadline_ms,
+                replica,
+                envelope: &envelope,
+                key_version: KEY_VERSION,
+                ttl: gw.config.record_ttl,
+            })
+            .await?;
+        if created {
+            tracing::info!(trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
+        } else {
+            tracing::info!("operation id raced with a concurrent submission; waiting for it");
+        }
+        let response = self.wait_for_outcome(&tenant, &operation_id, timeout).await;
+        drop(waiter);
+        response
+    }
+
+    /// Waits until the operation has a terminal outcome or the wait (bounded by the operation's
+    /// own deadline) ends, then answers and records the answer on the timeline.
+    async fn wait_for_outcome(
+        &self,
+        tenant: &str,
+        operation_id: &str,
+        wait: Duration,
+    ) -> Result<SubmitResponse, GatewayError> {
+        let gw = &self.gw;
+        let waiter = gw.waiters.register(tenant, operation_id);
+        let give_up = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = waiter.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let rec = gw
+                .store
+                .operation(tenant, operation_id)
+                .await?
+                .ok_or_else(|| GatewayError::NotFound(operation_id.to_owned()))?;
+            if rec.state == OpState::Done {
+                return self.answer(&rec, rec.outcome).await;
+            }
+            let now = relay::now_unix_ms();
+            if now >= rec.deadline_ms {
+                // The deadline rules decide: never delivered -> EXPIRED (terminal); delivered but
+                // unacknowledged -> the caller hears TIMED_OUT and GetOperation tells more later.
+                match gw
+                    .store
+                    .finalize(tenant, operation_id, &gw.config.replica_id, gw.config.ack_grace)
+                    .await?
+                {
+                    Finalized::Terminal(outcome) => {
+                        let rec = gw.store.operation(tenant, operation_id).await?.unwrap_or(rec);
+                        return self.answer(&rec, outcome).await;
+                    }
+                    Finalized::Pending | Finalized::Missing => {
+                        return self.answer(&rec, Outcome::TimedOut).await
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return self.answer(&rec, Outcome::TimedOut).await;
+            }
+            let until_deadline = Duration::from_millis((rec.deadline_ms - now).max(0) as u64);
+            let sleep_for = POLL_INTERVAL
+                .min(until_deadline)
+                .min(give_up.saturating_duration_since(tokio::time::Instant::now()));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(sleep_for) => {}
+            }
+        }
+    }
+
+    async fn answer(&self, rec: &OpRecord, outcome: Outcome) -> Result<SubmitResponse, GatewayError> {
+        let (violation, message) = if outcome == rec.outcome {
+            (rec.violation, rec.message.clone())
+        } else {
+            (PolicyViolation::Unspecified, store::TIMED_OUT_MESSAGE.to_owned())
+        };
+        let event = TimelineEvent::new("answered", relay::now_unix_ms(), &self.gw.config.replica_id)
+            .detail(outcome.as_str_name());
+        if let Err(e) = self.gw.store.push_event(&rec.tenant, &rec.operation_id, &event).await {
+            tracing::warn!(error = %e, "could not record the answer on the timeline");
+        }
+        tracing::info!(
+            tenant = %rec.tenant,
+            operation_id = %rec.operation_id,
+            outcome = outcome.as_str_name(),
+            policy_violation = violation.as_str_name(),
+            "answered"
+        );
+        Ok(SubmitResponse {
+            operation_id: rec.operation_id.clone(),
+            outcome: outcome as i32,
+            policy_violation: violation as i32,
+            message,
+            trace_id: rec.trace_id.clone(),
+        })
+    }
+
+    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Operation, GatewayError> {
+        self.authorize(&request, &request.get_ref().tenant_id).await?;
+        let req = request.into_inner();
+        validate::tenant_id(&req.tenant_id)?;
+        validate::operation_id(&req.operation_id)?;
+        let rec = self
+            .gw
+            .store
+            .operation(&req.tenant_id, &req.operation_id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(req.operation_id.clone()))?;
+        let timeline = self.gw.store.timeline(&req.tenant_id, &req.operation_id).await?;
+        Ok(Operation {
+            operation_id: rec.operation_id,
+            tenant_id: rec.tenant,
+            forest: rec.forest,
+            kind: rec.kind,
+            state: match rec.state {
+                OpState::Queued => OperationState::Queued,
+                OpState::Delivered => OperationState::Delivered,
+                OpState::Done => OperationState::Done,
+            } as i32,
+            outcome: rec.outcome as i32,
+            policy_violation: rec.violation as i32,
+            message: rec.message,
+            trace_id: rec.trace_id,
+            accepted_unix_ms: rec.accepted_ms,
+            deadline_unix_ms: rec.deadline_ms,
+            initiator: rec.initiator,
+            timeline: timeline
+                .into_iter()
+                .map(|e| PbEvent {
+                    stage: e.stage,
+                    at_unix_ms: e.at,
+                    replica: e.replica,
+                    agent_id: e.agent,
+                    detail: e.detail,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Writeback for WritebackService {
+    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        Ok(Response::new(WritebackService::submit(self, request).await?))
+    }
+
+    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+        Ok(Response::new(WritebackService::get_operation(self, request).await?))
+    }
+
+    async fn get_password_policy(
+        &self,
+        request: Request<GetPasswordPolicyRequest>,
+    ) -> Result<Response<PasswordPolicy>, Status> {
+        self.authorize(&request, &request.get_ref().tenant_id).await?;
+        Err(GatewayError::Unimplemented(
+            "GetPasswordPolicy is not available yet on this gateway",
+        )
+        .into())
+    }
+}
