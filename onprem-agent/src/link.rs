@@ -1,0 +1,428 @@
+//! The agent's side of `writeback.v1.AgentLink`: dial out to the gateway over TLS, say hello,
+//! receive sealed work, open it with the forest key, apply it to AD and acknowledge it. Only
+//! outbound connections; reconnects with jittered exponential backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use relay::backoff::Backoff;
+use relay::envelope::{Binding, ForestKey, KeyBytes};
+use relay::proto::agent_link_client::AgentLinkClient;
+use relay::proto::{
+    agent_frame, gateway_frame, Ack, AgentFrame, Heartbeat, Hello, Outcome, PolicyViolation,
+    SealedOperation, Welcome, Work,
+};
+use relay::trace::TraceParent;
+
+use crate::directory::{ApplyResult, Directory};
+use crate::AgentConfig;
+
+/// Frames buffered towards the gateway.
+const OUTBOUND_BUFFER: usize = 64;
+/// Work with less time than this left is refused as `EXPIRED` rather than started.
+const MIN_TIME_TO_APPLY: Duration = Duration::from_millis(150);
+/// How long outcomes are remembered to answer a redelivered operation without applying twice.
+const REMEMBER_OUTCOMES: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("gateway url {url:?}: {detail}")]
+    BadUrl { url: String, detail: String },
+    #[error("cannot read the gateway CA: {0}")]
+    Ca(#[from] relay::tls::TlsError),
+    #[error("cannot connect to the gateway: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("gateway refused the agent ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("gateway closed the stream")]
+    Closed,
+    #[error("gateway protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Outcomes already reached, by operation id: an operation redelivered after a reconnect is
+/// answered from here and never applied twice (SPEC invariant 3).
+#[derive(Default)]
+struct Outcomes {
+    done: HashMap<String, (Instant, Ack)>,
+    running: std::collections::HashSet<String>,
+}
+
+impl Outcomes {
+    fn prune(&mut self) {
+        self.done.retain(|_, (at, _)| at.elapsed() < REMEMBER_OUTCOMES);
+    }
+}
+
+/// Long-lived state shared by all connections of this agent process.
+pub struct Agent {
+    config: AgentConfig,
+    directory: Directory,
+    instance_id: String,
+    outcomes: Mutex<Outcomes>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, directory: Directory) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            directory,
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            outcomes: Mutex::default(),
+        })
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, LinkError> {
+        let url = &self.config.gateway_url;
+        let bad = |detail: String| LinkError::BadUrl {
+            url: url.clone(),
+            detail,
+        };
+        if !url.starts_with("https://") {
+            return Err(bad("must start with https:// (the agent only talks TLS)".into()));
+        }
+        let ca = relay::tls::read_pem(&self.config.gateway_ca)?;
+        relay::tls::read_certs(&self.config.gateway_ca)?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(name) = &self.config.gateway_tls_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(Endpoint::from_shared(url.clone())
+            .map_err(|e| bad(e.to_string()))?
+            .tls_config(tls)?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10)))
+    }
+
+    /// Stays connected until `shutdown`, reconnecting with jittered exponential backoff.
+    ///
+    /// # Errors
+    /// Only for configuration errors that retrying cannot fix.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), LinkError> {
+        relay::tls::install_crypto_provider();
+        let endpoint = self.endpoint()?;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            let started = Instant::now();
+            let result = self.clone().session(&endpoint, &shutdown).await;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            match result {
+                Ok(()) => tracing::info!(retry_in_ms = delay.as_millis() as u64, "gateway closed the stream; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "gateway link down; reconnecting"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One connection: hello, welcome, then work and heartbeats until it breaks or `shutdown`.
+    async fn session(
+        self: Arc<Self>,
+        endpoint: &Endpoint,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        let channel: Channel = endpoint.connect().await?;
+        let mut client = AgentLinkClient::new(channel);
+        let (tx, rx) = mpsc::channel::<AgentFrame>(OUTBOUND_BUFFER);
+        tx.send(AgentFrame {
+            frame: Some(agent_frame::Frame::Hello(Hello {
+                agent_id: self.config.agent_id.clone(),
+                forest: self.config.forest.clone(),
+                domains: self.config.domains.clone(),
+                version: relay::VERSION.to_owned(),
+                max_in_flight: self.config.max_in_flight,
+                instance_id: self.instance_id.clone(),
+            })),
+        })
+        .await
+        .map_err(|_| LinkError::Closed)?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let credential = format!(
+            "Bearer {}.{}",
+            self.config.agent_id,
+            self.config.agent_secret.expose()
+        );
+        let value = credential
+            .parse()
+            .map_err(|_| LinkError::Protocol("agent secret is not valid header text".into()))?;
+        zeroize::Zeroize::zeroize(&mut credential.into_bytes());
+        request.metadata_mut().insert("authorization", value);
+        let mut inbound = client
+            .connect(request)
+            .await
+            .map_err(|s| LinkError::Refused {
+                code: s.code(),
+                message: s.message().to_owned(),
+            })?
+            .into_inner();
+
+        let welcome = match inbound.message().await {
+            Ok(Some(relay::proto::GatewayFrame {
+                frame: Some(gateway_frame::Frame::Welcome(w)),
+            })) => w,
+            Ok(_) => return Err(LinkError::Protocol("expected a welcome first".into())),
+            Err(s) => {
+                return Err(LinkError::Refused {
+                    code: s.code(),
+                    message: s.message().to_owned(),
+                })
+            }
+        };
+        let session = Arc::new(self.clone().welcome(welcome, tx)?);
+        tracing::info!(
+            gateway = %self.config.gateway_url,
+            replica = %session.replica,
+            tenant = %session.tenant,
+            forest = %session.forest,
+            instance = %self.instance_id,
+            "connected to gateway"
+        );
+
+        let heartbeat_every = session.heartbeat_interval;
+        let silence_limit = heartbeat_every * 3;
+        let mut last_heard = Instant::now();
+        let mut tick = tokio::time::interval(heartbeat_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        break Err(LinkError::Protocol("gateway silent for 3 heartbeats".into()));
+                    }
+                    let hb = Heartbeat { sent_unix_ms: relay::now_unix_ms(), in_flight: session.in_flight() };
+                    if session.tx.send(AgentFrame { frame: Some(agent_frame::Frame::Heartbeat(hb)) }).await.is_err() {
+                        break Err(LinkError::Closed);
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(f)) => {
+                        last_heard = Instant::now();
+                        match f.frame {
+                            Some(gateway_frame::Frame::Work(work)) => session.clone().accept(work),
+                            Some(gateway_frame::Frame::Heartbeat(_)) => {}
+                            Some(gateway_frame::Frame::Welcome(_)) | None => {
+                                tracing::warn!("unexpected frame from gateway; ignored");
+                            }
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(s) => break Err(LinkError::Refused { code: s.code(), message: s.message().to_owned() }),
+                },
+            }
+        };
+        // Let operations already started finish and send their acknowledgments (bounded).
+        session.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), session.tasks.wait()).await;
+        result
+    }
+
+    fn welcome(self: Arc<Self>, w: Welcome, tx: mpsc::Sender<AgentFrame>) -> Result<Session, LinkError> {
+        if w.forest != self.config.forest {
+            return Err(LinkError::Protocol(format!(
+                "gateway welcomed forest {:?}, configured {:?}",
+                w.forest, self.config.forest
+            )));
+        }
+        let mut raw = w.forest_key;
+        let key = KeyBytes::from_slice(&raw)
+            .map_err(|_| LinkError::Protocol("forest key must be 32 bytes".into()));
+        zeroize::Zeroize::zeroize(&mut raw);
+        Ok(Session {
+            agent: self.clone(),
+            tenant: w.tenant_id,
+            forest: w.forest,
+            replica: w.replica,
+            key: ForestKey::from_bytes(key?),
+            allow_protected: w.allow_protected_accounts,
+            heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(500))),
+            permits: Arc::new(Semaphore::new(self.config.max_in_flight.max(1) as usize)),
+            tx,
+            tasks: TaskTracker::new(),
+        })
+    }
+}
+
+/// One live connection's state. The forest key lives only here and is wiped when the session
+/// ends.
+struct Session {
+    agent: Arc<Agent>,
+    tenant: String,
+    forest: String,
+    replica: String,
+    key: ForestKey,
+    allow_protected: bool,
+    heartbeat_interval: Duration,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<AgentFrame>,
+    tasks: TaskTracker,
+}
+
+impl Session {
+    fn in_flight(&self) -> u32 {
+        (self.agent.config.max_in_flight.max(1) as usize - self.permits.available_permits()) as u32
+    }
+
+    /// Starts one operation in the background (bounded by the in-flight limit the gateway
+    /// also enforces).
+    fn accept(self: Arc<Self>, work: Work) {
+        let received = Instant::now();
+        let session = self.clone();
+        self.tasks.spawn(async move {
+            let Ok(_permit) = session.permits.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(ack) = session.process(work, received).await else {
+                return;
+            };
+            if session
+                .tx
+                .send(AgentFrame {
+                    frame: Some(agent_frame::Frame::Ack(ack)),
+                })
+                .await
+                .is_err()
+            {
+                tracing::warn!("stream closed before the acknowledgment was sent; the gateway resends the work on reconnect and it is answered from memory");
+            }
+        });
+    }
+
+    /// Applies one operation, or answers it from memory; `None` for a duplicate of an operation
+    /// still running (its first delivery will answer).
+    async fn process(&self, work: Work, received: Instant) -> Option<Ack> {
+        let op_id = work.operation_id.clone();
+        let parent = TraceParent::parse(&work.traceparent);
+        let trace = parent.map(|p| p.child()).unwrap_or_else(TraceParent::new_root);
+        let span = tracing::info_span!(
+            "apply",
+            operation_id = %op_id,
+            tenant = %self.tenant,
+            forest = %self.forest,
+            trace_id = %trace.trace_id_hex(),
+        );
+        let _guard = span.enter();
+        // Answer a redelivery from memory; never apply an operation twice.
+        {
+            let mut outcomes = self.agent.outcomes.lock().expect("outcomes");
+            outcomes.prune();
+            if let Some((_, ack)) = outcomes.done.get(&op_id) {
+                tracing::info!("redelivered operation answered from memory");
+                return Some(ack.clone());
+            }
+            if !outcomes.running.insert(op_id.clone()) {
+                tracing::info!("operation already running; duplicate ignored");
+                return None;
+            }
+        }
+        drop(_guard);
+        let ack = self.open_and_apply(work, received, &trace).await;
+        let mut outcomes = self.agent.outcomes.lock().expect("outcomes");
+        outcomes.running.remove(&op_id);
+        outcomes.done.insert(op_id, (Instant::now(), ack.clone()));
+        Some(ack)
+    }
+
+    async fn open_and_apply(&self, work: Work, received: Instant, trace: &TraceParent) -> Ack {
+        let op_id = work.operation_id.as_str();
+        // The deadline as the gateway stated it, but measured on our own clock from the time
+        // left when it was sent, so clock skew cannot make us apply late.
+        let by_remaining = received + Duration::from_millis(u64::from(work.remaining_ms));
+        let by_clock_ms = work.deadline_unix_ms - relay::now_unix_ms();
+        let by_clock = if by_clock_ms <= 0 {
+            Instant::now()
+        } else {
+            Instant::now() + Duration::from_millis(by_clock_ms as u64)
+        };
+        let deadline = by_remaining.min(by_clock);
+        if deadline.saturating_duration_since(Instant::now()) < MIN_TIME_TO_APPLY {
+            tracing::warn!(operation_id = %op_id, "work arrived after its deadline; not applied");
+            return refusal(op_id, trace, Outcome::Expired, "deadline passed before the agent could apply it; nothing was changed");
+        }
+        // Bind to *our* tenant and forest, not the frame's: a ciphertext moved to another
+        // tenant's or forest's queue fails here and is reported, not applied.
+        let binding = Binding {
+            tenant_id: &self.tenant,
+            forest: &self.forest,
+            operation_id: op_id,
+            deadline_unix_ms: work.deadline_unix_ms,
+            traceparent: &work.traceparent,
+        };
+        let sealed = match self.key.open(&binding, work.key_version, &work.envelope) {
+            Ok(plain) => SealedOperation::decode(plain.as_slice()),
+            Err(e) => {
+                tracing::error!(operation_id = %op_id, error = %e, "sealed operation does not open for this tenant and forest; refused");
+                return refusal(op_id, trace, Outcome::Refused, &format!("sealed operation rejected: {e}"));
+            }
+        };
+        let op = match sealed {
+            Ok(op) => op,
+            Err(e) => {
+                return refusal(op_id, trace, Outcome::Refused, &format!("sealed operation does not decode: {e}"));
+            }
+        };
+        if op.user.as_ref().is_none_or(|u| u.forest != self.forest) {
+            return refusal(op_id, trace, Outcome::Refused, "operation names another forest");
+        }
+        let started = Instant::now();
+        let result: ApplyResult = self.agent.directory.apply(&op, deadline, self.allow_protected).await;
+        drop(op);
+        let total_ms = received.elapsed().as_millis() as u32;
+        tracing::info!(
+            operation_id = %op_id,
+            outcome = result.outcome.as_str_name(),
+            policy_violation = result.policy_violation.as_str_name(),
+            directory = %result.directory,
+            lookup_ms = result.lookup_ms,
+            write_ms = result.write_ms,
+            apply_ms = started.elapsed().as_millis() as u64,
+            "applied"
+        );
+        Ack {
+            operation_id: op_id.to_owned(),
+            outcome: result.outcome as i32,
+            policy_violation: result.policy_violation as i32,
+            message: result.message,
+            detail: result.detail,
+            lookup_ms: result.lookup_ms,
+            write_ms: result.write_ms,
+            total_ms,
+            traceparent: trace.to_string(),
+            directory: result.directory,
+        }
+    }
+}
+
+fn refusal(op_id: &str, trace: &TraceParent, outcome: Outcome, detail: &str) -> Ack {
+    let message = match outcome {
+        Outcome::Expired => "The request expired before it could be applied; nothing was changed. Please try again.",
+        _ => "The request could not be processed; nothing was changed.",
+    };
+    Ack {
+        operation_id: op_id.to_owned(),
+        outcome: outcome as i32,
+        policy_violation: PolicyViolation::Unspecified as i32,
+        message: message.to_owned(),
+        detail: detail.to_owned(),
+        traceparent: trace.to_string(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,111 @@
+//! `onprem-agent`: parse configuration, start logging, and hand off to the library. The agent
+//! dials out only; it opens no listening socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use onprem_agent::{directory::DirectoryConfig, AgentConfig};
+use relay::secret::Secret;
+
+#[derive(Parser)]
+#[command(name = "onprem-agent", version, about = "Password writeback relay: on-premises agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the gateway and apply operations to Active Directory.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Gateway AgentLink address, https://host:port.
+    #[arg(long, env = "AGENT_GATEWAY_URL")]
+    gateway_url: String,
+    /// PEM CA that signed the gateway's certificate.
+    #[arg(long, env = "AGENT_GATEWAY_CA")]
+    gateway_ca: PathBuf,
+    /// Name to verify in the gateway certificate when it differs from the URL host.
+    #[arg(long, env = "AGENT_GATEWAY_TLS_NAME")]
+    gateway_tls_name: Option<String>,
+    #[arg(long, env = "AGENT_ID")]
+    agent_id: String,
+    /// File holding the agent secret printed by `cloud-gateway admin register-agent`.
+    #[arg(long, env = "AGENT_SECRET_FILE")]
+    agent_secret_file: PathBuf,
+    /// Forest this agent serves (as registered at the gateway).
+    #[arg(long, env = "AGENT_FOREST")]
+    forest: String,
+    /// Domain controllers, ldaps://host[:port]; tried in order.
+    #[arg(long = "ldap-url", env = "AGENT_LDAP_URLS", value_delimiter = ',', required = true)]
+    ldap_urls: Vec<String>,
+    /// PEM CA that signed the domain controllers' certificates.
+    #[arg(long, env = "AGENT_LDAP_CA")]
+    ldap_ca: PathBuf,
+    /// DN or UPN of the delegated service account (never a domain admin).
+    #[arg(long, env = "AGENT_BIND_DN")]
+    bind_dn: String,
+    /// File holding the service account's password.
+    #[arg(long, env = "AGENT_BIND_PASSWORD_FILE")]
+    bind_password_file: PathBuf,
+    /// Search base for users, e.g. DC=corp,DC=example,DC=com.
+    #[arg(long, env = "AGENT_BASE_DN")]
+    base_dn: String,
+    /// Operations applied at once.
+    #[arg(long, env = "AGENT_MAX_IN_FLIGHT", default_value_t = 8)]
+    max_in_flight: u32,
+    /// Pooled LDAPS connections.
+    #[arg(long, env = "AGENT_LDAP_POOL_SIZE", default_value_t = 4)]
+    ldap_pool_size: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    relay::telemetry::init_logging();
+    let Command::Run(args) = Cli::parse().command;
+    let agent_secret = Secret::from_file(&args.agent_secret_file).context("--agent-secret-file")?;
+    let bind_password =
+        Secret::from_file(&args.bind_password_file).context("--bind-password-file")?;
+    let config = AgentConfig {
+        gateway_url: args.gateway_url,
+        gateway_ca: args.gateway_ca,
+        gateway_tls_name: args.gateway_tls_name,
+        agent_id: args.agent_id,
+        agent_secret,
+        domains: vec![args.forest.clone()],
+        forest: args.forest,
+        max_in_flight: args.max_in_flight.clamp(1, 256),
+        directory: DirectoryConfig {
+            urls: args.ldap_urls,
+            ca_file: args.ldap_ca,
+            bind_dn: args.bind_dn,
+            bind_password,
+            base_dn: args.base_dn,
+            pool_size: args.ldap_pool_size.max(1),
+            connect_timeout: Duration::from_secs(5),
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
+    tokio::pin!(agent);
+    tokio::select! {
+        r = &mut agent => return Ok(r??),
+        _ = relay::telemetry::shutdown_signal() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(15), agent).await {
+        Ok(r) => Ok(r??),
+        Err(_) => {
+            tracing::warn!("grace period over; exiting with operations open");
+            Ok(())
+        }
+    }
+}
