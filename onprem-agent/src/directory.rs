@@ -1,0 +1,594 @@
+//! The agent's Active Directory client: a bounded pool of bound LDAPS connections with DC
+//! failover, user lookup by objectGUID / userPrincipalName / sAMAccountName, the password
+//! writes, and the mapping of AD's answers to outcomes an end user can act on.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ldap3::controls::RawControl;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Mod, Scope, SearchEntry, StdStream};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use relay::proto::{sealed_operation::Action, user_ref, Outcome, PolicyViolation, SealedOperation};
+use relay::secret::Secret;
+
+pub mod policy;
+
+/// LDAP_SERVER_POLICY_HINTS_OID: makes Windows DCs enforce history on resets. Sent
+/// non-critical: Samba 4.17 refuses it when critical and ignores it otherwise.
+const POLICY_HINTS_OID: &str = "1.2.840.113556.1.4.2239";
+/// BER of `SEQUENCE { INTEGER 1 }`: flags = enforce.
+const POLICY_HINTS_VALUE: [u8; 5] = [0x30, 0x03, 0x02, 0x01, 0x01];
+/// Below this much time left, nothing is written.
+const MIN_WRITE_BUDGET: Duration = Duration::from_millis(100);
+
+/// How to reach and bind to the forest's domain controllers.
+#[derive(Debug, Clone)]
+pub struct DirectoryConfig {
+    /// `ldaps://host[:port]` of one or more DCs, tried in order.
+    pub urls: Vec<String>,
+    /// PEM CA that signed the DCs' certificates.
+    pub ca_file: PathBuf,
+    /// DN or UPN of the delegated service account.
+    pub bind_dn: String,
+    pub bind_password: Secret,
+    /// Where users are searched.
+    pub base_dn: String,
+    /// Pooled connections (and operations in parallel).
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("no LDAP URL configured")]
+    NoUrls,
+    #[error("LDAP URL {0:?} must be ldaps://host[:port] (the agent only speaks LDAP over TLS)")]
+    BadUrl(String),
+    #[error("{0}")]
+    Tls(#[from] relay::tls::TlsError),
+    #[error("no domain controller answered: {0}")]
+    Unavailable(String),
+    #[error("the service account cannot bind to {url}: {detail}")]
+    Bind { url: String, detail: String },
+    #[error("ldap: {0}")]
+    Ldap(String),
+}
+
+/// What applying one operation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyResult {
+    pub outcome: Outcome,
+    pub policy_violation: PolicyViolation,
+    /// Safe to show the end user, and actionable.
+    pub message: String,
+    /// For operators: LDAP result code and DC diagnostic. Never a password.
+    pub detail: String,
+    pub lookup_ms: u32,
+    pub write_ms: u32,
+    /// The DC used.
+    pub directory: String,
+}
+
+impl ApplyResult {
+    fn new(outcome: Outcome, message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            policy_violation: PolicyViolation::Unspecified,
+            message: message.into(),
+            detail: detail.into(),
+            lookup_ms: 0,
+            write_ms: 0,
+            directory: String::new(),
+        }
+    }
+}
+
+pub const MSG_UNAVAILABLE: &str =
+    "Your organization's directory cannot be reached right now; nothing was changed. Please try again in a few minutes.";
+const MSG_ACCESS_DENIED: &str =
+    "Password writeback is not fully set up for your account. Please contact your administrator; nothing was changed.";
+
+struct Conn {
+    ldap: Ldap,
+    url: String,
+}
+
+struct Inner {
+    config: DirectoryConfig,
+    tls: Arc<rustls::ClientConfig>,
+    idle: Mutex<Vec<Conn>>,
+    slots: Semaphore,
+}
+
+/// The forest's directory, shared by all operations of the agent.
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+/// A user found by lookup.
+#[derive(Debug, Clone, Default)]
+pub struct UserEntry {
+    pub dn: String,
+    pub sam: String,
+    pub display_name: String,
+    pub admin_count: bool,
+    pub user_account_control: u32,
+    /// Windows FILETIME (100 ns since 1601), 0 = must change.
+    pub pwd_last_set: i64,
+}
+
+fn host_port(url: &str) -> Result<String, DirectoryError> {
+    let rest = url
+        .strip_prefix("ldaps://")
+        .ok_or_else(|| DirectoryError::BadUrl(url.to_owned()))?
+        .trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        return Err(DirectoryError::BadUrl(url.to_owned()));
+    }
+    Ok(if rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !rest.ends_with(']') {
+        rest.to_owned()
+    } else {
+        format!("{rest}:636")
+    })
+}
+
+impl Directory {
+    /// Checks the configuration and reads the CA; connects lazily.
+    ///
+    /// # Errors
+    /// On a missing or non-LDAPS URL or an unreadable CA.
+    pub fn new(config: DirectoryConfig) -> Result<Self, DirectoryError> {
+        if config.urls.is_empty() {
+            return Err(DirectoryError::NoUrls);
+        }
+        for u in &config.urls {
+            host_port(u)?;
+        }
+        let tls = relay::tls::client_config_with_ca(&config.ca_file)?;
+        let size = config.pool_size.max(1);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                tls,
+                idle: Mutex::new(Vec::new()),
+                slots: Semaphore::new(size),
+            }),
+        })
+    }
+
+    async fn connect_one(&self, url: &str, budget: Duration) -> Result<Conn, DirectoryError> {
+        let cfg = &self.inner.config;
+        let timeout = budget.min(cfg.connect_timeout);
+        let addr = host_port(url)?;
+        let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
+            .await
+            .map_err(|_| DirectoryError::Unavailable(format!("{url}: connect timed out")))?
+            .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+        // Nagle would hold the first request after the TLS handshake (~40 ms per connection).
+        tcp.set_nodelay(true)
+            .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+        let std = tcp
+            .into_std()
+            .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+        let settings = LdapConnSettings::new()
+            .set_config(self.inner.tls.clone())
+            .set_conn_timeout(timeout)
+            .set_std_stream(StdStream::Tcp(std));
+        let (conn, mut ldap) = tokio::time::timeout(timeout, LdapConnAsync::with_settings(settings, url))
+            .await
+            .map_err(|_| DirectoryError::Unavailable(format!("{url}: TLS handshake timed out")))?
+            .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+        ldap3::drive!(conn);
+        let bind = ldap
+            .with_timeout(timeout)
+            .simple_bind(&cfg.bind_dn, cfg.bind_password.expose())
+            .await
+            .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+        if bind.rc != 0 {
+            return Err(DirectoryError::Bind {
+                url: url.to_owned(),
+                detail: format!("result {} {}", bind.rc, bind.text),
+            });
+        }
+        Ok(Conn { ldap, url: url.to_owned() })
+    }
+
+    /// A bound connection: an idle pooled one, or a new one from the first DC that answers.
+    async fn checkout(&self, budget: Duration) -> Result<Conn, DirectoryError> {
+        loop {
+            let pooled = self.inner.idle.lock().expect("ldap pool").pop();
+            match pooled {
+                Some(mut c) => {
+                    if !c.ldap.is_closed() {
+                        return Ok(c);
+                    }
+                }
+                None => break,
+            }
+        }
+        let mut errors = Vec::new();
+        let mut bind_error = None;
+        for url in &self.inner.config.urls {
+            match self.connect_one(url, budget).await {
+                Ok(c) => return Ok(c),
+                Err(e @ DirectoryError::Bind { .. }) => {
+                    tracing::warn!(%url, error = %e, "service account bind failed");
+                    bind_error = Some(e);
+                }
+                Err(e) => {
+                    tracing::warn!(%url, error = %e, "domain controller unavailable; trying the next");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        Err(bind_error.unwrap_or_else(|| DirectoryError::Unavailable(errors.join("; "))))
+    }
+
+    fn checkin(&self, conn: Conn) {
+        self.inner.idle.lock().expect("ldap pool").push(conn);
+    }
+
+    /// Connects, binds and reads the rootDSE; returns the DC's URL.
+    ///
+    /// # Errors
+    /// When no DC answers or the bind fails.
+    pub async fn check(&self) -> Result<String, DirectoryError> {
+        let _slot = self.inner.slots.acquire().await.expect("semaphore open");
+        let mut conn = self.checkout(self.inner.config.connect_timeout).await?;
+        let r = conn
+            .ldap
+            .with_timeout(self.inner.config.connect_timeout)
+            .search("", Scope::Base, "(objectClass=*)", vec!["defaultNamingContext"])
+            .await
+            .map_err(|e| DirectoryError::Ldap(e.to_string()))?;
+        if r.1.rc != 0 {
+            return Err(DirectoryError::Ldap(format!("rootDSE: result {} {}", r.1.rc, r.1.text)));
+        }
+        let url = conn.url.clone();
+        self.checkin(conn);
+        Ok(url)
+    }
+
+    /// Applies one operation before `deadline`. Never panics, never returns a password.
+    pub async fn apply(&self, op: &SealedOperation, deadline: Instant, allow_protected: bool) -> ApplyResult {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining < MIN_WRITE_BUDGET {
+            return expired();
+        }
+        let Ok(_slot) = tokio::time::timeout(remaining, self.inner.slots.acquire()).await else {
+            return expired();
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut conn = match self.checkout(remaining).await {
+            Ok(c) => c,
+            Err(DirectoryError::Bind { url, detail }) => {
+                let mut r = ApplyResult::new(
+                    Outcome::AccessDenied,
+                    MSG_ACCESS_DENIED,
+                    format!("the service account cannot bind to {url}: {detail}"),
+                );
+                r.directory = url;
+                return r;
+            }
+            Err(e) => return ApplyResult::new(Outcome::DirectoryUnavailable, MSG_UNAVAILABLE, e.to_string()),
+        };
+        let result = self.apply_on(&mut conn, op, deadline, allow_protected).await;
+        match result {
+            Ok(mut r) => {
+                r.directory = conn.url.clone();
+                self.checkin(conn);
+                r
+            }
+            Err(e) => {
+                // The connection is suspect: drop it. Whether the DC applied a write that was
+                // in flight is unknown, so this is not EXPIRED.
+                let mut r = ApplyResult::new(Outcome::DirectoryUnavailable, MSG_UNAVAILABLE, format!("{}: {e}", conn.url));
+                r.directory = conn.url;
+                r
+            }
+        }
+    }
+
+    /// Finds the user named by `id`.
+    async fn find_user(&self, ldap: &mut Ldap, id: &user_ref::Id, timeout: Duration) -> Result<Vec<UserEntry>, LdapError> {
+        let filter = match id {
+            user_ref::Id::ObjectGuid(g) => match guid_filter_bytes(g) {
+                Some(escaped) => format!("(&(objectClass=user)(objectGUID={escaped}))"),
+                None => return Ok(Vec::new()),
+            },
+            user_ref::Id::UserPrincipalName(upn) => {
+                format!("(&(objectClass=user)(userPrincipalName={}))", ldap3::ldap_escape(upn.as_str()))
+            }
+            user_ref::Id::SamAccountName(sam) => {
+                format!("(&(objectClass=user)(sAMAccountName={}))", ldap3::ldap_escape(sam.as_str()))
+            }
+        };
+        let attrs = vec!["distinguishedName", "sAMAccountName", "displayName", "adminCount", "userAccountControl", "pwdLastSet"];
+        let result = ldap
+            .with_timeout(timeout)
+            .search(&self.inner.config.base_dn, Scope::Subtree, &filter, attrs)
+            .await?;
+        let (entries, res) = (result.0, result.1);
+        // 10 = referral (ignored: we never chase), 32 = base DN missing: nobody found.
+        if !matches!(res.rc, 0 | 10 | 32) {
+            return Err(LdapError::LdapResult { result: res });
+        }
+        Ok(entries
+            .into_iter()
+            .filter(|e| !e.is_ref())
+            .map(SearchEntry::construct)
+            .map(|e| {
+                let first = |a: &str| e.attrs.get(a).and_then(|v| v.first()).cloned().unwrap_or_default();
+                UserEntry {
+                    dn: e.dn.clone(),
+                    sam: first("sAMAccountName"),
+                    display_name: first("displayName"),
+                    admin_count: first("adminCount") == "1",
+                    user_account_control: first("userAccountControl").parse().unwrap_or(0),
+                    pwd_last_set: first("pwdLastSet").parse().unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
+    async fn apply_on(
+        &self,
+        conn: &mut Conn,
+        op: &SealedOperation,
+        deadline: Instant,
+        allow_protected: bool,
+    ) -> Result<ApplyResult, LdapError> {
+        let started = Instant::now();
+        let Some(id) = op.user.as_ref().and_then(|u| u.id.as_ref()) else {
+            return Ok(ApplyResult::new(Outcome::Refused, "The request could not be processed; nothing was changed.", "operation names no user"));
+        };
+        let Some(action) = op.action.as_ref() else {
+            return Ok(ApplyResult::new(Outcome::Refused, "The request could not be processed; nothing was changed.", "operation has no action"));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let users = self.find_user(&mut conn.ldap, id, remaining).await?;
+        let lookup_ms = started.elapsed().as_millis() as u32;
+        let user = match users.as_slice() {
+            [] => {
+                let mut r = ApplyResult::new(
+                    Outcome::UserNotFound,
+                    "No account was found for you in your organization's directory; nothing was changed.",
+                    format!("no user matches {} under {}", describe(id), self.inner.config.base_dn),
+                );
+                r.lookup_ms = lookup_ms;
+                return Ok(r);
+            }
+            [one] => one.clone(),
+            many => {
+                let mut r = ApplyResult::new(
+                    Outcome::Failed,
+                    "More than one account matches; nothing was changed. Please contact your administrator.",
+                    format!("{} users match {}", many.len(), describe(id)),
+                );
+                r.lookup_ms = lookup_ms;
+                return Ok(r);
+            }
+        };
+        if user.admin_count && !allow_protected {
+            let mut r = ApplyResult::new(
+                Outcome::ProtectedAccount,
+                "This account is protected; its password cannot be changed here. Please contact your administrator.",
+                format!("{} has adminCount=1 and protected accounts are not allowed for this forest", user.dn),
+            );
+            r.lookup_ms = lookup_ms;
+            return Ok(r);
+        }
+        if deadline.saturating_duration_since(Instant::now()) < MIN_WRITE_BUDGET {
+            let mut r = expired();
+            r.lookup_ms = lookup_ms;
+            return Ok(r);
+        }
+
+        let write_started = Instant::now();
+        let (mods, controls, new_password): (Vec<Mod<Vec<u8>>>, Vec<RawControl>, Option<&str>) = match action {
+            Action::Reset(r) => {
+                let mut mods = vec![Mod::Replace(b"unicodePwd".to_vec(), set(encode_unicode_pwd(&r.new_password)))];
+                if r.must_change_at_next_logon {
+                    mods.push(Mod::Replace(b"pwdLastSet".to_vec(), set(Zeroizing::new(b"0".to_vec()))));
+                }
+                if r.unlock {
+                    mods.push(Mod::Replace(b"lockoutTime".to_vec(), set(Zeroizing::new(b"0".to_vec()))));
+                }
+                let hints = RawControl { ctype: POLICY_HINTS_OID.to_owned(), crit: false, val: Some(POLICY_HINTS_VALUE.to_vec()) };
+                (mods, vec![hints], Some(r.new_password.as_str()))
+            }
+            Action::Change(c) => (
+                vec![
+                    Mod::Delete(b"unicodePwd".to_vec(), set(encode_unicode_pwd(&c.old_password))),
+                    Mod::Add(b"unicodePwd".to_vec(), set(encode_unicode_pwd(&c.new_password))),
+                ],
+                Vec::new(),
+                Some(c.new_password.as_str()),
+            ),
+            Action::Unlock(_) => (vec![Mod::Replace(b"lockoutTime".to_vec(), set(Zeroizing::new(b"0".to_vec())))], Vec::new(), None),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let res = conn
+            .ldap
+            .with_controls(controls)
+            .with_timeout(remaining)
+            .modify(&user.dn, mods)
+            .await;
+        let write_ms = write_started.elapsed().as_millis() as u32;
+        let res = res?;
+        let mut result = if res.rc == 0 {
+            ApplyResult::new(
+                Outcome::Applied,
+                match action {
+                    Action::Unlock(_) => "Your account is unlocked.",
+                    _ => "Your password was changed.",
+                },
+                format!("{} on {}", action.kind(), user.dn),
+            )
+        } else {
+            let domain = if is_policy_error(&res.text) {
+                policy::read_domain_policy(&mut conn.ldap, &self.inner.config.base_dn, remaining).await.ok()
+            } else {
+                None
+            };
+            map_ldap_failure(res.rc, &res.text, &user, action, new_password, domain.as_ref())
+        };
+        result.lookup_ms = lookup_ms;
+        result.write_ms = write_ms;
+        Ok(result)
+    }
+}
+
+fn set(v: Zeroizing<Vec<u8>>) -> HashSet<Vec<u8>> {
+    // ldap3 takes owned values; the copy inside the request is dropped (not wiped) by ldap3
+    // after encoding, which we cannot reach. Our own buffer is wiped here.
+    HashSet::from([v.to_vec()])
+}
+
+fn expired() -> ApplyResult {
+    ApplyResult::new(
+        Outcome::Expired,
+        "The request expired before it could be applied; nothing was changed. Please try again.",
+        "deadline reached before the write; nothing written",
+    )
+}
+
+fn describe(id: &user_ref::Id) -> String {
+    match id {
+        user_ref::Id::ObjectGuid(g) => format!("objectGUID {g}"),
+        user_ref::Id::UserPrincipalName(u) => format!("userPrincipalName {u}"),
+        user_ref::Id::SamAccountName(s) => format!("sAMAccountName {s}"),
+    }
+}
+
+/// `"password"` in UTF-16LE, as AD wants `unicodePwd`.
+pub fn encode_unicode_pwd(password: &str) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity((password.len() + 2) * 2));
+    for unit in std::iter::once('"').chain(password.chars()).chain(std::iter::once('"')).flat_map(|c| {
+        let mut buf = [0u16; 2];
+        c.encode_utf16(&mut buf).to_vec()
+    }) {
+        out.extend_from_slice(&unit.to_le_bytes());
+    }
+    out
+}
+
+/// The LDAP filter escape of an objectGUID given in canonical form: the raw 16 bytes in AD's
+/// little-endian layout (first three groups byte-swapped), each as `\hh`.
+pub fn guid_filter_bytes(canonical: &str) -> Option<String> {
+    let bytes = guid_bytes(canonical)?;
+    Some(bytes.iter().map(|b| format!("\\{b:02x}")).collect())
+}
+
+/// The 16 raw bytes of an objectGUID in canonical form.
+pub fn guid_bytes(canonical: &str) -> Option<[u8; 16]> {
+    let hex: String = canonical.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || canonical.len() != 36 {
+        return None;
+    }
+    let mut be = [0u8; 16];
+    hex::decode_to_slice(&hex, &mut be).ok()?;
+    let mut le = be;
+    le[0..4].reverse();
+    le[4..6].reverse();
+    le[6..8].reverse();
+    Some(le)
+}
+
+fn is_policy_error(text: &str) -> bool {
+    text.to_ascii_uppercase().contains("0000052D")
+}
+
+/// Maps a failed modify to an outcome, with an end-user message and an operator detail.
+pub fn map_ldap_failure(
+    rc: u32,
+    text: &str,
+    user: &UserEntry,
+    action: &Action,
+    new_password: Option<&str>,
+    domain: Option<&policy::DomainPolicy>,
+) -> ApplyResult {
+    let detail = format!("LDAP result {rc}: {}", text.trim());
+    let upper = text.to_ascii_uppercase();
+    if upper.contains("00000056") {
+        return ApplyResult::new(Outcome::WrongOldPassword, "The current password is incorrect; nothing was changed.", detail);
+    }
+    if upper.contains("0000052D") {
+        let (violation, message) = policy::diagnose(text, user, action, new_password, domain);
+        let mut r = ApplyResult::new(Outcome::RejectedByPolicy, message, detail);
+        r.policy_violation = violation;
+        return r;
+    }
+    match rc {
+        50 => ApplyResult::new(
+            Outcome::AccessDenied,
+            MSG_ACCESS_DENIED,
+            format!(
+                "{detail}; the service account lacks the right for this {}: {} on {} (check the delegation on the user's OU and that inheritance is enabled on the user)",
+                action.kind(),
+                match action {
+                    Action::Reset(r) if r.must_change_at_next_logon || r.unlock => "Reset Password, write pwdLastSet / lockoutTime",
+                    Action::Reset(_) => "Reset Password",
+                    Action::Change(_) => "Change Password",
+                    Action::Unlock(_) => "write lockoutTime",
+                },
+                user.dn
+            ),
+        ),
+        32 => ApplyResult::new(Outcome::UserNotFound, "No account was found for you in your organization's directory; nothing was changed.", detail),
+        51 | 52 => ApplyResult::new(Outcome::DirectoryUnavailable, MSG_UNAVAILABLE, detail),
+        _ => ApplyResult::new(Outcome::Failed, "The directory refused the change; nothing was changed. Please contact your administrator.", detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guid_is_little_endian_in_filters() {
+        assert_eq!(
+            guid_filter_bytes("d2a1b399-db17-4a4c-9c27-0123456789ab").unwrap(),
+            "\\99\\b3\\a1\\d2\\17\\db\\4c\\4a\\9c\\27\\01\\23\\45\\67\\89\\ab"
+        );
+        assert!(guid_filter_bytes("not-a-guid").is_none());
+    }
+
+    #[test]
+    fn unicode_pwd_is_quoted_utf16le_including_astral_chars() {
+        assert_eq!(&encode_unicode_pwd("a")[..], &[0x22, 0, 0x61, 0, 0x22, 0]);
+        let e = encode_unicode_pwd("é😀");
+        // quote, é, surrogate pair (2 units), quote
+        assert_eq!(e.len(), 5 * 2);
+        assert_eq!(&e[2..4], &[0xe9, 0x00]);
+        assert_eq!(&e[4..8], &[0x3d, 0xd8, 0x00, 0xde]);
+    }
+
+    #[test]
+    fn ldaps_urls_only() {
+        assert_eq!(host_port("ldaps://127.0.0.2").unwrap(), "127.0.0.2:636");
+        assert_eq!(host_port("ldaps://dc1.corp:3269").unwrap(), "dc1.corp:3269");
+        assert!(host_port("ldap://dc1").is_err());
+        assert!(host_port("ldaps://").is_err());
+    }
+
+    #[test]
+    fn maps_ad_answers() {
+        let user = UserEntry { dn: "CN=u".into(), sam: "u".into(), ..Default::default() };
+        let reset = Action::Reset(relay::proto::ResetPassword { new_password: "x".into(), ..Default::default() });
+        let change = Action::Change(relay::proto::ChangePassword::default());
+        let r = map_ldap_failure(19, "00000056: AtrErr: DSID-03190F80, #1:\n\t0: 00000056: DSID-03190F80, problem 1005 (CONSTRAINT_ATT_TYPE), data 0, Att 9005a (unicodePwd)", &user, &change, None, None);
+        assert_eq!(r.outcome, Outcome::WrongOldPassword);
+        let r = map_ldap_failure(50, "00002098: SecErr: DSID-03150F94, problem 4003 (INSUFF_ACCESS_RIGHTS), data 0", &user, &reset, None, None);
+        assert_eq!(r.outcome, Outcome::AccessDenied);
+        assert!(r.detail.contains("Reset Password"), "{}", r.detail);
+        let r = map_ldap_failure(19, "0000052D: Constraint violation - check_password_restrictions: the password is too short. It should be equal or longer than 7 characters!", &user, &reset, Some("x"), None);
+        assert_eq!((r.outcome, r.policy_violation), (Outcome::RejectedByPolicy, PolicyViolation::TooShort));
+        assert_eq!(map_ldap_failure(80, "other", &user, &reset, None, None).outcome, Outcome::Failed);
+    }
+}

@@ -1,0 +1,242 @@
+//! Which password rule AD applied. Windows DCs answer every policy rejection with the same
+//! `0000052D` and no reason; Samba adds a reason text. We use the text when present and
+//! otherwise evaluate the candidate against the domain's effective policy.
+
+use std::time::Duration;
+
+use ldap3::{Ldap, LdapError, Scope, SearchEntry};
+use relay::proto::{sealed_operation::Action, PolicyViolation};
+
+use super::UserEntry;
+
+/// The domain-wide password policy (attributes of the domain root).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainPolicy {
+    pub min_length: u32,
+    pub complexity: bool,
+    pub history_length: u32,
+    /// Minimum age in seconds (AD stores negative 100 ns intervals).
+    pub min_age_secs: u64,
+    pub max_age_secs: u64,
+}
+
+/// `pwdProperties` bit DOMAIN_PASSWORD_COMPLEX.
+const DOMAIN_PASSWORD_COMPLEX: u32 = 1;
+
+fn interval_secs(v: &str) -> u64 {
+    v.parse::<i64>().map(|n| n.unsigned_abs() / 10_000_000).unwrap_or(0)
+}
+
+/// Reads the policy from the domain root `base_dn`.
+///
+/// # Errors
+/// On LDAP errors.
+pub async fn read_domain_policy(ldap: &mut Ldap, base_dn: &str, timeout: Duration) -> Result<DomainPolicy, LdapError> {
+    let (entries, _) = ldap
+        .with_timeout(timeout)
+        .search(base_dn, Scope::Base, "(objectClass=*)", vec!["minPwdLength", "pwdProperties", "pwdHistoryLength", "minPwdAge", "maxPwdAge"])
+        .await?
+        .success()?;
+    let Some(e) = entries.into_iter().next().map(SearchEntry::construct) else {
+        return Ok(DomainPolicy::default());
+    };
+    let first = |a: &str| e.attrs.get(a).and_then(|v| v.first()).cloned().unwrap_or_default();
+    Ok(DomainPolicy {
+        min_length: first("minPwdLength").parse().unwrap_or(0),
+        complexity: first("pwdProperties").parse::<u32>().unwrap_or(0) & DOMAIN_PASSWORD_COMPLEX != 0,
+        history_length: first("pwdHistoryLength").parse().unwrap_or(0),
+        min_age_secs: interval_secs(&first("minPwdAge")),
+        max_age_secs: interval_secs(&first("maxPwdAge")),
+    })
+}
+
+/// Length as AD counts it: UTF-16 code units.
+pub fn ad_length(password: &str) -> usize {
+    password.encode_utf16().count()
+}
+
+/// AD's complexity rule: not containing the account name (if longer than 2 characters) or any
+/// display-name token of 3+ characters (case-insensitive), and characters from at least three
+/// of: uppercase, lowercase, digits, non-alphanumeric, other Unicode letters.
+pub fn is_complex(password: &str, sam: &str, display_name: &str) -> bool {
+    let lower = password.to_lowercase();
+    if sam.chars().count() > 2 && lower.contains(&sam.to_lowercase()) {
+        return false;
+    }
+    let delimiters = [',', '.', '-', '_', ' ', '#', '\t'];
+    if display_name
+        .split(|c| delimiters.contains(&c))
+        .filter(|t| t.chars().count() >= 3)
+        .any(|t| lower.contains(&t.to_lowercase()))
+    {
+        return false;
+    }
+    let (mut upper, mut lower_c, mut digit, mut symbol, mut other) = (false, false, false, false, false);
+    for c in password.chars() {
+        if c.is_uppercase() {
+            upper = true;
+        } else if c.is_lowercase() {
+            lower_c = true;
+        } else if c.is_ascii_digit() {
+            digit = true;
+        } else if c.is_alphabetic() {
+            other = true;
+        } else {
+            symbol = true;
+        }
+    }
+    [upper, lower_c, digit, symbol, other].iter().filter(|b| **b).count() >= 3
+}
+
+/// Windows FILETIME (100 ns since 1601-01-01) to Unix seconds.
+pub fn filetime_to_unix_secs(ft: i64) -> i64 {
+    ft / 10_000_000 - 11_644_473_600
+}
+
+fn format_utc(unix_secs: i64) -> String {
+    let (h, m) = ((unix_secs / 3600).rem_euclid(24), (unix_secs / 60).rem_euclid(60));
+    let days = unix_secs.div_euclid(86_400);
+    // civil-from-days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02} UTC")
+}
+
+fn message(v: PolicyViolation, domain: Option<&DomainPolicy>, user: &UserEntry) -> String {
+    match v {
+        PolicyViolation::TooShort => match domain.map(|d| d.min_length).filter(|n| *n > 0) {
+            Some(n) => format!("The new password must be at least {n} characters long."),
+            None => "The new password is too short for your organization's policy.".to_owned(),
+        },
+        PolicyViolation::Complexity => "The new password must use at least three of: uppercase letters, lowercase letters, digits and symbols, and must not contain your account name or parts of your full name.".to_owned(),
+        PolicyViolation::History => match domain.map(|d| d.history_length).filter(|n| *n > 0) {
+            Some(n) => format!("The new password matches one of your last {n} passwords; choose one you have not used before."),
+            None => "The new password was used recently; choose one you have not used before.".to_owned(),
+        },
+        PolicyViolation::MinAge => match domain.filter(|d| d.min_age_secs > 0 && user.pwd_last_set > 0) {
+            Some(d) => format!(
+                "Your password was changed too recently; it can be changed again after {}.",
+                format_utc(filetime_to_unix_secs(user.pwd_last_set) + d.min_age_secs as i64)
+            ),
+            None => "Your password was changed too recently; please try again later.".to_owned(),
+        },
+        _ => "The new password does not meet your organization's password policy.".to_owned(),
+    }
+}
+
+/// Decides which rule failed: from the DC's reason text when it gives one, otherwise by
+/// evaluating the candidate against the domain policy (length, complexity, minimum age) and
+/// by elimination (history).
+pub fn diagnose(
+    text: &str,
+    user: &UserEntry,
+    action: &Action,
+    new_password: Option<&str>,
+    domain: Option<&DomainPolicy>,
+) -> (PolicyViolation, String) {
+    let t = text.to_ascii_lowercase();
+    let from_text = if t.contains("too short") {
+        Some(PolicyViolation::TooShort)
+    } else if t.contains("complexity") {
+        Some(PolicyViolation::Complexity)
+    } else if t.contains("history") {
+        Some(PolicyViolation::History)
+    } else if t.contains("too young") || t.contains("minimum password age") {
+        Some(PolicyViolation::MinAge)
+    } else {
+        None
+    };
+    let v = from_text.unwrap_or_else(|| evaluate(user, action, new_password, domain));
+    (v, message(v, domain, user))
+}
+
+fn evaluate(user: &UserEntry, action: &Action, new_password: Option<&str>, domain: Option<&DomainPolicy>) -> PolicyViolation {
+    let (Some(d), Some(p)) = (domain, new_password) else {
+        return PolicyViolation::Unknown;
+    };
+    if (ad_length(p) as u64) < u64::from(d.min_length) {
+        return PolicyViolation::TooShort;
+    }
+    if d.complexity && !is_complex(p, &user.sam, &user.display_name) {
+        return PolicyViolation::Complexity;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let is_change = matches!(action, Action::Change(_));
+    if d.min_age_secs > 0 && user.pwd_last_set > 0 && is_change && filetime_to_unix_secs(user.pwd_last_set) + d.min_age_secs as i64 > now {
+        return PolicyViolation::MinAge;
+    }
+    if d.history_length > 0 {
+        return PolicyViolation::History;
+    }
+    PolicyViolation::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user() -> UserEntry {
+        UserEntry { dn: "CN=Jane Doe".into(), sam: "jdoe".into(), display_name: "Jane Doe-Smith".into(), ..Default::default() }
+    }
+
+    fn change() -> Action {
+        Action::Change(relay::proto::ChangePassword::default())
+    }
+
+    #[test]
+    fn complexity_follows_ad_rules() {
+        assert!(is_complex("Abcdef1!", "jdoe", ""));
+        assert!(is_complex("abcdef1!", "jdoe", ""));
+        assert!(!is_complex("abcdefgh1", "jdoe", ""));
+        assert!(!is_complex("Xjdoe-1!", "jdoe", ""), "contains the account name");
+        assert!(!is_complex("Smith#2024x", "jdoe", "Jane Doe-Smith"), "contains a display-name token");
+        assert!(is_complex("Doe#2024x", "jdoe", "Jane Doe-Smith"), "tokens under 3 chars... Doe is 3 chars");
+        assert!(is_complex("пароль1!", "jdoe", ""), "lowercase Cyrillic + digit + symbol");
+        assert!(is_complex("密码密码1!", "jdoe", ""), "other letters + digit + symbol");
+    }
+
+    #[test]
+    fn counts_length_like_ad() {
+        assert_eq!(ad_length("abc"), 3);
+        assert_eq!(ad_length("😀"), 2, "astral characters are two UTF-16 units");
+    }
+
+    #[test]
+    fn diagnosis_matrix_with_and_without_reason_text() {
+        let d = DomainPolicy { min_length: 12, complexity: true, history_length: 24, min_age_secs: 86_400, max_age_secs: 0 };
+        let recent = UserEntry { pwd_last_set: (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 11_644_473_600) * 10_000_000, ..user() };
+        let cases = [
+            ("0000052D: ... the password is too short", "short", PolicyViolation::TooShort),
+            ("0000052D: ... does not meet the complexity criteria", "alllowercaseletters", PolicyViolation::Complexity),
+            ("0000052D: ... already used (in history)", "Perfectly#Fine-2024", PolicyViolation::History),
+            ("0000052D: ... too young to change", "Perfectly#Fine-2024", PolicyViolation::MinAge),
+        ];
+        for (text, pw, want) in cases {
+            assert_eq!(diagnose(text, &recent, &change(), Some(pw), Some(&d)).0, want, "with text {text}");
+            assert_eq!(diagnose("0000052D: Constraint violation", &recent, &change(), Some(pw), Some(&d)).0, want, "without text for {want:?}");
+        }
+        let (v, msg) = diagnose("0000052D", &user(), &change(), Some("short"), Some(&d));
+        assert_eq!(v, PolicyViolation::TooShort);
+        assert!(msg.contains("12 characters"), "{msg}");
+        assert_eq!(diagnose("0000052D", &user(), &change(), Some("x"), None).0, PolicyViolation::Unknown);
+    }
+
+    #[test]
+    fn min_age_message_names_the_time() {
+        let d = DomainPolicy { min_age_secs: 86_400, ..Default::default() };
+        // 2026-01-01 00:00 UTC as FILETIME
+        let u = UserEntry { pwd_last_set: (1_767_225_600 + 11_644_473_600) * 10_000_000, ..user() };
+        let msg = message(PolicyViolation::MinAge, Some(&d), &u);
+        assert!(msg.contains("2026-01-02 00:00 UTC"), "{msg}");
+    }
+}
