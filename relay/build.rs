@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // built from a `Channel` with `new` instead.
         .build_transport(false)
         // Messages holding passwords get a hand-written Debug that redacts them (relay::proto).
-        .skip_debug([".writeback.v1.ResetPassword", ".writeback.v1.ChangePassword"])
+        .skip_debug([
+            ".writeback.v1.ResetPassword",
+            ".writeback.v1.ChangePassword",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -21,8 +21,12 @@ pub fn generate_master_key() -> Result<Secret, relay::envelope::EnvelopeError> {
 pub fn parse_master_key(content: &str) -> Result<relay::envelope::KeyBytes, String> {
     let mut raw = hex::decode(content.trim())
         .map_err(|_| "master key must be 64 hexadecimal digits".to_owned())?;
-    let key = relay::envelope::KeyBytes::from_slice(&raw)
-        .map_err(|_| format!("master key must be 32 bytes (64 hex digits), got {} bytes", raw.len()));
+    let key = relay::envelope::KeyBytes::from_slice(&raw).map_err(|_| {
+        format!(
+            "master key must be 32 bytes (64 hex digits), got {} bytes",
+            raw.len()
+        )
+    });
     zeroize::Zeroize::zeroize(&mut raw);
     key
 }
@@ -53,7 +57,13 @@ pub async fn set_forest(
     allow_protected_accounts: bool,
 ) -> Result<(), TenantError> {
     tenants
-        .set_forest(tenant, forest, &ForestSettings { allow_protected_accounts })
+        .set_forest(
+            tenant,
+            forest,
+            &ForestSettings {
+                allow_protected_accounts,
+            },
+        )
         .await
 }
 

@@ -74,14 +74,26 @@ impl AgentLinkService {
             .await
             .map_err(|_| GatewayError::invalid("hello", "no hello within 10 s"))?
             .map_err(|e| GatewayError::invalid("hello", e.message().to_owned()))?;
-        let Some(AgentFrame { frame: Some(agent_frame::Frame::Hello(hello)) }) = first else {
-            return Err(GatewayError::invalid("hello", "the first frame must be a hello"));
+        let Some(AgentFrame {
+            frame: Some(agent_frame::Frame::Hello(hello)),
+        }) = first
+        else {
+            return Err(GatewayError::invalid(
+                "hello",
+                "the first frame must be a hello",
+            ));
         };
         check_hello(&identity, &hello)?;
 
         let gw = &self.gw;
-        let forest_key = gw.tenants.forest_key(&identity.tenant, &identity.forest).await?;
-        let settings = gw.tenants.forest(&identity.tenant, &identity.forest).await?;
+        let forest_key = gw
+            .tenants
+            .forest_key(&identity.tenant, &identity.forest)
+            .await?;
+        let settings = gw
+            .tenants
+            .forest(&identity.tenant, &identity.forest)
+            .await?;
         let queue = store::queue_key(&identity.tenant, &identity.forest);
         gw.store.ensure_group(&queue).await?;
 
@@ -105,7 +117,10 @@ impl AgentLinkService {
         };
         let session = Arc::new(Session {
             gw: gw.clone(),
-            member: format!("{}|{}|{}", identity.agent_id, hello.instance_id, gw.config.replica_id),
+            member: format!(
+                "{}|{}|{}",
+                identity.agent_id, hello.instance_id, gw.config.replica_id
+            ),
             instance: hello.instance_id.clone(),
             queue,
             identity,
@@ -143,7 +158,10 @@ fn check_hello(identity: &AgentIdentity, hello: &Hello) -> Result<(), GatewayErr
         )));
     }
     if hello.instance_id.is_empty() || hello.instance_id.len() > 64 {
-        return Err(GatewayError::invalid("hello.instance_id", "must be 1 to 64 characters"));
+        return Err(GatewayError::invalid(
+            "hello.instance_id",
+            "must be 1 to 64 characters",
+        ));
     }
     Ok(())
 }
@@ -300,20 +318,30 @@ impl Session {
         };
         let message: String = ack.message.chars().take(MAX_MESSAGE).collect();
         let detail: String = ack.detail.chars().take(MAX_MESSAGE).collect();
-        let round_trip = tracked.map(|t| t.sent.elapsed().as_millis()).unwrap_or_default();
-        let event = TimelineEvent::new("acknowledged", relay::now_unix_ms(), &self.gw.config.replica_id)
-            .agent(&self.identity.agent_id)
-            .detail(format!(
-                "{} via {}; lookup {} ms, write {} ms, agent total {} ms, round trip {} ms{}{}",
-                outcome.as_str_name(),
-                if ack.directory.is_empty() { "-" } else { &ack.directory },
-                ack.lookup_ms,
-                ack.write_ms,
-                ack.total_ms,
-                round_trip,
-                if detail.is_empty() { "" } else { "; " },
-                detail
-            ));
+        let round_trip = tracked
+            .map(|t| t.sent.elapsed().as_millis())
+            .unwrap_or_default();
+        let event = TimelineEvent::new(
+            "acknowledged",
+            relay::now_unix_ms(),
+            &self.gw.config.replica_id,
+        )
+        .agent(&self.identity.agent_id)
+        .detail(format!(
+            "{} via {}; lookup {} ms, write {} ms, agent total {} ms, round trip {} ms{}{}",
+            outcome.as_str_name(),
+            if ack.directory.is_empty() {
+                "-"
+            } else {
+                &ack.directory
+            },
+            ack.lookup_ms,
+            ack.write_ms,
+            ack.total_ms,
+            round_trip,
+            if detail.is_empty() { "" } else { "; " },
+            detail
+        ));
         let recorded = self
             .gw
             .store

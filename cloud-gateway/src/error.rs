@@ -8,12 +8,17 @@ use crate::tenants::TenantError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("missing or malformed authorization: expected metadata `authorization: Bearer <token>`")]
+    #[error(
+        "missing or malformed authorization: expected metadata `authorization: Bearer <token>`"
+    )]
     Unauthenticated,
     #[error("the token does not belong to tenant {0:?}")]
     WrongTenant(String),
     #[error("{field}: {problem}")]
-    InvalidArgument { field: &'static str, problem: String },
+    InvalidArgument {
+        field: &'static str,
+        problem: String,
+    },
     #[error("operation {0:?} not found")]
     NotFound(String),
     #[error("operation {0:?} already exists with a different request")]
@@ -30,7 +35,10 @@ pub enum GatewayError {
 
 impl GatewayError {
     pub fn invalid(field: &'static str, problem: impl Into<String>) -> Self {
-        Self::InvalidArgument { field, problem: problem.into() }
+        Self::InvalidArgument {
+            field,
+            problem: problem.into(),
+        }
     }
 }
 
@@ -75,8 +83,14 @@ mod tests {
         let s: Status = GatewayError::invalid("user.forest", "must not be empty").into();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "user.forest: must not be empty");
-        assert_eq!(Status::from(GatewayError::Unauthenticated).code(), Code::Unauthenticated);
-        assert_eq!(Status::from(GatewayError::WrongTenant("b".into())).code(), Code::PermissionDenied);
+        assert_eq!(
+            Status::from(GatewayError::Unauthenticated).code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            Status::from(GatewayError::WrongTenant("b".into())).code(),
+            Code::PermissionDenied
+        );
         let internal = Status::from(GatewayError::Internal("secret detail".into()));
         assert_eq!(internal.message(), "internal error");
     }

@@ -149,10 +149,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(relay::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServeError::Tls(relay::tls::TlsError::Invalid {
-            path: "reflection".into(),
-            detail: e.to_string(),
-        }))?;
+        .map_err(|e| {
+            ServeError::Tls(relay::tls::TlsError::Invalid {
+                path: "reflection".into(),
+                detail: e.to_string(),
+            })
+        })?;
 
     tracing::info!(
         replica = %gateway.config.replica_id,

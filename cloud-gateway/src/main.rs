@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use cloud_gateway::{admin, store::Store, tenants::Tenants, GatewayConfig};
 
 #[derive(Parser)]
-#[command(name = "cloud-gateway", version, about = "Password writeback relay: cloud gateway")]
+#[command(
+    name = "cloud-gateway",
+    version,
+    about = "Password writeback relay: cloud gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,7 +135,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", admin::generate_master_key()?.expose());
                 Ok(())
             }
-            AdminCommand::CreateTenant { common, tenant, if_missing } => {
+            AdminCommand::CreateTenant {
+                common,
+                tenant,
+                if_missing,
+            } => {
                 check_name("tenant", &tenant)?;
                 let t = tenants(&common).await?;
                 if let Some(token) = admin::create_tenant(&t, &tenant, if_missing).await? {
@@ -139,16 +147,31 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            AdminCommand::RegisterAgent { common, tenant, forest, agent_id } => {
+            AdminCommand::RegisterAgent {
+                common,
+                tenant,
+                forest,
+                agent_id,
+            } => {
                 check_name("tenant", &tenant)?;
                 check_name("agent-id", &agent_id)?;
                 cloud_gateway::validate::forest("forest", &forest)
                     .map_err(|e| anyhow::anyhow!("--{e}"))?;
                 let t = tenants(&common).await?;
-                println!("{}", t.register_agent(&tenant, &forest, &agent_id).await?.expose());
+                println!(
+                    "{}",
+                    t.register_agent(&tenant, &forest, &agent_id)
+                        .await?
+                        .expose()
+                );
                 Ok(())
             }
-            AdminCommand::SetForest { common, tenant, forest, allow_protected_accounts } => {
+            AdminCommand::SetForest {
+                common,
+                tenant,
+                forest,
+                allow_protected_accounts,
+            } => {
                 let t = tenants(&common).await?;
                 admin::set_forest(&t, &tenant, &forest, allow_protected_accounts).await?;
                 Ok(())

@@ -391,7 +391,10 @@ impl Store {
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(block + Duration::from_secs(3)));
-        Ok(self.client.get_multiplexed_async_connection_with_config(&cfg).await?)
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?)
     }
 
     /// Creates the stream's consumer group if missing.
@@ -483,7 +486,10 @@ impl Store {
     /// # Errors
     /// On Redis errors.
     pub async fn push_event(&self, tenant: &str, op: &str, ev: &TimelineEvent) -> Result<()> {
-        let _: i64 = self.conn().rpush(timeline_key(tenant, op), ev.to_json()).await?;
+        let _: i64 = self
+            .conn()
+            .rpush(timeline_key(tenant, op), ev.to_json())
+            .await?;
         Ok(())
     }
 
@@ -774,7 +780,9 @@ fn parse_entry(queue: &str, id: redis::streams::StreamId) -> Result<QueueEntry> 
             .parse()
             .map_err(|_| corrupt("deadline is not an integer"))?,
         traceparent: text("tp").unwrap_or_default(),
-        key_version: text("kv")?.parse().map_err(|_| corrupt("bad key version"))?,
+        key_version: text("kv")?
+            .parse()
+            .map_err(|_| corrupt("bad key version"))?,
         envelope: id
             .get::<Vec<u8>>("env")
             .ok_or_else(|| corrupt("missing field env"))?,

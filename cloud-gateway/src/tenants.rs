@@ -186,7 +186,10 @@ impl Tenants {
         let v: Option<u8> = self
             .store
             .conn()
-            .hget(store::forest_key(tenant, forest), "allow_protected_accounts")
+            .hget(
+                store::forest_key(tenant, forest),
+                "allow_protected_accounts",
+            )
             .await?;
         Ok(ForestSettings {
             allow_protected_accounts: v == Some(1),

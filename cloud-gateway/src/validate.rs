@@ -13,9 +13,15 @@ fn check_id(field: &'static str, v: &str, max: usize) -> Result<(), GatewayError
         return Err(GatewayError::invalid(field, "must not be empty"));
     }
     if v.len() > max {
-        return Err(GatewayError::invalid(field, format!("must be at most {max} characters")));
+        return Err(GatewayError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
-    if !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
         return Err(GatewayError::invalid(
             field,
             "may contain only ASCII letters, digits and - _ . :",
@@ -55,7 +61,10 @@ pub fn forest(field: &'static str, v: &str) -> Result<(), GatewayError> {
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         });
     if !ok {
-        return Err(GatewayError::invalid(field, "must be a DNS name such as corp.example.com"));
+        return Err(GatewayError::invalid(
+            field,
+            "must be a DNS name such as corp.example.com",
+        ));
     }
     Ok(())
 }
@@ -64,9 +73,10 @@ pub fn forest(field: &'static str, v: &str) -> Result<(), GatewayError> {
 pub fn is_canonical_guid(v: &str) -> bool {
     let groups: Vec<&str> = v.split('-').collect();
     groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
-            g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit())
-        })
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn user(u: Option<&UserRef>) -> Result<(), GatewayError> {
@@ -128,7 +138,10 @@ fn password(field: &'static str, p: &str) -> Result<(), GatewayError> {
         ));
     }
     if p.chars().any(|c| c == '\0') {
-        return Err(GatewayError::invalid(field, "must not contain NUL characters"));
+        return Err(GatewayError::invalid(
+            field,
+            "must not contain NUL characters",
+        ));
     }
     Ok(())
 }
@@ -145,10 +158,18 @@ pub fn submit(req: &SubmitRequest) -> Result<(), GatewayError> {
     user(req.user.as_ref())?;
     match Initiator::try_from(req.initiator) {
         Ok(Initiator::EndUser | Initiator::Admin) => {}
-        _ => return Err(GatewayError::invalid("initiator", "must be END_USER or ADMIN")),
+        _ => {
+            return Err(GatewayError::invalid(
+                "initiator",
+                "must be END_USER or ADMIN",
+            ))
+        }
     }
     match &req.action {
-        None => Err(GatewayError::invalid("action", "one of reset, change or unlock is required")),
+        None => Err(GatewayError::invalid(
+            "action",
+            "one of reset, change or unlock is required",
+        )),
         Some(Action::Reset(r)) => password("reset.new_password", &r.new_password),
         Some(Action::Change(c)) => {
             password("change.old_password", &c.old_password)?;
@@ -194,30 +215,81 @@ mod tests {
         r.operation_id.clear();
         r.action = Some(Action::Unlock(UnlockAccount {}));
         submit(&r).unwrap();
-        r.user.as_mut().unwrap().id =
-            Some(user_ref::Id::ObjectGuid("99b3a1d2-17db-4c4a-9c27-0123456789ab".into()));
+        r.user.as_mut().unwrap().id = Some(user_ref::Id::ObjectGuid(
+            "99b3a1d2-17db-4c4a-9c27-0123456789ab".into(),
+        ));
         submit(&r).unwrap();
     }
 
     #[test]
     fn names_the_offending_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut SubmitRequest)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SubmitRequest)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("tenant_id", Box::new(|r| r.tenant_id.clear())),
             ("tenant_id", Box::new(|r| r.tenant_id = "a b".into())),
-            ("operation_id", Box::new(|r| r.operation_id = "x".repeat(200))),
+            (
+                "operation_id",
+                Box::new(|r| r.operation_id = "x".repeat(200)),
+            ),
             ("user", Box::new(|r| r.user = None)),
-            ("user.forest", Box::new(|r| r.user.as_mut().unwrap().forest.clear())),
-            ("user.forest", Box::new(|r| r.user.as_mut().unwrap().forest = "bad forest".into())),
+            (
+                "user.forest",
+                Box::new(|r| r.user.as_mut().unwrap().forest.clear()),
+            ),
+            (
+                "user.forest",
+                Box::new(|r| r.user.as_mut().unwrap().forest = "bad forest".into()),
+            ),
             ("user", Box::new(|r| r.user.as_mut().unwrap().id = None)),
-            ("user.object_guid", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::ObjectGuid("nope".into())))),
-            ("user.user_principal_name", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::UserPrincipalName("alice".into())))),
-            ("user.sam_account_name", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::SamAccountName("a".repeat(21))))),
-            ("user.sam_account_name", Box::new(|r| r.user.as_mut().unwrap().id = Some(user_ref::Id::SamAccountName("a,b".into())))),
+            (
+                "user.object_guid",
+                Box::new(|r| {
+                    r.user.as_mut().unwrap().id = Some(user_ref::Id::ObjectGuid("nope".into()))
+                }),
+            ),
+            (
+                "user.user_principal_name",
+                Box::new(|r| {
+                    r.user.as_mut().unwrap().id =
+                        Some(user_ref::Id::UserPrincipalName("alice".into()))
+                }),
+            ),
+            (
+                "user.sam_account_name",
+                Box::new(|r| {
+                    r.user.as_mut().unwrap().id = Some(user_ref::Id::SamAccountName("a".repeat(21)))
+                }),
+            ),
+            (
+                "user.sam_account_name",
+                Box::new(|r| {
+                    r.user.as_mut().unwrap().id = Some(user_ref::Id::SamAccountName("a,b".into()))
+                }),
+            ),
             ("initiator", Box::new(|r| r.initiator = 0)),
             ("action", Box::new(|r| r.action = None)),
-            ("reset.new_password", Box::new(|r| r.action = Some(Action::Reset(ResetPassword::default())))),
-            ("change.old_password", Box::new(|r| r.action = Some(Action::Change(ChangePassword { old_password: String::new(), new_password: "x".into() })))),
-            ("change.new_password", Box::new(|r| r.action = Some(Action::Change(ChangePassword { old_password: "x".into(), new_password: "y".repeat(257) })))),
+            (
+                "reset.new_password",
+                Box::new(|r| r.action = Some(Action::Reset(ResetPassword::default()))),
+            ),
+            (
+                "change.old_password",
+                Box::new(|r| {
+                    r.action = Some(Action::Change(ChangePassword {
+                        old_password: String::new(),
+                        new_password: "x".into(),
+                    }))
+                }),
+            ),
+            (
+                "change.new_password",
+                Box::new(|r| {
+                    r.action = Some(Action::Change(ChangePassword {
+                        old_password: "x".into(),
+                        new_password: "y".repeat(257),
+                    }))
+                }),
+            ),
         ];
         for (field, mutate) in cases {
             let mut r = base();

@@ -13,9 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, Store};
 
+/// Per operation: the notifier and how many waiters hold it.
+type Registry = HashMap<String, (Arc<Notify>, usize)>;
+
 #[derive(Clone, Default)]
 pub struct Waiters {
-    inner: Arc<Mutex<HashMap<String, (Arc<Notify>, usize)>>>,
+    inner: Arc<Mutex<Registry>>,
 }
 
 /// A registration; dropping it removes the waiter.
@@ -71,10 +74,8 @@ impl Waiters {
     /// Listens on this replica's done channel until `shutdown`, reconnecting with backoff.
     pub async fn listen(self, store: Store, replica: String, shutdown: CancellationToken) {
         let channel = store::done_channel(&replica);
-        let mut backoff = relay::backoff::Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(5),
-        );
+        let mut backoff =
+            relay::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let session = async {
                 let mut pubsub = store.client().get_async_pubsub().await?;
@@ -113,11 +114,14 @@ mod tests {
         let w = Waiters::default();
         let a = w.register("t", "op");
         let b = w.register("t", "op");
-        let notified = a.notify.notified();
+        let notify = a.notify.clone();
+        let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         w.wake(&store::op_ref("t", "op"));
-        tokio::time::timeout(Duration::from_secs(1), notified).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), notified)
+            .await
+            .unwrap();
         drop(a);
         assert_eq!(w.len(), 1);
         drop(b);

@@ -67,7 +67,10 @@ impl WritebackService {
         }
     }
 
-    async fn submit(&self, request: Request<SubmitRequest>) -> Result<SubmitResponse, GatewayError> {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<SubmitResponse, GatewayError> {
         let traceparent = request
             .metadata()
             .get("traceparent")
@@ -78,7 +81,8 @@ impl WritebackService {
             // missing once the token is known to be absent or good.
             validate::tenant_id("")?;
         }
-        self.authorize(&request, &request.get_ref().tenant_id).await?;
+        self.authorize(&request, &request.get_ref().tenant_id)
+            .await?;
         let mut req = request.into_inner();
         let result = self.submit_validated(&mut req, traceparent).await;
         if let Some(action) = req.action.as_mut() {
@@ -116,7 +120,11 @@ impl WritebackService {
         let gw = &self.gw;
         let replica = gw.config.replica_id.as_str();
         let tenant = req.tenant_id.clone();
-        let forest = req.user.as_ref().map(|u| u.forest.clone()).unwrap_or_default();
+        let forest = req
+            .user
+            .as_ref()
+            .map(|u| u.forest.clone())
+            .unwrap_or_default();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default();
         let operation_id = req.operation_id.clone();
 
@@ -126,10 +134,17 @@ impl WritebackService {
                 return Err(GatewayError::Conflict(operation_id));
             }
             tracing::info!("resubmitted operation; returning its outcome");
-            return self.wait_for_outcome(&tenant, &operation_id, self.timeout(req.timeout_ms)).await;
+            return self
+                .wait_for_outcome(&tenant, &operation_id, self.timeout(req.timeout_ms))
+                .await;
         }
 
-        if gw.store.live_agents(&tenant, &forest, gw.config.agent_liveness).await? == 0 {
+        if gw
+            .store
+            .live_agents(&tenant, &forest, gw.config.agent_liveness)
+            .await?
+            == 0
+        {
             tracing::warn!("no live agent for forest; answered at once, nothing queued");
             return Ok(SubmitResponse {
                 operation_id,
@@ -140,7 +155,9 @@ impl WritebackService {
             });
         }
 
-        let trace = parent.map(|p| p.child()).unwrap_or_else(TraceParent::new_root);
+        let trace = parent
+            .map(|p| p.child())
+            .unwrap_or_else(TraceParent::new_root);
         let traceparent = trace.to_string();
         let accepted_ms = relay::now_unix_ms();
         let timeout = self.timeout(req.timeout_ms);
@@ -167,7 +184,9 @@ impl WritebackService {
 
         // Register before the record exists so an outcome notification cannot be missed.
         let waiter = gw.waiters.register(&tenant, &operation_id);
-        gw.store.ensure_group(&store::queue_key(&tenant, &forest)).await?;
+        gw.store
+            .ensure_group(&store::queue_key(&tenant, &forest))
+            .await?;
         let created = gw
             .store
             .create_operation(&NewOperation {
@@ -226,11 +245,20 @@ impl WritebackService {
                 // unacknowledged -> the caller hears TIMED_OUT and GetOperation tells more later.
                 match gw
                     .store
-                    .finalize(tenant, operation_id, &gw.config.replica_id, gw.config.ack_grace)
+                    .finalize(
+                        tenant,
+                        operation_id,
+                        &gw.config.replica_id,
+                        gw.config.ack_grace,
+                    )
                     .await?
                 {
                     Finalized::Terminal(outcome) => {
-                        let rec = gw.store.operation(tenant, operation_id).await?.unwrap_or(rec);
+                        let rec = gw
+                            .store
+                            .operation(tenant, operation_id)
+                            .await?
+                            .unwrap_or(rec);
                         return self.answer(&rec, outcome).await;
                     }
                     Finalized::Pending | Finalized::Missing => {
@@ -252,15 +280,28 @@ impl WritebackService {
         }
     }
 
-    async fn answer(&self, rec: &OpRecord, outcome: Outcome) -> Result<SubmitResponse, GatewayError> {
+    async fn answer(
+        &self,
+        rec: &OpRecord,
+        outcome: Outcome,
+    ) -> Result<SubmitResponse, GatewayError> {
         let (violation, message) = if outcome == rec.outcome {
             (rec.violation, rec.message.clone())
         } else {
-            (PolicyViolation::Unspecified, store::TIMED_OUT_MESSAGE.to_owned())
+            (
+                PolicyViolation::Unspecified,
+                store::TIMED_OUT_MESSAGE.to_owned(),
+            )
         };
-        let event = TimelineEvent::new("answered", relay::now_unix_ms(), &self.gw.config.replica_id)
-            .detail(outcome.as_str_name());
-        if let Err(e) = self.gw.store.push_event(&rec.tenant, &rec.operation_id, &event).await {
+        let event =
+            TimelineEvent::new("answered", relay::now_unix_ms(), &self.gw.config.replica_id)
+                .detail(outcome.as_str_name());
+        if let Err(e) = self
+            .gw
+            .store
+            .push_event(&rec.tenant, &rec.operation_id, &event)
+            .await
+        {
             tracing::warn!(error = %e, "could not record the answer on the timeline");
         }
         tracing::info!(
@@ -279,8 +320,12 @@ impl WritebackService {
         })
     }
 
-    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Operation, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id).await?;
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Operation, GatewayError> {
+        self.authorize(&request, &request.get_ref().tenant_id)
+            .await?;
         let req = request.into_inner();
         validate::tenant_id(&req.tenant_id)?;
         validate::operation_id(&req.operation_id)?;
@@ -290,7 +335,11 @@ impl WritebackService {
             .operation(&req.tenant_id, &req.operation_id)
             .await?
             .ok_or_else(|| GatewayError::NotFound(req.operation_id.clone()))?;
-        let timeline = self.gw.store.timeline(&req.tenant_id, &req.operation_id).await?;
+        let timeline = self
+            .gw
+            .store
+            .timeline(&req.tenant_id, &req.operation_id)
+            .await?;
         Ok(Operation {
             operation_id: rec.operation_id,
             tenant_id: rec.tenant,
@@ -324,22 +373,33 @@ impl WritebackService {
 
 #[tonic::async_trait]
 impl Writeback for WritebackService {
-    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
-        Ok(Response::new(WritebackService::submit(self, request).await?))
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        Ok(Response::new(
+            WritebackService::submit(self, request).await?,
+        ))
     }
 
-    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
-        Ok(Response::new(WritebackService::get_operation(self, request).await?))
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        Ok(Response::new(
+            WritebackService::get_operation(self, request).await?,
+        ))
     }
 
     async fn get_password_policy(
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<Response<PasswordPolicy>, Status> {
-        self.authorize(&request, &request.get_ref().tenant_id).await?;
-        Err(GatewayError::Unimplemented(
-            "GetPasswordPolicy is not available yet on this gateway",
+        self.authorize(&request, &request.get_ref().tenant_id)
+            .await?;
+        Err(
+            GatewayError::Unimplemented("GetPasswordPolicy is not available yet on this gateway")
+                .into(),
         )
-        .into())
     }
 }

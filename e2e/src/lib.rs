@@ -154,7 +154,10 @@ impl Sandbox {
         tenant: &str,
         forest: &str,
     ) -> anyhow::Result<()> {
-        let secret = self.tenants.register_agent(tenant, forest, agent_id).await?;
+        let secret = self
+            .tenants
+            .register_agent(tenant, forest, agent_id)
+            .await?;
         let config = AgentConfig {
             gateway_url: format!("https://{}", self.gateways[gateway].addr),
             gateway_ca: self.ca.ca_file().to_owned(),
@@ -183,7 +186,8 @@ impl Sandbox {
     /// As [`Sandbox::start_agent_for`].
     pub async fn start_agent(&mut self, agent_id: &str, gateway: usize) -> anyhow::Result<()> {
         let (tenant, forest) = (self.tenant.clone(), self.forest.clone());
-        self.start_agent_for(agent_id, gateway, &tenant, &forest).await
+        self.start_agent_for(agent_id, gateway, &tenant, &forest)
+            .await
     }
 
     /// LDAPS settings for an agent binding as the delegated service account.
@@ -227,11 +231,13 @@ impl Sandbox {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(pem))
             .domain_name("127.0.0.1");
-        Ok(Endpoint::from_shared(format!("https://{}", self.gateways[idx].addr))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await?)
+        Ok(
+            Endpoint::from_shared(format!("https://{}", self.gateways[idx].addr))?
+                .tls_config(tls)?
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await?,
+        )
     }
 
     /// A Writeback client on gateway `idx`.
@@ -348,10 +354,32 @@ pub async fn dump_redis(url: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let value: redis::Value = match kind.as_str() {
             "string" => redis::cmd("GET").arg(&key).query_async(&mut c).await?,
             "hash" => redis::cmd("HGETALL").arg(&key).query_async(&mut c).await?,
-            "list" => redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut c).await?,
+            "list" => {
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await?
+            }
             "set" => redis::cmd("SMEMBERS").arg(&key).query_async(&mut c).await?,
-            "zset" => redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut c).await?,
-            "stream" => redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut c).await?,
+            "zset" => {
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await?
+            }
+            "stream" => {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut c)
+                    .await?
+            }
             other => bail!("unexpected redis type {other} for {key}"),
         };
         let mut bytes = Vec::new();

@@ -37,16 +37,25 @@ async fn operations_reach_ad_and_no_password_rests_in_redis() {
     sb.dc.create_user("bob", initial).unwrap();
     let new = "Reset-Ok#2024x";
     used.extend([initial, new]);
-    let r = sb.submit(0, request(&t, &f, "bob", reset(new))).await.unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, "bob", reset(new)))
+        .await
+        .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
     assert_eq!(r.trace_id.len(), 32);
     assert!(sb.dc.can_bind(&upn("bob"), new), "new password must bind");
-    assert!(!sb.dc.can_bind(&upn("bob"), initial), "old password must not bind");
+    assert!(
+        !sb.dc.can_bind(&upn("bob"), initial),
+        "old password must not bind"
+    );
 
     // Change with the right old password, then with a wrong one.
     let changed = "Changed#Pass-77";
     used.push(changed);
-    let r = sb.submit(0, request(&t, &f, &upn("bob"), change(new, changed))).await.unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, &upn("bob"), change(new, changed)))
+        .await
+        .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
     assert!(sb.dc.can_bind(&upn("bob"), changed));
     let wrong = "Not-The-Old#1";
@@ -56,53 +65,101 @@ async fn operations_reach_ad_and_no_password_rests_in_redis() {
         .await
         .unwrap();
     assert_eq!(outcome(&r), Outcome::WrongOldPassword, "{r:?}");
-    assert!(sb.dc.can_bind(&upn("bob"), changed), "a refused change leaves the password");
+    assert!(
+        sb.dc.can_bind(&upn("bob"), changed),
+        "a refused change leaves the password"
+    );
 
     // Policy: complexity and length.
     let simple = "alllowercaseletters";
     let short = "Ab1!";
     used.extend([simple, short]);
-    let r = sb.submit(0, request(&t, &f, "bob", reset(simple))).await.unwrap();
-    assert_eq!((outcome(&r), violation(&r)), (Outcome::RejectedByPolicy, PolicyViolation::Complexity), "{r:?}");
+    let r = sb
+        .submit(0, request(&t, &f, "bob", reset(simple)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome(&r), violation(&r)),
+        (Outcome::RejectedByPolicy, PolicyViolation::Complexity),
+        "{r:?}"
+    );
     assert!(!r.message.is_empty());
-    let r = sb.submit(0, request(&t, &f, "bob", reset(short))).await.unwrap();
-    assert_eq!((outcome(&r), violation(&r)), (Outcome::RejectedByPolicy, PolicyViolation::TooShort), "{r:?}");
+    let r = sb
+        .submit(0, request(&t, &f, "bob", reset(short)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome(&r), violation(&r)),
+        (Outcome::RejectedByPolicy, PolicyViolation::TooShort),
+        "{r:?}"
+    );
 
     // Unknown user; protected account left untouched.
-    let r = sb.submit(0, request(&t, &f, "nobody-here", reset("Whatever#123x"))).await.unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, "nobody-here", reset("Whatever#123x")))
+        .await
+        .unwrap();
     assert_eq!(outcome(&r), Outcome::UserNotFound, "{r:?}");
     let admin_new = "Admin-Takeover#1";
     used.push(admin_new);
-    let r = sb.submit(0, request(&t, &f, "Administrator", reset(admin_new))).await.unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, "Administrator", reset(admin_new)))
+        .await
+        .unwrap();
     assert_eq!(outcome(&r), Outcome::ProtectedAccount, "{r:?}");
-    assert!(sb.dc.can_bind(&upn("Administrator"), &sb.dc.admin_password()));
+    assert!(sb
+        .dc
+        .can_bind(&upn("Administrator"), &sb.dc.admin_password()));
     assert!(!sb.dc.can_bind(&upn("Administrator"), admin_new));
 
     // Unlock only.
-    let r = sb.submit(0, request(&t, &f, "bob", unlock())).await.unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, "bob", unlock()))
+        .await
+        .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
 
     // GetOperation shows the timeline of the last one.
     let mut client = sb.client(0).await.unwrap();
     let op = client
         .get_operation(e2e::authorized(
-            GetOperationRequest { tenant_id: t.clone(), operation_id: r.operation_id.clone() },
+            GetOperationRequest {
+                tenant_id: t.clone(),
+                operation_id: r.operation_id.clone(),
+            },
             sb.token.expose(),
         ))
         .await
         .unwrap()
         .into_inner();
     let stages: Vec<&str> = op.timeline.iter().map(|e| e.stage.as_str()).collect();
-    assert_eq!(stages, ["accepted", "queued", "delivered", "acknowledged", "answered"], "{op:?}");
+    assert_eq!(
+        stages,
+        [
+            "accepted",
+            "queued",
+            "delivered",
+            "acknowledged",
+            "answered"
+        ],
+        "{op:?}"
+    );
     assert_eq!(op.timeline[2].agent_id, "agent-1");
     assert_eq!(op.trace_id, r.trace_id);
 
     // Invariant 1: nothing in Redis holds any of these passwords, as UTF-8 or UTF-16LE.
     let dump = dump_redis(&sb.redis.url()).await.unwrap();
-    assert!(dump.len() > 5, "expected records in redis, got {}", dump.len());
+    assert!(
+        dump.len() > 5,
+        "expected records in redis, got {}",
+        dump.len()
+    );
     for (key, bytes) in &dump {
         for p in &used {
-            assert!(!contains_secret(key.as_bytes(), p) && !contains_secret(bytes, p), "password found in redis key {key}");
+            assert!(
+                !contains_secret(key.as_bytes(), p) && !contains_secret(bytes, p),
+                "password found in redis key {key}"
+            );
         }
     }
     sb.shutdown().await;
@@ -116,11 +173,19 @@ async fn outcome_crosses_replicas() {
     let (t, f) = (sb.tenant.clone(), sb.forest.clone());
     sb.wait_agents(&t, &f, 1).await.unwrap();
     sb.dc.create_user("carol", "Initial#Pass1").unwrap();
-    let r = sb.submit(0, request(&t, &f, "carol", reset("Cross-Replica#9"))).await.unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, "carol", reset("Cross-Replica#9")))
+        .await
+        .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
     assert!(sb.dc.can_bind(&format!("carol@{f}"), "Cross-Replica#9"));
     let op = sb.store.timeline(&t, &r.operation_id).await.unwrap();
-    let replica_of = |stage: &str| op.iter().find(|e| e.stage == stage).map(|e| e.replica.clone()).unwrap();
+    let replica_of = |stage: &str| {
+        op.iter()
+            .find(|e| e.stage == stage)
+            .map(|e| e.replica.clone())
+            .unwrap()
+    };
     assert_eq!(replica_of("accepted"), "gateway-a");
     assert_eq!(replica_of("delivered"), "gateway-b");
     assert_eq!(replica_of("answered"), "gateway-a");
@@ -138,11 +203,15 @@ async fn no_agent_answers_at_once_and_queues_nothing() {
     let r = sb.submit(0, req).await.unwrap();
     let took = started.elapsed();
     assert_eq!(outcome(&r), Outcome::AgentUnavailable, "{r:?}");
-    assert!(took < Duration::from_secs(5), "AGENT_UNAVAILABLE took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "AGENT_UNAVAILABLE took {took:?}"
+    );
     println!("AGENT_UNAVAILABLE answered in {} ms", took.as_millis());
     let dump = dump_redis(&sb.redis.url()).await.unwrap();
     assert!(
-        dump.iter().all(|(k, _)| !k.contains(":q:") && !k.contains(":op:")),
+        dump.iter()
+            .all(|(k, _)| !k.contains(":q:") && !k.contains(":op:")),
         "something was queued: {:?}",
         dump.iter().map(|(k, _)| k).collect::<Vec<_>>()
     );
@@ -163,10 +232,22 @@ async fn resubmitted_operation_is_applied_once() {
     let changed_at = sb.dc.attribute(&dn, "pwdLastSet").unwrap();
     let second = sb.submit(0, req).await.unwrap();
     assert_eq!(first, second, "a resubmission returns the first outcome");
-    assert_eq!(sb.dc.attribute(&dn, "pwdLastSet").unwrap(), changed_at, "applied twice");
+    assert_eq!(
+        sb.dc.attribute(&dn, "pwdLastSet").unwrap(),
+        changed_at,
+        "applied twice"
+    );
     let tl = sb.store.timeline(&t, "reset-dave-1").await.unwrap();
-    assert_eq!(tl.iter().filter(|e| e.stage == "delivered").count(), 1, "{tl:?}");
-    assert_eq!(tl.iter().filter(|e| e.stage == "answered").count(), 2, "{tl:?}");
+    assert_eq!(
+        tl.iter().filter(|e| e.stage == "delivered").count(),
+        1,
+        "{tl:?}"
+    );
+    assert_eq!(
+        tl.iter().filter(|e| e.stage == "answered").count(),
+        2,
+        "{tl:?}"
+    );
     sb.shutdown().await;
 }
 
@@ -179,33 +260,52 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
     let mut client = sb.client(0).await.unwrap();
 
     let req = request(&t, &f, "alice", reset("Whatever#123x"));
-    let err = client.submit(tonic::Request::new(req.clone())).await.unwrap_err();
+    let err = client
+        .submit(tonic::Request::new(req.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let err = client.submit(e2e::authorized(req.clone(), "wbt_not-a-token")).await.unwrap_err();
+    let err = client
+        .submit(e2e::authorized(req.clone(), "wbt_not-a-token"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     let other_token = sb.tenants.create_tenant("globex").await.unwrap();
-    let err = client.submit(e2e::authorized(req.clone(), other_token.expose())).await.unwrap_err();
+    let err = client
+        .submit(e2e::authorized(req.clone(), other_token.expose()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(!err.message().contains("Whatever"));
 
     // Malformed input names the field.
     let mut bad = req.clone();
     bad.user.as_mut().unwrap().forest.clear();
-    let err = client.submit(e2e::authorized(bad, sb.token.expose())).await.unwrap_err();
+    let err = client
+        .submit(e2e::authorized(bad, sb.token.expose()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("user.forest"), "{}", err.message());
 
     // Agents for: globex on the same DC, and a second forest of acme on the same DC.
-    sb.start_agent_for("globex-agent", 0, "globex", &f).await.unwrap();
-    sb.start_agent_for("acme-other", 0, &t, "other.writeback.test").await.unwrap();
+    sb.start_agent_for("globex-agent", 0, "globex", &f)
+        .await
+        .unwrap();
+    sb.start_agent_for("acme-other", 0, &t, "other.writeback.test")
+        .await
+        .unwrap();
     sb.wait_agents("globex", &f, 1).await.unwrap();
     sb.wait_agents(&t, "other.writeback.test", 1).await.unwrap();
     sb.dc.create_user("erin", "Initial#Pass1").unwrap();
 
     // A ciphertext sealed for acme/<forest> planted in globex's queue, and in acme's other
     // forest's queue, exactly as the gateway would have queued it.
-    for (victim_tenant, victim_forest, op) in [("globex", f.as_str(), "moved-tenant"), (t.as_str(), "other.writeback.test", "moved-forest")] {
+    for (victim_tenant, victim_forest, op) in [
+        ("globex", f.as_str(), "moved-tenant"),
+        (t.as_str(), "other.writeback.test", "moved-forest"),
+    ] {
         let planted = "Planted-Pass#42";
         let key = sb.tenants.forest_key(&t, &f).await.unwrap();
         let deadline = relay::now_unix_ms() + 20_000;
@@ -217,7 +317,13 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
         };
         let envelope = key
             .seal(
-                &relay::envelope::Binding { tenant_id: &t, forest: &f, operation_id: op, deadline_unix_ms: deadline, traceparent: &tp },
+                &relay::envelope::Binding {
+                    tenant_id: &t,
+                    forest: &f,
+                    operation_id: op,
+                    deadline_unix_ms: deadline,
+                    traceparent: &tp,
+                },
                 &prost::Message::encode_to_vec(&sealed),
             )
             .unwrap();
@@ -244,14 +350,20 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
         let mut rec = None;
         for _ in 0..100 {
             rec = sb.store.operation(victim_tenant, op).await.unwrap();
-            if rec.as_ref().is_some_and(|r| r.state == cloud_gateway::store::OpState::Done) {
+            if rec
+                .as_ref()
+                .is_some_and(|r| r.state == cloud_gateway::store::OpState::Done)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let rec = rec.unwrap();
         assert_eq!(rec.outcome, Outcome::Refused, "{op}: {rec:?}");
-        assert!(!sb.dc.can_bind(&format!("erin@{f}"), planted), "{op}: a moved ciphertext was applied");
+        assert!(
+            !sb.dc.can_bind(&format!("erin@{f}"), planted),
+            "{op}: a moved ciphertext was applied"
+        );
     }
     assert!(sb.dc.can_bind(&format!("erin@{f}"), "Initial#Pass1"));
     sb.shutdown().await;

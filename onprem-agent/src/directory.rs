@@ -130,11 +130,17 @@ fn host_port(url: &str) -> Result<String, DirectoryError> {
     if rest.is_empty() || rest.contains('/') {
         return Err(DirectoryError::BadUrl(url.to_owned()));
     }
-    Ok(if rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !rest.ends_with(']') {
-        rest.to_owned()
-    } else {
-        format!("{rest}:636")
-    })
+    Ok(
+        if rest
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !rest.ends_with(']')
+        {
+            rest.to_owned()
+        } else {
+            format!("{rest}:636")
+        },
+    )
 }
 
 impl Directory {
@@ -179,10 +185,13 @@ impl Directory {
             .set_config(self.inner.tls.clone())
             .set_conn_timeout(timeout)
             .set_std_stream(StdStream::Tcp(std));
-        let (conn, mut ldap) = tokio::time::timeout(timeout, LdapConnAsync::with_settings(settings, url))
-            .await
-            .map_err(|_| DirectoryError::Unavailable(format!("{url}: TLS handshake timed out")))?
-            .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+        let (conn, mut ldap) =
+            tokio::time::timeout(timeout, LdapConnAsync::with_settings(settings, url))
+                .await
+                .map_err(|_| {
+                    DirectoryError::Unavailable(format!("{url}: TLS handshake timed out"))
+                })?
+                .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
         ldap3::drive!(conn);
         let bind = ldap
             .with_timeout(timeout)
@@ -195,7 +204,10 @@ impl Directory {
                 detail: format!("result {} {}", bind.rc, bind.text),
             });
         }
-        Ok(Conn { ldap, url: url.to_owned() })
+        Ok(Conn {
+            ldap,
+            url: url.to_owned(),
+        })
     }
 
     /// A bound connection: an idle pooled one, or a new one from the first DC that answers.
@@ -243,11 +255,19 @@ impl Directory {
         let r = conn
             .ldap
             .with_timeout(self.inner.config.connect_timeout)
-            .search("", Scope::Base, "(objectClass=*)", vec!["defaultNamingContext"])
+            .search(
+                "",
+                Scope::Base,
+                "(objectClass=*)",
+                vec!["defaultNamingContext"],
+            )
             .await
             .map_err(|e| DirectoryError::Ldap(e.to_string()))?;
         if r.1.rc != 0 {
-            return Err(DirectoryError::Ldap(format!("rootDSE: result {} {}", r.1.rc, r.1.text)));
+            return Err(DirectoryError::Ldap(format!(
+                "rootDSE: result {} {}",
+                r.1.rc, r.1.text
+            )));
         }
         let url = conn.url.clone();
         self.checkin(conn);
@@ -255,7 +275,12 @@ impl Directory {
     }
 
     /// Applies one operation before `deadline`. Never panics, never returns a password.
-    pub async fn apply(&self, op: &SealedOperation, deadline: Instant, allow_protected: bool) -> ApplyResult {
+    pub async fn apply(
+        &self,
+        op: &SealedOperation,
+        deadline: Instant,
+        allow_protected: bool,
+    ) -> ApplyResult {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining < MIN_WRITE_BUDGET {
             return expired();
@@ -275,9 +300,17 @@ impl Directory {
                 r.directory = url;
                 return r;
             }
-            Err(e) => return ApplyResult::new(Outcome::DirectoryUnavailable, MSG_UNAVAILABLE, e.to_string()),
+            Err(e) => {
+                return ApplyResult::new(
+                    Outcome::DirectoryUnavailable,
+                    MSG_UNAVAILABLE,
+                    e.to_string(),
+                )
+            }
         };
-        let result = self.apply_on(&mut conn, op, deadline, allow_protected).await;
+        let result = self
+            .apply_on(&mut conn, op, deadline, allow_protected)
+            .await;
         match result {
             Ok(mut r) => {
                 r.directory = conn.url.clone();
@@ -287,7 +320,11 @@ impl Directory {
             Err(e) => {
                 // The connection is suspect: drop it. Whether the DC applied a write that was
                 // in flight is unknown, so this is not EXPIRED.
-                let mut r = ApplyResult::new(Outcome::DirectoryUnavailable, MSG_UNAVAILABLE, format!("{}: {e}", conn.url));
+                let mut r = ApplyResult::new(
+                    Outcome::DirectoryUnavailable,
+                    MSG_UNAVAILABLE,
+                    format!("{}: {e}", conn.url),
+                );
                 r.directory = conn.url;
                 r
             }
@@ -295,20 +332,38 @@ impl Directory {
     }
 
     /// Finds the user named by `id`.
-    async fn find_user(&self, ldap: &mut Ldap, id: &user_ref::Id, timeout: Duration) -> Result<Vec<UserEntry>, LdapError> {
+    async fn find_user(
+        &self,
+        ldap: &mut Ldap,
+        id: &user_ref::Id,
+        timeout: Duration,
+    ) -> Result<Vec<UserEntry>, LdapError> {
         let filter = match id {
             user_ref::Id::ObjectGuid(g) => match guid_filter_bytes(g) {
                 Some(escaped) => format!("(&(objectClass=user)(objectGUID={escaped}))"),
                 None => return Ok(Vec::new()),
             },
             user_ref::Id::UserPrincipalName(upn) => {
-                format!("(&(objectClass=user)(userPrincipalName={}))", ldap3::ldap_escape(upn.as_str()))
+                format!(
+                    "(&(objectClass=user)(userPrincipalName={}))",
+                    ldap3::ldap_escape(upn.as_str())
+                )
             }
             user_ref::Id::SamAccountName(sam) => {
-                format!("(&(objectClass=user)(sAMAccountName={}))", ldap3::ldap_escape(sam.as_str()))
+                format!(
+                    "(&(objectClass=user)(sAMAccountName={}))",
+                    ldap3::ldap_escape(sam.as_str())
+                )
             }
         };
-        let attrs = vec!["distinguishedName", "sAMAccountName", "displayName", "adminCount", "userAccountControl", "pwdLastSet"];
+        let attrs = vec![
+            "distinguishedName",
+            "sAMAccountName",
+            "displayName",
+            "adminCount",
+            "userAccountControl",
+            "pwdLastSet",
+        ];
         let result = ldap
             .with_timeout(timeout)
             .search(&self.inner.config.base_dn, Scope::Subtree, &filter, attrs)
@@ -323,7 +378,13 @@ impl Directory {
             .filter(|e| !e.is_ref())
             .map(SearchEntry::construct)
             .map(|e| {
-                let first = |a: &str| e.attrs.get(a).and_then(|v| v.first()).cloned().unwrap_or_default();
+                let first = |a: &str| {
+                    e.attrs
+                        .get(a)
+                        .and_then(|v| v.first())
+                        .cloned()
+                        .unwrap_or_default()
+                };
                 UserEntry {
                     dn: e.dn.clone(),
                     sam: first("sAMAccountName"),
@@ -345,10 +406,18 @@ impl Directory {
     ) -> Result<ApplyResult, LdapError> {
         let started = Instant::now();
         let Some(id) = op.user.as_ref().and_then(|u| u.id.as_ref()) else {
-            return Ok(ApplyResult::new(Outcome::Refused, "The request could not be processed; nothing was changed.", "operation names no user"));
+            return Ok(ApplyResult::new(
+                Outcome::Refused,
+                "The request could not be processed; nothing was changed.",
+                "operation names no user",
+            ));
         };
         let Some(action) = op.action.as_ref() else {
-            return Ok(ApplyResult::new(Outcome::Refused, "The request could not be processed; nothing was changed.", "operation has no action"));
+            return Ok(ApplyResult::new(
+                Outcome::Refused,
+                "The request could not be processed; nothing was changed.",
+                "operation has no action",
+            ));
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let users = self.find_user(&mut conn.ldap, id, remaining).await?;
@@ -390,28 +459,11 @@ impl Directory {
         }
 
         let write_started = Instant::now();
-        let (mods, controls, new_password): (Vec<Mod<Vec<u8>>>, Vec<RawControl>, Option<&str>) = match action {
-            Action::Reset(r) => {
-                let mut mods = vec![Mod::Replace(b"unicodePwd".to_vec(), set(encode_unicode_pwd(&r.new_password)))];
-                if r.must_change_at_next_logon {
-                    mods.push(Mod::Replace(b"pwdLastSet".to_vec(), set(Zeroizing::new(b"0".to_vec()))));
-                }
-                if r.unlock {
-                    mods.push(Mod::Replace(b"lockoutTime".to_vec(), set(Zeroizing::new(b"0".to_vec()))));
-                }
-                let hints = RawControl { ctype: POLICY_HINTS_OID.to_owned(), crit: false, val: Some(POLICY_HINTS_VALUE.to_vec()) };
-                (mods, vec![hints], Some(r.new_password.as_str()))
-            }
-            Action::Change(c) => (
-                vec![
-                    Mod::Delete(b"unicodePwd".to_vec(), set(encode_unicode_pwd(&c.old_password))),
-                    Mod::Add(b"unicodePwd".to_vec(), set(encode_unicode_pwd(&c.new_password))),
-                ],
-                Vec::new(),
-                Some(c.new_password.as_str()),
-            ),
-            Action::Unlock(_) => (vec![Mod::Replace(b"lockoutTime".to_vec(), set(Zeroizing::new(b"0".to_vec())))], Vec::new(), None),
-        };
+        let Write {
+            mods,
+            controls,
+            new_password,
+        } = Write::for_action(action);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let res = conn
             .ldap
@@ -432,15 +484,82 @@ impl Directory {
             )
         } else {
             let domain = if is_policy_error(&res.text) {
-                policy::read_domain_policy(&mut conn.ldap, &self.inner.config.base_dn, remaining).await.ok()
+                policy::read_domain_policy(&mut conn.ldap, &self.inner.config.base_dn, remaining)
+                    .await
+                    .ok()
             } else {
                 None
             };
-            map_ldap_failure(res.rc, &res.text, &user, action, new_password, domain.as_ref())
+            map_ldap_failure(
+                res.rc,
+                &res.text,
+                &user,
+                action,
+                new_password,
+                domain.as_ref(),
+            )
         };
         result.lookup_ms = lookup_ms;
         result.write_ms = write_ms;
         Ok(result)
+    }
+}
+
+/// One LDAP modify: its modifications, its controls, and the candidate password (kept for
+/// diagnosing a policy rejection).
+struct Write<'a> {
+    mods: Vec<Mod<Vec<u8>>>,
+    controls: Vec<RawControl>,
+    new_password: Option<&'a str>,
+}
+
+impl<'a> Write<'a> {
+    fn for_action(action: &'a Action) -> Self {
+        let zero = || set(Zeroizing::new(b"0".to_vec()));
+        match action {
+            Action::Reset(r) => {
+                // One modify: the password, must-change and unlock apply together or not at all.
+                let mut mods = vec![Mod::Replace(
+                    b"unicodePwd".to_vec(),
+                    set(encode_unicode_pwd(&r.new_password)),
+                )];
+                if r.must_change_at_next_logon {
+                    mods.push(Mod::Replace(b"pwdLastSet".to_vec(), zero()));
+                }
+                if r.unlock {
+                    mods.push(Mod::Replace(b"lockoutTime".to_vec(), zero()));
+                }
+                let hints = RawControl {
+                    ctype: POLICY_HINTS_OID.to_owned(),
+                    crit: false,
+                    val: Some(POLICY_HINTS_VALUE.to_vec()),
+                };
+                Self {
+                    mods,
+                    controls: vec![hints],
+                    new_password: Some(&r.new_password),
+                }
+            }
+            Action::Change(c) => Self {
+                mods: vec![
+                    Mod::Delete(
+                        b"unicodePwd".to_vec(),
+                        set(encode_unicode_pwd(&c.old_password)),
+                    ),
+                    Mod::Add(
+                        b"unicodePwd".to_vec(),
+                        set(encode_unicode_pwd(&c.new_password)),
+                    ),
+                ],
+                controls: Vec::new(),
+                new_password: Some(&c.new_password),
+            },
+            Action::Unlock(_) => Self {
+                mods: vec![Mod::Replace(b"lockoutTime".to_vec(), zero())],
+                controls: Vec::new(),
+                new_password: None,
+            },
+        }
     }
 }
 
@@ -469,10 +588,14 @@ fn describe(id: &user_ref::Id) -> String {
 /// `"password"` in UTF-16LE, as AD wants `unicodePwd`.
 pub fn encode_unicode_pwd(password: &str) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity((password.len() + 2) * 2));
-    for unit in std::iter::once('"').chain(password.chars()).chain(std::iter::once('"')).flat_map(|c| {
-        let mut buf = [0u16; 2];
-        c.encode_utf16(&mut buf).to_vec()
-    }) {
+    for unit in std::iter::once('"')
+        .chain(password.chars())
+        .chain(std::iter::once('"'))
+        .flat_map(|c| {
+            let mut buf = [0u16; 2];
+            c.encode_utf16(&mut buf).to_vec()
+        })
+    {
         out.extend_from_slice(&unit.to_le_bytes());
     }
     out
@@ -516,7 +639,11 @@ pub fn map_ldap_failure(
     let detail = format!("LDAP result {rc}: {}", text.trim());
     let upper = text.to_ascii_uppercase();
     if upper.contains("00000056") {
-        return ApplyResult::new(Outcome::WrongOldPassword, "The current password is incorrect; nothing was changed.", detail);
+        return ApplyResult::new(
+            Outcome::WrongOldPassword,
+            "The current password is incorrect; nothing was changed.",
+            detail,
+        );
     }
     if upper.contains("0000052D") {
         let (violation, message) = policy::diagnose(text, user, action, new_password, domain);
@@ -579,16 +706,36 @@ mod tests {
 
     #[test]
     fn maps_ad_answers() {
-        let user = UserEntry { dn: "CN=u".into(), sam: "u".into(), ..Default::default() };
-        let reset = Action::Reset(relay::proto::ResetPassword { new_password: "x".into(), ..Default::default() });
+        let user = UserEntry {
+            dn: "CN=u".into(),
+            sam: "u".into(),
+            ..Default::default()
+        };
+        let reset = Action::Reset(relay::proto::ResetPassword {
+            new_password: "x".into(),
+            ..Default::default()
+        });
         let change = Action::Change(relay::proto::ChangePassword::default());
         let r = map_ldap_failure(19, "00000056: AtrErr: DSID-03190F80, #1:\n\t0: 00000056: DSID-03190F80, problem 1005 (CONSTRAINT_ATT_TYPE), data 0, Att 9005a (unicodePwd)", &user, &change, None, None);
         assert_eq!(r.outcome, Outcome::WrongOldPassword);
-        let r = map_ldap_failure(50, "00002098: SecErr: DSID-03150F94, problem 4003 (INSUFF_ACCESS_RIGHTS), data 0", &user, &reset, None, None);
+        let r = map_ldap_failure(
+            50,
+            "00002098: SecErr: DSID-03150F94, problem 4003 (INSUFF_ACCESS_RIGHTS), data 0",
+            &user,
+            &reset,
+            None,
+            None,
+        );
         assert_eq!(r.outcome, Outcome::AccessDenied);
         assert!(r.detail.contains("Reset Password"), "{}", r.detail);
         let r = map_ldap_failure(19, "0000052D: Constraint violation - check_password_restrictions: the password is too short. It should be equal or longer than 7 characters!", &user, &reset, Some("x"), None);
-        assert_eq!((r.outcome, r.policy_violation), (Outcome::RejectedByPolicy, PolicyViolation::TooShort));
-        assert_eq!(map_ldap_failure(80, "other", &user, &reset, None, None).outcome, Outcome::Failed);
+        assert_eq!(
+            (r.outcome, r.policy_violation),
+            (Outcome::RejectedByPolicy, PolicyViolation::TooShort)
+        );
+        assert_eq!(
+            map_ldap_failure(80, "other", &user, &reset, None, None).outcome,
+            Outcome::Failed
+        );
     }
 }

@@ -51,7 +51,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let directory = directory::Directory::new(config.directory.clone())?;
     match directory.check().await {
         Ok(dc) => tracing::info!(%dc, "directory reachable; bound as the service account"),
-        Err(e) => tracing::warn!(error = %e, "directory check failed; operations will report DIRECTORY_UNAVAILABLE until it recovers"),
+        Err(e) => {
+            tracing::warn!(error = %e, "directory check failed; operations will report DIRECTORY_UNAVAILABLE until it recovers")
+        }
     }
     let agent = link::Agent::new(config, directory);
     agent.run(shutdown).await?;

@@ -58,7 +58,8 @@ struct Outcomes {
 
 impl Outcomes {
     fn prune(&mut self) {
-        self.done.retain(|_, (at, _)| at.elapsed() < REMEMBER_OUTCOMES);
+        self.done
+            .retain(|_, (at, _)| at.elapsed() < REMEMBER_OUTCOMES);
     }
 }
 
@@ -87,7 +88,9 @@ impl Agent {
             detail,
         };
         if !url.starts_with("https://") {
-            return Err(bad("must start with https:// (the agent only talks TLS)".into()));
+            return Err(bad(
+                "must start with https:// (the agent only talks TLS)".into()
+            ));
         }
         let ca = relay::tls::read_pem(&self.config.gateway_ca)?;
         relay::tls::read_certs(&self.config.gateway_ca)?;
@@ -123,8 +126,13 @@ impl Agent {
             }
             let delay = backoff.next_delay();
             match result {
-                Ok(()) => tracing::info!(retry_in_ms = delay.as_millis() as u64, "gateway closed the stream; reconnecting"),
-                Err(e) => tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "gateway link down; reconnecting"),
+                Ok(()) => tracing::info!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "gateway closed the stream; reconnecting"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "gateway link down; reconnecting")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -235,7 +243,11 @@ impl Agent {
         result
     }
 
-    fn welcome(self: Arc<Self>, w: Welcome, tx: mpsc::Sender<AgentFrame>) -> Result<Session, LinkError> {
+    fn welcome(
+        self: Arc<Self>,
+        w: Welcome,
+        tx: mpsc::Sender<AgentFrame>,
+    ) -> Result<Session, LinkError> {
         if w.forest != self.config.forest {
             return Err(LinkError::Protocol(format!(
                 "gateway welcomed forest {:?}, configured {:?}",
@@ -311,7 +323,9 @@ impl Session {
     async fn process(&self, work: Work, received: Instant) -> Option<Ack> {
         let op_id = work.operation_id.clone();
         let parent = TraceParent::parse(&work.traceparent);
-        let trace = parent.map(|p| p.child()).unwrap_or_else(TraceParent::new_root);
+        let trace = parent
+            .map(|p| p.child())
+            .unwrap_or_else(TraceParent::new_root);
         let span = tracing::info_span!(
             "apply",
             operation_id = %op_id,
@@ -355,7 +369,12 @@ impl Session {
         let deadline = by_remaining.min(by_clock);
         if deadline.saturating_duration_since(Instant::now()) < MIN_TIME_TO_APPLY {
             tracing::warn!(operation_id = %op_id, "work arrived after its deadline; not applied");
-            return refusal(op_id, trace, Outcome::Expired, "deadline passed before the agent could apply it; nothing was changed");
+            return refusal(
+                op_id,
+                trace,
+                Outcome::Expired,
+                "deadline passed before the agent could apply it; nothing was changed",
+            );
         }
         // Bind to *our* tenant and forest, not the frame's: a ciphertext moved to another
         // tenant's or forest's queue fails here and is reported, not applied.
@@ -370,20 +389,39 @@ impl Session {
             Ok(plain) => SealedOperation::decode(plain.as_slice()),
             Err(e) => {
                 tracing::error!(operation_id = %op_id, error = %e, "sealed operation does not open for this tenant and forest; refused");
-                return refusal(op_id, trace, Outcome::Refused, &format!("sealed operation rejected: {e}"));
+                return refusal(
+                    op_id,
+                    trace,
+                    Outcome::Refused,
+                    &format!("sealed operation rejected: {e}"),
+                );
             }
         };
         let op = match sealed {
             Ok(op) => op,
             Err(e) => {
-                return refusal(op_id, trace, Outcome::Refused, &format!("sealed operation does not decode: {e}"));
+                return refusal(
+                    op_id,
+                    trace,
+                    Outcome::Refused,
+                    &format!("sealed operation does not decode: {e}"),
+                );
             }
         };
         if op.user.as_ref().is_none_or(|u| u.forest != self.forest) {
-            return refusal(op_id, trace, Outcome::Refused, "operation names another forest");
+            return refusal(
+                op_id,
+                trace,
+                Outcome::Refused,
+                "operation names another forest",
+            );
         }
         let started = Instant::now();
-        let result: ApplyResult = self.agent.directory.apply(&op, deadline, self.allow_protected).await;
+        let result: ApplyResult = self
+            .agent
+            .directory
+            .apply(&op, deadline, self.allow_protected)
+            .await;
         drop(op);
         let total_ms = received.elapsed().as_millis() as u32;
         tracing::info!(
@@ -413,7 +451,9 @@ impl Session {
 
 fn refusal(op_id: &str, trace: &TraceParent, outcome: Outcome, detail: &str) -> Ack {
     let message = match outcome {
-        Outcome::Expired => "The request expired before it could be applied; nothing was changed. Please try again.",
+        Outcome::Expired => {
+            "The request expired before it could be applied; nothing was changed. Please try again."
+        }
         _ => "The request could not be processed; nothing was changed.",
     };
     Ack {

@@ -12,7 +12,11 @@ use onprem_agent::{directory::DirectoryConfig, AgentConfig};
 use relay::secret::Secret;
 
 #[derive(Parser)]
-#[command(name = "onprem-agent", version, about = "Password writeback relay: on-premises agent")]
+#[command(
+    name = "onprem-agent",
+    version,
+    about = "Password writeback relay: on-premises agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,12 @@ struct RunArgs {
     #[arg(long, env = "AGENT_FOREST")]
     forest: String,
     /// Domain controllers, ldaps://host[:port]; tried in order.
-    #[arg(long = "ldap-url", env = "AGENT_LDAP_URLS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "ldap-url",
+        env = "AGENT_LDAP_URLS",
+        value_delimiter = ',',
+        required = true
+    )]
     ldap_urls: Vec<String>,
     /// PEM CA that signed the domain controllers' certificates.
     #[arg(long, env = "AGENT_LDAP_CA")]

@@ -12,7 +12,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max, attempt: 0 }
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The next delay to wait before retrying.
@@ -24,7 +28,11 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let low = (self.base / 2).min(exp);
         let span = exp.saturating_sub(low).as_millis() as u64;
-        let jitter = if span == 0 { 0 } else { rand::random_range(0..=span) };
+        let jitter = if span == 0 {
+            0
+        } else {
+            rand::random_range(0..=span)
+        };
         low + Duration::from_millis(jitter)
     }
 
@@ -44,7 +52,10 @@ mod tests {
         let mut ceiling = Duration::from_millis(100);
         for _ in 0..12 {
             let d = b.next_delay();
-            assert!(d >= Duration::from_millis(50) && d <= ceiling, "{d:?} > {ceiling:?}");
+            assert!(
+                d >= Duration::from_millis(50) && d <= ceiling,
+                "{d:?} > {ceiling:?}"
+            );
             ceiling = (ceiling * 2).min(Duration::from_secs(5));
         }
         // after many attempts, delays stay capped

@@ -81,7 +81,12 @@ impl Binding<'_> {
         let mut aad = Vec::with_capacity(96);
         aad.extend_from_slice(b"writeback.v1/envelope\0");
         aad.extend_from_slice(&key_version.to_be_bytes());
-        for part in [self.tenant_id, self.forest, self.operation_id, self.traceparent] {
+        for part in [
+            self.tenant_id,
+            self.forest,
+            self.operation_id,
+            self.traceparent,
+        ] {
             // Length-prefixed so ("ab","c") and ("a","bc") differ.
             aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
             aad.extend_from_slice(part.as_bytes());
@@ -200,7 +205,11 @@ impl ForestKey {
 }
 
 /// Wraps a tenant key at rest under the gateway's key-encryption key, bound to the tenant id.
-pub fn wrap_tenant_key(kek: &ForestKey, tenant_id: &str, key: &TenantKey) -> Result<Vec<u8>, EnvelopeError> {
+pub fn wrap_tenant_key(
+    kek: &ForestKey,
+    tenant_id: &str,
+    key: &TenantKey,
+) -> Result<Vec<u8>, EnvelopeError> {
     kek.seal(&wrap_binding(tenant_id), key.key_bytes().expose())
 }
 
@@ -208,7 +217,11 @@ pub fn wrap_tenant_key(kek: &ForestKey, tenant_id: &str, key: &TenantKey) -> Res
 ///
 /// # Errors
 /// When the wrapped key was made for another tenant or under another KEK.
-pub fn unwrap_tenant_key(kek: &ForestKey, tenant_id: &str, wrapped: &[u8]) -> Result<TenantKey, EnvelopeError> {
+pub fn unwrap_tenant_key(
+    kek: &ForestKey,
+    tenant_id: &str,
+    wrapped: &[u8],
+) -> Result<TenantKey, EnvelopeError> {
     let raw = kek.open(&wrap_binding(tenant_id), KEY_VERSION, wrapped)?;
     Ok(TenantKey(KeyBytes::from_slice(&raw)?))
 }
@@ -239,31 +252,67 @@ mod tests {
 
     #[test]
     fn seal_then_open_round_trips() {
-        let key = TenantKey::new(KeyBytes::generate().unwrap()).forest_key("acme", "corp.acme.test");
+        let key =
+            TenantKey::new(KeyBytes::generate().unwrap()).forest_key("acme", "corp.acme.test");
         let env = key.seal(&binding(), b"secret payload").unwrap();
-        assert!(!env.windows(6).any(|w| w == b"secret"), "ciphertext leaks plaintext");
-        assert_eq!(&key.open(&binding(), KEY_VERSION, &env).unwrap()[..], b"secret payload");
+        assert!(
+            !env.windows(6).any(|w| w == b"secret"),
+            "ciphertext leaks plaintext"
+        );
+        assert_eq!(
+            &key.open(&binding(), KEY_VERSION, &env).unwrap()[..],
+            b"secret payload"
+        );
     }
 
     #[test]
     fn any_moved_binding_fails_to_open() {
-        let key = TenantKey::new(KeyBytes::generate().unwrap()).forest_key("acme", "corp.acme.test");
+        let key =
+            TenantKey::new(KeyBytes::generate().unwrap()).forest_key("acme", "corp.acme.test");
         let env = key.seal(&binding(), b"x").unwrap();
         let moved = [
-            Binding { tenant_id: "other", ..binding() },
-            Binding { forest: "other.test", ..binding() },
-            Binding { operation_id: "op-2", ..binding() },
-            Binding { deadline_unix_ms: binding().deadline_unix_ms + 1, ..binding() },
-            Binding { traceparent: "", ..binding() },
+            Binding {
+                tenant_id: "other",
+                ..binding()
+            },
+            Binding {
+                forest: "other.test",
+                ..binding()
+            },
+            Binding {
+                operation_id: "op-2",
+                ..binding()
+            },
+            Binding {
+                deadline_unix_ms: binding().deadline_unix_ms + 1,
+                ..binding()
+            },
+            Binding {
+                traceparent: "",
+                ..binding()
+            },
         ];
         for b in moved {
-            assert_eq!(key.open(&b, KEY_VERSION, &env).unwrap_err(), EnvelopeError::Unauthentic, "{b:?}");
+            assert_eq!(
+                key.open(&b, KEY_VERSION, &env).unwrap_err(),
+                EnvelopeError::Unauthentic,
+                "{b:?}"
+            );
         }
         let mut tampered = env.clone();
         *tampered.last_mut().unwrap() ^= 1;
-        assert_eq!(key.open(&binding(), KEY_VERSION, &tampered).unwrap_err(), EnvelopeError::Unauthentic);
-        assert_eq!(key.open(&binding(), 2, &env).unwrap_err(), EnvelopeError::UnsupportedVersion(2));
-        assert_eq!(key.open(&binding(), KEY_VERSION, &env[..10]).unwrap_err(), EnvelopeError::Truncated);
+        assert_eq!(
+            key.open(&binding(), KEY_VERSION, &tampered).unwrap_err(),
+            EnvelopeError::Unauthentic
+        );
+        assert_eq!(
+            key.open(&binding(), 2, &env).unwrap_err(),
+            EnvelopeError::UnsupportedVersion(2)
+        );
+        assert_eq!(
+            key.open(&binding(), KEY_VERSION, &env[..10]).unwrap_err(),
+            EnvelopeError::Truncated
+        );
     }
 
     #[test]
@@ -283,7 +332,12 @@ mod tests {
         let kek = ForestKey::from_bytes(KeyBytes::generate().unwrap());
         let tk = TenantKey::new(KeyBytes::generate().unwrap());
         let wrapped = wrap_tenant_key(&kek, "acme", &tk).unwrap();
-        assert_eq!(unwrap_tenant_key(&kek, "acme", &wrapped).unwrap().key_bytes(), tk.key_bytes());
+        assert_eq!(
+            unwrap_tenant_key(&kek, "acme", &wrapped)
+                .unwrap()
+                .key_bytes(),
+            tk.key_bytes()
+        );
         assert!(unwrap_tenant_key(&kek, "evil", &wrapped).is_err());
     }
 

@@ -125,7 +125,10 @@ mod tests {
         };
         let text = format!("{req:?}");
         assert!(!text.contains("Secret"), "{text}");
-        let reset = ResetPassword { new_password: "Reset-Secret-3".into(), ..Default::default() };
+        let reset = ResetPassword {
+            new_password: "Reset-Secret-3".into(),
+            ..Default::default()
+        };
         assert!(!format!("{reset:?} {reset:#?}").contains("Secret"));
     }
 }

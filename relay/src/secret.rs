@@ -20,8 +20,9 @@ impl Secret {
     /// # Errors
     /// When the file cannot be read; the error names the file, never its content.
     pub fn from_file(path: &std::path::Path) -> Result<Self, std::io::Error> {
-        let mut raw = std::fs::read_to_string(path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))?;
+        let mut raw = std::fs::read_to_string(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+        })?;
         let s = Self(raw.trim_end_matches(['\n', '\r']).to_owned());
         raw.zeroize();
         Ok(s)

@@ -6,7 +6,10 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no PEM private key")]
@@ -27,20 +30,30 @@ pub fn install_crypto_provider() {
 /// # Errors
 /// When the file cannot be read.
 pub fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Reads the certificates of a PEM file (a CA bundle or a chain).
 ///
 /// # Errors
 /// When the file cannot be read or holds no certificate.
-pub fn read_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+pub fn read_certs(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
     let pem = read_pem(path)?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Invalid { path: path.to_owned(), detail: e.to_string() })?;
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -53,9 +66,10 @@ pub fn client_config_with_ca(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for cert in read_certs(ca_file)? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::BadCa { path: ca_file.to_owned(), detail: e.to_string() })?;
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: ca_file.to_owned(),
+            detail: e.to_string(),
+        })?;
     }
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
@@ -71,7 +85,12 @@ pub fn read_key_pem(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, TlsError
     let pem = zeroize::Zeroizing::new(read_pem(path)?);
     match rustls_pemfile::private_key(&mut pem.as_slice()) {
         Ok(Some(_)) => Ok(pem),
-        Ok(None) => Err(TlsError::NoKey { path: path.to_owned() }),
-        Err(e) => Err(TlsError::Invalid { path: path.to_owned(), detail: e.to_string() }),
+        Ok(None) => Err(TlsError::NoKey {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(TlsError::Invalid {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        }),
     }
 }

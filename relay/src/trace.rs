@@ -23,7 +23,11 @@ impl TraceParent {
         while span_id == [0; 8] {
             rng.fill_bytes(&mut span_id);
         }
-        Self { trace_id, span_id, sampled: true }
+        Self {
+            trace_id,
+            span_id,
+            sampled: true,
+        }
     }
 
     /// A child context in the same trace, with a new span id.
@@ -38,8 +42,14 @@ impl TraceParent {
     /// Parses a `traceparent` header value; `None` when malformed or all-zero.
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.trim().split('-');
-        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2
+            || version == "ff"
+            || trace.len() != 32
+            || span.len() != 16
+            || flags.len() != 2
+        {
             return None;
         }
         let mut trace_id = [0u8; 16];
@@ -50,7 +60,11 @@ impl TraceParent {
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
-        Some(Self { trace_id, span_id, sampled: flags & 1 == 1 })
+        Some(Self {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -100,6 +114,6 @@ mod tests {
         ] {
             assert!(TraceParent::parse(bad).is_none(), "{bad}");
         }
-        assert_eq!(TraceParent::parse(&TraceParent::new_root().to_string()).is_some(), true);
+        assert!(TraceParent::parse(&TraceParent::new_root().to_string()).is_some());
     }
 }

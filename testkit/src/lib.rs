@@ -116,7 +116,9 @@ fn redis_ping(port: u16) -> bool {
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = [0u8; 16];
-    s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    s.write_all(b"PING\r\n").is_ok()
+        && s.read(&mut buf)
+            .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
 }
 
 /// A CA and a server certificate, as PEM files in a temporary directory.
@@ -144,9 +146,10 @@ impl TestCa {
         let key = KeyPair::generate()?;
         let mut params =
             CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, sans.first().copied().unwrap_or("localhost"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            sans.first().copied().unwrap_or("localhost"),
+        );
         let cert = params.signed_by(&key, &issuer)?;
         fs::write(dir.path().join("ca.pem"), ca_cert.pem())?;
         fs::write(dir.path().join("cert.pem"), cert.pem())?;
@@ -362,8 +365,19 @@ impl SambaDc {
     ///
     /// # Errors
     /// When samba-tool refuses.
-    pub fn create_user_in(&self, sam: &str, password: &str, ou_rdn_path: &str) -> anyhow::Result<()> {
-        self.samba_tool(&["user", "create", sam, password, &format!("--userou={ou_rdn_path}")])?;
+    pub fn create_user_in(
+        &self,
+        sam: &str,
+        password: &str,
+        ou_rdn_path: &str,
+    ) -> anyhow::Result<()> {
+        self.samba_tool(&[
+            "user",
+            "create",
+            sam,
+            password,
+            &format!("--userou={ou_rdn_path}"),
+        ])?;
         Ok(())
     }
 
@@ -378,7 +392,14 @@ impl SambaDc {
         Ok(())
     }
 
-    fn ldapsearch(&self, bind: &str, password: &str, base: &str, scope: &str, attrs: &[&str]) -> std::io::Result<std::process::Output> {
+    fn ldapsearch(
+        &self,
+        bind: &str,
+        password: &str,
+        base: &str,
+        scope: &str,
+        attrs: &[&str],
+    ) -> std::io::Result<std::process::Output> {
         Command::new("ldapsearch")
             .env("LDAPTLS_CACERT", self.ca_file())
             .env("LDAPTLS_REQCERT", "demand")
@@ -424,7 +445,10 @@ impl SambaDc {
     pub fn attribute(&self, dn: &str, attr: &str) -> anyhow::Result<Option<String>> {
         let out = self.ldapsearch(&self.admin_dn(), ADMIN_PASSWORD, dn, "base", &[attr])?;
         if !out.status.success() {
-            bail!("ldapsearch {dn} {attr}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ldapsearch {dn} {attr}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let prefix = format!("{attr}: ");
@@ -449,7 +473,11 @@ impl SambaDc {
     /// # Errors
     /// When the settings cannot be changed.
     pub fn lock_out(&self, user_upn: &str) -> anyhow::Result<()> {
-        self.set_password_settings(&["--account-lockout-threshold=3", "--account-lockout-duration=30", "--reset-account-lockout-after=30"])?;
+        self.set_password_settings(&[
+            "--account-lockout-threshold=3",
+            "--account-lockout-duration=30",
+            "--reset-account-lockout-after=30",
+        ])?;
         for _ in 0..5 {
             let _ = self.can_bind(user_upn, "Definitely-Wrong#0");
         }

@@ -76,7 +76,10 @@ fn read_stdin_lines(n: usize) -> anyhow::Result<Vec<Secret>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let mut line = String::new();
-        stdin.lock().read_line(&mut line).context("reading password from stdin")?;
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("reading password from stdin")?;
         let s = Secret::new(line.trim_end_matches(['\n', '\r']));
         zeroize::Zeroize::zeroize(&mut line);
         if s.expose().is_empty() {
@@ -95,7 +98,10 @@ fn user_ref(forest: String, user: &str) -> UserRef {
     } else {
         user_ref::Id::SamAccountName(user.to_owned())
     };
-    UserRef { forest, id: Some(id) }
+    UserRef {
+        forest,
+        id: Some(id),
+    }
 }
 
 async fn channel(addr: &str, ca: &std::path::Path) -> anyhow::Result<Channel> {
@@ -105,12 +111,12 @@ async fn channel(addr: &str, ca: &std::path::Path) -> anyhow::Result<Channel> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(pem))
         .domain_name(host.trim_matches(['[', ']']).to_owned());
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+    Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {addr}"))?)
+        .with_context(|| format!("cannot connect to {addr}"))
 }
 
 fn with_auth<T>(msg: T, token: &Secret) -> anyhow::Result<tonic::Request<T>> {
@@ -133,18 +139,29 @@ fn fmt_time(ms: i64) -> String {
 fn print_operation(op: &Operation) {
     let outcome = Outcome::try_from(op.outcome).unwrap_or_default();
     let violation = PolicyViolation::try_from(op.policy_violation).unwrap_or_default();
-    println!("operation {}  tenant {}  forest {}  kind {}", op.operation_id, op.tenant_id, op.forest, op.kind);
+    println!(
+        "operation {}  tenant {}  forest {}  kind {}",
+        op.operation_id, op.tenant_id, op.forest, op.kind
+    );
     println!(
         "state {:?}  outcome {}{}  trace {}",
         relay::proto::OperationState::try_from(op.state).unwrap_or_default(),
         outcome.as_str_name(),
-        if violation == PolicyViolation::Unspecified { String::new() } else { format!("/{}", violation.as_str_name()) },
+        if violation == PolicyViolation::Unspecified {
+            String::new()
+        } else {
+            format!("/{}", violation.as_str_name())
+        },
         op.trace_id
     );
     if !op.message.is_empty() {
         println!("message: {}", op.message);
     }
-    println!("timeline (accepted {}; deadline +{} ms):", fmt_time(op.accepted_unix_ms), op.deadline_unix_ms - op.accepted_unix_ms);
+    println!(
+        "timeline (accepted {}; deadline +{} ms):",
+        fmt_time(op.accepted_unix_ms),
+        op.deadline_unix_ms - op.accepted_unix_ms
+    );
     for ev in &op.timeline {
         let who = match (ev.replica.is_empty(), ev.agent_id.is_empty()) {
             (false, false) => format!("{} -> {}", ev.replica, ev.agent_id),
@@ -167,7 +184,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let addr = cli.addr.context("--addr (WRITEBACK_ADDR) is required")?;
     let ca = cli.ca.context("--ca (WRITEBACK_CA) is required")?;
-    let tenant = cli.tenant.context("--tenant (WRITEBACK_TENANT) is required")?;
+    let tenant = cli
+        .tenant
+        .context("--tenant (WRITEBACK_TENANT) is required")?;
     let token = match (&cli.token_file, std::env::var("WRITEBACK_TOKEN")) {
         (Some(f), _) => Secret::from_file(f)?,
         (None, Ok(t)) if !t.is_empty() => Secret::new(t),
@@ -175,19 +194,38 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut client = WritebackClient::new(channel(&addr, &ca).await?);
     match cli.command {
-        Command::Submit { forest, user, reset, change, unlock, must_change, also_unlock, password_stdin, operation_id, timeout_ms, admin } => {
+        Command::Submit {
+            forest,
+            user,
+            reset,
+            change,
+            unlock,
+            must_change,
+            also_unlock,
+            password_stdin,
+            operation_id,
+            timeout_ms,
+            admin,
+        } => {
             let action = if reset {
                 if !password_stdin {
                     bail!("--reset needs --password-stdin (passwords are never taken from the command line)");
                 }
                 let p = read_stdin_lines(1)?;
-                Action::Reset(ResetPassword { new_password: p[0].expose().to_owned(), must_change_at_next_logon: must_change, unlock: also_unlock })
+                Action::Reset(ResetPassword {
+                    new_password: p[0].expose().to_owned(),
+                    must_change_at_next_logon: must_change,
+                    unlock: also_unlock,
+                })
             } else if change {
                 if !password_stdin {
                     bail!("--change needs --password-stdin (old then new password, one per line)");
                 }
                 let p = read_stdin_lines(2)?;
-                Action::Change(ChangePassword { old_password: p[0].expose().to_owned(), new_password: p[1].expose().to_owned() })
+                Action::Change(ChangePassword {
+                    old_password: p[0].expose().to_owned(),
+                    new_password: p[1].expose().to_owned(),
+                })
             } else if unlock {
                 Action::Unlock(UnlockAccount {})
             } else {
@@ -197,7 +235,11 @@ async fn main() -> anyhow::Result<()> {
                 tenant_id: tenant.clone(),
                 operation_id,
                 user: Some(user_ref(forest, &user)),
-                initiator: if admin { Initiator::Admin } else { Initiator::EndUser } as i32,
+                initiator: if admin {
+                    Initiator::Admin
+                } else {
+                    Initiator::EndUser
+                } as i32,
                 timeout_ms,
                 action: Some(action),
             };
@@ -206,7 +248,9 @@ async fn main() -> anyhow::Result<()> {
             if let Some(a) = request.action.as_mut() {
                 zeroize::Zeroize::zeroize(a);
             }
-            let resp = result.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+            let resp = result
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
             let outcome = Outcome::try_from(resp.outcome).unwrap_or_default();
             let violation = PolicyViolation::try_from(resp.policy_violation).unwrap_or_default();
             println!("outcome:      {}", outcome.as_str_name());
@@ -219,7 +263,13 @@ async fn main() -> anyhow::Result<()> {
             println!("took:         {} ms", started.elapsed().as_millis());
             if outcome != Outcome::AgentUnavailable {
                 let op = client
-                    .get_operation(with_auth(GetOperationRequest { tenant_id: tenant, operation_id: resp.operation_id.clone() }, &token)?)
+                    .get_operation(with_auth(
+                        GetOperationRequest {
+                            tenant_id: tenant,
+                            operation_id: resp.operation_id.clone(),
+                        },
+                        &token,
+                    )?)
                     .await
                     .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
                     .into_inner();
@@ -233,7 +283,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Op { operation_id } => {
             let op = client
-                .get_operation(with_auth(GetOperationRequest { tenant_id: tenant, operation_id }, &token)?)
+                .get_operation(with_auth(
+                    GetOperationRequest {
+                        tenant_id: tenant,
+                        operation_id,
+                    },
+                    &token,
+                )?)
                 .await
                 .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
                 .into_inner();

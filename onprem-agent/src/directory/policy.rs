@@ -24,26 +24,50 @@ pub struct DomainPolicy {
 const DOMAIN_PASSWORD_COMPLEX: u32 = 1;
 
 fn interval_secs(v: &str) -> u64 {
-    v.parse::<i64>().map(|n| n.unsigned_abs() / 10_000_000).unwrap_or(0)
+    v.parse::<i64>()
+        .map(|n| n.unsigned_abs() / 10_000_000)
+        .unwrap_or(0)
 }
 
 /// Reads the policy from the domain root `base_dn`.
 ///
 /// # Errors
 /// On LDAP errors.
-pub async fn read_domain_policy(ldap: &mut Ldap, base_dn: &str, timeout: Duration) -> Result<DomainPolicy, LdapError> {
+pub async fn read_domain_policy(
+    ldap: &mut Ldap,
+    base_dn: &str,
+    timeout: Duration,
+) -> Result<DomainPolicy, LdapError> {
     let (entries, _) = ldap
         .with_timeout(timeout)
-        .search(base_dn, Scope::Base, "(objectClass=*)", vec!["minPwdLength", "pwdProperties", "pwdHistoryLength", "minPwdAge", "maxPwdAge"])
+        .search(
+            base_dn,
+            Scope::Base,
+            "(objectClass=*)",
+            vec![
+                "minPwdLength",
+                "pwdProperties",
+                "pwdHistoryLength",
+                "minPwdAge",
+                "maxPwdAge",
+            ],
+        )
         .await?
         .success()?;
     let Some(e) = entries.into_iter().next().map(SearchEntry::construct) else {
         return Ok(DomainPolicy::default());
     };
-    let first = |a: &str| e.attrs.get(a).and_then(|v| v.first()).cloned().unwrap_or_default();
+    let first = |a: &str| {
+        e.attrs
+            .get(a)
+            .and_then(|v| v.first())
+            .cloned()
+            .unwrap_or_default()
+    };
     Ok(DomainPolicy {
         min_length: first("minPwdLength").parse().unwrap_or(0),
-        complexity: first("pwdProperties").parse::<u32>().unwrap_or(0) & DOMAIN_PASSWORD_COMPLEX != 0,
+        complexity: first("pwdProperties").parse::<u32>().unwrap_or(0) & DOMAIN_PASSWORD_COMPLEX
+            != 0,
         history_length: first("pwdHistoryLength").parse().unwrap_or(0),
         min_age_secs: interval_secs(&first("minPwdAge")),
         max_age_secs: interval_secs(&first("maxPwdAge")),
@@ -71,7 +95,8 @@ pub fn is_complex(password: &str, sam: &str, display_name: &str) -> bool {
     {
         return false;
     }
-    let (mut upper, mut lower_c, mut digit, mut symbol, mut other) = (false, false, false, false, false);
+    let (mut upper, mut lower_c, mut digit, mut symbol, mut other) =
+        (false, false, false, false, false);
     for c in password.chars() {
         if c.is_uppercase() {
             upper = true;
@@ -85,7 +110,11 @@ pub fn is_complex(password: &str, sam: &str, display_name: &str) -> bool {
             symbol = true;
         }
     }
-    [upper, lower_c, digit, symbol, other].iter().filter(|b| **b).count() >= 3
+    [upper, lower_c, digit, symbol, other]
+        .iter()
+        .filter(|b| **b)
+        .count()
+        >= 3
 }
 
 /// Windows FILETIME (100 ns since 1601-01-01) to Unix seconds.
@@ -94,7 +123,10 @@ pub fn filetime_to_unix_secs(ft: i64) -> i64 {
 }
 
 fn format_utc(unix_secs: i64) -> String {
-    let (h, m) = ((unix_secs / 3600).rem_euclid(24), (unix_secs / 60).rem_euclid(60));
+    let (h, m) = (
+        (unix_secs / 3600).rem_euclid(24),
+        (unix_secs / 60).rem_euclid(60),
+    );
     let days = unix_secs.div_euclid(86_400);
     // civil-from-days (Howard Hinnant)
     let z = days + 719_468;
@@ -157,7 +189,12 @@ pub fn diagnose(
     (v, message(v, domain, user))
 }
 
-fn evaluate(user: &UserEntry, action: &Action, new_password: Option<&str>, domain: Option<&DomainPolicy>) -> PolicyViolation {
+fn evaluate(
+    user: &UserEntry,
+    action: &Action,
+    new_password: Option<&str>,
+    domain: Option<&DomainPolicy>,
+) -> PolicyViolation {
     let (Some(d), Some(p)) = (domain, new_password) else {
         return PolicyViolation::Unknown;
     };
@@ -172,7 +209,11 @@ fn evaluate(user: &UserEntry, action: &Action, new_password: Option<&str>, domai
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let is_change = matches!(action, Action::Change(_));
-    if d.min_age_secs > 0 && user.pwd_last_set > 0 && is_change && filetime_to_unix_secs(user.pwd_last_set) + d.min_age_secs as i64 > now {
+    if d.min_age_secs > 0
+        && user.pwd_last_set > 0
+        && is_change
+        && filetime_to_unix_secs(user.pwd_last_set) + d.min_age_secs as i64 > now
+    {
         return PolicyViolation::MinAge;
     }
     if d.history_length > 0 {
@@ -186,7 +227,12 @@ mod tests {
     use super::*;
 
     fn user() -> UserEntry {
-        UserEntry { dn: "CN=Jane Doe".into(), sam: "jdoe".into(), display_name: "Jane Doe-Smith".into(), ..Default::default() }
+        UserEntry {
+            dn: "CN=Jane Doe".into(),
+            sam: "jdoe".into(),
+            display_name: "Jane Doe-Smith".into(),
+            ..Default::default()
+        }
     }
 
     fn change() -> Action {
@@ -198,11 +244,26 @@ mod tests {
         assert!(is_complex("Abcdef1!", "jdoe", ""));
         assert!(is_complex("abcdef1!", "jdoe", ""));
         assert!(!is_complex("abcdefgh1", "jdoe", ""));
-        assert!(!is_complex("Xjdoe-1!", "jdoe", ""), "contains the account name");
-        assert!(!is_complex("Smith#2024x", "jdoe", "Jane Doe-Smith"), "contains a display-name token");
-        assert!(is_complex("Doe#2024x", "jdoe", "Jane Doe-Smith"), "tokens under 3 chars... Doe is 3 chars");
-        assert!(is_complex("пароль1!", "jdoe", ""), "lowercase Cyrillic + digit + symbol");
-        assert!(is_complex("密码密码1!", "jdoe", ""), "other letters + digit + symbol");
+        assert!(
+            !is_complex("Xjdoe-1!", "jdoe", ""),
+            "contains the account name"
+        );
+        assert!(
+            !is_complex("Smith#2024x", "jdoe", "Jane Doe-Smith"),
+            "contains a display-name token"
+        );
+        assert!(
+            is_complex("Doe#2024x", "jdoe", "Jane Doe-Smith"),
+            "tokens under 3 chars... Doe is 3 chars"
+        );
+        assert!(
+            is_complex("пароль1!", "jdoe", ""),
+            "lowercase Cyrillic + digit + symbol"
+        );
+        assert!(
+            is_complex("密码密码1!", "jdoe", ""),
+            "other letters + digit + symbol"
+        );
     }
 
     #[test]
@@ -213,29 +274,83 @@ mod tests {
 
     #[test]
     fn diagnosis_matrix_with_and_without_reason_text() {
-        let d = DomainPolicy { min_length: 12, complexity: true, history_length: 24, min_age_secs: 86_400, max_age_secs: 0 };
-        let recent = UserEntry { pwd_last_set: (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 11_644_473_600) * 10_000_000, ..user() };
+        let d = DomainPolicy {
+            min_length: 12,
+            complexity: true,
+            history_length: 24,
+            min_age_secs: 86_400,
+            max_age_secs: 0,
+        };
+        let recent = UserEntry {
+            pwd_last_set: (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+                + 11_644_473_600)
+                * 10_000_000,
+            ..user()
+        };
         let cases = [
-            ("0000052D: ... the password is too short", "short", PolicyViolation::TooShort),
-            ("0000052D: ... does not meet the complexity criteria", "alllowercaseletters", PolicyViolation::Complexity),
-            ("0000052D: ... already used (in history)", "Perfectly#Fine-2024", PolicyViolation::History),
-            ("0000052D: ... too young to change", "Perfectly#Fine-2024", PolicyViolation::MinAge),
+            (
+                "0000052D: ... the password is too short",
+                "short",
+                PolicyViolation::TooShort,
+            ),
+            (
+                "0000052D: ... does not meet the complexity criteria",
+                "alllowercaseletters",
+                PolicyViolation::Complexity,
+            ),
+            (
+                "0000052D: ... already used (in history)",
+                "Perfectly#Fine-2024",
+                PolicyViolation::History,
+            ),
+            (
+                "0000052D: ... too young to change",
+                "Perfectly#Fine-2024",
+                PolicyViolation::MinAge,
+            ),
         ];
         for (text, pw, want) in cases {
-            assert_eq!(diagnose(text, &recent, &change(), Some(pw), Some(&d)).0, want, "with text {text}");
-            assert_eq!(diagnose("0000052D: Constraint violation", &recent, &change(), Some(pw), Some(&d)).0, want, "without text for {want:?}");
+            assert_eq!(
+                diagnose(text, &recent, &change(), Some(pw), Some(&d)).0,
+                want,
+                "with text {text}"
+            );
+            assert_eq!(
+                diagnose(
+                    "0000052D: Constraint violation",
+                    &recent,
+                    &change(),
+                    Some(pw),
+                    Some(&d)
+                )
+                .0,
+                want,
+                "without text for {want:?}"
+            );
         }
         let (v, msg) = diagnose("0000052D", &user(), &change(), Some("short"), Some(&d));
         assert_eq!(v, PolicyViolation::TooShort);
         assert!(msg.contains("12 characters"), "{msg}");
-        assert_eq!(diagnose("0000052D", &user(), &change(), Some("x"), None).0, PolicyViolation::Unknown);
+        assert_eq!(
+            diagnose("0000052D", &user(), &change(), Some("x"), None).0,
+            PolicyViolation::Unknown
+        );
     }
 
     #[test]
     fn min_age_message_names_the_time() {
-        let d = DomainPolicy { min_age_secs: 86_400, ..Default::default() };
+        let d = DomainPolicy {
+            min_age_secs: 86_400,
+            ..Default::default()
+        };
         // 2026-01-01 00:00 UTC as FILETIME
-        let u = UserEntry { pwd_last_set: (1_767_225_600 + 11_644_473_600) * 10_000_000, ..user() };
+        let u = UserEntry {
+            pwd_last_set: (1_767_225_600 + 11_644_473_600) * 10_000_000,
+            ..user()
+        };
         let msg = message(PolicyViolation::MinAge, Some(&d), &u);
         assert!(msg.contains("2026-01-02 00:00 UTC"), "{msg}");
     }
