@@ -92,6 +92,18 @@ pub const MSG_UNAVAILABLE: &str =
 const MSG_ACCESS_DENIED: &str =
     "Password writeback is not fully set up for your account. Please contact your administrator; nothing was changed.";
 
+/// Where an LDAP failure happened: before anything was written, or during the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Lookup,
+    Write,
+}
+
+struct ApplyError {
+    stage: Stage,
+    error: LdapError,
+}
+
 struct Conn {
     ldap: Ldap,
     url: String,
@@ -210,14 +222,19 @@ impl Directory {
         })
     }
 
-    /// A bound connection: an idle pooled one, or a new one from the first DC that answers.
-    async fn checkout(&self, budget: Duration) -> Result<Conn, DirectoryError> {
-        loop {
+    /// A bound connection: an idle pooled one (when `reuse`), or a new one from the first DC
+    /// that answers. The flag tells whether it came from the pool.
+    async fn checkout(
+        &self,
+        budget: Duration,
+        reuse: bool,
+    ) -> Result<(Conn, bool), DirectoryError> {
+        while reuse {
             let pooled = self.inner.idle.lock().expect("ldap pool").pop();
             match pooled {
                 Some(mut c) => {
                     if !c.ldap.is_closed() {
-                        return Ok(c);
+                        return Ok((c, true));
                     }
                 }
                 None => break,
@@ -227,7 +244,7 @@ impl Directory {
         let mut bind_error = None;
         for url in &self.inner.config.urls {
             match self.connect_one(url, budget).await {
-                Ok(c) => return Ok(c),
+                Ok(c) => return Ok((c, false)),
                 Err(e @ DirectoryError::Bind { .. }) => {
                     tracing::warn!(%url, error = %e, "service account bind failed");
                     bind_error = Some(e);
@@ -251,7 +268,9 @@ impl Directory {
     /// When no DC answers or the bind fails.
     pub async fn check(&self) -> Result<String, DirectoryError> {
         let _slot = self.inner.slots.acquire().await.expect("semaphore open");
-        let mut conn = self.checkout(self.inner.config.connect_timeout).await?;
+        let (mut conn, _) = self
+            .checkout(self.inner.config.connect_timeout, true)
+            .await?;
         let r = conn
             .ldap
             .with_timeout(self.inner.config.connect_timeout)
@@ -288,47 +307,59 @@ impl Directory {
         let Ok(_slot) = tokio::time::timeout(remaining, self.inner.slots.acquire()).await else {
             return expired();
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let mut conn = match self.checkout(remaining).await {
-            Ok(c) => c,
-            Err(DirectoryError::Bind { url, detail }) => {
-                let mut r = ApplyResult::new(
-                    Outcome::AccessDenied,
-                    MSG_ACCESS_DENIED,
-                    format!("the service account cannot bind to {url}: {detail}"),
-                );
-                r.directory = url;
-                return r;
-            }
-            Err(e) => {
-                return ApplyResult::new(
-                    Outcome::DirectoryUnavailable,
-                    MSG_UNAVAILABLE,
-                    e.to_string(),
-                )
-            }
-        };
-        let result = self
-            .apply_on(&mut conn, op, deadline, allow_protected)
-            .await;
-        match result {
-            Ok(mut r) => {
-                r.directory = conn.url.clone();
-                self.checkin(conn);
-                r
-            }
-            Err(e) => {
-                // The connection is suspect: drop it. Whether the DC applied a write that was
-                // in flight is unknown, so this is not EXPIRED.
-                let mut r = ApplyResult::new(
-                    Outcome::DirectoryUnavailable,
-                    MSG_UNAVAILABLE,
-                    format!("{}: {e}", conn.url),
-                );
-                r.directory = conn.url;
-                r
+        // A pooled connection may have died quietly (DC restarted): a failure before anything
+        // was written is retried once on a fresh connection. A failed write is never retried.
+        for attempt in 0..2 {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let (mut conn, pooled) = match self.checkout(remaining, attempt == 0).await {
+                Ok(c) => c,
+                Err(DirectoryError::Bind { url, detail }) => {
+                    let mut r = ApplyResult::new(
+                        Outcome::AccessDenied,
+                        MSG_ACCESS_DENIED,
+                        format!("the service account cannot bind to {url}: {detail}"),
+                    );
+                    r.directory = url;
+                    return r;
+                }
+                Err(e) => {
+                    return ApplyResult::new(
+                        Outcome::DirectoryUnavailable,
+                        MSG_UNAVAILABLE,
+                        e.to_string(),
+                    )
+                }
+            };
+            match self
+                .apply_on(&mut conn, op, deadline, allow_protected)
+                .await
+            {
+                Ok(mut r) => {
+                    r.directory = conn.url.clone();
+                    self.checkin(conn);
+                    return r;
+                }
+                Err(e) if e.stage == Stage::Lookup && pooled => {
+                    tracing::info!(url = %conn.url, error = %e.error, "pooled connection failed before writing; retrying on a fresh one");
+                }
+                Err(e) => {
+                    // The connection is suspect: drop it. Whether the DC applied a write that was
+                    // in flight is unknown, so this is not EXPIRED.
+                    let mut r = ApplyResult::new(
+                        Outcome::DirectoryUnavailable,
+                        MSG_UNAVAILABLE,
+                        format!("{} during {:?}: {}", conn.url, e.stage, e.error),
+                    );
+                    r.directory = conn.url;
+                    return r;
+                }
             }
         }
+        ApplyResult::new(
+            Outcome::DirectoryUnavailable,
+            MSG_UNAVAILABLE,
+            "no usable connection",
+        )
     }
 
     /// Finds the user named by `id`.
@@ -403,7 +434,7 @@ impl Directory {
         op: &SealedOperation,
         deadline: Instant,
         allow_protected: bool,
-    ) -> Result<ApplyResult, LdapError> {
+    ) -> Result<ApplyResult, ApplyError> {
         let started = Instant::now();
         let Some(id) = op.user.as_ref().and_then(|u| u.id.as_ref()) else {
             return Ok(ApplyResult::new(
@@ -420,7 +451,13 @@ impl Directory {
             ));
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let users = self.find_user(&mut conn.ldap, id, remaining).await?;
+        let users = self
+            .find_user(&mut conn.ldap, id, remaining)
+            .await
+            .map_err(|error| ApplyError {
+                stage: Stage::Lookup,
+                error,
+            })?;
         let lookup_ms = started.elapsed().as_millis() as u32;
         let user = match users.as_slice() {
             [] => {
@@ -472,7 +509,10 @@ impl Directory {
             .modify(&user.dn, mods)
             .await;
         let write_ms = write_started.elapsed().as_millis() as u32;
-        let res = res?;
+        let res = res.map_err(|error| ApplyError {
+            stage: Stage::Write,
+            error,
+        })?;
         let mut result = if res.rc == 0 {
             ApplyResult::new(
                 Outcome::Applied,
