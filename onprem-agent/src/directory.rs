@@ -229,15 +229,11 @@ impl Directory {
         budget: Duration,
         reuse: bool,
     ) -> Result<(Conn, bool), DirectoryError> {
-        while reuse {
-            let pooled = self.inner.idle.lock().expect("ldap pool").pop();
-            match pooled {
-                Some(mut c) => {
-                    if !c.ldap.is_closed() {
-                        return Ok((c, true));
-                    }
+        if reuse {
+            while let Some(mut c) = self.pop_idle() {
+                if !c.ldap.is_closed() {
+                    return Ok((c, true));
                 }
-                None => break,
             }
         }
         let mut errors = Vec::new();
@@ -256,6 +252,10 @@ impl Directory {
             }
         }
         Err(bind_error.unwrap_or_else(|| DirectoryError::Unavailable(errors.join("; "))))
+    }
+
+    fn pop_idle(&self) -> Option<Conn> {
+        self.inner.idle.lock().expect("ldap pool").pop()
     }
 
     fn checkin(&self, conn: Conn) {
