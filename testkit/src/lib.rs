@@ -2,7 +2,8 @@
 //! loopback, started per test and stopped on drop.
 //!
 //! Samba's LDAP ports are fixed, so every DC gets a loopback address of its own, allocated
-//! across concurrently running test processes with file locks under `target/testkit/ips/`.
+//! across concurrently running test processes with file locks under
+//! `$TMPDIR/writeback-testkit-ips/`.
 //! Each realm is provisioned once per machine into `target/testkit/templates/<realm>` and
 //! copied per DC (about 0.5 s instead of 8 s).
 
@@ -180,7 +181,8 @@ struct IpLease {
 }
 
 fn lease_ip() -> anyhow::Result<IpLease> {
-    let dir = state_dir().join("ips");
+    // Machine-wide (not per checkout): two checkouts testing at once must not share an address.
+    let dir = std::env::temp_dir().join("writeback-testkit-ips");
     fs::create_dir_all(&dir)?;
     for octet in 20u8..=250 {
         let file = File::create(dir.join(format!("{octet}.lock")))?;
