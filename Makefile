@@ -28,8 +28,8 @@ test: deps
 	$(CARGO) fmt --all --check && \
 	$(CARGO) clippy --workspace --all-targets -- -D warnings && \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace --no-tests=pass; \
+	  $(CARGO) build --workspace --bins --quiet && $(CARGO) nextest run --workspace --no-tests=pass; \
 	else \
-	  $(CARGO) test --workspace; \
+	  $(CARGO) build --workspace --bins --quiet && $(CARGO) test --workspace; \
 	fi; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc

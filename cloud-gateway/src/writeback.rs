@@ -52,6 +52,9 @@ impl WritebackService {
             .tenant_for_token(token)
             .await?
             .ok_or(GatewayError::Unauthenticated)?;
+        if tenant_id.is_empty() {
+            validate::tenant_id(tenant_id)?;
+        }
         if owner != tenant_id {
             tracing::warn!(token_tenant = %owner, requested_tenant = %tenant_id, "token used for another tenant");
             return Err(GatewayError::WrongTenant(tenant_id.to_owned()));
@@ -76,11 +79,7 @@ impl WritebackService {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(TraceParent::parse);
-        if request.get_ref().tenant_id.is_empty() {
-            // Authenticate first so an anonymous caller learns nothing, but say which field is
-            // missing once the token is known to be absent or good.
-            validate::tenant_id("")?;
-        }
+        // Authenticate first, so an anonymous caller learns nothing about the request.
         self.authorize(&request, &request.get_ref().tenant_id)
             .await?;
         let mut req = request.into_inner();

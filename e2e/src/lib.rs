@@ -3,7 +3,6 @@
 //! that talk to them like the cloud identity service does.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -227,17 +226,23 @@ impl Sandbox {
     /// # Errors
     /// When the gateway does not answer.
     pub async fn channel(&self, idx: usize) -> anyhow::Result<Channel> {
+        self.channel_to(self.gateways[idx].addr).await
+    }
+
+    /// A TLS channel to a gateway at `addr` (e.g. one running as a separate process).
+    ///
+    /// # Errors
+    /// When it does not answer.
+    pub async fn channel_to(&self, addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
         let pem = std::fs::read(self.ca.ca_file())?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(pem))
             .domain_name("127.0.0.1");
-        Ok(
-            Endpoint::from_shared(format!("https://{}", self.gateways[idx].addr))?
-                .tls_config(tls)?
-                .connect_timeout(Duration::from_secs(2))
-                .connect()
-                .await?,
-        )
+        Ok(Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?)
     }
 
     /// A Writeback client on gateway `idx`.
@@ -419,5 +424,50 @@ pub fn contains_secret(haystack: &[u8], needle: &str) -> bool {
         .any(|n| !n.is_empty() && haystack.windows(n.len()).any(|w| w == *n))
 }
 
-/// Shared by tests that want a handle on the DC from several tasks.
-pub type SharedDc = Arc<SambaDc>;
+/// Path of a workspace binary built by `cargo build --workspace --bins` (`make test` does).
+///
+/// # Errors
+/// When it has not been built.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| testkit::workspace_root().join("target"));
+    let path = target.join("debug").join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: run `cargo build --workspace --bins` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) owned by process `pid`, from /proc.
+///
+/// # Errors
+/// When /proc cannot be read.
+pub fn listening_sockets(pid: u32) -> anyhow::Result<Vec<String>> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if let Ok(link) = std::fs::read_link(fd?.path()) {
+            let l = link.to_string_lossy().into_owned();
+            if let Some(inode) = l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                inodes.insert(inode.to_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address, ..., st (0A = LISTEN), ..., inode at index 9
+            if cols.len() > 9 && cols[3] == "0A" && inodes.contains(cols[9]) {
+                out.push(format!("{table} {}", cols[1]));
+            }
+        }
+    }
+    Ok(out)
+}

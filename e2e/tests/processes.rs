@@ -1,0 +1,218 @@
+//! The shipped binaries, run as production runs them: `cloud-gateway serve` and
+//! `onprem-agent run` as separate processes configured by flags and environment, `relayctl`
+//! as the client. Checks that the agent listens on no port (SPEC invariant 5), that SIGTERM
+//! shuts both down cleanly, that no password reaches their logs, and that only the gateway
+//! links a Redis client.
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::{binary, listening_sockets, Sandbox};
+
+struct Proc {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: std::path::PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_secret(dir: &std::path::Path, name: &str, value: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, value).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm() {
+    let sb = Sandbox::start(0).await.unwrap();
+    let dir = sb.dir();
+    let master = write_secret(&dir, "master.key", &hex_encode(sb.master_key.expose()));
+    let port = testkit::free_port().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let mut gateway = Proc::spawn(
+        Command::new(binary("cloud-gateway").unwrap())
+            .arg("serve")
+            .env("WRITEBACK_LISTEN", addr.to_string())
+            .env("WRITEBACK_TLS_CERT", sb.ca.cert_file())
+            .env("WRITEBACK_TLS_KEY", sb.ca.key_file())
+            .env("REDIS_URL", sb.redis.url())
+            .env("WRITEBACK_MASTER_KEY_FILE", &master)
+            .env("WRITEBACK_REPLICA_ID", "gateway-proc"),
+        dir.join("gateway.log"),
+    );
+    let secret = sb
+        .tenants
+        .register_agent(&sb.tenant, &sb.forest, "agent-proc")
+        .await
+        .unwrap();
+    let agent_secret = write_secret(&dir, "agent.secret", secret.expose());
+    let bind_password = write_secret(&dir, "svc.password", &sb.dc.svc_password());
+    let mut agent = Proc::spawn(
+        Command::new(binary("onprem-agent").unwrap())
+            .arg("run")
+            .args(["--gateway-url", &format!("https://{addr}")])
+            .arg("--gateway-ca")
+            .arg(sb.ca.ca_file())
+            .args(["--agent-id", "agent-proc", "--forest", &sb.forest])
+            .arg("--agent-secret-file")
+            .arg(&agent_secret)
+            .env("AGENT_LDAP_URLS", sb.dc.ldaps_url())
+            .env("AGENT_LDAP_CA", sb.dc.ca_file())
+            .env("AGENT_BIND_DN", sb.dc.svc_upn())
+            .env("AGENT_BIND_PASSWORD_FILE", &bind_password)
+            .env("AGENT_BASE_DN", sb.dc.base_dn()),
+        dir.join("agent.log"),
+    );
+    sb.wait_agents(&sb.tenant, &sb.forest, 1)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\ngateway log:\n{}\nagent log:\n{}",
+                gateway.log(),
+                agent.log()
+            )
+        });
+
+    // A reset through relayctl, the password on stdin.
+    sb.dc.create_user("judy", "Initial#Pass1").unwrap();
+    let new_password = "Process#Reset-42";
+    let token = write_secret(&dir, "tenant.token", sb.token.expose());
+    let mut relayctl = Command::new(binary("relayctl").unwrap())
+        .args(["--addr", &addr.to_string(), "--tenant", &sb.tenant])
+        .arg("--ca")
+        .arg(sb.ca.ca_file())
+        .arg("--token-file")
+        .arg(&token)
+        .args([
+            "submit",
+            "--forest",
+            &sb.forest,
+            "--user",
+            "judy",
+            "--reset",
+            "--password-stdin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(relayctl.stdin.take().unwrap(), "{new_password}").unwrap();
+    let out = relayctl.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "relayctl failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("outcome:      APPLIED"), "{stdout}");
+    assert!(
+        stdout.contains("delivered") && stdout.contains("agent-proc"),
+        "timeline printed: {stdout}"
+    );
+    assert!(sb.dc.can_bind(&format!("judy@{}", sb.forest), new_password));
+
+    // Invariant 5: the agent listens on nothing; the gateway listens on its one port.
+    let agent_listens = listening_sockets(agent.child.id()).unwrap();
+    assert!(agent_listens.is_empty(), "agent listens: {agent_listens:?}");
+    let gateway_listens = listening_sockets(gateway.child.id()).unwrap();
+    assert_eq!(gateway_listens.len(), 1, "{gateway_listens:?}");
+
+    // SIGTERM: both exit 0, promptly.
+    let status = agent
+        .terminate(Duration::from_secs(10))
+        .expect("agent exits on SIGTERM");
+    assert!(status.success(), "agent exit {status:?}: {}", agent.log());
+    let status = gateway
+        .terminate(Duration::from_secs(15))
+        .expect("gateway exits on SIGTERM");
+    assert!(
+        status.success(),
+        "gateway exit {status:?}: {}",
+        gateway.log()
+    );
+
+    // No secret in either log.
+    for (name, log) in [("gateway", gateway.log()), ("agent", agent.log())] {
+        assert!(log.contains("INFO"), "{name} log is empty");
+        for secret in [
+            new_password,
+            "Initial#Pass1",
+            secret.expose(),
+            sb.token.expose(),
+            &sb.dc.svc_password(),
+        ] {
+            assert!(!log.contains(secret), "{name} log holds a secret");
+        }
+    }
+    sb.shutdown().await;
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Only cloud-gateway links a Redis client (SPEC layout rule).
+#[test]
+fn the_agent_does_not_link_redis() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "onprem-agent",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(testkit::workspace_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("ldap3"), "unexpected tree: {tree}");
+    assert!(
+        !tree.lines().any(|l| l.starts_with("redis ")),
+        "onprem-agent links redis"
+    );
+}
