@@ -50,13 +50,7 @@ impl AgentLinkService {
     }
 
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentIdentity, GatewayError> {
-        let credential = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or(GatewayError::Unauthenticated)?;
+        let credential = crate::error::bearer(req)?;
         self.gw
             .tenants
             .authenticate_agent(credential)

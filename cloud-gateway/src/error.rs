@@ -42,6 +42,20 @@ impl GatewayError {
     }
 }
 
+/// The credential in `authorization: Bearer <credential>` metadata.
+///
+/// # Errors
+/// `UNAUTHENTICATED` when it is missing or malformed.
+pub fn bearer<T>(req: &tonic::Request<T>) -> Result<&str, GatewayError> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(GatewayError::Unauthenticated)
+}
+
 impl From<TenantError> for GatewayError {
     fn from(e: TenantError) -> Self {
         match e {

@@ -69,15 +69,7 @@ pub fn forest(field: &'static str, v: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Parses an objectGUID in canonical form (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
-pub fn is_canonical_guid(v: &str) -> bool {
-    let groups: Vec<&str> = v.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
-}
+pub use relay::proto::is_canonical_guid;
 
 fn user(u: Option<&UserRef>) -> Result<(), GatewayError> {
     let u = u.ok_or_else(|| GatewayError::invalid("user", "is required"))?;

@@ -38,14 +38,7 @@ impl WritebackService {
 
     /// Authenticates the bearer token and checks that it belongs to `tenant_id`.
     async fn authorize<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<(), GatewayError> {
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(GatewayError::Unauthenticated)?;
+        let token = crate::error::bearer(req)?;
         let owner = self
             .gw
             .tenants

@@ -18,7 +18,7 @@ use onprem_agent::AgentConfig;
 use relay::envelope::KeyBytes;
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
-    submit_request::Action, user_ref, ChangePassword, Initiator, ResetPassword, SubmitRequest,
+    submit_request::Action, ChangePassword, Initiator, ResetPassword, SubmitRequest,
     SubmitResponse, UnlockAccount, UserRef,
 };
 use relay::secret::Secret;
@@ -306,20 +306,10 @@ pub fn authorized<T>(msg: T, token: &str) -> tonic::Request<T> {
 
 /// A request for `user` (sAMAccountName, UPN with '@', or GUID) in `forest`.
 pub fn request(tenant: &str, forest: &str, user: &str, action: Action) -> SubmitRequest {
-    let id = if cloud_gateway::validate::is_canonical_guid(user) {
-        user_ref::Id::ObjectGuid(user.to_owned())
-    } else if user.contains('@') {
-        user_ref::Id::UserPrincipalName(user.to_owned())
-    } else {
-        user_ref::Id::SamAccountName(user.to_owned())
-    };
     SubmitRequest {
         tenant_id: tenant.to_owned(),
         operation_id: String::new(),
-        user: Some(UserRef {
-            forest: forest.to_owned(),
-            id: Some(id),
-        }),
+        user: Some(UserRef::from_text(forest, user)),
         initiator: Initiator::EndUser as i32,
         timeout_ms: 20_000,
         action: Some(action),

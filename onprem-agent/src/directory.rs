@@ -409,13 +409,7 @@ impl Directory {
             .filter(|e| !e.is_ref())
             .map(SearchEntry::construct)
             .map(|e| {
-                let first = |a: &str| {
-                    e.attrs
-                        .get(a)
-                        .and_then(|v| v.first())
-                        .cloned()
-                        .unwrap_or_default()
-                };
+                let first = |a: &str| first_value(&e, a);
                 UserEntry {
                     dn: e.dn.clone(),
                     sam: first("sAMAccountName"),
@@ -607,6 +601,16 @@ fn set(v: Zeroizing<Vec<u8>>) -> HashSet<Vec<u8>> {
     // ldap3 takes owned values; the copy inside the request is dropped (not wiped) by ldap3
     // after encoding, which we cannot reach. Our own buffer is wiped here.
     HashSet::from([v.to_vec()])
+}
+
+/// The first value of attribute `name`, or empty.
+pub(crate) fn first_value(entry: &SearchEntry, name: &str) -> String {
+    entry
+        .attrs
+        .get(name)
+        .and_then(|v| v.first())
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn expired() -> ApplyResult {

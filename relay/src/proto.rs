@@ -101,6 +101,34 @@ impl Drop for SealedOperation {
     }
 }
 
+/// Whether `v` is a GUID in canonical form (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
+pub fn is_canonical_guid(v: &str) -> bool {
+    let groups: Vec<&str> = v.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl UserRef {
+    /// A reference from what a person typed: a GUID in canonical form is an objectGUID, text
+    /// with `@` a userPrincipalName, anything else a sAMAccountName.
+    pub fn from_text(forest: impl Into<String>, user: &str) -> Self {
+        let id = if is_canonical_guid(user) {
+            user_ref::Id::ObjectGuid(user.to_owned())
+        } else if user.contains('@') {
+            user_ref::Id::UserPrincipalName(user.to_owned())
+        } else {
+            user_ref::Id::SamAccountName(user.to_owned())
+        };
+        Self {
+            forest: forest.into(),
+            id: Some(id),
+        }
+    }
+}
+
 impl Outcome {
     /// Whether this outcome is final for the operation (everything but `TIMED_OUT`, which only
     /// describes what the caller was told).

@@ -11,8 +11,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
-    submit_request::Action, user_ref, ChangePassword, GetOperationRequest, Initiator, Operation,
-    Outcome, PolicyViolation, ResetPassword, SubmitRequest, UnlockAccount, UserRef,
+    submit_request::Action, ChangePassword, GetOperationRequest, Initiator, Operation, Outcome,
+    PolicyViolation, ResetPassword, SubmitRequest, UnlockAccount, UserRef,
 };
 use relay::secret::Secret;
 
@@ -88,20 +88,6 @@ fn read_stdin_lines(n: usize) -> anyhow::Result<Vec<Secret>> {
         out.push(s);
     }
     Ok(out)
-}
-
-fn user_ref(forest: String, user: &str) -> UserRef {
-    let id = if cloud_gateway::validate::is_canonical_guid(user) {
-        user_ref::Id::ObjectGuid(user.to_owned())
-    } else if user.contains('@') {
-        user_ref::Id::UserPrincipalName(user.to_owned())
-    } else {
-        user_ref::Id::SamAccountName(user.to_owned())
-    };
-    UserRef {
-        forest,
-        id: Some(id),
-    }
 }
 
 async fn channel(addr: &str, ca: &std::path::Path) -> anyhow::Result<Channel> {
@@ -234,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
             let mut request = SubmitRequest {
                 tenant_id: tenant.clone(),
                 operation_id,
-                user: Some(user_ref(forest, &user)),
+                user: Some(UserRef::from_text(forest, &user)),
                 initiator: if admin {
                     Initiator::Admin
                 } else {

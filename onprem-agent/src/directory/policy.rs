@@ -57,13 +57,7 @@ pub async fn read_domain_policy(
     let Some(e) = entries.into_iter().next().map(SearchEntry::construct) else {
         return Ok(DomainPolicy::default());
     };
-    let first = |a: &str| {
-        e.attrs
-            .get(a)
-            .and_then(|v| v.first())
-            .cloned()
-            .unwrap_or_default()
-    };
+    let first = |a: &str| super::first_value(&e, a);
     Ok(DomainPolicy {
         min_length: first("minPwdLength").parse().unwrap_or(0),
         complexity: first("pwdProperties").parse::<u32>().unwrap_or(0) & DOMAIN_PASSWORD_COMPLEX
