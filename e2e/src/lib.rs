@@ -199,6 +199,7 @@ impl Sandbox {
             base_dn: self.dc.base_dn(),
             pool_size: 2,
             connect_timeout: Duration::from_secs(5),
+            use_dc_reason_text: true,
         }
     }
 

@@ -22,6 +22,8 @@ pub mod policy;
 const POLICY_HINTS_OID: &str = "1.2.840.113556.1.4.2239";
 /// BER of `SEQUENCE { INTEGER 1 }`: flags = enforce.
 const POLICY_HINTS_VALUE: [u8; 5] = [0x30, 0x03, 0x02, 0x01, 0x01];
+/// userAccountControl ACCOUNTDISABLE.
+const UF_ACCOUNTDISABLE: u32 = 0x2;
 /// Below this much time left, nothing is written.
 const MIN_WRITE_BUDGET: Duration = Duration::from_millis(100);
 
@@ -40,6 +42,9 @@ pub struct DirectoryConfig {
     /// Pooled connections (and operations in parallel).
     pub pool_size: usize,
     pub connect_timeout: Duration,
+    /// Use the DC's reason text to tell which password rule failed (Samba gives one; Windows
+    /// does not). Off, the agent relies on evaluating the policy only.
+    pub use_dc_reason_text: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -483,6 +488,16 @@ impl Directory {
             r.lookup_ms = lookup_ms;
             return Ok(r);
         }
+        let by_admin = op.initiator == relay::proto::Initiator::Admin as i32;
+        if user.user_account_control & UF_ACCOUNTDISABLE != 0 && !by_admin {
+            let mut r = ApplyResult::new(
+                Outcome::AccountDisabled,
+                "Your account is disabled; its password cannot be changed here. Please contact your administrator.",
+                format!("{} is disabled (userAccountControl {:#x}); only an administrator may reset it", user.dn, user.user_account_control),
+            );
+            r.lookup_ms = lookup_ms;
+            return Ok(r);
+        }
         if deadline.saturating_duration_since(Instant::now()) < MIN_WRITE_BUDGET {
             let mut r = expired();
             r.lookup_ms = lookup_ms;
@@ -512,26 +527,40 @@ impl Directory {
                 Outcome::Applied,
                 match action {
                     Action::Unlock(_) => "Your account is unlocked.",
+                    Action::ClearForcedChange(_) => {
+                        "You no longer need to change your password at next sign-in."
+                    }
                     _ => "Your password was changed.",
                 },
                 format!("{} on {}", action.kind(), user.dn),
             )
         } else {
-            let domain = if is_policy_error(&res.text) {
-                policy::read_domain_policy(&mut conn.ldap, &self.inner.config.base_dn, remaining)
-                    .await
-                    .ok()
+            let effective = if is_policy_error(&res.text) {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                policy::effective_policy(
+                    &mut conn.ldap,
+                    &self.inner.config.base_dn,
+                    &user.dn,
+                    remaining,
+                )
+                .await
+                .ok()
             } else {
                 None
             };
-            map_ldap_failure(
-                res.rc,
-                &res.text,
-                &user,
-                action,
-                new_password,
-                domain.as_ref(),
-            )
+            // Windows DCs give no reason text; `use_dc_reason_text = false` makes Samba behave
+            // the same, so the diagnosis is proven to work without it.
+            let text = if self.inner.config.use_dc_reason_text {
+                res.text.clone()
+            } else {
+                res.text.chars().take(8).collect()
+            };
+            let domain = effective.as_ref().and_then(|e| e.policy.as_ref());
+            let mut r = map_ldap_failure(res.rc, &text, &user, action, new_password, domain);
+            if let Some(e) = &effective {
+                r.detail = format!("{}; effective policy from {}", r.detail, e.source);
+            }
+            r
         };
         result.lookup_ms = lookup_ms;
         result.write_ms = write_ms;
@@ -590,6 +619,14 @@ impl<'a> Write<'a> {
             },
             Action::Unlock(_) => Self {
                 mods: vec![Mod::Replace(b"lockoutTime".to_vec(), zero())],
+                controls: Vec::new(),
+                new_password: None,
+            },
+            Action::ClearForcedChange(_) => Self {
+                mods: vec![Mod::Replace(
+                    b"pwdLastSet".to_vec(),
+                    set(Zeroizing::new(b"-1".to_vec())),
+                )],
                 controls: Vec::new(),
                 new_password: None,
             },
@@ -707,6 +744,7 @@ pub fn map_ldap_failure(
                     Action::Reset(_) => "Reset Password",
                     Action::Change(_) => "Change Password",
                     Action::Unlock(_) => "write lockoutTime",
+                    Action::ClearForcedChange(_) => "Unexpire Password (on the domain root) and write pwdLastSet",
                 },
                 user.dn
             ),

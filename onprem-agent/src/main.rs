@@ -99,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
             base_dn: args.base_dn,
             pool_size: args.ldap_pool_size.max(1),
             connect_timeout: Duration::from_secs(5),
+            use_dc_reason_text: true,
         },
     };
     let shutdown = CancellationToken::new();

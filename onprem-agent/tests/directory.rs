@@ -20,6 +20,7 @@ fn config(dc: &SambaDc, urls: Vec<String>, bind_dn: String, password: &str) -> D
         base_dn: dc.base_dn(),
         pool_size: 2,
         connect_timeout: Duration::from_secs(2),
+        use_dc_reason_text: true,
     }
 }
 

@@ -46,7 +46,7 @@ impl zeroize::Zeroize for submit_request::Action {
         match self {
             submit_request::Action::Reset(r) => r.zeroize(),
             submit_request::Action::Change(c) => c.zeroize(),
-            submit_request::Action::Unlock(_) => {}
+            submit_request::Action::Unlock(_) | submit_request::Action::ClearForcedChange(_) => {}
         }
     }
 }
@@ -56,7 +56,8 @@ impl zeroize::Zeroize for sealed_operation::Action {
         match self {
             sealed_operation::Action::Reset(r) => r.zeroize(),
             sealed_operation::Action::Change(c) => c.zeroize(),
-            sealed_operation::Action::Unlock(_) => {}
+            sealed_operation::Action::Unlock(_)
+            | sealed_operation::Action::ClearForcedChange(_) => {}
         }
     }
 }
@@ -67,6 +68,7 @@ impl From<submit_request::Action> for sealed_operation::Action {
             submit_request::Action::Reset(r) => Self::Reset(r),
             submit_request::Action::Change(c) => Self::Change(c),
             submit_request::Action::Unlock(u) => Self::Unlock(u),
+            submit_request::Action::ClearForcedChange(c) => Self::ClearForcedChange(c),
         }
     }
 }
@@ -78,6 +80,7 @@ impl sealed_operation::Action {
             Self::Reset(_) => "reset",
             Self::Change(_) => "change",
             Self::Unlock(_) => "unlock",
+            Self::ClearForcedChange(_) => "clear-forced-change",
         }
     }
 }
@@ -89,6 +92,7 @@ impl submit_request::Action {
             Self::Reset(_) => "reset",
             Self::Change(_) => "change",
             Self::Unlock(_) => "unlock",
+            Self::ClearForcedChange(_) => "clear-forced-change",
         }
     }
 }

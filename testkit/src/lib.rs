@@ -470,6 +470,17 @@ impl SambaDc {
             .context("no objectGUID in samba-tool output")
     }
 
+    /// The objectSid of an account, as `S-1-5-…`.
+    ///
+    /// # Errors
+    /// When the account does not exist.
+    pub fn sid(&self, sam: &str) -> anyhow::Result<String> {
+        let out = self.samba_tool(&["user", "show", sam, "--attributes=objectSid"])?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("objectSid: ").map(|g| g.trim().to_owned()))
+            .context("no objectSid in samba-tool output")
+    }
+
     /// Locks `user_upn` out: sets a lockout threshold of 3 and makes bad binds.
     ///
     /// # Errors

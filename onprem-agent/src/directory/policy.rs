@@ -20,6 +20,118 @@ pub struct DomainPolicy {
     pub max_age_secs: u64,
 }
 
+/// The policy that applies to one user, and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectivePolicy {
+    /// `None` when a fine-grained policy applies but the service account may not read it.
+    pub policy: Option<DomainPolicy>,
+    /// `domain`, or the DN of the resultant fine-grained password settings object.
+    pub source: String,
+}
+
+enum Pso {
+    None,
+    /// Applies, but its settings are not readable by the service account (AD's default).
+    Unreadable(String),
+    Readable(String, DomainPolicy),
+}
+
+/// The user's resultant policy: the fine-grained PSO named by `msDS-ResultantPSO` when there
+/// is one and it is readable, otherwise the domain policy.
+///
+/// # Errors
+/// On LDAP errors reading the domain policy.
+pub async fn effective_policy(
+    ldap: &mut Ldap,
+    base_dn: &str,
+    user_dn: &str,
+    timeout: Duration,
+) -> Result<EffectivePolicy, LdapError> {
+    match resultant_pso(ldap, user_dn, timeout).await {
+        Ok(Pso::Readable(dn, policy)) => {
+            return Ok(EffectivePolicy {
+                policy: Some(policy),
+                source: dn,
+            })
+        }
+        Ok(Pso::Unreadable(dn)) => {
+            return Ok(EffectivePolicy {
+                policy: None,
+                source: format!(
+                    "{dn} (fine-grained policy not readable by the service account: grant it read access on CN=Password Settings Container,CN=System)"
+                ),
+            })
+        }
+        Ok(Pso::None) => {}
+        Err(e) => {
+            tracing::info!(error = %e, "msDS-ResultantPSO not readable; using the domain policy")
+        }
+    }
+    Ok(EffectivePolicy {
+        policy: Some(read_domain_policy(ldap, base_dn, timeout).await?),
+        source: "domain".to_owned(),
+    })
+}
+
+async fn resultant_pso(
+    ldap: &mut Ldap,
+    user_dn: &str,
+    timeout: Duration,
+) -> Result<Pso, LdapError> {
+    let (entries, _) = ldap
+        .with_timeout(timeout)
+        .search(
+            user_dn,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["msDS-ResultantPSO"],
+        )
+        .await?
+        .success()?;
+    let Some(pso_dn) = entries
+        .into_iter()
+        .next()
+        .map(SearchEntry::construct)
+        .map(|e| super::first_value(&e, "msDS-ResultantPSO"))
+        .filter(|dn| !dn.is_empty())
+    else {
+        return Ok(Pso::None);
+    };
+    let attrs = vec![
+        "msDS-MinimumPasswordLength",
+        "msDS-PasswordComplexityEnabled",
+        "msDS-PasswordHistoryLength",
+        "msDS-MinimumPasswordAge",
+        "msDS-MaximumPasswordAge",
+    ];
+    let entries = match ldap
+        .with_timeout(timeout)
+        .search(&pso_dn, Scope::Base, "(objectClass=*)", attrs)
+        .await?
+        .success()
+    {
+        Ok((entries, _)) => entries,
+        Err(_) => return Ok(Pso::Unreadable(pso_dn)),
+    };
+    let Some(e) = entries.into_iter().next().map(SearchEntry::construct) else {
+        return Ok(Pso::Unreadable(pso_dn));
+    };
+    let first = |a: &str| super::first_value(&e, a);
+    if first("msDS-MinimumPasswordLength").is_empty() {
+        return Ok(Pso::Unreadable(pso_dn));
+    }
+    Ok(Pso::Readable(
+        pso_dn,
+        DomainPolicy {
+            min_length: first("msDS-MinimumPasswordLength").parse().unwrap_or(0),
+            complexity: first("msDS-PasswordComplexityEnabled").eq_ignore_ascii_case("TRUE"),
+            history_length: first("msDS-PasswordHistoryLength").parse().unwrap_or(0),
+            min_age_secs: interval_secs(&first("msDS-MinimumPasswordAge")),
+            max_age_secs: interval_secs(&first("msDS-MaximumPasswordAge")),
+        },
+    ))
+}
+
 /// `pwdProperties` bit DOMAIN_PASSWORD_COMPLEX.
 const DOMAIN_PASSWORD_COMPLEX: u32 = 1;
 
