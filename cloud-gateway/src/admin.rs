@@ -3,7 +3,7 @@
 
 use relay::secret::Secret;
 
-use crate::tenants::{ForestSettings, TenantError, Tenants};
+use crate::tenants::{TenantError, Tenants};
 
 /// A fresh gateway master key (key-encryption key for tenant keys), as 64 hex digits.
 ///
@@ -44,27 +44,6 @@ pub async fn create_tenant(
         return Ok(None);
     }
     tenants.create_tenant(tenant).await.map(Some)
-}
-
-/// Sets a forest's switches.
-///
-/// # Errors
-/// On Redis errors.
-pub async fn set_forest(
-    tenants: &Tenants,
-    tenant: &str,
-    forest: &str,
-    allow_protected_accounts: bool,
-) -> Result<(), TenantError> {
-    tenants
-        .set_forest(
-            tenant,
-            forest,
-            &ForestSettings {
-                allow_protected_accounts,
-            },
-        )
-        .await
 }
 
 #[cfg(test)]

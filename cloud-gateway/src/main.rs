@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cloud_gateway::{admin, store::Store, tenants::Tenants, GatewayConfig};
+use cloud_gateway::tenants::{ForestSettingsChange, Tenants};
+use cloud_gateway::{admin, store::Store, GatewayConfig};
 
 #[derive(Parser)]
 #[command(
@@ -93,7 +94,7 @@ enum AdminCommand {
         #[arg(long)]
         agent_id: String,
     },
-    /// Set a forest's switches.
+    /// Set a forest's switches (those not given stay as they are) and print them all.
     SetForest {
         #[command(flatten)]
         common: Common,
@@ -101,9 +102,15 @@ enum AdminCommand {
         tenant: String,
         #[arg(long)]
         forest: String,
-        /// Apply operations to members of protected groups (adminCount=1).
-        #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
-        allow_protected_accounts: bool,
+        /// Write back passwords to this forest (default on).
+        #[arg(long)]
+        writeback_enabled: Option<bool>,
+        /// Allow users to unlock without resetting their password (default on).
+        #[arg(long)]
+        unlock_enabled: Option<bool>,
+        /// Apply operations to members of protected groups, adminCount=1 (default off).
+        #[arg(long)]
+        allow_protected_accounts: Option<bool>,
     },
 }
 
@@ -170,10 +177,21 @@ async fn main() -> anyhow::Result<()> {
                 common,
                 tenant,
                 forest,
+                writeback_enabled,
+                unlock_enabled,
                 allow_protected_accounts,
             } => {
                 let t = tenants(&common).await?;
-                admin::set_forest(&t, &tenant, &forest, allow_protected_accounts).await?;
+                let change = ForestSettingsChange {
+                    writeback_enabled,
+                    unlock_enabled,
+                    allow_protected_accounts,
+                };
+                let now = t.set_forest(&tenant, &forest, &change).await?;
+                println!(
+                    "writeback_enabled={} unlock_enabled={} allow_protected_accounts={}",
+                    now.writeback_enabled, now.unlock_enabled, now.allow_protected_accounts
+                );
                 Ok(())
             }
         },

@@ -40,11 +40,36 @@ pub struct AgentIdentity {
     pub forest: String,
 }
 
-/// Per-forest operator switches.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Per-(tenant, forest) operator switches, as on the admin page of today's products.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForestSettings {
+    /// "Write back passwords to your on-premises directory". Off: every request is refused
+    /// with `NOT_ENABLED` at once, nothing queued.
+    pub writeback_enabled: bool,
+    /// "Allow users to unlock accounts without resetting their password". Off: unlock-only
+    /// requests are refused with `NOT_ENABLED`.
+    pub unlock_enabled: bool,
     /// Apply operations to members of protected groups (adminCount=1).
     pub allow_protected_accounts: bool,
+}
+
+impl Default for ForestSettings {
+    /// A forest with registered agents writes back; protected accounts stay refused.
+    fn default() -> Self {
+        Self {
+            writeback_enabled: true,
+            unlock_enabled: true,
+            allow_protected_accounts: false,
+        }
+    }
+}
+
+/// A change to some of a forest's switches (`None` leaves one as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForestSettingsChange {
+    pub writeback_enabled: Option<bool>,
+    pub unlock_enabled: Option<bool>,
+    pub allow_protected_accounts: Option<bool>,
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -156,7 +181,7 @@ impl Tenants {
         Ok(secret)
     }
 
-    /// Sets a forest's operator switches.
+    /// Changes some of a forest's operator switches; returns them all afterwards.
     ///
     /// # Errors
     /// On Redis errors.
@@ -164,35 +189,42 @@ impl Tenants {
         &self,
         tenant: &str,
         forest: &str,
-        settings: &ForestSettings,
-    ) -> Result<(), TenantError> {
-        let _: () = self
-            .store
-            .conn()
-            .hset(
-                store::forest_key(tenant, forest),
-                "allow_protected_accounts",
-                u8::from(settings.allow_protected_accounts),
-            )
-            .await?;
-        Ok(())
+        change: &ForestSettingsChange,
+    ) -> Result<ForestSettings, TenantError> {
+        let fields: Vec<(&str, u8)> = [
+            ("writeback_enabled", change.writeback_enabled),
+            ("unlock_enabled", change.unlock_enabled),
+            ("allow_protected_accounts", change.allow_protected_accounts),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, u8::from(v))))
+        .collect();
+        if !fields.is_empty() {
+            let _: () = self
+                .store
+                .conn()
+                .hset_multiple(store::forest_key(tenant, forest), &fields)
+                .await?;
+        }
+        self.forest(tenant, forest).await
     }
 
-    /// Reads a forest's operator switches (defaults when never set).
+    /// Reads a forest's operator switches (defaults for those never set).
     ///
     /// # Errors
     /// On Redis errors.
     pub async fn forest(&self, tenant: &str, forest: &str) -> Result<ForestSettings, TenantError> {
-        let v: Option<u8> = self
+        let h: HashMap<String, u8> = self
             .store
             .conn()
-            .hget(
-                store::forest_key(tenant, forest),
-                "allow_protected_accounts",
-            )
+            .hgetall(store::forest_key(tenant, forest))
             .await?;
+        let d = ForestSettings::default();
+        let flag = |name: &str, default: bool| h.get(name).map_or(default, |v| *v == 1);
         Ok(ForestSettings {
-            allow_protected_accounts: v == Some(1),
+            writeback_enabled: flag("writeback_enabled", d.writeback_enabled),
+            unlock_enabled: flag("unlock_enabled", d.unlock_enabled),
+            allow_protected_accounts: flag("allow_protected_accounts", d.allow_protected_accounts),
         })
     }
 

@@ -167,7 +167,7 @@ pub fn submit(req: &SubmitRequest) -> Result<(), GatewayError> {
             password("change.old_password", &c.old_password)?;
             password("change.new_password", &c.new_password)
         }
-        Some(Action::Unlock(_)) => Ok(()),
+        Some(Action::Unlock(_) | Action::ClearForcedChange(_)) => Ok(()),
     }
 }
 

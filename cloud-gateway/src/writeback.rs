@@ -27,6 +27,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(1000);
 const AGENT_UNAVAILABLE_MESSAGE: &str =
     "Your organization's directory cannot be reached right now; nothing was changed. Please try again later.";
 
+const WRITEBACK_DISABLED_MESSAGE: &str =
+    "Password writeback to your organization's directory is not enabled; nothing was changed. Please contact your administrator.";
+const UNLOCK_DISABLED_MESSAGE: &str =
+    "Unlocking an account without resetting its password is not enabled; reset your password instead.";
+
 pub struct WritebackService {
     gw: Gateway,
 }
@@ -129,6 +134,25 @@ impl WritebackService {
             return self
                 .wait_for_outcome(&tenant, &operation_id, self.timeout(req.timeout_ms))
                 .await;
+        }
+
+        let settings = gw.tenants.forest(&tenant, &forest).await?;
+        let refusal = if !settings.writeback_enabled {
+            Some(WRITEBACK_DISABLED_MESSAGE)
+        } else if kind == "unlock" && !settings.unlock_enabled {
+            Some(UNLOCK_DISABLED_MESSAGE)
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            tracing::warn!("switched off for this forest; refused at once, nothing queued");
+            return Ok(SubmitResponse {
+                operation_id,
+                outcome: Outcome::NotEnabled as i32,
+                policy_violation: PolicyViolation::Unspecified as i32,
+                message: message.to_owned(),
+                trace_id: parent.map(|p| p.trace_id_hex()).unwrap_or_default(),
+            });
         }
 
         if gw

@@ -153,6 +153,24 @@ impl Sandbox {
         tenant: &str,
         forest: &str,
     ) -> anyhow::Result<()> {
+        let directory = self.directory_config();
+        self.start_agent_with(agent_id, gateway, tenant, forest, directory)
+            .await
+    }
+
+    /// Registers an agent credential and starts the agent against gateway `gateway`, applying
+    /// to the directory `directory` (e.g. another forest's DC).
+    ///
+    /// # Errors
+    /// When the credential cannot be stored.
+    pub async fn start_agent_with(
+        &mut self,
+        agent_id: &str,
+        gateway: usize,
+        tenant: &str,
+        forest: &str,
+        directory: DirectoryConfig,
+    ) -> anyhow::Result<()> {
         let secret = self
             .tenants
             .register_agent(tenant, forest, agent_id)
@@ -166,7 +184,7 @@ impl Sandbox {
             forest: forest.to_owned(),
             domains: vec![forest.to_owned()],
             max_in_flight: 8,
-            directory: self.directory_config(),
+            directory,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
@@ -189,18 +207,9 @@ impl Sandbox {
             .await
     }
 
-    /// LDAPS settings for an agent binding as the delegated service account.
+    /// LDAPS settings for an agent of the sandbox DC, binding as the delegated service account.
     pub fn directory_config(&self) -> DirectoryConfig {
-        DirectoryConfig {
-            urls: vec![self.dc.ldaps_url()],
-            ca_file: self.dc.ca_file().to_owned(),
-            bind_dn: self.dc.svc_upn(),
-            bind_password: Secret::new(self.dc.svc_password()),
-            base_dn: self.dc.base_dn(),
-            pool_size: 2,
-            connect_timeout: Duration::from_secs(5),
-            use_dc_reason_text: true,
-        }
+        directory_config(&self.dc)
     }
 
     /// Waits until `n` agents of (tenant, forest) are live at the gateways.
@@ -292,6 +301,20 @@ impl Sandbox {
         for g in self.gateways {
             let _ = tokio::time::timeout(Duration::from_secs(15), g.task).await;
         }
+    }
+}
+
+/// LDAPS settings for an agent of `dc`, binding as the delegated service account.
+pub fn directory_config(dc: &SambaDc) -> DirectoryConfig {
+    DirectoryConfig {
+        urls: vec![dc.ldaps_url()],
+        ca_file: dc.ca_file().to_owned(),
+        bind_dn: dc.svc_upn(),
+        bind_password: Secret::new(dc.svc_password()),
+        base_dn: dc.base_dn(),
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(5),
+        use_dc_reason_text: true,
     }
 }
 

@@ -11,8 +11,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
-    submit_request::Action, ChangePassword, GetOperationRequest, Initiator, Operation, Outcome,
-    PolicyViolation, ResetPassword, SubmitRequest, UnlockAccount, UserRef,
+    submit_request::Action, ChangePassword, ClearForcedChange, GetOperationRequest, Initiator,
+    Operation, Outcome, PolicyViolation, ResetPassword, SubmitRequest, UnlockAccount, UserRef,
 };
 use relay::secret::Secret;
 
@@ -49,6 +49,9 @@ enum Command {
         change: bool,
         #[arg(long, group = "kind")]
         unlock: bool,
+        /// Clear "must change password at next logon" (pwdLastSet = -1).
+        #[arg(long, group = "kind")]
+        clear_forced_change: bool,
         /// With --reset: the user must change the password at next logon.
         #[arg(long)]
         must_change: bool,
@@ -186,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
             reset,
             change,
             unlock,
+            clear_forced_change,
             must_change,
             also_unlock,
             password_stdin,
@@ -214,8 +218,10 @@ async fn main() -> anyhow::Result<()> {
                 })
             } else if unlock {
                 Action::Unlock(UnlockAccount {})
+            } else if clear_forced_change {
+                Action::ClearForcedChange(ClearForcedChange {})
             } else {
-                bail!("one of --reset, --change or --unlock is required");
+                bail!("one of --reset, --change, --unlock or --clear-forced-change is required");
             };
             let mut request = SubmitRequest {
                 tenant_id: tenant.clone(),

@@ -1,0 +1,181 @@
+//! Per-forest switches and several forests behind one tenant, each with its own agents and
+//! its own Samba AD DC (two realms on two loopback addresses).
+
+use std::time::{Duration, Instant};
+
+use cloud_gateway::tenants::ForestSettingsChange;
+use e2e::{directory_config, dump_redis, request, reset, unlock, Sandbox};
+use relay::proto::Outcome;
+use testkit::SambaDc;
+
+fn outcome(r: &relay::proto::SubmitResponse) -> Outcome {
+    Outcome::try_from(r.outcome).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switches_refuse_at_once_and_queue_nothing() {
+    let mut sb = Sandbox::start(1).await.unwrap();
+    sb.start_agent("agent-1", 0).await.unwrap();
+    let (t, f) = (sb.tenant.clone(), sb.forest.clone());
+    sb.wait_agents(&t, &f, 1).await.unwrap();
+    sb.dc.create_user("kim", "Initial#Pass1").unwrap();
+
+    // Writeback off: refused at once, nothing queued, nothing changed.
+    let off = ForestSettingsChange {
+        writeback_enabled: Some(false),
+        ..Default::default()
+    };
+    sb.tenants.set_forest(&t, &f, &off).await.unwrap();
+    let started = Instant::now();
+    let r = sb
+        .submit(0, request(&t, &f, "kim", reset("Not-Enabled#1")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::NotEnabled, "{r:?}");
+    assert!(r.message.contains("not enabled"), "{}", r.message);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        sb.store
+            .operation(&t, &r.operation_id)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing recorded"
+    );
+    let dump = dump_redis(&sb.redis.url()).await.unwrap();
+    let queued: Vec<&String> = dump
+        .iter()
+        .filter(|(k, entries)| k.contains(":q:") && !entries.is_empty())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(queued.is_empty(), "something was queued: {queued:?}");
+    assert!(sb.dc.can_bind(&format!("kim@{f}"), "Initial#Pass1"));
+
+    // Unlock without reset off: unlock refused, resets still go through.
+    let change = ForestSettingsChange {
+        writeback_enabled: Some(true),
+        unlock_enabled: Some(false),
+        ..Default::default()
+    };
+    let now = sb.tenants.set_forest(&t, &f, &change).await.unwrap();
+    assert!(now.writeback_enabled && !now.unlock_enabled && !now.allow_protected_accounts);
+    let r = sb
+        .submit(0, request(&t, &f, "kim", unlock()))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::NotEnabled, "{r:?}");
+    assert!(
+        r.message.contains("reset your password instead"),
+        "{}",
+        r.message
+    );
+    let r = sb
+        .submit(0, request(&t, &f, "kim", reset("Enabled-Again#2")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+
+    // Protected accounts allowed for this forest: Administrator can be reset.
+    let allow = ForestSettingsChange {
+        allow_protected_accounts: Some(true),
+        ..Default::default()
+    };
+    sb.tenants.set_forest(&t, &f, &allow).await.unwrap();
+    // The switch reaches agents when they (re)connect: restart ours.
+    let a = sb.agents.pop().unwrap();
+    a.shutdown.cancel();
+    let _ = a.task.await;
+    sb.start_agent("agent-2", 0).await.unwrap();
+    sb.wait_agents(&t, &f, 1).await.unwrap();
+    // The relay no longer refuses it; AD itself still does, as in a real forest, because
+    // AdminSDHolder gives protected accounts a DACL without the inherited delegation.
+    let admin_new = "Admin-Allowed#9x";
+    let r = sb
+        .submit(0, request(&t, &f, "Administrator", reset(admin_new)))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::AccessDenied, "{r:?}");
+    assert!(!sb.dc.can_bind(&format!("Administrator@{f}"), admin_new));
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_route_only_to_their_forests_agents() {
+    let mut sb = Sandbox::start(2).await.unwrap();
+    let east = SambaDc::start("EAST.WRITEBACK.TEST").unwrap();
+    let (t, corp) = (sb.tenant.clone(), sb.forest.clone());
+    let east_forest = east.dns_domain();
+    assert_ne!(east.ip(), sb.dc.ip());
+    sb.start_agent("corp-1", 0).await.unwrap();
+    sb.start_agent("corp-2", 1).await.unwrap();
+    sb.start_agent_with("east-1", 1, &t, &east_forest, directory_config(&east))
+        .await
+        .unwrap();
+    sb.wait_agents(&t, &corp, 2).await.unwrap();
+    sb.wait_agents(&t, &east_forest, 1).await.unwrap();
+
+    // The same account name exists in both forests; each reset reaches only its own.
+    sb.dc.create_user("lee", "Initial#Pass1").unwrap();
+    east.create_user("lee", "Initial#Pass1").unwrap();
+    east.create_user("only-east", "Initial#Pass1").unwrap();
+
+    let r = sb
+        .submit(
+            0,
+            request(&t, &east_forest, "lee", reset("East-Only#Pass1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    assert!(east.can_bind(&format!("lee@{east_forest}"), "East-Only#Pass1"));
+    assert!(
+        sb.dc.can_bind(&format!("lee@{corp}"), "Initial#Pass1"),
+        "corp's lee untouched"
+    );
+    let tl = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+    let agent = tl
+        .iter()
+        .find(|e| e.stage == "delivered")
+        .unwrap()
+        .agent
+        .clone();
+    assert_eq!(agent, "east-1");
+
+    for i in 0..4 {
+        let r = sb
+            .submit(
+                i % 2,
+                request(&t, &corp, "lee", reset(&format!("Corp-Only#Pass{i}"))),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+        let tl = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+        let agent = tl
+            .iter()
+            .find(|e| e.stage == "delivered")
+            .unwrap()
+            .agent
+            .clone();
+        assert!(agent.starts_with("corp-"), "corp work went to {agent}");
+    }
+    assert!(
+        east.can_bind(&format!("lee@{east_forest}"), "East-Only#Pass1"),
+        "east's lee untouched"
+    );
+
+    let r = sb
+        .submit(0, request(&t, &corp, "only-east", reset("Wrong-Forest#1")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::UserNotFound, "{r:?}");
+    let r = sb
+        .submit(
+            1,
+            request(&t, &east_forest, "only-east", reset("Right-Forest#1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    sb.shutdown().await;
+}
