@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -347,6 +348,7 @@ impl Session {
                 violation,
                 &message,
                 &detail,
+                &ack.policy.map(|p| p.encode_to_vec()).unwrap_or_default(),
                 &event,
             )
             .await;

@@ -24,9 +24,9 @@ pub enum GatewayError {
     #[error("operation {0:?} already exists with a different request")]
     Conflict(String),
     #[error("{0}")]
-    Unimplemented(&'static str),
-    #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the gateway cannot reach its store; retry with the same operation_id")]
     Store(#[from] StoreError),
     #[error("internal error")]
@@ -74,9 +74,8 @@ impl From<GatewayError> for Status {
             GatewayError::InvalidArgument { .. } => Code::InvalidArgument,
             GatewayError::NotFound(_) => Code::NotFound,
             GatewayError::Conflict(_) => Code::AlreadyExists,
-            GatewayError::Unimplemented(_) => Code::Unimplemented,
             GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
-            GatewayError::Store(_) => Code::Unavailable,
+            GatewayError::Store(_) | GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::Internal(_) => Code::Internal,
         };
         match &e {

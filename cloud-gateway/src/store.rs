@@ -15,6 +15,7 @@
 //! | `wb:{T}:tl:<op id>` | list | timeline events (JSON) |
 //! | `wb:{T}:q:<forest>` | stream | sealed operations; consumer group `agents` |
 //! | `wb:{T}:agents:<forest>` | zset | live agent instances, scored by last heartbeat |
+//! | `wb:{T}:policy:<forest>:<user>` | string | cached `PasswordPolicy` (short TTL) |
 //! | `wb:deadlines` | zset | `T\0op` scored by deadline, for the deadline sweeper |
 //! | channel `wb:done:<replica>` | pub/sub | `T\0op` when an outcome is recorded |
 
@@ -63,6 +64,9 @@ pub fn timeline_key(tenant: &str, op: &str) -> String {
 }
 pub fn queue_key(tenant: &str, forest: &str) -> String {
     format!("wb:{{{tenant}}}:q:{forest}")
+}
+pub fn policy_cache_key(tenant: &str, forest: &str, user: &str) -> String {
+    format!("wb:{{{tenant}}}:policy:{forest}:{user}")
 }
 pub fn agents_key(tenant: &str, forest: &str) -> String {
     format!("wb:{{{tenant}}}:agents:{forest}")
@@ -139,6 +143,8 @@ pub struct OpRecord {
     pub accepted_ms: i64,
     pub deadline_ms: i64,
     pub agent_instance: String,
+    /// Encoded result of a query operation (a `PasswordPolicy`), empty otherwise.
+    pub result: Vec<u8>,
 }
 
 impl OpRecord {
@@ -183,6 +189,7 @@ impl OpRecord {
             accepted_ms: int("accepted")?,
             deadline_ms: int("deadline")?,
             agent_instance: get("agent_instance"),
+            result: Vec::new(),
         }))
     }
 }
@@ -276,6 +283,7 @@ if state == 'done' then
 end
 redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[1], 'violation', ARGV[2],
   'message', ARGV[3], 'done_at', ARGV[4], 'detail', ARGV[5])
+if ARGV[9] ~= '' then redis.call('HSET', op, 'result', ARGV[9]) end
 redis.call('RPUSH', tl, ARGV[7])
 return redis.call('HGET', op, 'caller_replica') or ''
 "#,
@@ -460,8 +468,36 @@ impl Store {
     /// On Redis errors or a corrupt record.
     pub async fn operation(&self, tenant: &str, op: &str) -> Result<Option<OpRecord>> {
         let key = op_key(tenant, op);
-        let h: HashMap<String, String> = self.conn().hgetall(&key).await?;
-        OpRecord::from_hash(&key, h)
+        let mut h: HashMap<String, Vec<u8>> = self.conn().hgetall(&key).await?;
+        let result = h.remove("result").unwrap_or_default();
+        let text = h
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        Ok(OpRecord::from_hash(&key, text)?.map(|mut r| {
+            r.result = result;
+            r
+        }))
+    }
+
+    /// A cached value (e.g. an encoded password policy), if still fresh.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn cached(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.conn().get(key).await?)
+    }
+
+    /// Caches `value` under `key` for `ttl`.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn cache(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        let _: () = self
+            .conn()
+            .pset_ex(key, value, ttl.as_millis() as u64)
+            .await?;
+        Ok(())
     }
 
     /// Reads an operation's timeline, oldest first.
@@ -553,6 +589,7 @@ impl Store {
         violation: PolicyViolation,
         message: &str,
         detail: &str,
+        result: &[u8],
         event: &TimelineEvent,
     ) -> Result<Option<String>> {
         let late = TimelineEvent {
@@ -572,6 +609,7 @@ impl Store {
             .arg(late.to_json())
             .arg(event.to_json())
             .arg(forest)
+            .arg(result)
             .invoke_async(&mut c)
             .await?;
         Ok(r)

@@ -71,6 +71,15 @@ pub fn forest(field: &'static str, v: &str) -> Result<(), GatewayError> {
 
 pub use relay::proto::is_canonical_guid;
 
+/// Validates a user reference and returns it.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the offending field.
+pub fn user_ref(u: Option<&UserRef>) -> Result<&UserRef, GatewayError> {
+    user(u)?;
+    Ok(u.expect("checked by user()"))
+}
+
 fn user(u: Option<&UserRef>) -> Result<(), GatewayError> {
     let u = u.ok_or_else(|| GatewayError::invalid("user", "is required"))?;
     forest("user.forest", &u.forest)?;

@@ -11,15 +11,20 @@ use zeroize::Zeroize;
 use relay::envelope::{Binding, KEY_VERSION};
 use relay::proto::writeback_server::Writeback;
 use relay::proto::{
-    GetOperationRequest, GetPasswordPolicyRequest, Operation, OperationState, Outcome,
-    PasswordPolicy, PolicyViolation, SealedOperation, SubmitRequest, SubmitResponse,
-    TimelineEvent as PbEvent,
+    sealed_operation, GetOperationRequest, GetPasswordPolicyRequest, Operation, OperationState,
+    Outcome, PasswordPolicy, PolicyViolation, QueryPolicy, SealedOperation, SubmitRequest,
+    SubmitResponse, TimelineEvent as PbEvent,
 };
 use relay::trace::TraceParent;
 
 use crate::error::GatewayError;
 use crate::store::{self, Finalized, NewOperation, OpRecord, OpState, TimelineEvent};
 use crate::{validate, Gateway};
+
+/// How long GetPasswordPolicy waits for an agent's answer.
+const POLICY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an answered policy is served from the cache.
+const POLICY_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// How often a waiting caller re-reads its record, in case a pub/sub notification was lost.
 const POLL_INTERVAL: Duration = Duration::from_millis(1000);
@@ -115,7 +120,6 @@ impl WritebackService {
         parent: Option<TraceParent>,
     ) -> Result<SubmitResponse, GatewayError> {
         let gw = &self.gw;
-        let replica = gw.config.replica_id.as_str();
         let tenant = req.tenant_id.clone();
         let forest = req
             .user
@@ -171,26 +175,45 @@ impl WritebackService {
             });
         }
 
-        let trace = parent
-            .map(|p| p.child())
-            .unwrap_or_else(TraceParent::new_root);
-        let traceparent = trace.to_string();
-        let accepted_ms = relay::now_unix_ms();
         let timeout = self.timeout(req.timeout_ms);
-        let deadline_ms = accepted_ms + timeout.as_millis() as i64;
-
-        let forest_key = gw.tenants.forest_key(&tenant, &forest).await?;
         let sealed = SealedOperation {
             user: req.user.clone(),
             initiator: req.initiator,
             action: req.action.take().map(Into::into),
         };
+        self.enqueue(&tenant, &forest, &operation_id, sealed, timeout, parent)
+            .await?;
+        self.wait_for_outcome(&tenant, &operation_id, timeout).await
+    }
+
+    /// Seals `sealed` for (tenant, forest, operation id, deadline, trace) and queues it with its
+    /// record, unless the operation id already exists. The plaintext is wiped.
+    async fn enqueue(
+        &self,
+        tenant: &str,
+        forest: &str,
+        operation_id: &str,
+        sealed: SealedOperation,
+        timeout: Duration,
+        parent: Option<TraceParent>,
+    ) -> Result<(), GatewayError> {
+        let gw = &self.gw;
+        let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
+        let initiator = sealed.initiator;
+        let trace = parent
+            .map(|p| p.child())
+            .unwrap_or_else(TraceParent::new_root);
+        let traceparent = trace.to_string();
+        let accepted_ms = relay::now_unix_ms();
+        let deadline_ms = accepted_ms + timeout.as_millis() as i64;
+
+        let forest_key = gw.tenants.forest_key(tenant, forest).await?;
         let mut plaintext = sealed.encode_to_vec();
         drop(sealed);
         let binding = Binding {
-            tenant_id: &tenant,
-            forest: &forest,
-            operation_id: &operation_id,
+            tenant_id: tenant,
+            forest,
+            operation_id,
             deadline_unix_ms: deadline_ms,
             traceparent: &traceparent,
         };
@@ -198,24 +221,22 @@ impl WritebackService {
         plaintext.zeroize();
         let envelope = envelope.map_err(|e| GatewayError::Internal(e.to_string()))?;
 
-        // Register before the record exists so an outcome notification cannot be missed.
-        let waiter = gw.waiters.register(&tenant, &operation_id);
         gw.store
-            .ensure_group(&store::queue_key(&tenant, &forest))
+            .ensure_group(&store::queue_key(tenant, forest))
             .await?;
         let created = gw
             .store
             .create_operation(&NewOperation {
-                tenant: &tenant,
-                operation_id: &operation_id,
-                forest: &forest,
+                tenant,
+                operation_id,
+                forest,
                 kind,
-                initiator: req.initiator,
+                initiator,
                 trace_id: &trace.trace_id_hex(),
                 traceparent: &traceparent,
                 accepted_ms,
                 deadline_ms,
-                replica,
+                replica: &gw.config.replica_id,
                 envelope: &envelope,
                 key_version: KEY_VERSION,
                 ttl: gw.config.record_ttl,
@@ -226,9 +247,91 @@ impl WritebackService {
         } else {
             tracing::info!("operation id raced with a concurrent submission; waiting for it");
         }
-        let response = self.wait_for_outcome(&tenant, &operation_id, timeout).await;
-        drop(waiter);
-        response
+        Ok(())
+    }
+
+    /// The effective policy for a forest (or one user of it), from the cache or from an agent.
+    async fn password_policy(
+        &self,
+        request: Request<GetPasswordPolicyRequest>,
+    ) -> Result<PasswordPolicy, GatewayError> {
+        self.authorize(&request, &request.get_ref().tenant_id)
+            .await?;
+        let req = request.into_inner();
+        validate::forest("forest", &req.forest)?;
+        let user = match req.user {
+            Some(u) => {
+                let mut u = validate::user_ref(Some(&u))?.clone();
+                u.forest.clone_from(&req.forest);
+                Some(u)
+            }
+            None => None,
+        };
+        let (tenant, forest) = (req.tenant_id, req.forest);
+        let user_key = match user.as_ref().and_then(|u| u.id.as_ref()) {
+            None => "-".to_owned(),
+            Some(id) => format!("{id:?}"),
+        };
+        let cache_key = store::policy_cache_key(&tenant, &forest, &user_key);
+        let gw = &self.gw;
+        if let Some(bytes) = gw.store.cached(&cache_key).await? {
+            if let Ok(p) = PasswordPolicy::decode(bytes.as_slice()) {
+                return Ok(p);
+            }
+        }
+        if gw
+            .store
+            .live_agents(&tenant, &forest, gw.config.agent_liveness)
+            .await?
+            == 0
+        {
+            return Err(GatewayError::Unavailable(format!(
+                "no live agent for forest {forest:?}; its password policy cannot be read now"
+            )));
+        }
+        let operation_id = format!("policy-{}", uuid::Uuid::new_v4());
+        let sealed = SealedOperation {
+            user: Some(user.unwrap_or(relay::proto::UserRef {
+                forest: forest.clone(),
+                id: None,
+            })),
+            initiator: relay::proto::Initiator::Admin as i32,
+            action: Some(sealed_operation::Action::QueryPolicy(QueryPolicy {})),
+        };
+        self.enqueue(
+            &tenant,
+            &forest,
+            &operation_id,
+            sealed,
+            POLICY_TIMEOUT,
+            None,
+        )
+        .await?;
+        self.wait_for_outcome(&tenant, &operation_id, POLICY_TIMEOUT)
+            .await?;
+        let rec = gw
+            .store
+            .operation(&tenant, &operation_id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(operation_id.clone()))?;
+        match rec.outcome {
+            Outcome::Applied => {
+                let policy = PasswordPolicy::decode(rec.result.as_slice())
+                    .map_err(|e| GatewayError::Internal(format!("agent policy answer: {e}")))?;
+                gw.store
+                    .cache(&cache_key, &rec.result, POLICY_CACHE_TTL)
+                    .await?;
+                Ok(policy)
+            }
+            Outcome::UserNotFound => Err(GatewayError::NotFound(format!(
+                "user {user_key} in forest {forest}"
+            ))),
+            other => Err(GatewayError::Unavailable(format!(
+                "the agent could not read the policy ({}): {}",
+                other.as_str_name(),
+                rec.message
+            ))),
+        }
     }
 
     /// Waits until the operation has a terminal outcome or the wait (bounded by the operation's
@@ -411,11 +514,6 @@ impl Writeback for WritebackService {
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<Response<PasswordPolicy>, Status> {
-        self.authorize(&request, &request.get_ref().tenant_id)
-            .await?;
-        Err(
-            GatewayError::Unimplemented("GetPasswordPolicy is not available yet on this gateway")
-                .into(),
-        )
+        Ok(Response::new(self.password_policy(request).await?))
     }
 }

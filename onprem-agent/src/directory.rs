@@ -76,6 +76,8 @@ pub struct ApplyResult {
     pub write_ms: u32,
     /// The DC used.
     pub directory: String,
+    /// The answer to a policy query.
+    pub policy: Option<relay::proto::PasswordPolicy>,
 }
 
 impl ApplyResult {
@@ -88,6 +90,7 @@ impl ApplyResult {
             lookup_ms: 0,
             write_ms: 0,
             directory: String::new(),
+            policy: None,
         }
     }
 }
@@ -367,6 +370,92 @@ impl Directory {
         )
     }
 
+    /// The effective password policy: the domain's, or the user's resultant one.
+    async fn query_policy(
+        &self,
+        conn: &mut Conn,
+        op: &SealedOperation,
+        deadline: Instant,
+    ) -> Result<ApplyResult, ApplyError> {
+        let started = Instant::now();
+        let lookup = |error| ApplyError {
+            stage: Stage::Lookup,
+            error,
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let user = match op.user.as_ref().and_then(|u| u.id.as_ref()) {
+            None => None,
+            Some(id) => {
+                let users = self
+                    .find_user(&mut conn.ldap, id, remaining)
+                    .await
+                    .map_err(lookup)?;
+                match users.as_slice() {
+                    [one] => Some(one.clone()),
+                    [] => {
+                        return Ok(ApplyResult::new(
+                            Outcome::UserNotFound,
+                            "No account was found for you in your organization's directory.",
+                            format!("no user matches {}", describe(id)),
+                        ))
+                    }
+                    many => {
+                        return Ok(ApplyResult::new(
+                            Outcome::Failed,
+                            "More than one account matches.",
+                            format!("{} users match {}", many.len(), describe(id)),
+                        ))
+                    }
+                }
+            }
+        };
+        let base = &self.inner.config.base_dn;
+        let effective = match &user {
+            Some(u) => policy::effective_policy(&mut conn.ldap, base, &u.dn, remaining).await,
+            None => policy::read_domain_policy(&mut conn.ldap, base, remaining)
+                .await
+                .map(|p| policy::EffectivePolicy {
+                    policy: Some(p),
+                    source: "domain".into(),
+                }),
+        }
+        .map_err(lookup)?;
+        let Some(p) = effective.policy else {
+            return Ok(ApplyResult::new(
+                Outcome::Failed,
+                "Your organization's password rules cannot be shown right now.",
+                effective.source,
+            ));
+        };
+        let next_change_allowed_unix_ms = match &user {
+            Some(u) if u.pwd_last_set > 0 && p.min_age_secs > 0 => {
+                (policy::filetime_to_unix_secs(u.pwd_last_set) + p.min_age_secs as i64) * 1000
+            }
+            _ => 0,
+        };
+        let mut r = ApplyResult::new(
+            Outcome::Applied,
+            "",
+            format!("policy from {}", effective.source),
+        );
+        r.lookup_ms = started.elapsed().as_millis() as u32;
+        r.policy = Some(relay::proto::PasswordPolicy {
+            forest: op
+                .user
+                .as_ref()
+                .map(|u| u.forest.clone())
+                .unwrap_or_default(),
+            min_length: p.min_length,
+            complexity: p.complexity,
+            history_length: p.history_length,
+            min_age_seconds: p.min_age_secs,
+            max_age_seconds: p.max_age_secs,
+            next_change_allowed_unix_ms,
+            source: effective.source,
+        });
+        Ok(r)
+    }
+
     /// Finds the user named by `id`.
     async fn find_user(
         &self,
@@ -435,6 +524,9 @@ impl Directory {
         allow_protected: bool,
     ) -> Result<ApplyResult, ApplyError> {
         let started = Instant::now();
+        if let Some(Action::QueryPolicy(_)) = op.action {
+            return self.query_policy(conn, op, deadline).await;
+        }
         let Some(id) = op.user.as_ref().and_then(|u| u.id.as_ref()) else {
             return Ok(ApplyResult::new(
                 Outcome::Refused,
@@ -622,6 +714,11 @@ impl<'a> Write<'a> {
                 controls: Vec::new(),
                 new_password: None,
             },
+            Action::QueryPolicy(_) => Self {
+                mods: Vec::new(),
+                controls: Vec::new(),
+                new_password: None,
+            },
             Action::ClearForcedChange(_) => Self {
                 mods: vec![Mod::Replace(
                     b"pwdLastSet".to_vec(),
@@ -745,6 +842,7 @@ pub fn map_ldap_failure(
                     Action::Change(_) => "Change Password",
                     Action::Unlock(_) => "write lockoutTime",
                     Action::ClearForcedChange(_) => "Unexpire Password (on the domain root) and write pwdLastSet",
+                    Action::QueryPolicy(_) => "read the password policy",
                 },
                 user.dn
             ),

@@ -445,6 +445,7 @@ impl Session {
             total_ms,
             traceparent: trace.to_string(),
             directory: result.directory,
+            policy: result.policy,
         }
     }
 }

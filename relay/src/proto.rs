@@ -57,7 +57,8 @@ impl zeroize::Zeroize for sealed_operation::Action {
             sealed_operation::Action::Reset(r) => r.zeroize(),
             sealed_operation::Action::Change(c) => c.zeroize(),
             sealed_operation::Action::Unlock(_)
-            | sealed_operation::Action::ClearForcedChange(_) => {}
+            | sealed_operation::Action::ClearForcedChange(_)
+            | sealed_operation::Action::QueryPolicy(_) => {}
         }
     }
 }
@@ -81,6 +82,7 @@ impl sealed_operation::Action {
             Self::Change(_) => "change",
             Self::Unlock(_) => "unlock",
             Self::ClearForcedChange(_) => "clear-forced-change",
+            Self::QueryPolicy(_) => "policy",
         }
     }
 }

@@ -11,8 +11,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
-    submit_request::Action, ChangePassword, ClearForcedChange, GetOperationRequest, Initiator,
-    Operation, Outcome, PolicyViolation, ResetPassword, SubmitRequest, UnlockAccount, UserRef,
+    submit_request::Action, ChangePassword, ClearForcedChange, GetOperationRequest,
+    GetPasswordPolicyRequest, Initiator, Operation, Outcome, PolicyViolation, ResetPassword,
+    SubmitRequest, UnlockAccount, UserRef,
 };
 use relay::secret::Secret;
 
@@ -72,6 +73,13 @@ enum Command {
     },
     /// Print one operation's state and timeline.
     Op { operation_id: String },
+    /// Print AD's effective password policy for a forest, or for one user.
+    Policy {
+        #[arg(long, env = "WRITEBACK_FOREST")]
+        forest: String,
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 fn read_stdin_lines(n: usize) -> anyhow::Result<Vec<Secret>> {
@@ -270,6 +278,37 @@ async fn main() -> anyhow::Result<()> {
             }
             if outcome != Outcome::Applied {
                 std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Policy { forest, user } => {
+            let req = GetPasswordPolicyRequest {
+                tenant_id: tenant,
+                user: user
+                    .as_deref()
+                    .map(|u| UserRef::from_text(forest.clone(), u)),
+                forest,
+            };
+            let p = client
+                .get_password_policy(with_auth(req, &token)?)
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            println!("forest:           {}", p.forest);
+            println!("source:           {}", p.source);
+            println!("minimum length:   {}", p.min_length);
+            println!(
+                "complexity:       {}",
+                if p.complexity { "on" } else { "off" }
+            );
+            println!("history:          {} passwords", p.history_length);
+            println!("minimum age:      {} s", p.min_age_seconds);
+            println!("maximum age:      {} s", p.max_age_seconds);
+            if p.next_change_allowed_unix_ms > 0 {
+                println!(
+                    "next change from: {}",
+                    fmt_time(p.next_change_allowed_unix_ms)
+                );
             }
             Ok(())
         }
