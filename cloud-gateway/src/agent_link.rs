@@ -81,6 +81,21 @@ impl AgentLinkService {
         check_hello(&identity, &hello)?;
 
         let gw = &self.gw;
+        if hello.probe {
+            tracing::info!(agent_id = %identity.agent_id, "connectivity probe answered");
+            let (tx, rx) = mpsc::channel(1);
+            let welcome = Welcome {
+                tenant_id: identity.tenant.clone(),
+                forest: identity.forest.clone(),
+                replica: gw.config.replica_id.clone(),
+                gateway_time_unix_ms: relay::now_unix_ms(),
+                ..Default::default()
+            };
+            tx.send(Ok(frame(gateway_frame::Frame::Welcome(welcome))))
+                .await
+                .map_err(|_| GatewayError::Internal("probe stream closed".into()))?;
+            return Ok(ReceiverStream::new(rx));
+        }
         let forest_key = gw
             .tenants
             .forest_key(&identity.tenant, &identity.forest)
@@ -100,6 +115,7 @@ impl AgentLinkService {
             forest_key: forest_key.key_bytes().expose().to_vec(),
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
             allow_protected_accounts: settings.allow_protected_accounts,
+            gateway_time_unix_ms: relay::now_unix_ms(),
         };
         // The Welcome's key copy is dropped (and its buffer freed) once the frame is encoded.
         tx.send(Ok(frame(gateway_frame::Frame::Welcome(welcome))))

@@ -135,6 +135,7 @@ impl ScriptedAgent {
                 version: "test".into(),
                 max_in_flight,
                 instance_id: instance.into(),
+                probe: false,
             })),
         })
         .await

@@ -53,7 +53,7 @@ pub enum DirectoryError {
     NoUrls,
     #[error("LDAP URL {0:?} must be ldaps://host[:port] (the agent only speaks LDAP over TLS)")]
     BadUrl(String),
-    #[error("{0}")]
+    #[error("tls: {0}")]
     Tls(#[from] relay::tls::TlsError),
     #[error("no domain controller answered: {0}")]
     Unavailable(String),
@@ -187,9 +187,13 @@ impl Directory {
         })
     }
 
-    async fn connect_one(&self, url: &str, budget: Duration) -> Result<Conn, DirectoryError> {
-        let cfg = &self.inner.config;
-        let timeout = budget.min(cfg.connect_timeout);
+    /// TCP (with TCP_NODELAY) and verified TLS to one DC, not yet bound.
+    pub(crate) async fn open_tls(
+        &self,
+        url: &str,
+        budget: Duration,
+    ) -> Result<Ldap, DirectoryError> {
+        let timeout = budget.min(self.inner.config.connect_timeout);
         let addr = host_port(url)?;
         let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
             .await
@@ -205,16 +209,32 @@ impl Directory {
             .set_config(self.inner.tls.clone())
             .set_conn_timeout(timeout)
             .set_std_stream(StdStream::Tcp(std));
-        let (conn, mut ldap) =
+        let (conn, ldap) =
             tokio::time::timeout(timeout, LdapConnAsync::with_settings(settings, url))
                 .await
                 .map_err(|_| {
                     DirectoryError::Unavailable(format!("{url}: TLS handshake timed out"))
                 })?
-                .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
+                .map_err(|e| {
+                    DirectoryError::Tls(relay::tls::TlsError::Invalid {
+                        path: url.into(),
+                        detail: e.to_string(),
+                    })
+                })?;
         ldap3::drive!(conn);
+        Ok(ldap)
+    }
+
+    /// Binds `ldap` as the configured service account.
+    pub(crate) async fn bind(
+        &self,
+        ldap: &mut Ldap,
+        url: &str,
+        budget: Duration,
+    ) -> Result<(), DirectoryError> {
+        let cfg = &self.inner.config;
         let bind = ldap
-            .with_timeout(timeout)
+            .with_timeout(budget.min(cfg.connect_timeout))
             .simple_bind(&cfg.bind_dn, cfg.bind_password.expose())
             .await
             .map_err(|e| DirectoryError::Unavailable(format!("{url}: {e}")))?;
@@ -224,10 +244,21 @@ impl Directory {
                 detail: format!("result {} {}", bind.rc, bind.text),
             });
         }
+        Ok(())
+    }
+
+    async fn connect_one(&self, url: &str, budget: Duration) -> Result<Conn, DirectoryError> {
+        let mut ldap = self.open_tls(url, budget).await?;
+        self.bind(&mut ldap, url, budget).await?;
         Ok(Conn {
             ldap,
             url: url.to_owned(),
         })
+    }
+
+    /// The configuration this directory was built from.
+    pub fn config(&self) -> &DirectoryConfig {
+        &self.inner.config
     }
 
     /// A bound connection: an idle pooled one (when `reuse`), or a new one from the first DC

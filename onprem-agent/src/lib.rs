@@ -4,6 +4,7 @@
 //! port (SPEC invariant 5).
 
 pub mod directory;
+pub mod doctor;
 pub mod link;
 
 use std::path::PathBuf;

@@ -158,6 +158,7 @@ impl Agent {
                 version: relay::VERSION.to_owned(),
                 max_in_flight: self.config.max_in_flight,
                 instance_id: self.instance_id.clone(),
+                probe: false,
             })),
         })
         .await

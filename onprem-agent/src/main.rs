@@ -26,6 +26,19 @@ struct Cli {
 enum Command {
     /// Connect to the gateway and apply operations to Active Directory.
     Run(RunArgs),
+    /// Check TLS, the service account, its delegated rights, policies and the gateway; print
+    /// what is wrong with the exact fix. Exits non-zero when writeback would fail.
+    Doctor {
+        #[command(flatten)]
+        args: RunArgs,
+        /// A user (sAMAccountName or DN) whose rights and inheritance to check (repeatable);
+        /// by default a few users under --base-dn.
+        #[arg(long = "sample-user")]
+        sample_users: Vec<String>,
+        /// Do not contact the gateway.
+        #[arg(long)]
+        skip_gateway: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -75,14 +88,11 @@ struct RunArgs {
     ldap_pool_size: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    relay::telemetry::init_logging();
-    let Command::Run(args) = Cli::parse().command;
+fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     let agent_secret = Secret::from_file(&args.agent_secret_file).context("--agent-secret-file")?;
     let bind_password =
         Secret::from_file(&args.bind_password_file).context("--bind-password-file")?;
-    let config = AgentConfig {
+    Ok(AgentConfig {
         gateway_url: args.gateway_url,
         gateway_ca: args.gateway_ca,
         gateway_tls_name: args.gateway_tls_name,
@@ -101,7 +111,30 @@ async fn main() -> anyhow::Result<()> {
             connect_timeout: Duration::from_secs(5),
             use_dc_reason_text: true,
         },
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    relay::telemetry::init_logging();
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Doctor {
+            args,
+            sample_users,
+            skip_gateway,
+        } => {
+            let config = agent_config(args)?;
+            let options = onprem_agent::doctor::DoctorOptions {
+                sample_users,
+                skip_gateway,
+            };
+            let report = onprem_agent::doctor::run(&config, &options).await;
+            print!("{}", report.render());
+            std::process::exit(i32::from(report.failed()));
+        }
     };
+    let config = agent_config(args)?;
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
     tokio::pin!(agent);

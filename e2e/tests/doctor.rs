@@ -1,0 +1,92 @@
+//! `onprem-agent doctor` end to end: the gateway probe (reachability, agent credential, clock)
+//! and the binary's exit code.
+
+use std::process::Command;
+
+use e2e::{binary, directory_config, Sandbox};
+use onprem_agent::doctor::{self, DoctorOptions, Status};
+use onprem_agent::AgentConfig;
+use relay::secret::Secret;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
+    let sb = Sandbox::start(1).await.unwrap();
+    let secret = sb
+        .tenants
+        .register_agent(&sb.tenant, &sb.forest, "doc-agent")
+        .await
+        .unwrap();
+    let mut config = AgentConfig {
+        gateway_url: format!("https://{}", sb.gateways[0].addr),
+        gateway_ca: sb.ca.ca_file(),
+        gateway_tls_name: None,
+        agent_id: "doc-agent".into(),
+        agent_secret: secret.clone(),
+        forest: sb.forest.clone(),
+        domains: vec![],
+        max_in_flight: 1,
+        directory: directory_config(&sb.dc),
+    };
+    let report = doctor::run(&config, &DoctorOptions::default()).await;
+    println!("{}", report.render());
+    assert!(!report.failed(), "{}", report.render());
+    assert_eq!(report.get("gateway").unwrap().status, Status::Ok);
+    assert_eq!(report.get("clock").unwrap().status, Status::Ok);
+    // A probe takes no work and leaves no presence behind.
+    assert_eq!(
+        sb.store
+            .live_agents(&sb.tenant, &sb.forest, std::time::Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0
+    );
+
+    config.agent_secret = Secret::new("wba_wrong");
+    let report = doctor::run(&config, &DoctorOptions::default()).await;
+    let gw = report.get("gateway").unwrap();
+    assert_eq!(gw.status, Status::Fail);
+    assert!(
+        gw.fix.as_deref().unwrap().contains("register-agent"),
+        "{gw:?}"
+    );
+
+    // The binary: exit 0 when ready, 1 when writeback would fail (a wrong bind password).
+    let dir = sb.dir();
+    let write = |name: &str, v: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, v).unwrap();
+        p
+    };
+    let agent_secret = write("agent.secret", secret.expose());
+    let good = write("good.password", &sb.dc.svc_password());
+    let bad = write("bad.password", "not-the-password");
+    let run = |password: &std::path::Path| {
+        Command::new(binary("onprem-agent").unwrap())
+            .arg("doctor")
+            .env(
+                "AGENT_GATEWAY_URL",
+                format!("https://{}", sb.gateways[0].addr),
+            )
+            .env("AGENT_GATEWAY_CA", sb.ca.ca_file())
+            .env("AGENT_ID", "doc-agent")
+            .env("AGENT_SECRET_FILE", &agent_secret)
+            .env("AGENT_FOREST", &sb.forest)
+            .env("AGENT_LDAP_URLS", sb.dc.ldaps_url())
+            .env("AGENT_LDAP_CA", sb.dc.ca_file())
+            .env("AGENT_BIND_DN", sb.dc.svc_upn())
+            .env("AGENT_BIND_PASSWORD_FILE", password)
+            .env("AGENT_BASE_DN", sb.dc.base_dn())
+            .output()
+            .unwrap()
+    };
+    let ok = run(&good);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(text.contains("writeback is ready"), "{text}");
+    let failed = run(&bad);
+    let text = String::from_utf8_lossy(&failed.stdout);
+    assert_eq!(failed.status.code(), Some(1), "{text}");
+    assert!(text.contains("[FAIL] bind"), "{text}");
+    assert!(!text.contains("not-the-password"));
+    sb.shutdown().await;
+}
