@@ -154,7 +154,7 @@ impl Sandbox {
         forest: &str,
     ) -> anyhow::Result<()> {
         let directory = self.directory_config();
-        self.start_agent_with(agent_id, gateway, tenant, forest, directory)
+        self.start_agent_with(agent_id, gateway, tenant, forest, directory, Vec::new())
             .await
     }
 
@@ -170,6 +170,7 @@ impl Sandbox {
         tenant: &str,
         forest: &str,
         directory: DirectoryConfig,
+        extra_domains: Vec<onprem_agent::domains::DomainConfig>,
     ) -> anyhow::Result<()> {
         let secret = self
             .tenants
@@ -182,7 +183,7 @@ impl Sandbox {
             agent_id: agent_id.to_owned(),
             agent_secret: secret,
             forest: forest.to_owned(),
-            domains: vec![forest.to_owned()],
+            extra_domains,
             max_in_flight: 8,
             directory,
         };

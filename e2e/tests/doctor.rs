@@ -23,7 +23,7 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
         agent_id: "doc-agent".into(),
         agent_secret: secret.clone(),
         forest: sb.forest.clone(),
-        domains: vec![],
+        extra_domains: vec![],
         max_in_flight: 1,
         directory: directory_config(&sb.dc),
     };

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use cloud_gateway::tenants::ForestSettingsChange;
 use e2e::{directory_config, dump_redis, request, reset, unlock, Sandbox};
+use onprem_agent::domains::DomainConfig;
 use relay::proto::Outcome;
 use testkit::SambaDc;
 
@@ -108,9 +109,16 @@ async fn operations_route_only_to_their_forests_agents() {
     assert_ne!(east.ip(), sb.dc.ip());
     sb.start_agent("corp-1", 0).await.unwrap();
     sb.start_agent("corp-2", 1).await.unwrap();
-    sb.start_agent_with("east-1", 1, &t, &east_forest, directory_config(&east))
-        .await
-        .unwrap();
+    sb.start_agent_with(
+        "east-1",
+        1,
+        &t,
+        &east_forest,
+        directory_config(&east),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
     sb.wait_agents(&t, &corp, 2).await.unwrap();
     sb.wait_agents(&t, &east_forest, 1).await.unwrap();
 
@@ -177,5 +185,90 @@ async fn operations_route_only_to_their_forests_agents() {
         .await
         .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    sb.shutdown().await;
+}
+
+/// A forest with two domains behind one agent: each operation is written to a DC of the
+/// domain that holds the user. (Samba cannot host a child domain, so a second Samba domain
+/// stands in for it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_finds_the_users_domain() {
+    let mut sb = Sandbox::start(1).await.unwrap();
+    let child = SambaDc::start("EAST.WRITEBACK.TEST").unwrap();
+    let (t, f) = (sb.tenant.clone(), sb.forest.clone());
+    let extra = vec![DomainConfig {
+        dns_name: child.dns_domain(),
+        upn_suffixes: vec!["east.example.org".into()],
+        directory: directory_config(&child),
+    }];
+    let primary = sb.directory_config();
+    sb.start_agent_with("multi-1", 0, &t, &f, primary, extra)
+        .await
+        .unwrap();
+    sb.wait_agents(&t, &f, 1).await.unwrap();
+    child.create_user("eve", "Initial#Pass1").unwrap();
+    sb.dc.create_user("sam-both", "Initial#Pass1").unwrap();
+    child.create_user("sam-both", "Initial#Pass1").unwrap();
+    let east_upn = |u: &str| format!("{u}@{}", child.dns_domain());
+
+    // By UPN suffix of the child domain.
+    let r = sb
+        .submit(
+            0,
+            request(&t, &f, &east_upn("eve"), reset("Child-Upn#Pass1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    assert!(child.can_bind(&east_upn("eve"), "Child-Upn#Pass1"));
+    // By sAMAccountName found only in the child domain.
+    let r = sb
+        .submit(0, request(&t, &f, "eve", reset("Child-Sam#Pass2")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    assert!(child.can_bind(&east_upn("eve"), "Child-Sam#Pass2"));
+    // By objectGUID.
+    let guid = child.user_guid("eve").unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, &guid, reset("Child-Guid#Pass3")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    assert!(child.can_bind(&east_upn("eve"), "Child-Guid#Pass3"));
+    let tl = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+    let ack = tl.iter().find(|e| e.stage == "acknowledged").unwrap();
+    assert!(
+        ack.detail.contains(&child.ldaps_url()),
+        "written to the child's DC: {}",
+        ack.detail
+    );
+
+    // The same sAMAccountName in both domains: refused as ambiguous, nothing changed.
+    let r = sb
+        .submit(0, request(&t, &f, "sam-both", reset("Ambiguous#Pass4")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Failed, "{r:?}");
+    assert!(sb.dc.can_bind(&format!("sam-both@{f}"), "Initial#Pass1"));
+    assert!(child.can_bind(&east_upn("sam-both"), "Initial#Pass1"));
+    // Its UPN settles which one.
+    let r = sb
+        .submit(
+            0,
+            request(&t, &f, &east_upn("sam-both"), reset("Settled#Pass5")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    assert!(child.can_bind(&east_upn("sam-both"), "Settled#Pass5"));
+    assert!(sb.dc.can_bind(&format!("sam-both@{f}"), "Initial#Pass1"));
+
+    // Nobody anywhere.
+    let r = sb
+        .submit(0, request(&t, &f, "nobody-in-any", reset("Nobody#Pass6")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::UserNotFound, "{r:?}");
     sb.shutdown().await;
 }

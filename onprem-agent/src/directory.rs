@@ -81,6 +81,20 @@ pub struct ApplyResult {
 }
 
 impl ApplyResult {
+    /// A failure with an end-user message and an operator detail.
+    pub fn failure(outcome: Outcome, message: &str, detail: impl Into<String>) -> Self {
+        Self::new(outcome, message, detail)
+    }
+
+    /// `USER_NOT_FOUND`.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(
+            Outcome::UserNotFound,
+            "No account was found for you in your organization's directory; nothing was changed.",
+            detail,
+        )
+    }
+
     fn new(outcome: Outcome, message: impl Into<String>, detail: impl Into<String>) -> Self {
         Self {
             outcome,
@@ -485,6 +499,36 @@ impl Directory {
             source: effective.source,
         });
         Ok(r)
+    }
+
+    /// The DN of the user named by `id` in this domain, if any (lookup only).
+    ///
+    /// # Errors
+    /// When no DC answers.
+    pub async fn locate(
+        &self,
+        id: &user_ref::Id,
+        deadline: Instant,
+    ) -> Result<Option<String>, DirectoryError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let _slot = tokio::time::timeout(remaining, self.inner.slots.acquire())
+            .await
+            .map_err(|_| DirectoryError::Unavailable("deadline reached".into()))?
+            .expect("semaphore open");
+        let (mut conn, _) = self.checkout(remaining, true).await?;
+        let found = self
+            .find_user(
+                &mut conn.ldap,
+                id,
+                deadline.saturating_duration_since(Instant::now()),
+            )
+            .await
+            .map_err(|e| DirectoryError::Ldap(e.to_string()))?;
+        self.checkin(conn);
+        Ok(match found.as_slice() {
+            [] => None,
+            [one, ..] => Some(one.dn.clone()),
+        })
     }
 
     /// Finds the user named by `id`.

@@ -160,7 +160,31 @@ pub struct DoctorOptions {
 /// Runs every check.
 pub async fn run(config: &AgentConfig, options: &DoctorOptions) -> Report {
     let mut report = Report::default();
-    let directory = match Directory::new(config.directory.clone()) {
+    let domains = config.all_domains();
+    let several = domains.len() > 1;
+    for domain in domains {
+        let mut part = Report::default();
+        check_domain(&domain.directory, options, &mut part).await;
+        for mut c in part.checks {
+            if several {
+                c.name = format!("{}: {}", domain.dns_name, c.name);
+            }
+            report.checks.push(c);
+        }
+    }
+    if !options.skip_gateway {
+        gateway_check(config, &mut report).await;
+    }
+    report
+}
+
+/// The checks of one domain's DCs and directory.
+async fn check_domain(
+    config: &crate::directory::DirectoryConfig,
+    options: &DoctorOptions,
+    report: &mut Report,
+) {
+    let directory = match Directory::new(config.clone()) {
         Ok(d) => d,
         Err(e) => {
             report.push(
@@ -169,7 +193,7 @@ pub async fn run(config: &AgentConfig, options: &DoctorOptions) -> Report {
                 e.to_string(),
                 Some("fix the --ldap-url / --ldap-ca settings".into()),
             );
-            return report;
+            return;
         }
     };
     let budget = Duration::from_secs(10);
@@ -215,14 +239,10 @@ pub async fn run(config: &AgentConfig, options: &DoctorOptions) -> Report {
         }
     }
     if let Some((mut ldap, url)) = bound {
-        if let Err(e) = directory_checks(&mut ldap, &directory, options, &mut report).await {
+        if let Err(e) = directory_checks(&mut ldap, &directory, options, report).await {
             report.push(Status::Fail, "directory", format!("{url}: {e}"), None);
         }
     }
-    if !options.skip_gateway {
-        gateway_check(config, &mut report).await;
-    }
-    report
 }
 
 async fn search_one(

@@ -5,6 +5,7 @@
 
 pub mod directory;
 pub mod doctor;
+pub mod domains;
 pub mod link;
 
 use std::path::PathBuf;
@@ -26,11 +27,24 @@ pub struct AgentConfig {
     pub agent_secret: Secret,
     /// The forest this agent serves, as registered at the gateway.
     pub forest: String,
-    /// DNS domains of the forest this agent can write to (reported in its hello).
-    pub domains: Vec<String>,
+    /// Further domains of the forest (the primary one is `directory`), each with its DCs.
+    pub extra_domains: Vec<domains::DomainConfig>,
     /// Operations applied at once.
     pub max_in_flight: u32,
     pub directory: directory::DirectoryConfig,
+}
+
+impl AgentConfig {
+    /// The primary domain (named like the forest) followed by the extra domains.
+    pub fn all_domains(&self) -> Vec<domains::DomainConfig> {
+        let mut all = vec![domains::DomainConfig {
+            dns_name: self.forest.clone(),
+            upn_suffixes: Vec::new(),
+            directory: self.directory.clone(),
+        }];
+        all.extend(self.extra_domains.iter().cloned());
+        all
+    }
 }
 
 /// Errors that stop the agent.
@@ -49,14 +63,18 @@ pub enum AgentError {
 /// On configuration errors that retrying cannot fix.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     relay::tls::install_crypto_provider();
-    let directory = directory::Directory::new(config.directory.clone())?;
-    match directory.check().await {
-        Ok(dc) => tracing::info!(%dc, "directory reachable; bound as the service account"),
-        Err(e) => {
-            tracing::warn!(error = %e, "directory check failed; operations will report DIRECTORY_UNAVAILABLE until it recovers")
+    let domains = domains::Domains::new(config.all_domains())?;
+    for (domain, check) in domains.check().await {
+        match check {
+            Ok(dc) => {
+                tracing::info!(%domain, %dc, "directory reachable; bound as the service account")
+            }
+            Err(e) => {
+                tracing::warn!(%domain, error = %e, "directory check failed; operations will report DIRECTORY_UNAVAILABLE until it recovers")
+            }
         }
     }
-    let agent = link::Agent::new(config, directory);
+    let agent = link::Agent::new(config, domains);
     agent.run(shutdown).await?;
     tracing::info!("agent stopped");
     Ok(())

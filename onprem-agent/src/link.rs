@@ -22,7 +22,8 @@ use relay::proto::{
 };
 use relay::trace::TraceParent;
 
-use crate::directory::{ApplyResult, Directory};
+use crate::directory::ApplyResult;
+use crate::domains::Domains;
 use crate::AgentConfig;
 
 /// Frames buffered towards the gateway.
@@ -66,16 +67,16 @@ impl Outcomes {
 /// Long-lived state shared by all connections of this agent process.
 pub struct Agent {
     config: AgentConfig,
-    directory: Directory,
+    domains: Domains,
     instance_id: String,
     outcomes: Mutex<Outcomes>,
 }
 
 impl Agent {
-    pub fn new(config: AgentConfig, directory: Directory) -> Arc<Self> {
+    pub fn new(config: AgentConfig, domains: Domains) -> Arc<Self> {
         Arc::new(Self {
             config,
-            directory,
+            domains,
             instance_id: uuid::Uuid::new_v4().to_string(),
             outcomes: Mutex::default(),
         })
@@ -154,7 +155,12 @@ impl Agent {
             frame: Some(agent_frame::Frame::Hello(Hello {
                 agent_id: self.config.agent_id.clone(),
                 forest: self.config.forest.clone(),
-                domains: self.config.domains.clone(),
+                domains: self
+                    .config
+                    .all_domains()
+                    .into_iter()
+                    .map(|d| d.dns_name)
+                    .collect(),
                 version: relay::VERSION.to_owned(),
                 max_in_flight: self.config.max_in_flight,
                 instance_id: self.instance_id.clone(),
@@ -420,7 +426,7 @@ impl Session {
         let started = Instant::now();
         let result: ApplyResult = self
             .agent
-            .directory
+            .domains
             .apply(&op, deadline, self.allow_protected)
             .await;
         drop(op);

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use onprem_agent::domains::DomainConfig;
 use onprem_agent::{directory::DirectoryConfig, AgentConfig};
 use relay::secret::Secret;
 
@@ -83,34 +84,91 @@ struct RunArgs {
     /// Operations applied at once.
     #[arg(long, env = "AGENT_MAX_IN_FLIGHT", default_value_t = 8)]
     max_in_flight: u32,
+    /// A further domain of the forest (repeatable):
+    /// `DNS;base=DN;ldap=URL[|URL…][;upn=SUFFIX[|SUFFIX…]][;bind=DN_OR_UPN;password-file=PATH][;ca=PEM]`.
+    /// Bind account, password and CA default to the primary domain's.
+    #[arg(long = "domain", env = "AGENT_DOMAINS", value_delimiter = '\n')]
+    domains: Vec<String>,
     /// Pooled LDAPS connections.
     #[arg(long, env = "AGENT_LDAP_POOL_SIZE", default_value_t = 4)]
     ldap_pool_size: usize,
+}
+
+/// Parses one `--domain` value (see its help).
+fn parse_domain(spec: &str, primary: &DirectoryConfig) -> anyhow::Result<DomainConfig> {
+    let mut parts = spec.split(';');
+    let dns_name = parts.next().unwrap_or_default().trim().to_owned();
+    anyhow::ensure!(
+        !dns_name.is_empty() && !dns_name.contains('='),
+        "--domain {spec:?}: must start with the domain's DNS name"
+    );
+    let mut directory = primary.clone();
+    directory.urls.clear();
+    directory.base_dn.clear();
+    let mut upn_suffixes = Vec::new();
+    for part in parts.filter(|p| !p.trim().is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .with_context(|| format!("--domain {dns_name}: {part:?} is not key=value"))?;
+        let value = value.trim();
+        match key.trim() {
+            "base" => directory.base_dn = value.to_owned(),
+            "ldap" => directory.urls = value.split('|').map(str::to_owned).collect(),
+            "upn" => upn_suffixes = value.split('|').map(str::to_owned).collect(),
+            "bind" => directory.bind_dn = value.to_owned(),
+            "password-file" => {
+                directory.bind_password = Secret::from_file(std::path::Path::new(value))
+                    .with_context(|| format!("--domain {dns_name}: password-file"))?
+            }
+            "ca" => directory.ca_file = value.into(),
+            other => anyhow::bail!("--domain {dns_name}: unknown key {other:?} (expected base, ldap, upn, bind, password-file, ca)"),
+        }
+    }
+    anyhow::ensure!(
+        !directory.base_dn.is_empty(),
+        "--domain {dns_name}: base=DN is required"
+    );
+    anyhow::ensure!(
+        !directory.urls.is_empty(),
+        "--domain {dns_name}: ldap=URL is required"
+    );
+    Ok(DomainConfig {
+        dns_name,
+        upn_suffixes,
+        directory,
+    })
 }
 
 fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     let agent_secret = Secret::from_file(&args.agent_secret_file).context("--agent-secret-file")?;
     let bind_password =
         Secret::from_file(&args.bind_password_file).context("--bind-password-file")?;
+    let directory = DirectoryConfig {
+        urls: args.ldap_urls,
+        ca_file: args.ldap_ca,
+        bind_dn: args.bind_dn,
+        bind_password,
+        base_dn: args.base_dn,
+        pool_size: args.ldap_pool_size.max(1),
+        connect_timeout: Duration::from_secs(5),
+        use_dc_reason_text: true,
+    };
+    let extra_domains = args
+        .domains
+        .iter()
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| parse_domain(d, &directory))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(AgentConfig {
         gateway_url: args.gateway_url,
         gateway_ca: args.gateway_ca,
         gateway_tls_name: args.gateway_tls_name,
         agent_id: args.agent_id,
         agent_secret,
-        domains: vec![args.forest.clone()],
+        extra_domains,
         forest: args.forest,
         max_in_flight: args.max_in_flight.clamp(1, 256),
-        directory: DirectoryConfig {
-            urls: args.ldap_urls,
-            ca_file: args.ldap_ca,
-            bind_dn: args.bind_dn,
-            bind_password,
-            base_dn: args.base_dn,
-            pool_size: args.ldap_pool_size.max(1),
-            connect_timeout: Duration::from_secs(5),
-            use_dc_reason_text: true,
-        },
+        directory,
     })
 }
 

@@ -44,7 +44,7 @@ fn config(dc: &SambaDc, bind_dn: String, password: &str, ca: std::path::PathBuf)
         agent_id: "doctor-test".into(),
         agent_secret: Secret::new("unused"),
         forest: dc.dns_domain(),
-        domains: vec![],
+        extra_domains: vec![],
         max_in_flight: 1,
         directory: DirectoryConfig {
             urls: vec![dc.ldaps_url()],
