@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use relay::proto::agent_link_server::AgentLink;
 use relay::proto::{
@@ -306,6 +307,19 @@ impl Session {
     }
 
     async fn on_ack(&self, ack: Ack) {
+        let span = tracing::info_span!(
+            "writeback.acknowledge",
+            tenant = %self.identity.tenant,
+            forest = %self.identity.forest,
+            operation_id = %ack.operation_id,
+            agent_id = %self.identity.agent_id,
+            outcome = Outcome::try_from(ack.outcome).unwrap_or_default().as_str_name(),
+        );
+        relay::telemetry::set_parent(&span, &ack.traceparent);
+        self.record_ack(ack).instrument(span).await;
+    }
+
+    async fn record_ack(&self, ack: Ack) {
         let tracked = self
             .in_flight
             .lock()
@@ -513,6 +527,20 @@ impl Session {
     /// Hands one entry to the agent if the deadline rules allow; holds one permit, which is
     /// released here unless the entry is now in flight.
     async fn dispatch(&self, entry: QueueEntry) {
+        // Continues the operation's trace from the queued context, on whichever replica.
+        let span = tracing::info_span!(
+            "writeback.dequeue",
+            tenant = %self.identity.tenant,
+            forest = %self.identity.forest,
+            operation_id = %entry.operation_id,
+            agent_id = %self.identity.agent_id,
+            replica = %self.gw.config.replica_id,
+        );
+        relay::telemetry::set_parent(&span, &entry.traceparent);
+        self.dispatch_in_span(entry).instrument(span).await;
+    }
+
+    async fn dispatch_in_span(&self, entry: QueueEntry) {
         let tenant = &self.identity.tenant;
         if self
             .in_flight
@@ -563,7 +591,10 @@ impl Session {
             return;
         }
         let remaining = (entry.deadline_ms - relay::now_unix_ms()).max(0) as u32;
+        let send_span = tracing::info_span!("agentlink.send", remaining_ms = remaining);
+        let dispatch_traceparent = relay::telemetry::traceparent(&send_span);
         let work = Work {
+            dispatch_traceparent,
             operation_id: entry.operation_id.clone(),
             tenant_id: tenant.clone(),
             forest: self.identity.forest.clone(),
@@ -582,6 +613,7 @@ impl Session {
         if self
             .tx
             .send(Ok(frame(gateway_frame::Frame::Work(work))))
+            .instrument(send_span)
             .await
             .is_err()
         {

@@ -134,10 +134,21 @@ fn check_name(field: &str, v: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    relay::telemetry::init_logging();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
-        Command::Admin(AdminArgs { command }) => match command {
+        Command::Serve(args) => {
+            let telemetry = relay::telemetry::init("cloud-gateway");
+            let result = serve(args).await;
+            telemetry.shutdown();
+            result
+        }
+        Command::Admin(AdminArgs { command }) => admin_command(command).await,
+    }
+}
+
+async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
+    relay::telemetry::init_logging();
+    {
+        match command {
             AdminCommand::GenMasterKey => {
                 println!("{}", admin::generate_master_key()?.expose());
                 Ok(())
@@ -194,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-        },
+        }
     }
 }
 

@@ -77,11 +77,13 @@ impl WritebackService {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<SubmitResponse, GatewayError> {
+        // The caller's W3C trace context, honoured when well-formed.
         let traceparent = request
             .metadata()
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
+            .filter(|v| TraceParent::parse(v).is_some())
+            .map(str::to_owned);
         // Authenticate first, so an anonymous caller learns nothing about the request.
         self.authorize(&request, &request.get_ref().tenant_id)
             .await?;
@@ -96,29 +98,30 @@ impl WritebackService {
     async fn submit_validated(
         &self,
         req: &mut SubmitRequest,
-        parent: Option<TraceParent>,
+        parent: Option<String>,
     ) -> Result<SubmitResponse, GatewayError> {
         validate::submit(req)?;
         if req.operation_id.is_empty() {
             req.operation_id = uuid::Uuid::new_v4().to_string();
         }
         let span = tracing::info_span!(
-            "submit",
+            "writeback.submit",
+            otel.kind = "server",
             tenant = %req.tenant_id,
             forest = req.user.as_ref().map(|u| u.forest.as_str()).unwrap_or_default(),
             operation_id = %req.operation_id,
             kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default(),
+            outcome = tracing::field::Empty,
         );
-        self.accept(req, parent).instrument(span).await
+        if let Some(tp) = &parent {
+            relay::telemetry::set_parent(&span, tp);
+        }
+        self.accept(req).instrument(span).await
     }
 
     /// Accepts a validated request: answers a resubmission from its record, refuses at once
     /// when no agent is live, otherwise seals, queues and waits.
-    async fn accept(
-        &self,
-        req: &mut SubmitRequest,
-        parent: Option<TraceParent>,
-    ) -> Result<SubmitResponse, GatewayError> {
+    async fn accept(&self, req: &mut SubmitRequest) -> Result<SubmitResponse, GatewayError> {
         let gw = &self.gw;
         let tenant = req.tenant_id.clone();
         let forest = req
@@ -155,7 +158,7 @@ impl WritebackService {
                 outcome: Outcome::NotEnabled as i32,
                 policy_violation: PolicyViolation::Unspecified as i32,
                 message: message.to_owned(),
-                trace_id: parent.map(|p| p.trace_id_hex()).unwrap_or_default(),
+                trace_id: relay::telemetry::trace_id(&tracing::Span::current()),
             });
         }
 
@@ -171,7 +174,7 @@ impl WritebackService {
                 outcome: Outcome::AgentUnavailable as i32,
                 policy_violation: PolicyViolation::Unspecified as i32,
                 message: AGENT_UNAVAILABLE_MESSAGE.to_owned(),
-                trace_id: parent.map(|p| p.trace_id_hex()).unwrap_or_default(),
+                trace_id: relay::telemetry::trace_id(&tracing::Span::current()),
             });
         }
 
@@ -181,7 +184,7 @@ impl WritebackService {
             initiator: req.initiator,
             action: req.action.take().map(Into::into),
         };
-        self.enqueue(&tenant, &forest, &operation_id, sealed, timeout, parent)
+        self.enqueue(&tenant, &forest, &operation_id, sealed, timeout)
             .await?;
         self.wait_for_outcome(&tenant, &operation_id, timeout).await
     }
@@ -195,30 +198,48 @@ impl WritebackService {
         operation_id: &str,
         sealed: SealedOperation,
         timeout: Duration,
-        parent: Option<TraceParent>,
+    ) -> Result<(), GatewayError> {
+        // The trace context queued with the operation (and bound to its envelope) is this
+        // span's: the dequeue on whichever replica and the agent continue the trace from it.
+        let span = tracing::info_span!("writeback.enqueue", operation_id, forest);
+        let traceparent = relay::telemetry::traceparent(&span);
+        let trace = TraceParent::parse(&traceparent).unwrap_or_else(TraceParent::new_root);
+        self.seal_and_queue(tenant, forest, operation_id, sealed, timeout, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn seal_and_queue(
+        &self,
+        tenant: &str,
+        forest: &str,
+        operation_id: &str,
+        sealed: SealedOperation,
+        timeout: Duration,
+        trace: TraceParent,
     ) -> Result<(), GatewayError> {
         let gw = &self.gw;
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
         let initiator = sealed.initiator;
-        let trace = parent
-            .map(|p| p.child())
-            .unwrap_or_else(TraceParent::new_root);
         let traceparent = trace.to_string();
         let accepted_ms = relay::now_unix_ms();
         let deadline_ms = accepted_ms + timeout.as_millis() as i64;
 
         let forest_key = gw.tenants.forest_key(tenant, forest).await?;
-        let mut plaintext = sealed.encode_to_vec();
-        drop(sealed);
-        let binding = Binding {
-            tenant_id: tenant,
-            forest,
-            operation_id,
-            deadline_unix_ms: deadline_ms,
-            traceparent: &traceparent,
-        };
-        let envelope = forest_key.seal(&binding, &plaintext);
-        plaintext.zeroize();
+        let envelope = tracing::info_span!("writeback.seal").in_scope(|| {
+            let mut plaintext = sealed.encode_to_vec();
+            drop(sealed);
+            let binding = Binding {
+                tenant_id: tenant,
+                forest,
+                operation_id,
+                deadline_unix_ms: deadline_ms,
+                traceparent: &traceparent,
+            };
+            let envelope = forest_key.seal(&binding, &plaintext);
+            plaintext.zeroize();
+            envelope
+        });
         let envelope = envelope.map_err(|e| GatewayError::Internal(e.to_string()))?;
 
         gw.store
@@ -298,15 +319,8 @@ impl WritebackService {
             initiator: relay::proto::Initiator::Admin as i32,
             action: Some(sealed_operation::Action::QueryPolicy(QueryPolicy {})),
         };
-        self.enqueue(
-            &tenant,
-            &forest,
-            &operation_id,
-            sealed,
-            POLICY_TIMEOUT,
-            None,
-        )
-        .await?;
+        self.enqueue(&tenant, &forest, &operation_id, sealed, POLICY_TIMEOUT)
+            .await?;
         self.wait_for_outcome(&tenant, &operation_id, POLICY_TIMEOUT)
             .await?;
         let rec = gw
@@ -400,6 +414,16 @@ impl WritebackService {
     }
 
     async fn answer(
+        &self,
+        rec: &OpRecord,
+        outcome: Outcome,
+    ) -> Result<SubmitResponse, GatewayError> {
+        let span = tracing::info_span!("writeback.answer", outcome = outcome.as_str_name());
+        tracing::Span::current().record("outcome", outcome.as_str_name());
+        self.answer_in_span(rec, outcome).instrument(span).await
+    }
+
+    async fn answer_in_span(
         &self,
         rec: &OpRecord,
         outcome: Outcome,
@@ -514,6 +538,9 @@ impl Writeback for WritebackService {
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<Response<PasswordPolicy>, Status> {
-        Ok(Response::new(self.password_policy(request).await?))
+        let span = tracing::info_span!("writeback.get_password_policy", otel.kind = "server");
+        Ok(Response::new(
+            self.password_policy(request).instrument(span).await?,
+        ))
     }
 }

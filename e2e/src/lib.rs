@@ -24,6 +24,8 @@ use relay::proto::{
 use relay::secret::Secret;
 use testkit::{RedisServer, SambaDc, TestCa};
 
+static TELEMETRY: std::sync::OnceLock<relay::telemetry::Telemetry> = std::sync::OnceLock::new();
+
 /// A running gateway replica.
 pub struct GatewayHandle {
     pub replica: String,
@@ -68,6 +70,8 @@ impl Sandbox {
     /// When a component does not start.
     pub async fn start(gateways: usize) -> anyhow::Result<Self> {
         relay::tls::install_crypto_provider();
+        // Spans get real OpenTelemetry ids, as in production (nothing is exported).
+        TELEMETRY.get_or_init(|| relay::telemetry::init("e2e"));
         let redis = RedisServer::start().context("start redis")?;
         let dc = SambaDc::start("CORP.WRITEBACK.TEST").context("start samba")?;
         let ca = TestCa::new(&["127.0.0.1", "localhost"]).context("test CA")?;
@@ -437,6 +441,55 @@ pub fn contains_secret(haystack: &[u8], needle: &str) -> bool {
     [utf8, utf16.as_slice()]
         .iter()
         .any(|n| !n.is_empty() && haystack.windows(n.len()).any(|w| w == *n))
+}
+
+/// A child process (a gateway or agent binary) with its stderr in a log file; killed on drop.
+pub struct Process {
+    pub child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Spawns `cmd` with stderr to `log`.
+    ///
+    /// # Panics
+    /// When the command cannot be spawned.
+    pub fn spawn(cmd: &mut std::process::Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn");
+        Self { child, log }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then its exit status if it exits within `within`.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Path of a workspace binary built by `cargo build --workspace --bins` (`make test` does).

@@ -5,50 +5,10 @@
 //! links a Redis client.
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use e2e::{binary, listening_sockets, Sandbox};
-
-struct Proc {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: std::path::PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit status within `within`.
-    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let start = Instant::now();
-        while start.elapsed() < within {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use e2e::{binary, listening_sockets, Process, Sandbox};
 
 fn write_secret(dir: &std::path::Path, name: &str, value: &str) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -64,7 +24,7 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
     let port = testkit::free_port().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
-    let mut gateway = Proc::spawn(
+    let mut gateway = Process::spawn(
         Command::new(binary("cloud-gateway").unwrap())
             .arg("serve")
             .env("WRITEBACK_LISTEN", addr.to_string())
@@ -82,7 +42,7 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
         .unwrap();
     let agent_secret = write_secret(&dir, "agent.secret", secret.expose());
     let bind_password = write_secret(&dir, "svc.password", &sb.dc.svc_password());
-    let mut agent = Proc::spawn(
+    let mut agent = Process::spawn(
         Command::new(binary("onprem-agent").unwrap())
             .arg("run")
             .args(["--gateway-url", &format!("https://{addr}")])

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ldap3::controls::RawControl;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Mod, Scope, SearchEntry, StdStream};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use relay::proto::{sealed_operation::Action, user_ref, Outcome, PolicyViolation, SealedOperation};
@@ -619,6 +620,7 @@ impl Directory {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let users = self
             .find_user(&mut conn.ldap, id, remaining)
+            .instrument(tracing::info_span!("agent.lookup"))
             .await
             .map_err(|error| ApplyError {
                 stage: Stage::Lookup,
@@ -683,6 +685,7 @@ impl Directory {
             .with_controls(controls)
             .with_timeout(remaining)
             .modify(&user.dn, mods)
+            .instrument(tracing::info_span!("agent.ldap_write", directory = %conn.url, kind = action.kind()))
             .await;
         let write_ms = write_started.elapsed().as_millis() as u32;
         let res = res.map_err(|error| ApplyError {

@@ -21,6 +21,7 @@ use relay::proto::{
     SealedOperation, Welcome, Work,
 };
 use relay::trace::TraceParent;
+use tracing::Instrument;
 
 use crate::directory::ApplyResult;
 use crate::domains::Domains;
@@ -329,17 +330,24 @@ impl Session {
     /// still running (its first delivery will answer).
     async fn process(&self, work: Work, received: Instant) -> Option<Ack> {
         let op_id = work.operation_id.clone();
-        let parent = TraceParent::parse(&work.traceparent);
-        let trace = parent
-            .map(|p| p.child())
-            .unwrap_or_else(TraceParent::new_root);
         let span = tracing::info_span!(
-            "apply",
+            "agent.apply",
+            otel.kind = "consumer",
             operation_id = %op_id,
             tenant = %self.tenant,
             forest = %self.forest,
-            trace_id = %trace.trace_id_hex(),
+            agent_id = %self.agent.config.agent_id,
+            outcome = tracing::field::Empty,
         );
+        let parent = if work.dispatch_traceparent.is_empty() {
+            &work.traceparent
+        } else {
+            &work.dispatch_traceparent
+        };
+        relay::telemetry::set_parent(&span, parent);
+        let trace = TraceParent::parse(&relay::telemetry::traceparent(&span))
+            .or_else(|| TraceParent::parse(parent).map(|p| p.child()))
+            .unwrap_or_else(TraceParent::new_root);
         let _guard = span.enter();
         // Answer a redelivery from memory; never apply an operation twice.
         {
@@ -355,7 +363,16 @@ impl Session {
             }
         }
         drop(_guard);
-        let ack = self.open_and_apply(work, received, &trace).await;
+        let ack = self
+            .open_and_apply(work, received, &trace)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "outcome",
+            Outcome::try_from(ack.outcome)
+                .unwrap_or_default()
+                .as_str_name(),
+        );
         let mut outcomes = self.agent.outcomes.lock().expect("outcomes");
         outcomes.running.remove(&op_id);
         outcomes.done.insert(op_id, (Instant::now(), ack.clone()));
@@ -392,7 +409,9 @@ impl Session {
             deadline_unix_ms: work.deadline_unix_ms,
             traceparent: &work.traceparent,
         };
-        let sealed = match self.key.open(&binding, work.key_version, &work.envelope) {
+        let opened = tracing::info_span!("agent.open")
+            .in_scope(|| self.key.open(&binding, work.key_version, &work.envelope));
+        let sealed = match opened {
             Ok(plain) => SealedOperation::decode(plain.as_slice()),
             Err(e) => {
                 tracing::error!(operation_id = %op_id, error = %e, "sealed operation does not open for this tenant and forest; refused");

@@ -174,7 +174,6 @@ fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    relay::telemetry::init_logging();
     let args = match Cli::parse().command {
         Command::Run(args) => args,
         Command::Doctor {
@@ -182,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             sample_users,
             skip_gateway,
         } => {
+            relay::telemetry::init_logging();
             let config = agent_config(args)?;
             let options = onprem_agent::doctor::DoctorOptions {
                 sample_users,
@@ -192,7 +192,13 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(i32::from(report.failed()));
         }
     };
-    let config = agent_config(args)?;
+    let telemetry = relay::telemetry::init("onprem-agent");
+    let result = run(agent_config(args)?).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
     tokio::pin!(agent);
