@@ -83,7 +83,7 @@ impl AgentLinkService {
 
         let gw = &self.gw;
         if hello.probe {
-            tracing::info!(agent_id = %identity.agent_id, "connectivity probe answered");
+            tracing::info!(event = "WB1014", agent_id = %identity.agent_id, "connectivity probe answered");
             let (tx, rx) = mpsc::channel(1);
             let welcome = Welcome {
                 tenant_id: identity.tenant.clone(),
@@ -142,7 +142,7 @@ impl AgentLinkService {
             tx,
             cancel: gw.shutdown.child_token(),
         });
-        tracing::info!(
+        tracing::info!(event = "WB1010",
             agent_id = %session.identity.agent_id,
             instance = %session.instance,
             tenant = %session.identity.tenant,
@@ -220,6 +220,10 @@ impl Session {
         if let Err(e) = self.seen().await {
             tracing::warn!(error = %e, "could not record agent presence");
         }
+        let labels = [self.identity.tenant.as_str(), self.identity.forest.as_str()];
+        let m = crate::metrics::get();
+        m.connected_agents.with_label_values(&labels).inc();
+        m.agent_sessions.with_label_values(&labels).inc();
         let dispatcher = tokio::spawn(self.clone().dispatch_loop());
         let heartbeats = tokio::spawn(self.clone().heartbeat_loop());
         let mut last_heard = Instant::now();
@@ -243,7 +247,7 @@ impl Session {
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::info!(agent_id = %self.identity.agent_id, error = %status.message(), "agent stream ended");
+                        tracing::info!(event = "WB1015", agent_id = %self.identity.agent_id, error = %status.message(), "agent stream ended");
                         break;
                     }
                 },
@@ -257,7 +261,7 @@ impl Session {
                 _ = drain_sleep => break,
                 _ = tokio::time::sleep(silence_limit) => {
                     if last_heard.elapsed() >= silence_limit {
-                        tracing::warn!(agent_id = %self.identity.agent_id, "agent silent for 3 heartbeats; closing its session");
+                        tracing::warn!(event = "WB1012", agent_id = %self.identity.agent_id, "agent silent for 3 heartbeats; closing its session");
                         break;
                     }
                 }
@@ -266,6 +270,7 @@ impl Session {
         self.cancel.cancel();
         let _ = dispatcher.await;
         let _ = heartbeats.await;
+        m.connected_agents.with_label_values(&labels).dec();
         if let Err(e) = gw
             .store
             .agent_gone(&self.identity.tenant, &self.identity.forest, &self.member)
@@ -273,7 +278,7 @@ impl Session {
         {
             tracing::warn!(error = %e, "could not remove agent presence");
         }
-        tracing::info!(
+        tracing::info!(event = "WB1011",
             agent_id = %self.identity.agent_id,
             instance = %self.instance,
             in_flight = self.in_flight_count(),
@@ -343,6 +348,19 @@ impl Session {
         };
         let message: String = ack.message.chars().take(MAX_MESSAGE).collect();
         let detail: String = ack.detail.chars().take(MAX_MESSAGE).collect();
+        let m = crate::metrics::get();
+        m.acknowledgments
+            .with_label_values(&[
+                self.identity.tenant.as_str(),
+                self.identity.forest.as_str(),
+                outcome.as_str_name(),
+            ])
+            .inc();
+        if let Some(t) = &tracked {
+            m.stage_seconds
+                .with_label_values(&["agent"])
+                .observe(t.sent.elapsed().as_secs_f64());
+        }
         let round_trip = tracked
             .map(|t| t.sent.elapsed().as_millis())
             .unwrap_or_default();
@@ -384,7 +402,7 @@ impl Session {
             .await;
         match recorded {
             Ok(Some(caller)) => {
-                tracing::info!(
+                tracing::info!(event = "WB1022",
                     operation_id = %ack.operation_id,
                     agent_id = %self.identity.agent_id,
                     outcome = outcome.as_str_name(),
@@ -399,11 +417,11 @@ impl Session {
                     tracing::warn!(error = %e, "could not notify the caller's replica; it will poll");
                 }
             }
-            Ok(None) => tracing::info!(
+            Ok(None) => tracing::info!(event = "WB1023",
                 operation_id = %ack.operation_id,
                 "acknowledgment for an operation already final (or not of this forest); kept on the timeline only"
             ),
-            Err(e) => tracing::error!(
+            Err(e) => tracing::error!(event = "WB1024",
                 operation_id = %ack.operation_id,
                 error = %e,
                 "could not record an acknowledgment; the deadline rules will settle the operation"
@@ -506,7 +524,8 @@ impl Session {
                 }
                 Err(e) => {
                     self.permits.add_permits(want);
-                    tracing::warn!(error = %e, queue = %self.queue, "reading work failed; retrying");
+                    crate::metrics::get().redis_errors.inc();
+                    tracing::warn!(event = "WB1090", error = %e, queue = %self.queue, "reading work failed; retrying");
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -569,16 +588,16 @@ impl Session {
             Ok(Delivery::AlreadyDelivered(other)) => {
                 // Another agent instance took it and may have applied it: never hand it to a
                 // second one. The deadline rules will settle it if that instance never answers.
-                tracing::warn!(operation_id = %entry.operation_id, other_instance = %other, "entry already delivered to another instance; not redelivered");
+                tracing::warn!(event = "WB1021", operation_id = %entry.operation_id, other_instance = %other, "entry already delivered to another instance; not redelivered");
                 false
             }
             Ok(Delivery::Expired) => {
-                tracing::info!(operation_id = %entry.operation_id, "deadline passed before delivery: EXPIRED");
+                tracing::info!(event = "WB1020", operation_id = %entry.operation_id, "deadline passed before delivery: EXPIRED");
                 false
             }
             Ok(Delivery::Done) => false,
             Err(e) => {
-                tracing::warn!(error = %e, operation_id = %entry.operation_id, "could not mark delivery; the entry stays pending");
+                tracing::warn!(event = "WB1090", error = %e, operation_id = %entry.operation_id, "could not mark delivery; the entry stays pending");
                 self.permits.add_permits(1);
                 return;
             }
@@ -591,6 +610,17 @@ impl Session {
             return;
         }
         let remaining = (entry.deadline_ms - relay::now_unix_ms()).max(0) as u32;
+        if let Some(queued_ms) = entry
+            .id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse::<i64>().ok())
+        {
+            crate::metrics::get()
+                .stage_seconds
+                .with_label_values(&["queue_wait"])
+                .observe((relay::now_unix_ms() - queued_ms).max(0) as f64 / 1000.0);
+        }
         let send_span = tracing::info_span!("agentlink.send", remaining_ms = remaining);
         let dispatch_traceparent = relay::telemetry::traceparent(&send_span);
         let work = Work {

@@ -79,7 +79,10 @@ impl From<GatewayError> for Status {
             GatewayError::Internal(_) => Code::Internal,
         };
         match &e {
-            GatewayError::Store(inner) => tracing::warn!(error = %inner, "store error"),
+            GatewayError::Store(inner) => {
+                crate::metrics::get().redis_errors.inc();
+                tracing::warn!(event = "WB1090", error = %inner, "store error")
+            }
             GatewayError::Internal(detail) => tracing::error!(%detail, "internal error"),
             _ => {}
         }

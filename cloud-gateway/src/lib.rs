@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod agent_link;
 pub mod error;
+pub mod metrics;
+pub mod monitor;
 pub mod store;
 pub mod sweeper;
 pub mod tenants;
@@ -54,6 +56,8 @@ pub struct GatewayConfig {
     pub record_ttl: Duration,
     /// A stream entry pending this long on a consumer is looked at again by another session.
     pub reclaim_idle: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), if anywhere.
+    pub metrics_listen: Option<String>,
 }
 
 impl GatewayConfig {
@@ -78,6 +82,7 @@ impl GatewayConfig {
             ack_grace: Duration::from_secs(10),
             record_ttl: Duration::from_secs(7 * 24 * 3600),
             reclaim_idle: Duration::from_secs(30),
+            metrics_listen: None,
         }
     }
 }
@@ -100,6 +105,11 @@ pub enum ServeError {
     Redis(#[from] store::StoreError),
     #[error("tls: {0}")]
     Tls(#[from] relay::tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -137,6 +147,21 @@ pub async fn run(
         shutdown.clone(),
     ));
     gateway.tasks.spawn(sweeper::run(gateway.clone()));
+    gateway.tasks.spawn(monitor::run(gateway.clone()));
+    if let Some(addr) = &gateway.config.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics at /metrics");
+        gateway.tasks.spawn(relay::metrics::serve(
+            listener,
+            metrics::get().registry.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -156,7 +181,7 @@ pub async fn run(
             })
         })?;
 
-    tracing::info!(
+    tracing::info!(event = "WB1030",
         replica = %gateway.config.replica_id,
         addr = ?listener.local_addr().ok(),
         "gateway serving"
@@ -185,6 +210,6 @@ pub async fn run(
         .await;
     gateway.tasks.close();
     gateway.tasks.wait().await;
-    tracing::info!(replica = %gateway.config.replica_id, "gateway stopped");
+    tracing::info!(event = "WB1031", replica = %gateway.config.replica_id, "gateway stopped");
     Ok(result?)
 }

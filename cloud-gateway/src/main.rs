@@ -48,6 +48,9 @@ struct ServeArgs {
     /// Longest wait a caller may ask for, in seconds.
     #[arg(long, env = "WRITEBACK_MAX_TIMEOUT_SECS", default_value_t = 120)]
     max_timeout_secs: u64,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address.
+    #[arg(long, env = "WRITEBACK_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Seconds to let agent sessions and waiting callers finish after SIGTERM.
     #[arg(long, env = "WRITEBACK_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     shutdown_grace_secs: u64,
@@ -225,6 +228,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.tls_key,
     );
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
+    config.metrics_listen = args.metrics_listen;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

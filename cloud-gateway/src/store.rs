@@ -68,6 +68,12 @@ pub fn queue_key(tenant: &str, forest: &str) -> String {
 pub fn policy_cache_key(tenant: &str, forest: &str, user: &str) -> String {
     format!("wb:{{{tenant}}}:policy:{forest}:{user}")
 }
+/// `(tenant, forest)` of a queue key made by [`queue_key`].
+pub fn parse_queue_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("wb:{")?;
+    let (tenant, rest) = rest.split_once("}:q:")?;
+    Some((tenant, rest))
+}
 pub fn agents_key(tenant: &str, forest: &str) -> String {
     format!("wb:{{{tenant}}}:agents:{forest}")
 }

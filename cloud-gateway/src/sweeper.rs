@@ -19,7 +19,7 @@ pub async fn run(gw: Gateway) {
             _ = tick.tick() => {}
         }
         if let Err(e) = sweep_once(&gw).await {
-            tracing::warn!(error = %e, "deadline sweep failed; retrying next tick");
+            tracing::warn!(event = "WB1090", error = %e, "deadline sweep failed; retrying next tick");
         }
     }
 }

@@ -93,7 +93,7 @@ impl Waiters {
                 _ = shutdown.cancelled() => return,
                 r = session => {
                     if let Err(e) = r {
-                        tracing::warn!(error = %e, "outcome listener lost redis; reconnecting");
+                        tracing::warn!(event = "WB1090", error = %e, "outcome listener lost redis; reconnecting");
                     }
                 }
             }

@@ -59,7 +59,7 @@ impl WritebackService {
             validate::tenant_id(tenant_id)?;
         }
         if owner != tenant_id {
-            tracing::warn!(token_tenant = %owner, requested_tenant = %tenant_id, "token used for another tenant");
+            tracing::warn!(event = "WB1013", token_tenant = %owner, requested_tenant = %tenant_id, "token used for another tenant");
             return Err(GatewayError::WrongTenant(tenant_id.to_owned()));
         }
         Ok(())
@@ -87,10 +87,22 @@ impl WritebackService {
         // Authenticate first, so an anonymous caller learns nothing about the request.
         self.authorize(&request, &request.get_ref().tenant_id)
             .await?;
+        let started = std::time::Instant::now();
         let mut req = request.into_inner();
+        let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or("none");
         let result = self.submit_validated(&mut req, traceparent).await;
         if let Some(action) = req.action.as_mut() {
             action.zeroize();
+        }
+        if let Ok(resp) = &result {
+            let m = crate::metrics::get();
+            let outcome = Outcome::try_from(resp.outcome)
+                .unwrap_or_default()
+                .as_str_name();
+            m.submits.with_label_values(&[kind, outcome]).inc();
+            m.stage_seconds
+                .with_label_values(&["submit"])
+                .observe(started.elapsed().as_secs_f64());
         }
         result
     }
@@ -137,7 +149,10 @@ impl WritebackService {
             if rec.forest != forest || rec.kind != kind {
                 return Err(GatewayError::Conflict(operation_id));
             }
-            tracing::info!("resubmitted operation; returning its outcome");
+            tracing::info!(
+                event = "WB1005",
+                "resubmitted operation; returning its outcome"
+            );
             return self
                 .wait_for_outcome(&tenant, &operation_id, self.timeout(req.timeout_ms))
                 .await;
@@ -152,7 +167,10 @@ impl WritebackService {
             None
         };
         if let Some(message) = refusal {
-            tracing::warn!("switched off for this forest; refused at once, nothing queued");
+            tracing::warn!(
+                event = "WB1003",
+                "switched off for this forest; refused at once, nothing queued"
+            );
             return Ok(SubmitResponse {
                 operation_id,
                 outcome: Outcome::NotEnabled as i32,
@@ -168,7 +186,10 @@ impl WritebackService {
             .await?
             == 0
         {
-            tracing::warn!("no live agent for forest; answered at once, nothing queued");
+            tracing::warn!(
+                event = "WB1002",
+                "no live agent for forest; answered at once, nothing queued"
+            );
             return Ok(SubmitResponse {
                 operation_id,
                 outcome: Outcome::AgentUnavailable as i32,
@@ -264,9 +285,12 @@ impl WritebackService {
             })
             .await?;
         if created {
-            tracing::info!(trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
+            tracing::info!(event = "WB1001", trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
         } else {
-            tracing::info!("operation id raced with a concurrent submission; waiting for it");
+            tracing::info!(
+                event = "WB1006",
+                "operation id raced with a concurrent submission; waiting for it"
+            );
         }
         Ok(())
     }
@@ -445,9 +469,9 @@ impl WritebackService {
             .push_event(&rec.tenant, &rec.operation_id, &event)
             .await
         {
-            tracing::warn!(error = %e, "could not record the answer on the timeline");
+            tracing::warn!(event = "WB1090", error = %e, "could not record the answer on the timeline");
         }
-        tracing::info!(
+        tracing::info!(event = "WB1004",
             tenant = %rec.tenant,
             operation_id = %rec.operation_id,
             outcome = outcome.as_str_name(),

@@ -188,6 +188,7 @@ impl Sandbox {
             agent_secret: secret,
             forest: forest.to_owned(),
             extra_domains,
+            metrics_listen: None,
             max_in_flight: 8,
             directory,
         };

@@ -23,6 +23,8 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
     let master = write_secret(&dir, "master.key", &hex_encode(sb.master_key.expose()));
     let port = testkit::free_port().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let gateway_metrics = format!("127.0.0.1:{}", testkit::free_port().unwrap());
+    let agent_metrics = format!("127.0.0.1:{}", testkit::free_port().unwrap());
 
     let mut gateway = Process::spawn(
         Command::new(binary("cloud-gateway").unwrap())
@@ -32,7 +34,9 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
             .env("WRITEBACK_TLS_KEY", sb.ca.key_file())
             .env("REDIS_URL", sb.redis.url())
             .env("WRITEBACK_MASTER_KEY_FILE", &master)
-            .env("WRITEBACK_REPLICA_ID", "gateway-proc"),
+            .env("WRITEBACK_REPLICA_ID", "gateway-proc")
+            .env("WRITEBACK_METRICS_LISTEN", &gateway_metrics)
+            .env("WRITEBACK_LOG_FORMAT", "json"),
         dir.join("gateway.log"),
     );
     let secret = sb
@@ -55,7 +59,9 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
             .env("AGENT_LDAP_CA", sb.dc.ca_file())
             .env("AGENT_BIND_DN", sb.dc.svc_upn())
             .env("AGENT_BIND_PASSWORD_FILE", &bind_password)
-            .env("AGENT_BASE_DN", sb.dc.base_dn()),
+            .env("AGENT_BASE_DN", sb.dc.base_dn())
+            .env("AGENT_METRICS_LISTEN", &agent_metrics)
+            .env("WRITEBACK_LOG_FORMAT", "json"),
         dir.join("agent.log"),
     );
     sb.wait_agents(&sb.tenant, &sb.forest, 1)
@@ -107,11 +113,50 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
     );
     assert!(sb.dc.can_bind(&format!("judy@{}", sb.forest), new_password));
 
-    // Invariant 5: the agent listens on nothing; the gateway listens on its one port.
+    // Invariant 5: the agent listens only on its loopback metrics port; the gateway on its
+    // gRPC port and its metrics port.
     let agent_listens = listening_sockets(agent.child.id()).unwrap();
-    assert!(agent_listens.is_empty(), "agent listens: {agent_listens:?}");
+    assert_eq!(agent_listens.len(), 1, "agent listens: {agent_listens:?}");
+    assert!(
+        agent_listens[0].contains("0100007F:"),
+        "agent listens beyond loopback: {agent_listens:?}"
+    );
     let gateway_listens = listening_sockets(gateway.child.id()).unwrap();
-    assert_eq!(gateway_listens.len(), 1, "{gateway_listens:?}");
+    assert_eq!(gateway_listens.len(), 2, "{gateway_listens:?}");
+
+    // Metrics after traffic.
+    let gw = scrape(&gateway_metrics);
+    for needle in [
+        "writeback_submits_total{kind=\"reset\",outcome=\"APPLIED\"} 1",
+        "writeback_acknowledgments_total{forest=",
+        "writeback_stage_seconds_count{stage=\"agent\"} 1",
+        "writeback_stage_seconds_count{stage=\"queue_wait\"} 1",
+        "writeback_stage_seconds_count{stage=\"submit\"} 1",
+        "writeback_connected_agents{",
+        "writeback_agent_sessions_total{",
+        "writeback_redis_errors_total 0",
+    ] {
+        assert!(gw.contains(needle), "gateway metrics lack {needle}:\n{gw}");
+    }
+    // the queue gauges appear within one measurement period
+    let mut gw = gw;
+    for _ in 0..60 {
+        if gw.contains("writeback_queue_depth{") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        gw = scrape(&gateway_metrics);
+    }
+    assert!(gw.contains("writeback_queue_oldest_age_seconds{"), "{gw}");
+    let ag = scrape(&agent_metrics);
+    for needle in [
+        "agent_operations_total{kind=\"reset\",outcome=\"APPLIED\"} 1",
+        "agent_ldap_seconds_count{step=\"write\"} 1",
+        "agent_connected 1",
+        "agent_gateway_connects_total 1",
+    ] {
+        assert!(ag.contains(needle), "agent metrics lack {needle}:\n{ag}");
+    }
 
     // SIGTERM: both exit 0, promptly.
     let status = agent
@@ -127,9 +172,37 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
         gateway.log()
     );
 
-    // No secret in either log.
-    for (name, log) in [("gateway", gateway.log()), ("agent", agent.log())] {
-        assert!(log.contains("INFO"), "{name} log is empty");
+    // JSON logs with stable event codes, each documented; no secret in either log.
+    let documented =
+        std::fs::read_to_string(testkit::workspace_root().join("docs/events.md")).unwrap();
+    for (name, log, codes) in [
+        (
+            "gateway",
+            gateway.log(),
+            &["WB1001", "WB1004", "WB1010", "WB1022", "WB1030"][..],
+        ),
+        (
+            "agent",
+            agent.log(),
+            &["WB2001", "WB2003", "WB2010", "WB2030"][..],
+        ),
+    ] {
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(
+                line.starts_with('{') && line.ends_with('}'),
+                "{name}: not a JSON line: {line}"
+            );
+        }
+        for code in codes {
+            assert!(
+                log.contains(&format!("\"event\":\"{code}\"")),
+                "{name} log lacks {code}:\n{log}"
+            );
+            assert!(
+                documented.contains(&format!("| {code} |")),
+                "{code} is not in docs/events.md"
+            );
+        }
         for secret in [
             new_password,
             "Initial#Pass1",
@@ -141,6 +214,47 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
         }
     }
     sb.shutdown().await;
+}
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Every event code used in the sources is documented in docs/events.md.
+#[test]
+fn every_event_code_is_documented() {
+    let root = testkit::workspace_root();
+    let documented = std::fs::read_to_string(root.join("docs/events.md")).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for dir in ["cloud-gateway/src", "onprem-agent/src"] {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    for part in text.split("event = \"WB").skip(1) {
+                        used.insert(format!("WB{}", &part[..4]));
+                    }
+                }
+            }
+        }
+    }
+    assert!(used.len() > 20, "{used:?}");
+    for code in used {
+        assert!(
+            documented.contains(&format!("| {code} |")),
+            "{code} is used but not documented in docs/events.md"
+        );
+    }
 }
 
 fn hex_encode(bytes: &[u8]) -> String {

@@ -296,11 +296,12 @@ impl Directory {
             match self.connect_one(url, budget).await {
                 Ok(c) => return Ok((c, false)),
                 Err(e @ DirectoryError::Bind { .. }) => {
-                    tracing::warn!(%url, error = %e, "service account bind failed");
+                    tracing::warn!(event = "WB2021", %url, error = %e, "service account bind failed");
                     bind_error = Some(e);
                 }
                 Err(e) => {
-                    tracing::warn!(%url, error = %e, "domain controller unavailable; trying the next");
+                    crate::metrics::get().ldap_errors.inc();
+                    tracing::warn!(event = "WB2020", %url, error = %e, "domain controller unavailable; trying the next");
                     errors.push(e.to_string());
                 }
             }
@@ -397,6 +398,7 @@ impl Directory {
                     tracing::info!(url = %conn.url, error = %e.error, "pooled connection failed before writing; retrying on a fresh one");
                 }
                 Err(e) => {
+                    crate::metrics::get().ldap_errors.inc();
                     // The connection is suspect: drop it. Whether the DC applied a write that was
                     // in flight is unknown, so this is not EXPIRED.
                     let mut r = ApplyResult::new(
@@ -734,6 +736,13 @@ impl Directory {
         };
         result.lookup_ms = lookup_ms;
         result.write_ms = write_ms;
+        let m = crate::metrics::get();
+        m.ldap_seconds
+            .with_label_values(&["lookup"])
+            .observe(f64::from(lookup_ms) / 1000.0);
+        m.ldap_seconds
+            .with_label_values(&["write"])
+            .observe(f64::from(write_ms) / 1000.0);
         Ok(result)
     }
 }

@@ -7,6 +7,7 @@ pub mod directory;
 pub mod doctor;
 pub mod domains;
 pub mod link;
+pub mod metrics;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,9 @@ pub struct AgentConfig {
     /// Operations applied at once.
     pub max_in_flight: u32,
     pub directory: directory::DirectoryConfig,
+    /// Where to serve Prometheus metrics; must be a loopback address (the agent listens on
+    /// nothing else).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -54,6 +58,13 @@ pub enum AgentError {
     Directory(#[from] directory::DirectoryError),
     #[error(transparent)]
     Link(#[from] link::LinkError),
+    #[error("metrics address {0} is not a loopback address: the agent listens on nothing reachable from the network")]
+    MetricsNotLoopback(std::net::SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until `shutdown`: checks the directory once (a failure is logged, not
@@ -67,15 +78,29 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     for (domain, check) in domains.check().await {
         match check {
             Ok(dc) => {
-                tracing::info!(%domain, %dc, "directory reachable; bound as the service account")
+                tracing::info!(event = "WB2003", %domain, %dc, "directory reachable; bound as the service account")
             }
             Err(e) => {
-                tracing::warn!(%domain, error = %e, "directory check failed; operations will report DIRECTORY_UNAVAILABLE until it recovers")
+                tracing::warn!(event = "WB2004", %domain, error = %e, "directory check failed; operations will report DIRECTORY_UNAVAILABLE until it recovers")
             }
         }
     }
+    if let Some(addr) = config.metrics_listen {
+        if !addr.ip().is_loopback() {
+            return Err(AgentError::MetricsNotLoopback(addr));
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Bind { addr, source })?;
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics at /metrics (loopback only)");
+        tokio::spawn(relay::metrics::serve(
+            listener,
+            metrics::get().registry.clone(),
+            shutdown.clone(),
+        ));
+    }
     let agent = link::Agent::new(config, domains);
     agent.run(shutdown).await?;
-    tracing::info!("agent stopped");
+    tracing::info!(event = "WB2030", "agent stopped");
     Ok(())
 }

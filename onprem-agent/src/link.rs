@@ -129,11 +129,12 @@ impl Agent {
             let delay = backoff.next_delay();
             match result {
                 Ok(()) => tracing::info!(
+                    event = "WB2002",
                     retry_in_ms = delay.as_millis() as u64,
                     "gateway closed the stream; reconnecting"
                 ),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "gateway link down; reconnecting")
+                    tracing::warn!(event = "WB2002", error = %e, retry_in_ms = delay.as_millis() as u64, "gateway link down; reconnecting")
                 }
             }
             tokio::select! {
@@ -203,7 +204,10 @@ impl Agent {
             }
         };
         let session = Arc::new(self.clone().welcome(welcome, tx)?);
-        tracing::info!(
+        let m = crate::metrics::get();
+        m.gateway_connects.inc();
+        m.connected.set(1);
+        tracing::info!(event = "WB2001",
             gateway = %self.config.gateway_url,
             replica = %session.replica,
             tenant = %session.tenant,
@@ -245,6 +249,7 @@ impl Agent {
                 },
             }
         };
+        m.connected.set(0);
         // Let operations already started finish and send their acknowledgments (bounded).
         session.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), session.tasks.wait()).await;
@@ -310,7 +315,11 @@ impl Session {
             let Ok(_permit) = session.permits.clone().acquire_owned().await else {
                 return;
             };
-            let Some(ack) = session.process(work, received).await else {
+            let in_flight = &crate::metrics::get().in_flight;
+            in_flight.inc();
+            let ack = session.process(work, received).await;
+            in_flight.dec();
+            let Some(ack) = ack else {
                 return;
             };
             if session
@@ -354,7 +363,10 @@ impl Session {
             let mut outcomes = self.agent.outcomes.lock().expect("outcomes");
             outcomes.prune();
             if let Some((_, ack)) = outcomes.done.get(&op_id) {
-                tracing::info!("redelivered operation answered from memory");
+                tracing::info!(
+                    event = "WB2013",
+                    "redelivered operation answered from memory"
+                );
                 return Some(ack.clone());
             }
             if !outcomes.running.insert(op_id.clone()) {
@@ -392,7 +404,7 @@ impl Session {
         };
         let deadline = by_remaining.min(by_clock);
         if deadline.saturating_duration_since(Instant::now()) < MIN_TIME_TO_APPLY {
-            tracing::warn!(operation_id = %op_id, "work arrived after its deadline; not applied");
+            tracing::warn!(event = "WB2012", operation_id = %op_id, "work arrived after its deadline; not applied");
             return refusal(
                 op_id,
                 trace,
@@ -414,7 +426,7 @@ impl Session {
         let sealed = match opened {
             Ok(plain) => SealedOperation::decode(plain.as_slice()),
             Err(e) => {
-                tracing::error!(operation_id = %op_id, error = %e, "sealed operation does not open for this tenant and forest; refused");
+                tracing::error!(event = "WB2011", operation_id = %op_id, error = %e, "sealed operation does not open for this tenant and forest; refused");
                 return refusal(
                     op_id,
                     trace,
@@ -448,9 +460,14 @@ impl Session {
             .domains
             .apply(&op, deadline, self.allow_protected)
             .await;
+        let kind = op.action.as_ref().map_or("none", |a| a.kind());
+        crate::metrics::get()
+            .operations
+            .with_label_values(&[kind, result.outcome.as_str_name()])
+            .inc();
         drop(op);
         let total_ms = received.elapsed().as_millis() as u32;
-        tracing::info!(
+        tracing::info!(event = "WB2010",
             operation_id = %op_id,
             outcome = result.outcome.as_str_name(),
             policy_violation = result.policy_violation.as_str_name(),
@@ -477,6 +494,10 @@ impl Session {
 }
 
 fn refusal(op_id: &str, trace: &TraceParent, outcome: Outcome, detail: &str) -> Ack {
+    crate::metrics::get()
+        .operations
+        .with_label_values(&["unknown", outcome.as_str_name()])
+        .inc();
     let message = match outcome {
         Outcome::Expired => {
             "The request expired before it could be applied; nothing was changed. Please try again."

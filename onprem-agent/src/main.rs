@@ -89,6 +89,9 @@ struct RunArgs {
     /// Bind account, password and CA default to the primary domain's.
     #[arg(long = "domain", env = "AGENT_DOMAINS", value_delimiter = '\n')]
     domains: Vec<String>,
+    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Pooled LDAPS connections.
     #[arg(long, env = "AGENT_LDAP_POOL_SIZE", default_value_t = 4)]
     ldap_pool_size: usize,
@@ -169,6 +172,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
         forest: args.forest,
         max_in_flight: args.max_in_flight.clamp(1, 256),
         directory,
+        metrics_listen: args.metrics_listen,
     })
 }
 

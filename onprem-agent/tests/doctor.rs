@@ -45,6 +45,7 @@ fn config(dc: &SambaDc, bind_dn: String, password: &str, ca: std::path::PathBuf)
         agent_secret: Secret::new("unused"),
         forest: dc.dns_domain(),
         extra_domains: vec![],
+        metrics_listen: None,
         max_in_flight: 1,
         directory: DirectoryConfig {
             urls: vec![dc.ldaps_url()],

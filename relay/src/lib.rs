@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod envelope;
+pub mod metrics;
 pub mod proto;
 pub mod secret;
 pub mod telemetry;
