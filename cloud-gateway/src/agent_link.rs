@@ -134,6 +134,8 @@ impl AgentLinkService {
                 identity.agent_id, hello.instance_id, gw.config.replica_id
             ),
             instance: hello.instance_id.clone(),
+            version: hello.version.clone(),
+            connected_ms: relay::now_unix_ms(),
             queue,
             identity,
             max_in_flight,
@@ -203,6 +205,8 @@ struct Session {
     gw: Gateway,
     identity: AgentIdentity,
     instance: String,
+    version: String,
+    connected_ms: i64,
     /// Presence member in the forest's agent set.
     member: String,
     queue: String,
@@ -221,6 +225,12 @@ impl Session {
             tracing::warn!(error = %e, "could not record agent presence");
         }
         let labels = [self.identity.tenant.as_str(), self.identity.forest.as_str()];
+        let session_key = (self.identity.tenant.clone(), self.identity.forest.clone());
+        *gw.sessions
+            .lock()
+            .expect("sessions")
+            .entry(session_key.clone())
+            .or_default() += 1;
         let m = crate::metrics::get();
         m.connected_agents.with_label_values(&labels).inc();
         m.agent_sessions.with_label_values(&labels).inc();
@@ -271,6 +281,15 @@ impl Session {
         let _ = dispatcher.await;
         let _ = heartbeats.await;
         m.connected_agents.with_label_values(&labels).dec();
+        {
+            let mut sessions = gw.sessions.lock().expect("sessions");
+            if let Some(n) = sessions.get_mut(&session_key) {
+                *n -= 1;
+                if *n == 0 {
+                    sessions.remove(&session_key);
+                }
+            }
+        }
         if let Err(e) = gw
             .store
             .agent_gone(&self.identity.tenant, &self.identity.forest, &self.member)
@@ -291,9 +310,30 @@ impl Session {
     }
 
     async fn seen(&self) -> Result<(), store::StoreError> {
+        let (tenant, forest) = (&self.identity.tenant, &self.identity.forest);
         self.gw
             .store
-            .agent_seen(&self.identity.tenant, &self.identity.forest, &self.member)
+            .agent_seen(tenant, forest, &self.member)
+            .await?;
+        let fields = [
+            ("agent_id", self.identity.agent_id.clone()),
+            ("instance", self.instance.clone()),
+            ("replica", self.gw.config.replica_id.clone()),
+            ("version", self.version.clone()),
+            ("connected", self.connected_ms.to_string()),
+            ("last_heartbeat", relay::now_unix_ms().to_string()),
+            ("in_flight", self.in_flight_count().to_string()),
+            ("max_in_flight", self.max_in_flight.to_string()),
+        ];
+        self.gw
+            .store
+            .agent_info(
+                tenant,
+                forest,
+                &self.member,
+                &fields,
+                self.gw.config.agent_liveness * 3,
+            )
             .await
     }
 

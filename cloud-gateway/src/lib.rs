@@ -58,6 +58,8 @@ pub struct GatewayConfig {
     pub reclaim_idle: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), if anywhere.
     pub metrics_listen: Option<String>,
+    /// How often each forest's end-to-end canary runs (by one replica holding an agent).
+    pub canary_interval: Duration,
 }
 
 impl GatewayConfig {
@@ -83,6 +85,7 @@ impl GatewayConfig {
             record_ttl: Duration::from_secs(7 * 24 * 3600),
             reclaim_idle: Duration::from_secs(30),
             metrics_listen: None,
+            canary_interval: Duration::from_secs(30),
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct Gateway {
     pub waiters: Waiters,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// Agent streams this replica holds, per (tenant, forest): where it runs canaries.
+    pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
 }
 
 /// Errors that stop the gateway from starting or serving.
@@ -139,6 +144,7 @@ pub async fn run(
         waiters: Waiters::default(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
+        sessions: Arc::default(),
     };
 
     gateway.tasks.spawn(gateway.waiters.clone().listen(

@@ -1,5 +1,7 @@
 //! Periodic measurements every replica takes: each forest queue's depth and the age of its
-//! oldest entry (for the "oldest queued operation too old" alert).
+//! oldest entry (for the "oldest queued operation too old" alert), and the end-to-end canary
+//! that keeps agent health honest: gateway → agent → a harmless read on a DC → back, run for
+//! each forest by one replica holding one of its agents.
 
 use std::time::Duration;
 
@@ -10,6 +12,133 @@ use crate::{store, Gateway};
 const EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(gw: Gateway) {
+    tokio::join!(queues(gw.clone()), canaries(gw));
+}
+
+/// Longest a canary may take before the forest is declared unhealthy.
+const CANARY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a canary's operation record is kept.
+const CANARY_RECORD_TTL: Duration = Duration::from_secs(600);
+
+async fn canaries(gw: Gateway) {
+    let mut tick = tokio::time::interval(gw.config.canary_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let forests: Vec<(String, String)> = gw
+            .sessions
+            .lock()
+            .expect("sessions")
+            .keys()
+            .cloned()
+            .collect();
+        for (tenant, forest) in forests {
+            match gw
+                .store
+                .canary_turn(
+                    &tenant,
+                    &forest,
+                    &gw.config.replica_id,
+                    gw.config.canary_interval,
+                )
+                .await
+            {
+                Ok(true) => {
+                    let gw = gw.clone();
+                    gw.tasks
+                        .clone()
+                        .spawn(async move { canary(&gw, &tenant, &forest).await });
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(event = "WB1090", error = %e, "canary scheduling failed"),
+            }
+        }
+    }
+}
+
+/// Runs one canary for (tenant, forest) and records the forest's health.
+pub async fn canary(gw: &Gateway, tenant: &str, forest: &str) {
+    use relay::proto::{
+        sealed_operation::Action, Initiator, Outcome, QueryPolicy, SealedOperation, UserRef,
+    };
+    let service = crate::writeback::WritebackService::new(gw.clone());
+    let op = format!("canary-{}", uuid::Uuid::new_v4());
+    let sealed = SealedOperation {
+        user: Some(UserRef {
+            forest: forest.to_owned(),
+            id: None,
+        }),
+        initiator: Initiator::Admin as i32,
+        action: Some(Action::QueryPolicy(QueryPolicy {})),
+    };
+    let started = std::time::Instant::now();
+    let result = async {
+        service
+            .enqueue(
+                tenant,
+                forest,
+                &op,
+                sealed,
+                CANARY_TIMEOUT,
+                CANARY_RECORD_TTL,
+            )
+            .await?;
+        service
+            .wait_for_outcome(tenant, &op, CANARY_TIMEOUT)
+            .await?;
+        Ok::<_, crate::error::GatewayError>(gw.store.operation(tenant, &op).await?)
+    }
+    .await;
+    let took = started.elapsed().as_millis() as u64;
+    let (healthy, reason) = match result {
+        Ok(Some(rec)) if rec.outcome == Outcome::Applied => (
+            true,
+            format!("canary answered in {took} ms ({})", rec.detail),
+        ),
+        Ok(Some(rec))
+            if rec.outcome == Outcome::Unspecified || rec.outcome == Outcome::TimedOut =>
+        {
+            (
+                false,
+                format!(
+                    "canary unanswered after {} s: agent or link stuck",
+                    CANARY_TIMEOUT.as_secs()
+                ),
+            )
+        }
+        Ok(Some(rec)) => (
+            false,
+            format!(
+                "canary {}: {}",
+                rec.outcome.as_str_name(),
+                if rec.detail.is_empty() {
+                    rec.message
+                } else {
+                    rec.detail
+                }
+            ),
+        ),
+        Ok(None) => (false, "canary record vanished".to_owned()),
+        Err(e) => (false, format!("canary could not run: {e}")),
+    };
+    if healthy {
+        tracing::debug!(%tenant, %forest, took, "canary passed");
+    } else {
+        tracing::warn!(event = "WB1040", %tenant, %forest, %reason, "forest unhealthy: canary failed");
+    }
+    if let Err(e) = gw
+        .store
+        .set_health(tenant, forest, healthy, &reason, took)
+        .await
+    {
+        tracing::warn!(event = "WB1090", error = %e, "could not record forest health");
+    }
+}
+
+async fn queues(gw: Gateway) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

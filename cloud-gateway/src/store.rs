@@ -16,6 +16,10 @@
 //! | `wb:{T}:q:<forest>` | stream | sealed operations; consumer group `agents` |
 //! | `wb:{T}:agents:<forest>` | zset | live agent instances, scored by last heartbeat |
 //! | `wb:{T}:policy:<forest>:<user>` | string | cached `PasswordPolicy` (short TTL) |
+//! | `wb:{T}:forests` | set | forests the tenant has registered agents for |
+//! | `wb:{T}:agent:<forest>:<member>` | hash | an agent instance's version, replica, heartbeat, in-flight |
+//! | `wb:{T}:health:<forest>` | hash | the forest's last end-to-end canary |
+//! | `wb:{T}:user:<forest>:<kind>:<id>` | zset | a user's operation ids by acceptance time |
 //! | `wb:deadlines` | zset | `T\0op` scored by deadline, for the deadline sweeper |
 //! | channel `wb:done:<replica>` | pub/sub | `T\0op` when an outcome is recorded |
 
@@ -68,6 +72,26 @@ pub fn queue_key(tenant: &str, forest: &str) -> String {
 pub fn policy_cache_key(tenant: &str, forest: &str, user: &str) -> String {
     format!("wb:{{{tenant}}}:policy:{forest}:{user}")
 }
+pub fn forests_key(tenant: &str) -> String {
+    format!("wb:{{{tenant}}}:forests")
+}
+pub fn agent_info_key(tenant: &str, forest: &str, member: &str) -> String {
+    format!("wb:{{{tenant}}}:agent:{forest}:{member}")
+}
+pub fn health_key(tenant: &str, forest: &str) -> String {
+    format!("wb:{{{tenant}}}:health:{forest}")
+}
+/// Operations of one user, scored by acceptance time.
+pub fn user_index_key(tenant: &str, forest: &str, user: &relay::proto::user_ref::Id) -> String {
+    use relay::proto::user_ref::Id;
+    let who = match user {
+        Id::ObjectGuid(g) => format!("guid:{}", g.to_ascii_lowercase()),
+        Id::UserPrincipalName(u) => format!("upn:{}", u.to_lowercase()),
+        Id::SamAccountName(s) => format!("sam:{}", s.to_lowercase()),
+    };
+    format!("wb:{{{tenant}}}:user:{forest}:{who}")
+}
+
 /// `(tenant, forest)` of a queue key made by [`queue_key`].
 pub fn parse_queue_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("wb:{")?;
@@ -149,6 +173,8 @@ pub struct OpRecord {
     pub accepted_ms: i64,
     pub deadline_ms: i64,
     pub agent_instance: String,
+    /// Operator-facing detail from the agent (never a secret).
+    pub detail: String,
     /// Encoded result of a query operation (a `PasswordPolicy`), empty otherwise.
     pub result: Vec<u8>,
 }
@@ -195,6 +221,7 @@ impl OpRecord {
             accepted_ms: int("accepted")?,
             deadline_ms: int("deadline")?,
             agent_instance: get("agent_instance"),
+            detail: get("detail"),
             result: Vec::new(),
         }))
     }
@@ -697,12 +724,165 @@ impl Store {
         Ok(())
     }
 
+    /// Records what `relayctl agents` shows about an agent instance (expires with liveness).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_info(
+        &self,
+        tenant: &str,
+        forest: &str,
+        member: &str,
+        fields: &[(&str, String)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let key = agent_info_key(tenant, forest, member);
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(&key, fields)
+            .ignore()
+            .pexpire(&key, ttl.as_millis() as i64)
+            .ignore()
+            .sadd(forests_key(tenant), forest)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Every agent instance of (tenant, forest) with its details and last-seen time.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agents(
+        &self,
+        tenant: &str,
+        forest: &str,
+    ) -> Result<Vec<(i64, HashMap<String, String>)>> {
+        let mut c = self.conn();
+        let members: Vec<(String, f64)> = c
+            .zrange_withscores(agents_key(tenant, forest), 0, -1)
+            .await?;
+        let mut out = Vec::new();
+        for (member, seen) in members {
+            let info: HashMap<String, String> =
+                c.hgetall(agent_info_key(tenant, forest, &member)).await?;
+            out.push((seen as i64, info));
+        }
+        Ok(out)
+    }
+
+    /// The forests a tenant has agents for.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn forests(&self, tenant: &str) -> Result<Vec<String>> {
+        let mut f: Vec<String> = self.conn().smembers(forests_key(tenant)).await?;
+        f.sort();
+        Ok(f)
+    }
+
+    /// Records a forest's canary result.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn set_health(
+        &self,
+        tenant: &str,
+        forest: &str,
+        healthy: bool,
+        reason: &str,
+        canary_ms: u64,
+    ) -> Result<()> {
+        let _: () = self
+            .conn()
+            .hset_multiple(
+                health_key(tenant, forest),
+                &[
+                    ("healthy", u8::from(healthy).to_string()),
+                    ("reason", reason.to_owned()),
+                    ("checked", relay::now_unix_ms().to_string()),
+                    ("canary_ms", canary_ms.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A forest's last canary result.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn health(&self, tenant: &str, forest: &str) -> Result<HashMap<String, String>> {
+        Ok(self.conn().hgetall(health_key(tenant, forest)).await?)
+    }
+
+    /// Whether this replica may run the forest's canary now (one replica per interval).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn canary_turn(
+        &self,
+        tenant: &str,
+        forest: &str,
+        replica: &str,
+        every: Duration,
+    ) -> Result<bool> {
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(format!("wb:{{{tenant}}}:canary:{forest}"))
+            .arg(replica)
+            .arg("NX")
+            .arg("PX")
+            .arg(every.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(ok.is_some())
+    }
+
+    /// Indexes an operation under its user.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn index_user_operation(
+        &self,
+        key: &str,
+        op: &str,
+        accepted_ms: i64,
+        ttl: Duration,
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.zadd(key, op, accepted_ms)
+            .ignore()
+            .pexpire(key, ttl.as_millis() as i64)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// A user's operation ids since `since_ms`, newest first.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn user_operations(
+        &self,
+        key: &str,
+        since_ms: i64,
+        limit: isize,
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .conn()
+            .zrevrangebyscore_limit(key, "+inf", since_ms, 0, limit)
+            .await?)
+    }
+
     /// Removes an agent instance's presence (on disconnect).
     ///
     /// # Errors
     /// On Redis errors.
     pub async fn agent_gone(&self, tenant: &str, forest: &str, member: &str) -> Result<()> {
         let _: i64 = self.conn().zrem(agents_key(tenant, forest), member).await?;
+        let _: i64 = self
+            .conn()
+            .del(agent_info_key(tenant, forest, member))
+            .await?;
         Ok(())
     }
 

@@ -166,6 +166,11 @@ impl Tenants {
             return Err(TenantError::UnknownTenant(tenant.to_owned()));
         }
         let secret = random_secret("wba_")?;
+        let _: i64 = self
+            .store
+            .conn()
+            .sadd(store::forests_key(tenant), forest)
+            .await?;
         let _: () = self
             .store
             .conn()

@@ -11,7 +11,8 @@ use zeroize::Zeroize;
 use relay::envelope::{Binding, KEY_VERSION};
 use relay::proto::writeback_server::Writeback;
 use relay::proto::{
-    sealed_operation, GetOperationRequest, GetPasswordPolicyRequest, Operation, OperationState,
+    sealed_operation, GetOperationRequest, GetPasswordPolicyRequest, ListAgentsRequest,
+    ListAgentsResponse, ListOperationsRequest, ListOperationsResponse, Operation, OperationState,
     Outcome, PasswordPolicy, PolicyViolation, QueryPolicy, SealedOperation, SubmitRequest,
     SubmitResponse, TimelineEvent as PbEvent,
 };
@@ -23,6 +24,8 @@ use crate::{validate, Gateway};
 
 /// How long GetPasswordPolicy waits for an agent's answer.
 const POLICY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the record of a policy query is kept.
+pub(crate) const POLICY_RECORD_TTL: Duration = Duration::from_secs(3600);
 /// How long an answered policy is served from the cache.
 const POLICY_CACHE_TTL: Duration = Duration::from_secs(60);
 
@@ -36,6 +39,12 @@ const WRITEBACK_DISABLED_MESSAGE: &str =
     "Password writeback to your organization's directory is not enabled; nothing was changed. Please contact your administrator.";
 const UNLOCK_DISABLED_MESSAGE: &str =
     "Unlocking an account without resetting its password is not enabled; reset your password instead.";
+
+/// How long the caller may wait for an operation, and how long its record is kept.
+struct Lifetime {
+    timeout: Duration,
+    ttl: Duration,
+}
 
 pub struct WritebackService {
     gw: Gateway,
@@ -205,27 +214,36 @@ impl WritebackService {
             initiator: req.initiator,
             action: req.action.take().map(Into::into),
         };
-        self.enqueue(&tenant, &forest, &operation_id, sealed, timeout)
-            .await?;
+        self.enqueue(
+            &tenant,
+            &forest,
+            &operation_id,
+            sealed,
+            timeout,
+            self.gw.config.record_ttl,
+        )
+        .await?;
         self.wait_for_outcome(&tenant, &operation_id, timeout).await
     }
 
     /// Seals `sealed` for (tenant, forest, operation id, deadline, trace) and queues it with its
     /// record, unless the operation id already exists. The plaintext is wiped.
-    async fn enqueue(
+    pub(crate) async fn enqueue(
         &self,
         tenant: &str,
         forest: &str,
         operation_id: &str,
         sealed: SealedOperation,
         timeout: Duration,
+        ttl: Duration,
     ) -> Result<(), GatewayError> {
         // The trace context queued with the operation (and bound to its envelope) is this
         // span's: the dequeue on whichever replica and the agent continue the trace from it.
         let span = tracing::info_span!("writeback.enqueue", operation_id, forest);
         let traceparent = relay::telemetry::traceparent(&span);
         let trace = TraceParent::parse(&traceparent).unwrap_or_else(TraceParent::new_root);
-        self.seal_and_queue(tenant, forest, operation_id, sealed, timeout, trace)
+        let lifetime = Lifetime { timeout, ttl };
+        self.seal_and_queue(tenant, forest, operation_id, sealed, lifetime, trace)
             .instrument(span)
             .await
     }
@@ -236,11 +254,17 @@ impl WritebackService {
         forest: &str,
         operation_id: &str,
         sealed: SealedOperation,
-        timeout: Duration,
+        Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
     ) -> Result<(), GatewayError> {
         let gw = &self.gw;
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
+        let user_index = sealed
+            .user
+            .as_ref()
+            .and_then(|u| u.id.as_ref())
+            .filter(|_| kind != "policy")
+            .map(|id| store::user_index_key(tenant, forest, id));
         let initiator = sealed.initiator;
         let traceparent = trace.to_string();
         let accepted_ms = relay::now_unix_ms();
@@ -281,9 +305,14 @@ impl WritebackService {
                 replica: &gw.config.replica_id,
                 envelope: &envelope,
                 key_version: KEY_VERSION,
-                ttl: gw.config.record_ttl,
+                ttl,
             })
             .await?;
+        if let (true, Some(key)) = (created, user_index) {
+            gw.store
+                .index_user_operation(&key, operation_id, accepted_ms, ttl)
+                .await?;
+        }
         if created {
             tracing::info!(event = "WB1001", trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
         } else {
@@ -343,8 +372,15 @@ impl WritebackService {
             initiator: relay::proto::Initiator::Admin as i32,
             action: Some(sealed_operation::Action::QueryPolicy(QueryPolicy {})),
         };
-        self.enqueue(&tenant, &forest, &operation_id, sealed, POLICY_TIMEOUT)
-            .await?;
+        self.enqueue(
+            &tenant,
+            &forest,
+            &operation_id,
+            sealed,
+            POLICY_TIMEOUT,
+            POLICY_RECORD_TTL,
+        )
+        .await?;
         self.wait_for_outcome(&tenant, &operation_id, POLICY_TIMEOUT)
             .await?;
         let rec = gw
@@ -374,7 +410,7 @@ impl WritebackService {
 
     /// Waits until the operation has a terminal outcome or the wait (bounded by the operation's
     /// own deadline) ends, then answers and records the answer on the timeline.
-    async fn wait_for_outcome(
+    pub(crate) async fn wait_for_outcome(
         &self,
         tenant: &str,
         operation_id: &str,
@@ -487,6 +523,103 @@ impl WritebackService {
         })
     }
 
+    async fn operations_of_user(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> Result<ListOperationsResponse, GatewayError> {
+        self.authorize(&request, &request.get_ref().tenant_id)
+            .await?;
+        let req = request.into_inner();
+        let user = validate::user_ref(req.user.as_ref())?;
+        let id = user.id.as_ref().expect("validated");
+        let since = if req.since_unix_ms > 0 {
+            req.since_unix_ms
+        } else {
+            relay::now_unix_ms() - 24 * 3600 * 1000
+        };
+        let limit = match req.limit {
+            0 => 50,
+            n => n.min(500),
+        } as isize;
+        let key = store::user_index_key(&req.tenant_id, &user.forest, id);
+        let ids = self.gw.store.user_operations(&key, since, limit).await?;
+        let mut operations = Vec::with_capacity(ids.len());
+        for op in ids {
+            if let Some(rec) = self.gw.store.operation(&req.tenant_id, &op).await? {
+                operations.push(operation_message(rec, Vec::new()));
+            }
+        }
+        Ok(ListOperationsResponse { operations })
+    }
+
+    async fn agents(
+        &self,
+        request: Request<ListAgentsRequest>,
+    ) -> Result<ListAgentsResponse, GatewayError> {
+        self.authorize(&request, &request.get_ref().tenant_id)
+            .await?;
+        let req = request.into_inner();
+        let gw = &self.gw;
+        let forests = if req.forest.is_empty() {
+            gw.store.forests(&req.tenant_id).await?
+        } else {
+            validate::forest("forest", &req.forest)?;
+            vec![req.forest.clone()]
+        };
+        let now = relay::now_unix_ms();
+        let live_after = now - gw.config.agent_liveness.as_millis() as i64;
+        let mut out = Vec::new();
+        for forest in forests {
+            let mut agents = Vec::new();
+            for (seen, info) in gw.store.agents(&req.tenant_id, &forest).await? {
+                let num = |k: &str| info.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                let text = |k: &str| info.get(k).cloned().unwrap_or_default();
+                agents.push(relay::proto::AgentInfo {
+                    agent_id: text("agent_id"),
+                    instance_id: text("instance"),
+                    replica: text("replica"),
+                    version: text("version"),
+                    connected_unix_ms: num("connected"),
+                    last_heartbeat_unix_ms: seen,
+                    in_flight: num("in_flight") as u32,
+                    max_in_flight: num("max_in_flight") as u32,
+                    live: seen >= live_after,
+                });
+            }
+            let health = gw.store.health(&req.tenant_id, &forest).await?;
+            let checked = health
+                .get("checked")
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0);
+            let canary_ok = health.get("healthy").is_some_and(|v| v == "1");
+            let stale_after = now - 3 * gw.config.canary_interval.as_millis() as i64;
+            let (healthy, reason) = if !agents.iter().any(|a| a.live) {
+                (false, "no live agent for this forest".to_owned())
+            } else if checked == 0 {
+                (false, "no end-to-end canary has run yet".to_owned())
+            } else if checked < stale_after {
+                (
+                    false,
+                    format!("last canary is stale ({} s old)", (now - checked) / 1000),
+                )
+            } else {
+                (canary_ok, health.get("reason").cloned().unwrap_or_default())
+            };
+            out.push(relay::proto::ForestHealth {
+                forest,
+                healthy,
+                reason,
+                checked_unix_ms: checked,
+                canary_ms: health
+                    .get("canary_ms")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                agents,
+            });
+        }
+        Ok(ListAgentsResponse { forests: out })
+    }
+
     async fn get_operation(
         &self,
         request: Request<GetOperationRequest>,
@@ -507,34 +640,39 @@ impl WritebackService {
             .store
             .timeline(&req.tenant_id, &req.operation_id)
             .await?;
-        Ok(Operation {
-            operation_id: rec.operation_id,
-            tenant_id: rec.tenant,
-            forest: rec.forest,
-            kind: rec.kind,
-            state: match rec.state {
-                OpState::Queued => OperationState::Queued,
-                OpState::Delivered => OperationState::Delivered,
-                OpState::Done => OperationState::Done,
-            } as i32,
-            outcome: rec.outcome as i32,
-            policy_violation: rec.violation as i32,
-            message: rec.message,
-            trace_id: rec.trace_id,
-            accepted_unix_ms: rec.accepted_ms,
-            deadline_unix_ms: rec.deadline_ms,
-            initiator: rec.initiator,
-            timeline: timeline
-                .into_iter()
-                .map(|e| PbEvent {
-                    stage: e.stage,
-                    at_unix_ms: e.at,
-                    replica: e.replica,
-                    agent_id: e.agent,
-                    detail: e.detail,
-                })
-                .collect(),
-        })
+        Ok(operation_message(rec, timeline))
+    }
+}
+
+/// The API view of an operation record.
+fn operation_message(rec: OpRecord, timeline: Vec<store::TimelineEvent>) -> Operation {
+    Operation {
+        operation_id: rec.operation_id,
+        tenant_id: rec.tenant,
+        forest: rec.forest,
+        kind: rec.kind,
+        state: match rec.state {
+            OpState::Queued => OperationState::Queued,
+            OpState::Delivered => OperationState::Delivered,
+            OpState::Done => OperationState::Done,
+        } as i32,
+        outcome: rec.outcome as i32,
+        policy_violation: rec.violation as i32,
+        message: rec.message,
+        trace_id: rec.trace_id,
+        accepted_unix_ms: rec.accepted_ms,
+        deadline_unix_ms: rec.deadline_ms,
+        initiator: rec.initiator,
+        timeline: timeline
+            .into_iter()
+            .map(|e| PbEvent {
+                stage: e.stage,
+                at_unix_ms: e.at,
+                replica: e.replica,
+                agent_id: e.agent,
+                detail: e.detail,
+            })
+            .collect(),
     }
 }
 
@@ -556,6 +694,20 @@ impl Writeback for WritebackService {
         Ok(Response::new(
             WritebackService::get_operation(self, request).await?,
         ))
+    }
+
+    async fn list_operations(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        Ok(Response::new(self.operations_of_user(request).await?))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        Ok(Response::new(self.agents(request).await?))
     }
 
     async fn get_password_policy(

@@ -115,6 +115,7 @@ impl Sandbox {
         c.agent_liveness = Duration::from_secs(3);
         c.ack_grace = Duration::from_secs(2);
         c.reclaim_idle = Duration::from_secs(5);
+        c.canary_interval = Duration::from_secs(1);
         c
     }
 

@@ -302,7 +302,10 @@ impl Directory {
                 Err(e) => {
                     crate::metrics::get().ldap_errors.inc();
                     tracing::warn!(event = "WB2020", %url, error = %e, "domain controller unavailable; trying the next");
-                    errors.push(e.to_string());
+                    errors.push(match e {
+                        DirectoryError::Unavailable(detail) => detail,
+                        other => other.to_string(),
+                    });
                 }
             }
         }

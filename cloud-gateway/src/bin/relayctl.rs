@@ -12,8 +12,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
     submit_request::Action, ChangePassword, ClearForcedChange, GetOperationRequest,
-    GetPasswordPolicyRequest, Initiator, Operation, Outcome, PolicyViolation, ResetPassword,
-    SubmitRequest, UnlockAccount, UserRef,
+    GetPasswordPolicyRequest, Initiator, ListAgentsRequest, ListOperationsRequest, Operation,
+    Outcome, PolicyViolation, ResetPassword, SubmitRequest, UnlockAccount, UserRef,
 };
 use relay::secret::Secret;
 
@@ -73,6 +73,25 @@ enum Command {
     },
     /// Print one operation's state and timeline.
     Op { operation_id: String },
+    /// List one user's operations, newest first.
+    Ops {
+        #[arg(long, env = "WRITEBACK_FOREST")]
+        forest: String,
+        /// sAMAccountName, userPrincipalName or objectGUID, as the caller named the user.
+        #[arg(long)]
+        user: String,
+        /// How far back: e.g. 30m, 1h, 2d (default 24h).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// List agents per forest with version, replica, heartbeat, in-flight and forest health.
+    Agents {
+        /// Only this forest.
+        #[arg(long, default_value = "")]
+        forest: String,
+    },
     /// Print AD's effective password policy for a forest, or for one user.
     Policy {
         #[arg(long, env = "WRITEBACK_FOREST")]
@@ -114,6 +133,22 @@ async fn channel(addr: &str, ca: &std::path::Path) -> anyhow::Result<Channel> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to {addr}"))
+}
+
+/// `30s`, `15m`, `1h`, `2d`.
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("--since {s:?}: expected e.g. 30m, 1h, 2d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" | "" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => bail!("--since {s:?}: unknown unit {other:?} (s, m, h, d)"),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 fn with_auth<T>(msg: T, token: &Secret) -> anyhow::Result<tonic::Request<T>> {
@@ -309,6 +344,82 @@ async fn main() -> anyhow::Result<()> {
                     "next change from: {}",
                     fmt_time(p.next_change_allowed_unix_ms)
                 );
+            }
+            Ok(())
+        }
+        Command::Ops {
+            forest,
+            user,
+            since,
+            limit,
+        } => {
+            let window = parse_duration(&since)?;
+            let req = ListOperationsRequest {
+                tenant_id: tenant,
+                user: Some(UserRef::from_text(forest, &user)),
+                since_unix_ms: relay::now_unix_ms() - window.as_millis() as i64,
+                limit,
+            };
+            let ops = client
+                .list_operations(with_auth(req, &token)?)
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner()
+                .operations;
+            if ops.is_empty() {
+                println!("no operations for {user} in the last {since}");
+            }
+            for op in ops {
+                let outcome = Outcome::try_from(op.outcome).unwrap_or_default();
+                let violation = PolicyViolation::try_from(op.policy_violation).unwrap_or_default();
+                println!(
+                    "{}  {:<8} {:<26} {}  trace {}",
+                    fmt_time(op.accepted_unix_ms),
+                    op.kind,
+                    if violation == PolicyViolation::Unspecified {
+                        outcome.as_str_name().to_owned()
+                    } else {
+                        format!("{}/{}", outcome.as_str_name(), violation.as_str_name())
+                    },
+                    op.operation_id,
+                    op.trace_id
+                );
+            }
+            Ok(())
+        }
+        Command::Agents { forest } => {
+            let resp = client
+                .list_agents(with_auth(
+                    ListAgentsRequest {
+                        tenant_id: tenant,
+                        forest,
+                    },
+                    &token,
+                )?)
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let now = relay::now_unix_ms();
+            for f in resp.forests {
+                println!(
+                    "forest {}  {}  {}",
+                    f.forest,
+                    if f.healthy { "HEALTHY" } else { "UNHEALTHY" },
+                    f.reason
+                );
+                for a in f.agents {
+                    println!(
+                        "  {:<16} v{:<8} via {:<12} heartbeat {:>5} ms ago  in flight {}/{}  {}  instance {}",
+                        a.agent_id,
+                        a.version,
+                        a.replica,
+                        now - a.last_heartbeat_unix_ms,
+                        a.in_flight,
+                        a.max_in_flight,
+                        if a.live { "live" } else { "SILENT" },
+                        a.instance_id
+                    );
+                }
             }
             Ok(())
         }
