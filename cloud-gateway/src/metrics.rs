@@ -24,6 +24,10 @@ pub struct Metrics {
     pub agent_sessions: IntCounterVec,
     /// Failed Redis operations.
     pub redis_errors: IntCounter,
+    /// Agent instances heard from within the liveness window, per forest (all replicas).
+    pub live_agents: IntGaugeVec,
+    /// 1 when the forest's last end-to-end canary run by this replica passed.
+    pub forest_healthy: IntGaugeVec,
 }
 
 fn build() -> Metrics {
@@ -91,6 +95,16 @@ fn build() -> Metrics {
     registry
         .register(Box::new(redis_errors.clone()))
         .expect("register");
+    let live_agents = gauge_vec(
+        "writeback_live_agents",
+        "Agent instances heard from recently, per forest",
+        &["tenant", "forest"],
+    );
+    let forest_healthy = gauge_vec(
+        "writeback_forest_healthy",
+        "1 when the forest's last end-to-end canary passed",
+        &["tenant", "forest"],
+    );
     Metrics {
         registry,
         submits,
@@ -101,6 +115,8 @@ fn build() -> Metrics {
         connected_agents,
         agent_sessions,
         redis_errors,
+        live_agents,
+        forest_healthy,
     }
 }
 

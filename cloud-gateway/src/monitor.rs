@@ -129,6 +129,10 @@ pub async fn canary(gw: &Gateway, tenant: &str, forest: &str) {
     } else {
         tracing::warn!(event = "WB1040", %tenant, %forest, %reason, "forest unhealthy: canary failed");
     }
+    crate::metrics::get()
+        .forest_healthy
+        .with_label_values(&[tenant, forest])
+        .set(i64::from(healthy));
     if let Err(e) = gw
         .store
         .set_health(tenant, forest, healthy, &reason, took)
@@ -187,6 +191,14 @@ pub async fn measure_queues(gw: &Gateway) -> Result<usize, redis::RedisError> {
         m.queue_depth
             .with_label_values(&[tenant, forest])
             .set(depth);
+        let live = gw
+            .store
+            .live_agents(tenant, forest, gw.config.agent_liveness)
+            .await
+            .unwrap_or(0);
+        m.live_agents
+            .with_label_values(&[tenant, forest])
+            .set(live as i64);
         m.queue_oldest_age_seconds
             .with_label_values(&[tenant, forest])
             .set(age);

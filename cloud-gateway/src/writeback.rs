@@ -108,7 +108,9 @@ impl WritebackService {
             let outcome = Outcome::try_from(resp.outcome)
                 .unwrap_or_default()
                 .as_str_name();
-            m.submits.with_label_values(&[kind, outcome]).inc();
+            m.submits
+                .with_label_values(&[req.tenant_id.as_str(), kind, outcome])
+                .inc();
             m.stage_seconds
                 .with_label_values(&["submit"])
                 .observe(started.elapsed().as_secs_f64());

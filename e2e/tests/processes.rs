@@ -127,7 +127,8 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
     // Metrics after traffic.
     let gw = scrape(&gateway_metrics);
     for needle in [
-        "writeback_submits_total{kind=\"reset\",outcome=\"APPLIED\"} 1",
+        "writeback_submits_total{kind=\"reset\",outcome=\"APPLIED\",tenant=\"acme\"} 1",
+        "writeback_live_agents{",
         "writeback_acknowledgments_total{forest=",
         "writeback_stage_seconds_count{stage=\"agent\"} 1",
         "writeback_stage_seconds_count{stage=\"queue_wait\"} 1",
