@@ -45,7 +45,7 @@ fn build() -> Metrics {
     let submits = counter_vec(
         "writeback_submits_total",
         "Answers given to Submit callers",
-        &["kind", "outcome"],
+        &["tenant", "kind", "outcome"],
     );
     let acknowledgments = counter_vec(
         "writeback_acknowledgments_total",

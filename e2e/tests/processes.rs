@@ -128,7 +128,6 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
     let gw = scrape(&gateway_metrics);
     for needle in [
         "writeback_submits_total{kind=\"reset\",outcome=\"APPLIED\",tenant=\"acme\"} 1",
-        "writeback_live_agents{",
         "writeback_acknowledgments_total{forest=",
         "writeback_stage_seconds_count{stage=\"agent\"} 1",
         "writeback_stage_seconds_count{stage=\"queue_wait\"} 1",
@@ -149,6 +148,7 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
         gw = scrape(&gateway_metrics);
     }
     assert!(gw.contains("writeback_queue_oldest_age_seconds{"), "{gw}");
+    assert!(gw.contains("writeback_live_agents{forest="), "{gw}");
     let ag = scrape(&agent_metrics);
     for needle in [
         "agent_operations_total{kind=\"reset\",outcome=\"APPLIED\"} 1",
