@@ -67,31 +67,31 @@ for a in agent-1 agent-2; do
   fi
 done
 
-start_gateway() { # name addr
+start_gateway() { # name addr metrics-addr
   alive "$1" && return 0
   WRITEBACK_REPLICA_ID=$1 OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-cloud-gateway} \
   setsid "$BIN/cloud-gateway" serve --listen "$2" --tls-cert "$S/tls/gateway.pem" --tls-key "$S/tls/gateway.key" \
-    --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" --replica-id "$1" \
+    --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" --replica-id "$1" --metrics-listen "$3" \
     >"$LOGS/$1.log" 2>&1 < /dev/null &
   echo $! > "$PIDS/$1.pid"
 }
-start_agent() { # name gateway-addr
+start_agent() { # name gateway-addr metrics-addr (loopback)
   alive "$1" && return 0
   OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-onprem-agent} \
   setsid "$BIN/onprem-agent" run --gateway-url "https://$2" --gateway-ca "$S/tls/ca.pem" \
     --agent-id "$1" --agent-secret-file "$SECRETS/$1.secret" --forest "$FOREST" \
     --ldap-url "$DC_LDAPS_URL" --ldap-ca "$DC_CA" --bind-dn "$DC_SVC_UPN" \
-    --bind-password-file "$SECRETS/svc.password" --base-dn "$DC_BASE_DN" \
+    --bind-password-file "$SECRETS/svc.password" --base-dn "$DC_BASE_DN" --metrics-listen "$3" \
     >"$LOGS/$1.log" 2>&1 < /dev/null &
   echo $! > "$PIDS/$1.pid"
 }
 
 step "gateways gateway-a ($GW_A), gateway-b ($GW_B)"
-start_gateway gateway-a "$GW_A"; start_gateway gateway-b "$GW_B"
+start_gateway gateway-a "$GW_A" 127.0.0.1:9101; start_gateway gateway-b "$GW_B" 127.0.0.1:9102
 wait_port 127.0.0.1 "${GW_A##*:}" gateway-a; wait_port 127.0.0.1 "${GW_B##*:}" gateway-b
 
 step "agents agent-1 -> gateway-a, agent-2 -> gateway-b"
-start_agent agent-1 "$GW_A"; start_agent agent-2 "$GW_B"
+start_agent agent-1 "$GW_A" 127.0.0.1:9201; start_agent agent-2 "$GW_B" 127.0.0.1:9202
 for a in agent-1 agent-2; do
   for _ in $(seq 100); do grep -q "connected to gateway" "$LOGS/$a.log" && break; alive "$a" || fail "$a exited" "$a"; sleep 0.1; done
   grep -q "connected to gateway" "$LOGS/$a.log" || fail "$a did not connect" "$a"
@@ -112,6 +112,8 @@ AD_REALM=$REALM
 AD_ADMIN_DN=CN=Administrator,CN=Users,$DC_BASE_DN
 AD_ADMIN_PASSWORD=Adm1n!Passw0rd
 KRB5_CONFIG=$KRB5_CONFIG
+GATEWAY_METRICS=http://127.0.0.1:9101/metrics,http://127.0.0.1:9102/metrics
+AGENT_METRICS=http://127.0.0.1:9201/metrics,http://127.0.0.1:9202/metrics
 ENV
 chmod 600 "$S/stack.env"
 

@@ -21,7 +21,9 @@ const CANARY_TIMEOUT: Duration = Duration::from_secs(10);
 const CANARY_RECORD_TTL: Duration = Duration::from_secs(600);
 
 async fn canaries(gw: Gateway) {
-    let mut tick = tokio::time::interval(gw.config.canary_interval);
+    // Look often; the per-forest lock in Redis keeps it to one canary per interval, and a newly
+    // connected forest is checked within seconds.
+    let mut tick = tokio::time::interval(gw.config.canary_interval.min(Duration::from_secs(2)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
