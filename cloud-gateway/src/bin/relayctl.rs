@@ -194,21 +194,52 @@ fn print_operation(op: &Operation) {
         fmt_time(op.accepted_unix_ms),
         op.deadline_unix_ms - op.accepted_unix_ms
     );
+    print!("{}", waterfall(op));
+}
+
+/// One line per stage: offset from acceptance, the time since the previous stage, a bar
+/// showing where in the operation it happened, who recorded it, and the detail.
+fn waterfall(op: &Operation) -> String {
+    const WIDTH: i64 = 24;
+    let start = op.accepted_unix_ms;
+    let total = op
+        .timeline
+        .iter()
+        .map(|e| e.at_unix_ms - start)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut out = String::new();
+    let mut previous = start;
     for ev in &op.timeline {
+        let offset = (ev.at_unix_ms - start).max(0);
+        let from = ((previous - start).max(0) * WIDTH / total).min(WIDTH);
+        let to = (offset * WIDTH / total).min(WIDTH);
+        let bar = format!(
+            "{}{}{}",
+            " ".repeat(from as usize),
+            "─".repeat((to - from) as usize),
+            "●"
+        );
         let who = match (ev.replica.is_empty(), ev.agent_id.is_empty()) {
             (false, false) => format!("{} -> {}", ev.replica, ev.agent_id),
             (false, true) => ev.replica.clone(),
             (true, false) => ev.agent_id.clone(),
             (true, true) => String::new(),
         };
-        println!(
-            "  +{:>6} ms  {:<20} {:<24} {}",
-            ev.at_unix_ms - op.accepted_unix_ms,
+        out.push_str(&format!(
+            "  +{:>6} ms (+{:>5}) {:<w$} {:<14} {:<22} {}\n",
+            offset,
+            ev.at_unix_ms - previous,
+            bar,
             ev.stage,
             who,
-            ev.detail
-        );
+            ev.detail,
+            w = WIDTH as usize + 1
+        ));
+        previous = ev.at_unix_ms;
     }
+    out
 }
 
 #[tokio::main]
@@ -438,5 +469,37 @@ async fn main() -> anyhow::Result<()> {
             print_operation(&op);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waterfall_places_each_stage_in_time() {
+        let ev = |stage: &str, at: i64| relay::proto::TimelineEvent {
+            stage: stage.into(),
+            at_unix_ms: at,
+            replica: "gw-a".into(),
+            ..Default::default()
+        };
+        let op = Operation {
+            accepted_unix_ms: 1000,
+            timeline: vec![
+                ev("accepted", 1000),
+                ev("delivered", 1010),
+                ev("acknowledged", 1100),
+            ],
+            ..Default::default()
+        };
+        let text = waterfall(&op);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].contains("+     0 ms") && lines[0].contains("●"));
+        assert!(
+            lines[2].contains("+   100 ms (+   90)") && lines[2].contains("────"),
+            "{text}"
+        );
     }
 }
