@@ -58,7 +58,8 @@ pub struct GatewayConfig {
     pub reclaim_idle: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), if anywhere.
     pub metrics_listen: Option<String>,
-    /// How often each forest's end-to-end canary runs (by one replica holding an agent).
+    /// How often each forest's end-to-end canary runs (by one replica holding an agent);
+    /// zero turns canaries off.
     pub canary_interval: Duration,
 }
 

@@ -51,6 +51,9 @@ struct ServeArgs {
     /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address.
     #[arg(long, env = "WRITEBACK_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Seconds between end-to-end canaries per forest (0 turns them off).
+    #[arg(long, env = "WRITEBACK_CANARY_INTERVAL_SECS", default_value_t = 30)]
+    canary_interval_secs: u64,
     /// Seconds to let agent sessions and waiting callers finish after SIGTERM.
     #[arg(long, env = "WRITEBACK_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     shutdown_grace_secs: u64,
@@ -229,6 +232,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
+    config.canary_interval = Duration::from_secs(args.canary_interval_secs);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -21,6 +21,9 @@ const CANARY_TIMEOUT: Duration = Duration::from_secs(10);
 const CANARY_RECORD_TTL: Duration = Duration::from_secs(600);
 
 async fn canaries(gw: Gateway) {
+    if gw.config.canary_interval.is_zero() {
+        return;
+    }
     // Look often; the per-forest lock in Redis keeps it to one canary per interval, and a newly
     // connected forest is checked within seconds.
     let mut tick = tokio::time::interval(gw.config.canary_interval.min(Duration::from_secs(2)));

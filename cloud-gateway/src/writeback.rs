@@ -597,6 +597,11 @@ impl WritebackService {
             let stale_after = now - 3 * gw.config.canary_interval.as_millis() as i64;
             let (healthy, reason) = if !agents.iter().any(|a| a.live) {
                 (false, "no live agent for this forest".to_owned())
+            } else if gw.config.canary_interval.is_zero() {
+                (
+                    false,
+                    "end-to-end canaries are turned off on this gateway".to_owned(),
+                )
             } else if checked == 0 {
                 (false, "no end-to-end canary has run yet".to_owned())
             } else if checked < stale_after {

@@ -55,6 +55,8 @@ pub struct Sandbox {
     pub forest: String,
     pub gateways: Vec<GatewayHandle>,
     pub agents: Vec<AgentHandle>,
+    /// Canaries of gateways started from now on (zero: off, so tests see only their own work).
+    pub canary_interval: Duration,
     dir: tempfile::TempDir,
 }
 
@@ -93,6 +95,7 @@ impl Sandbox {
             forest,
             gateways: Vec::new(),
             agents: Vec::new(),
+            canary_interval: Duration::ZERO,
             dir: tempfile::tempdir()?,
         };
         for i in 0..gateways {
@@ -115,7 +118,7 @@ impl Sandbox {
         c.agent_liveness = Duration::from_secs(3);
         c.ack_grace = Duration::from_secs(2);
         c.reclaim_idle = Duration::from_secs(5);
-        c.canary_interval = Duration::from_secs(1);
+        c.canary_interval = self.canary_interval;
         c
     }
 

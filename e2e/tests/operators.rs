@@ -63,7 +63,10 @@ fn relayctl(sb: &Sandbox, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_find_a_users_operations_and_see_honest_agent_health() {
-    let mut sb = Sandbox::start(2).await.unwrap();
+    let mut sb = Sandbox::start(0).await.unwrap();
+    sb.canary_interval = Duration::from_secs(1);
+    sb.start_gateway("gateway-a").await.unwrap();
+    sb.start_gateway("gateway-b").await.unwrap();
     sb.start_agent("agent-a", 0).await.unwrap();
     sb.start_agent("agent-b", 1).await.unwrap();
     let (t, f) = (sb.tenant.clone(), sb.forest.clone());

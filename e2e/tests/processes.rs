@@ -36,6 +36,8 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
             .env("WRITEBACK_MASTER_KEY_FILE", &master)
             .env("WRITEBACK_REPLICA_ID", "gateway-proc")
             .env("WRITEBACK_METRICS_LISTEN", &gateway_metrics)
+            // Exact counts below: no canary traffic.
+            .env("WRITEBACK_CANARY_INTERVAL_SECS", "0")
             .env("WRITEBACK_LOG_FORMAT", "json"),
         dir.join("gateway.log"),
     );

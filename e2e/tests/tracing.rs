@@ -110,7 +110,12 @@ async fn one_reset_is_one_trace_across_gateway_and_agent() {
         .arg(sb.ca.cert_file())
         .arg("--tls-key")
         .arg(sb.ca.key_file())
-        .args(["--redis-url", &sb.redis.url()])
+        .args([
+            "--redis-url",
+            &sb.redis.url(),
+            "--canary-interval-secs",
+            "0",
+        ])
         .arg("--master-key-file")
         .arg(&master);
     otel(&mut gw_cmd);
