@@ -27,6 +27,8 @@ pub enum GatewayError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("tenant {tenant:?} is over its rate of operations on this gateway; retry with the same operation_id in {retry_ms} ms")]
+    RateLimited { tenant: String, retry_ms: u64 },
     #[error("the gateway cannot reach its store; retry with the same operation_id")]
     Store(#[from] StoreError),
     #[error("internal error")]
@@ -76,6 +78,7 @@ impl From<GatewayError> for Status {
             GatewayError::Conflict(_) => Code::AlreadyExists,
             GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
             GatewayError::Store(_) | GatewayError::Unavailable(_) => Code::Unavailable,
+            GatewayError::RateLimited { .. } => Code::ResourceExhausted,
             GatewayError::Internal(_) => Code::Internal,
         };
         match &e {

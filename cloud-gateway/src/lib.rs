@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent_link;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod store;
@@ -61,6 +62,8 @@ pub struct GatewayConfig {
     /// How often each forest's end-to-end canary runs (by one replica holding an agent);
     /// zero turns canaries off.
     pub canary_interval: Duration,
+    /// Submits per second and burst allowed per tenant on this replica (`None`: unlimited).
+    pub tenant_rate: Option<limits::Rate>,
 }
 
 impl GatewayConfig {
@@ -87,6 +90,10 @@ impl GatewayConfig {
             reclaim_idle: Duration::from_secs(30),
             metrics_listen: None,
             canary_interval: Duration::from_secs(30),
+            tenant_rate: Some(limits::Rate {
+                per_second: 100.0,
+                burst: 200.0,
+            }),
         }
     }
 }
@@ -102,6 +109,7 @@ pub struct Gateway {
     pub tasks: TaskTracker,
     /// Agent streams this replica holds, per (tenant, forest): where it runs canaries.
     pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
+    pub limiter: Arc<limits::TenantLimiter>,
 }
 
 /// Errors that stop the gateway from starting or serving.
@@ -138,6 +146,7 @@ pub async fn run(
 
     let store = Store::connect(&config.redis_url).await?;
     let tenants = Tenants::new(store.clone(), config.master_key.clone());
+    let tenant_rate = config.tenant_rate;
     let gateway = Gateway {
         config: Arc::new(config),
         store: store.clone(),
@@ -146,6 +155,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
         sessions: Arc::default(),
+        limiter: Arc::new(limits::TenantLimiter::new(tenant_rate)),
     };
 
     gateway.tasks.spawn(gateway.waiters.clone().listen(

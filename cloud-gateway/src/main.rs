@@ -51,6 +51,12 @@ struct ServeArgs {
     /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address.
     #[arg(long, env = "WRITEBACK_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Submits per second allowed per tenant on this replica (0 = unlimited).
+    #[arg(long, env = "WRITEBACK_TENANT_RATE", default_value_t = 100.0)]
+    tenant_rate: f64,
+    /// Burst of submits allowed per tenant on this replica.
+    #[arg(long, env = "WRITEBACK_TENANT_BURST", default_value_t = 200.0)]
+    tenant_burst: f64,
     /// Seconds between end-to-end canaries per forest (0 turns them off).
     #[arg(long, env = "WRITEBACK_CANARY_INTERVAL_SECS", default_value_t = 30)]
     canary_interval_secs: u64,
@@ -233,6 +239,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
     config.canary_interval = Duration::from_secs(args.canary_interval_secs);
+    config.tenant_rate = (args.tenant_rate > 0.0).then_some(cloud_gateway::limits::Rate {
+        per_second: args.tenant_rate,
+        burst: args.tenant_burst.max(1.0),
+    });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

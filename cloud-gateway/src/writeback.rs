@@ -96,6 +96,13 @@ impl WritebackService {
         // Authenticate first, so an anonymous caller learns nothing about the request.
         self.authorize(&request, &request.get_ref().tenant_id)
             .await?;
+        if let Err(wait) = self.gw.limiter.try_acquire(&request.get_ref().tenant_id) {
+            tracing::warn!(event = "WB1007", tenant = %request.get_ref().tenant_id, "tenant over its rate; RESOURCE_EXHAUSTED");
+            return Err(GatewayError::RateLimited {
+                tenant: request.get_ref().tenant_id.clone(),
+                retry_ms: wait.as_millis() as u64 + 1,
+            });
+        }
         let started = std::time::Instant::now();
         let mut req = request.into_inner();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or("none");

@@ -36,6 +36,10 @@ struct Env {
 }
 
 async fn start() -> Env {
+    start_configured(|_| {}).await
+}
+
+async fn start_configured(configure: impl FnOnce(&mut GatewayConfig)) -> Env {
     relay::tls::install_crypto_provider();
     let redis = RedisServer::start().unwrap();
     let ca = TestCa::new(&["127.0.0.1"]).unwrap();
@@ -53,6 +57,7 @@ async fn start() -> Env {
     config.reclaim_idle = Duration::from_secs(1);
     // The scripted agent answers only what the test sends.
     config.canary_interval = Duration::ZERO;
+    configure(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -461,6 +466,61 @@ async fn redelivery_goes_to_the_same_instance_only() {
         tl.iter().filter(|e| e.stage == "delivered").count(),
         1,
         "{tl:?}"
+    );
+    env.shutdown.cancel();
+}
+
+/// A tenant over its rate gets RESOURCE_EXHAUSTED, naming itself and when to retry; other
+/// tenants are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_over_their_rate_are_told_to_slow_down() {
+    let env = start_configured(|c| {
+        c.tenant_rate = Some(cloud_gateway::limits::Rate {
+            per_second: 0.5,
+            burst: 2.0,
+        })
+    })
+    .await;
+    // No agent: each accepted call is answered AGENT_UNAVAILABLE at once.
+    for i in 0..2 {
+        let r = env.submit(&format!("burst-{i}"), 1000).await.unwrap();
+        assert_eq!(
+            Outcome::try_from(r.outcome).unwrap(),
+            Outcome::AgentUnavailable
+        );
+    }
+    let err = env.submit("burst-2", 1000).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("\"acme\"") && err.message().contains("retry"),
+        "{}",
+        err.message()
+    );
+
+    let globex = env.tenants.create_tenant("globex").await.unwrap();
+    let mut c = WritebackClient::new(env.channel().await.unwrap());
+    let mut req = tonic::Request::new(SubmitRequest {
+        tenant_id: "globex".into(),
+        operation_id: "other-tenant".into(),
+        user: Some(UserRef {
+            forest: FOREST.into(),
+            id: Some(user_ref::Id::SamAccountName("bob".into())),
+        }),
+        initiator: Initiator::EndUser as i32,
+        timeout_ms: 1000,
+        action: Some(Action::Reset(ResetPassword {
+            new_password: "Other#Tenant-1".into(),
+            ..Default::default()
+        })),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", globex.expose()).parse().unwrap(),
+    );
+    let r = c.submit(req).await.unwrap().into_inner();
+    assert_eq!(
+        Outcome::try_from(r.outcome).unwrap(),
+        Outcome::AgentUnavailable
     );
     env.shutdown.cancel();
 }
