@@ -17,7 +17,7 @@ if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' | $SUDO tee $policy >/d
 trap '[ -n "$created_policy" ] && $SUDO rm -f $policy' EXIT
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 # belt and braces: stop anything the packages started anyway
 for svc in redis-server samba-ad-dc smbd nmbd winbind; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
 echo "installed: ${missing[*]}"
