@@ -21,7 +21,7 @@ pub enum GatewayError {
     },
     #[error("operation {0:?} not found")]
     NotFound(String),
-    #[error("operation {0:?} already exists with a different request")]
+    #[error("operation_id {0:?} was already used for a different request (another user, forest or kind); use a new operation_id")]
     Conflict(String),
     #[error("{0}")]
     FailedPrecondition(String),

@@ -81,15 +81,19 @@ pub fn agent_info_key(tenant: &str, forest: &str, member: &str) -> String {
 pub fn health_key(tenant: &str, forest: &str) -> String {
     format!("wb:{{{tenant}}}:health:{forest}")
 }
-/// Operations of one user, scored by acceptance time.
-pub fn user_index_key(tenant: &str, forest: &str, user: &relay::proto::user_ref::Id) -> String {
+/// A user as named by a caller: `sam:alice`, `upn:alice@corp.example.com`, `guid:…`.
+pub fn user_label(user: &relay::proto::user_ref::Id) -> String {
     use relay::proto::user_ref::Id;
-    let who = match user {
+    match user {
         Id::ObjectGuid(g) => format!("guid:{}", g.to_ascii_lowercase()),
         Id::UserPrincipalName(u) => format!("upn:{}", u.to_lowercase()),
         Id::SamAccountName(s) => format!("sam:{}", s.to_lowercase()),
-    };
-    format!("wb:{{{tenant}}}:user:{forest}:{who}")
+    }
+}
+
+/// Operations of one user, scored by acceptance time.
+pub fn user_index_key(tenant: &str, forest: &str, user: &relay::proto::user_ref::Id) -> String {
+    format!("wb:{{{tenant}}}:user:{forest}:{}", user_label(user))
 }
 
 /// `(tenant, forest)` of a queue key made by [`queue_key`].
@@ -175,6 +179,8 @@ pub struct OpRecord {
     pub agent_instance: String,
     /// Operator-facing detail from the agent (never a secret).
     pub detail: String,
+    /// Who it is for ([`user_label`]).
+    pub user: String,
     /// Encoded result of a query operation (a `PasswordPolicy`), empty otherwise.
     pub result: Vec<u8>,
 }
@@ -222,6 +228,7 @@ impl OpRecord {
             deadline_ms: int("deadline")?,
             agent_instance: get("agent_instance"),
             detail: get("detail"),
+            user: get("user"),
             result: Vec::new(),
         }))
     }
@@ -243,6 +250,8 @@ pub struct NewOperation<'a> {
     pub envelope: &'a [u8],
     pub key_version: u32,
     pub ttl: Duration,
+    /// Who it is for, as [`user_label`] writes it (empty for forest-wide queries).
+    pub user: &'a str,
 }
 
 /// Creates the record, its timeline and the stream entry in one step, unless the operation id
@@ -255,7 +264,7 @@ if redis.call('EXISTS', op) == 1 then return 0 end
 local ttl = tonumber(ARGV[13])
 redis.call('HSET', op, 'tenant', ARGV[1], 'op', ARGV[2], 'forest', ARGV[3], 'kind', ARGV[4],
   'initiator', ARGV[5], 'trace_id', ARGV[6], 'accepted', ARGV[7], 'deadline', ARGV[8],
-  'caller_replica', ARGV[9], 'state', 'queued', 'outcome', '0', 'violation', '0')
+  'caller_replica', ARGV[9], 'state', 'queued', 'outcome', '0', 'violation', '0', 'user', ARGV[17])
 redis.call('PEXPIRE', op, ttl)
 redis.call('RPUSH', tl, ARGV[10], ARGV[11])
 redis.call('PEXPIRE', tl, ttl)
@@ -490,6 +499,7 @@ impl Store {
             .arg(n.key_version)
             .arg(n.envelope)
             .arg(op_ref(n.tenant, n.operation_id))
+            .arg(n.user)
             .invoke_async(&mut c)
             .await?;
         Ok(created == 1)

@@ -164,7 +164,16 @@ impl WritebackService {
 
         // A resubmitted operation id: answer with the first submission's outcome.
         if let Some(rec) = gw.store.operation(&tenant, &operation_id).await? {
-            if rec.forest != forest || rec.kind != kind {
+            let user = req
+                .user
+                .as_ref()
+                .and_then(|u| u.id.as_ref())
+                .map(store::user_label)
+                .unwrap_or_default();
+            if rec.forest != forest
+                || rec.kind != kind
+                || (!rec.user.is_empty() && rec.user != user)
+            {
                 return Err(GatewayError::Conflict(operation_id));
             }
             tracing::info!(
@@ -268,10 +277,9 @@ impl WritebackService {
     ) -> Result<(), GatewayError> {
         let gw = &self.gw;
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
-        let user_index = sealed
-            .user
-            .as_ref()
-            .and_then(|u| u.id.as_ref())
+        let user_id = sealed.user.as_ref().and_then(|u| u.id.as_ref());
+        let user_label = user_id.map(store::user_label).unwrap_or_default();
+        let user_index = user_id
             .filter(|_| kind != "policy")
             .map(|id| store::user_index_key(tenant, forest, id));
         let initiator = sealed.initiator;
@@ -315,6 +323,7 @@ impl WritebackService {
                 envelope: &envelope,
                 key_version: KEY_VERSION,
                 ttl,
+                user: &user_label,
             })
             .await?;
         if let (true, Some(key)) = (created, user_index) {

@@ -237,6 +237,16 @@ async fn resubmitted_operation_is_applied_once() {
         changed_at,
         "applied twice"
     );
+    // The same id for another user is a conflict, not a silent replay.
+    let mut other = request(&t, &f, "erin-not-dave", reset("Once-Only#123"));
+    other.operation_id = "reset-dave-1".into();
+    let err = sb.submit(0, other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("different request"),
+        "{}",
+        err.message()
+    );
     let tl = sb.store.timeline(&t, "reset-dave-1").await.unwrap();
     assert_eq!(
         tl.iter().filter(|e| e.stage == "delivered").count(),
@@ -344,6 +354,7 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
                 envelope: &envelope,
                 key_version: relay::envelope::KEY_VERSION,
                 ttl: Duration::from_secs(600),
+                user: "sam:erin",
             })
             .await
             .unwrap();
