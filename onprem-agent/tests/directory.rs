@@ -5,11 +5,14 @@ use std::time::{Duration, Instant};
 
 use onprem_agent::directory::{ApplyResult, Directory, DirectoryConfig};
 use relay::proto::{
-    sealed_operation::Action, user_ref, ChangePassword, Initiator, Outcome, PolicyViolation,
-    ResetPassword, SealedOperation, UnlockAccount, UserRef,
+    sealed_operation::Action, user_ref, Initiator, Outcome, PolicyViolation, ResetPassword,
+    SealedOperation, UnlockAccount, UserRef,
 };
 use relay::secret::Secret;
 use testkit::SambaDc;
+
+mod common;
+use common::{change, reset};
 
 fn config(dc: &SambaDc, urls: Vec<String>, bind_dn: String, password: &str) -> DirectoryConfig {
     DirectoryConfig {
@@ -47,20 +50,6 @@ fn op(id: user_ref::Id, action: Action) -> SealedOperation {
 
 fn sam(s: &str) -> user_ref::Id {
     user_ref::Id::SamAccountName(s.into())
-}
-
-fn reset(p: &str) -> Action {
-    Action::Reset(ResetPassword {
-        new_password: p.into(),
-        ..Default::default()
-    })
-}
-
-fn change(old: &str, new: &str) -> Action {
-    Action::Change(ChangePassword {
-        old_password: old.into(),
-        new_password: new.into(),
-    })
 }
 
 fn soon() -> Instant {

@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 
 use onprem_agent::directory::{ApplyResult, Directory, DirectoryConfig};
 use relay::proto::{
-    sealed_operation::Action, user_ref, ChangePassword, ClearForcedChange, Initiator, Outcome,
-    PolicyViolation, ResetPassword, SealedOperation, UserRef,
+    sealed_operation::Action, user_ref, ClearForcedChange, Initiator, Outcome, PolicyViolation,
+    ResetPassword, SealedOperation, UserRef,
 };
 use relay::secret::Secret;
 use testkit::SambaDc;
+
+mod common;
+use common::{change, reset};
 
 fn directory(dc: &SambaDc, use_dc_reason_text: bool) -> Directory {
     Directory::new(DirectoryConfig {
@@ -48,20 +51,6 @@ async fn apply_as(d: &Directory, user: &str, initiator: Initiator, action: Actio
 
 async fn apply(d: &Directory, user: &str, action: Action) -> ApplyResult {
     apply_as(d, user, Initiator::EndUser, action).await
-}
-
-fn reset(p: &str) -> Action {
-    Action::Reset(ResetPassword {
-        new_password: p.into(),
-        ..Default::default()
-    })
-}
-
-fn change(old: &str, new: &str) -> Action {
-    Action::Change(ChangePassword {
-        old_password: old.into(),
-        new_password: new.into(),
-    })
 }
 
 /// The policy-diagnosis matrix: rule × {with, without} the DC's reason text.
