@@ -2,7 +2,7 @@
 //! failover, user lookup by objectGUID / userPrincipalName / sAMAccountName, the password
 //! writes, and the mapping of AD's answers to outcomes an end user can act on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,7 +137,14 @@ struct Inner {
     tls: Arc<rustls::ClientConfig>,
     idle: Mutex<Vec<Conn>>,
     slots: Semaphore,
+    /// DCs that failed to connect recently, until when they are tried last.
+    down_until: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a DC that did not answer is tried after the others (it is still tried when none
+/// of the others answers), so that a blackholed DC listed first does not cost a connect
+/// timeout on every new connection.
+const DOWN_FOR: Duration = Duration::from_secs(30);
 
 /// The forest's directory, shared by all operations of the agent.
 #[derive(Clone)]
@@ -198,6 +205,7 @@ impl Directory {
                 tls,
                 idle: Mutex::new(Vec::new()),
                 slots: Semaphore::new(size),
+                down_until: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -292,14 +300,19 @@ impl Directory {
         }
         let mut errors = Vec::new();
         let mut bind_error = None;
-        for url in &self.inner.config.urls {
+        for url in self.urls_in_order() {
             match self.connect_one(url, budget).await {
-                Ok(c) => return Ok((c, false)),
+                Ok(c) => {
+                    self.mark(url, true);
+                    return Ok((c, false));
+                }
                 Err(e @ DirectoryError::Bind { .. }) => {
+                    self.mark(url, true);
                     tracing::warn!(event = "WB2021", %url, error = %e, "service account bind failed");
                     bind_error = Some(e);
                 }
                 Err(e) => {
+                    self.mark(url, false);
                     crate::metrics::get().ldap_errors.inc();
                     tracing::warn!(event = "WB2020", %url, error = %e, "domain controller unavailable; trying the next");
                     errors.push(match e {
@@ -310,6 +323,27 @@ impl Directory {
             }
         }
         Err(bind_error.unwrap_or_else(|| DirectoryError::Unavailable(errors.join("; "))))
+    }
+
+    /// The configured DCs in order, those that failed within [`DOWN_FOR`] last.
+    fn urls_in_order(&self) -> Vec<&String> {
+        let now = Instant::now();
+        let down = self.inner.down_until.lock().expect("dc health");
+        let is_down = |u: &String| down.get(u).is_some_and(|until| *until > now);
+        let urls = &self.inner.config.urls;
+        urls.iter()
+            .filter(|u| !is_down(u))
+            .chain(urls.iter().filter(|u| is_down(u)))
+            .collect()
+    }
+
+    fn mark(&self, url: &str, up: bool) {
+        let mut down = self.inner.down_until.lock().expect("dc health");
+        if up {
+            down.remove(url);
+        } else {
+            down.insert(url.to_owned(), Instant::now() + DOWN_FOR);
+        }
     }
 
     fn pop_idle(&self) -> Option<Conn> {
@@ -544,24 +578,10 @@ impl Directory {
         id: &user_ref::Id,
         timeout: Duration,
     ) -> Result<Vec<UserEntry>, LdapError> {
-        let filter = match id {
-            user_ref::Id::ObjectGuid(g) => match guid_filter_bytes(g) {
-                Some(escaped) => format!("(&(objectClass=user)(objectGUID={escaped}))"),
-                None => return Ok(Vec::new()),
-            },
-            user_ref::Id::UserPrincipalName(upn) => {
-                format!(
-                    "(&(objectClass=user)(userPrincipalName={}))",
-                    ldap3::ldap_escape(upn.as_str())
-                )
-            }
-            user_ref::Id::SamAccountName(sam) => {
-                format!(
-                    "(&(objectClass=user)(sAMAccountName={}))",
-                    ldap3::ldap_escape(sam.as_str())
-                )
-            }
-        };
+        let filter = user_filter(id);
+        if filter.is_empty() {
+            return Ok(Vec::new());
+        }
         let attrs = vec![
             "distinguishedName",
             "sAMAccountName",
@@ -853,6 +873,30 @@ fn describe(id: &user_ref::Id) -> String {
     }
 }
 
+/// sAMAccountType SAM_NORMAL_USER_ACCOUNT: people's accounts, not computers, managed service
+/// accounts (gMSA) or trust accounts, whose passwords are not the writeback's business (all
+/// of them are `objectClass=user` too).
+const SAM_NORMAL_USER_ACCOUNT: &str = "805306368";
+
+/// The LDAP filter for the user named by `id` (empty for a malformed objectGUID).
+pub fn user_filter(id: &user_ref::Id) -> String {
+    let (attr, value) = match id {
+        user_ref::Id::ObjectGuid(g) => match guid_filter_bytes(g) {
+            Some(escaped) => ("objectGUID", escaped),
+            None => return String::new(),
+        },
+        user_ref::Id::UserPrincipalName(upn) => (
+            "userPrincipalName",
+            ldap3::ldap_escape(upn.as_str()).into_owned(),
+        ),
+        user_ref::Id::SamAccountName(sam) => (
+            "sAMAccountName",
+            ldap3::ldap_escape(sam.as_str()).into_owned(),
+        ),
+    };
+    format!("(&(objectClass=user)(sAMAccountType={SAM_NORMAL_USER_ACCOUNT})({attr}={value}))")
+}
+
 /// `"password"` in UTF-16LE, as AD wants `unicodePwd`.
 pub fn encode_unicode_pwd(password: &str) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity((password.len() + 2) * 2));
@@ -964,6 +1008,25 @@ mod tests {
         assert_eq!(e.len(), 5 * 2);
         assert_eq!(&e[2..4], &[0xe9, 0x00]);
         assert_eq!(&e[4..8], &[0x3d, 0xd8, 0x00, 0xde]);
+    }
+
+    #[test]
+    fn filters_are_escaped_and_limited_to_people() {
+        assert_eq!(
+            user_filter(&user_ref::Id::SamAccountName("a*)(x=1".into())),
+            "(&(objectClass=user)(sAMAccountType=805306368)(sAMAccountName=a\\2a\\29\\28x=1))"
+        );
+        assert_eq!(
+            user_filter(&user_ref::Id::UserPrincipalName("o\\brien@corp".into())),
+            "(&(objectClass=user)(sAMAccountType=805306368)(userPrincipalName=o\\5cbrien@corp))"
+        );
+        assert!(user_filter(&user_ref::Id::ObjectGuid(
+            "d2a1b399-db17-4a4c-9c27-0123456789ab".into()
+        ))
+        .ends_with(
+            "(objectGUID=\\99\\b3\\a1\\d2\\17\\db\\4c\\4a\\9c\\27\\01\\23\\45\\67\\89\\ab))"
+        ));
+        assert_eq!(user_filter(&user_ref::Id::ObjectGuid("*".into())), "");
     }
 
     #[test]

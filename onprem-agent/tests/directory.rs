@@ -68,11 +68,24 @@ async fn resets_changes_and_policy_answers() {
     dc.create_user("frank", "Initial#Pass1").unwrap();
 
     // reset: new works, old does not; the DC is named; timings reported
+    let t = Instant::now();
     let r = apply(&d, sam("frank"), reset("Fresh#Reset-1")).await;
+    let first = t.elapsed();
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
     assert_eq!(r.directory, dc.ldaps_url());
     assert!(dc.can_bind(&upn("frank"), "Fresh#Reset-1"));
     assert!(!dc.can_bind(&upn("frank"), "Initial#Pass1"));
+    let t = Instant::now();
+    let again = apply(&d, sam("frank"), reset("Pooled#Reset-1")).await;
+    assert_eq!(again.outcome, Outcome::Applied, "{again:?}");
+    println!(
+        "reset on a new connection: {first:?} (lookup {} ms, write {} ms); on a pooled one: {:?} (lookup {} ms, write {} ms)",
+        r.lookup_ms,
+        r.write_ms,
+        t.elapsed(),
+        again.lookup_ms,
+        again.write_ms
+    );
 
     // must change at next logon + unlock in the same modify
     let r = d
@@ -151,6 +164,11 @@ async fn resets_changes_and_policy_answers() {
         assert_eq!(r.outcome, Outcome::UserNotFound, "{r:?}");
     }
 
+    // a computer account is an objectClass=user too, but not a person's account
+    dc.samba_tool(&["computer", "create", "ws01"]).unwrap();
+    let r = apply(&d, sam("WS01$"), reset("Machine#Reset-1")).await;
+    assert_eq!(r.outcome, Outcome::UserNotFound, "{r:?}");
+
     // found by objectGUID
     let guid = dc.user_guid("frank").unwrap();
     let r = apply(&d, user_ref::Id::ObjectGuid(guid), reset("By-Guid#Reset5")).await;
@@ -175,6 +193,18 @@ async fn protected_accounts_unlock_rights_and_deadlines() {
     let r = apply(&d, sam("Administrator"), reset("Takeover#Admin1")).await;
     assert_eq!(r.outcome, Outcome::ProtectedAccount, "{r:?}");
     assert!(dc.can_bind(&upn("Administrator"), &dc.admin_password()));
+    // allowed by the operator, the DC still refuses: protected accounts do not inherit the
+    // delegation (AdminSDHolder, emulated on Samba by scripts/ad-dc.sh)
+    let r = d
+        .apply(
+            &op(sam("Administrator"), reset("Takeover#Admin1")),
+            soon(),
+            true,
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::AccessDenied, "{r:?}");
+    assert!(r.detail.contains("Reset Password"), "{}", r.detail);
+    assert!(dc.can_bind(&upn("Administrator"), &dc.admin_password()));
 
     // unlock of a locked-out account
     dc.create_user("gina", "Initial#Pass1").unwrap();
@@ -192,6 +222,16 @@ async fn protected_accounts_unlock_rights_and_deadlines() {
         .apply(
             &op(sam("gina"), reset("Too-Late#Reset1")),
             Instant::now(),
+            false,
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::Expired, "{r:?}");
+    assert!(dc.can_bind(&upn("gina"), "Initial#Pass1"));
+    // too little time left to write safely: not even looked up
+    let r = d
+        .apply(
+            &op(sam("gina"), reset("Too-Late#Reset2")),
+            Instant::now() + Duration::from_millis(50),
             false,
         )
         .await;
@@ -235,6 +275,39 @@ async fn fails_over_between_dcs_and_reports_unavailable() {
     assert_eq!(r.directory, dc.ldaps_url());
     assert_eq!(d.check().await.unwrap(), dc.ldaps_url());
 
+    // a DC that accepts TCP but never answers TLS, listed first: given up after the connect
+    // timeout, then skipped for a while
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("ldaps://{}", hung.local_addr().unwrap());
+    let mut cfg = config(
+        &dc,
+        vec![hung_url, dc.ldaps_url()],
+        dc.svc_upn(),
+        &dc.svc_password(),
+    );
+    cfg.connect_timeout = Duration::from_millis(500);
+    let slow = Directory::new(cfg).unwrap();
+    let t = Instant::now();
+    let r = apply(&slow, sam("ivan"), reset("Hung#First-1")).await;
+    assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
+    assert_eq!(r.directory, dc.ldaps_url());
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    // pool_size 2: two operations at once need a second connection, which skips the hung DC
+    let t = Instant::now();
+    let (r1, r2) = tokio::join!(
+        apply(&slow, sam("ivan"), reset("Hung#Second-2")),
+        apply(&slow, sam("frank2"), reset("Hung#Second-2")),
+    );
+    assert_eq!(r1.outcome, Outcome::Applied, "{r1:?}");
+    assert_eq!(r2.outcome, Outcome::UserNotFound, "{r2:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(hung);
+
     // every DC down
     dc.stop();
     let started = Instant::now();
@@ -249,4 +322,28 @@ async fn fails_over_between_dcs_and_reports_unavailable() {
     dc.start_again().unwrap();
     let r = apply(&d, sam("ivan"), reset("Back#Again-3")).await;
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_share_a_bounded_pool() {
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let d = directory(&dc); // pool_size 2
+    let users: Vec<String> = (0..6).map(|i| format!("pool{i}")).collect();
+    for u in &users {
+        dc.create_user(u, "Initial#Pass1").unwrap();
+    }
+    let t = Instant::now();
+    let results = futures::future::join_all(users.iter().enumerate().map(|(i, u)| {
+        let d = d.clone();
+        async move { apply(&d, sam(u), reset(&format!("Pool#Reset-{i}"))).await }
+    }))
+    .await;
+    println!("6 resets through a pool of 2 in {:?}", t.elapsed());
+    for (i, (u, r)) in users.iter().zip(&results).enumerate() {
+        assert_eq!(r.outcome, Outcome::Applied, "{u}: {r:?}");
+        assert!(dc.can_bind(
+            &format!("{u}@{}", dc.dns_domain()),
+            &format!("Pool#Reset-{i}")
+        ));
+    }
 }

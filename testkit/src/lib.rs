@@ -1,19 +1,26 @@
 //! Test harness: real Redis servers, real Samba AD domain controllers and TLS material, all on
 //! loopback, started per test and stopped on drop.
 //!
-//! Samba's LDAP ports are fixed, so every DC gets a loopback address of its own, allocated
-//! across concurrently running test processes with file locks under
-//! `$TMPDIR/writeback-testkit-ips/`.
-//! Each realm is provisioned once per machine into `target/testkit/templates/<realm>` and
-//! copied per DC (about 0.5 s instead of 8 s).
+//! Samba's LDAP ports are fixed, so every DC gets a loopback address 127.0.0.N of its own
+//! (N in 20..=250), held with an exclusive lock on `$TMPDIR/writeback-testkit-ips/N.lock` for
+//! the DC's lifetime: machine-wide, so concurrent test processes (nextest) and concurrent
+//! checkouts never share one. The lock file names the DC directory that used the address last,
+//! so a samba left behind by a killed test process is stopped by the next lessee.
+//! Each realm is provisioned once per machine into `target/testkit/templates/<realm>` (guarded
+//! by a cross-process lock, re-provisioned when `scripts/ad-dc.sh` changes) and copied per DC:
+//! about 0.9 s instead of 8 s.
 
-use std::fs::{self, File};
-use std::net::TcpListener;
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{Read, Seek, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry, StdStream};
 
 /// The workspace root (this crate lives one level below it).
 pub fn workspace_root() -> PathBuf {
@@ -23,7 +30,7 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-/// `target/testkit`, where templates, DC copies and IP locks live.
+/// `target/testkit`, where realm templates and DC copies live (IP locks are machine-wide).
 pub fn state_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -41,9 +48,9 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// A `redis-server` on a free loopback port, without persistence, killed on drop.
 pub struct RedisServer {
-    child: Child,
+    child: Option<Child>,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -52,35 +59,47 @@ impl RedisServer {
     /// # Errors
     /// When `redis-server` is missing or does not come up.
     pub fn start() -> anyhow::Result<Self> {
+        let mut last = None;
+        // A free port may be taken between probing and binding: try a few.
         for _ in 0..5 {
-            let dir = tempfile::tempdir()?;
-            let port = free_port()?;
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start redis-server (run scripts/install-deps.sh)")?;
             let mut server = Self {
-                child,
-                port,
-                _dir: dir,
+                child: None,
+                port: free_port()?,
+                dir: tempfile::tempdir()?,
             };
-            if server.wait_ready(Duration::from_secs(5)) {
-                return Ok(server);
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
             }
         }
-        bail!("redis-server did not answer PING")
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (run scripts/install-deps.sh)")?;
+        self.child = Some(child);
+        if self.wait_ready(Duration::from_secs(5)) {
+            Ok(())
+        } else {
+            self.kill();
+            bail!("redis-server on port {} did not answer PING", self.port)
+        }
     }
 
     fn wait_ready(&mut self, within: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < within {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(None)) => {}
+                _ => return false,
             }
             if redis_ping(self.port) {
                 return true;
@@ -88,6 +107,28 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// Kills the server (SIGKILL), as a crash would. Data is lost (no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty), after [`RedisServer::kill`].
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Whether the server answers PING.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some() && redis_ping(self.port)
     }
 
     pub fn url(&self) -> String {
@@ -98,15 +139,15 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's pid (0 after [`RedisServer::kill`]).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -180,17 +221,56 @@ struct IpLease {
     _lock: File,
 }
 
-fn lease_ip() -> anyhow::Result<IpLease> {
+/// Leases 127.0.0.N for the DC directory `owner(N)`: the first N whose lock is free and on
+/// which nothing listens (after stopping the samba a crashed process left there).
+fn lease_ip(owner: impl Fn(u8) -> PathBuf) -> anyhow::Result<IpLease> {
     // Machine-wide (not per checkout): two checkouts testing at once must not share an address.
     let dir = std::env::temp_dir().join("writeback-testkit-ips");
     fs::create_dir_all(&dir)?;
     for octet in 20u8..=250 {
-        let file = File::create(dir.join(format!("{octet}.lock")))?;
-        if file.try_lock().is_ok() {
-            return Ok(IpLease { octet, _lock: file });
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(format!("{octet}.lock")))?;
+        if file.try_lock().is_err() {
+            continue;
         }
+        let mut previous = String::new();
+        let _ = file.read_to_string(&mut previous);
+        let previous = previous.trim();
+        if !previous.is_empty() {
+            stop_stale(Path::new(previous));
+        }
+        if listening(octet, Duration::from_secs(2)) {
+            tracing::warn!(
+                octet,
+                "127.0.0.{octet} is in use by a process testkit does not know; skipping it"
+            );
+            continue;
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", owner(octet).display())?;
+        return Ok(IpLease { octet, _lock: file });
     }
     bail!("no free loopback address in 127.0.0.20-250")
+}
+
+/// Whether anything still accepts on 127.0.0.N's LDAP ports after waiting up to `grace`.
+fn listening(octet: u8, grace: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        let busy = [389u16, 636].iter().any(|port| {
+            let addr = SocketAddr::from(([127, 0, 0, octet], *port));
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        if !busy || start.elapsed() >= grace {
+            return busy;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn script() -> PathBuf {
@@ -214,29 +294,96 @@ fn run_script(args: &[&str]) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Stops a samba left running from `dir` (the script checks that the pid is really that DC's).
 fn stop_stale(dir: &Path) {
     if dir.join("run/samba.pid").exists() {
         let _ = run_script(&["--stop", &dir.to_string_lossy()]);
     }
 }
 
-/// Provisions `realm` once per machine (cross-process lock), returning the stopped template.
-fn template(realm: &str) -> anyhow::Result<PathBuf> {
+/// FNV-1a of `scripts/ad-dc.sh`: a template made by another version of the script is redone.
+fn script_hash() -> anyhow::Result<String> {
+    let bytes = fs::read(script()).context("read scripts/ad-dc.sh")?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Runs `f` on the realm's template (provisioned once per machine), holding a shared lock so
+/// that nobody re-provisions it meanwhile.
+fn with_template<T>(realm: &str, f: impl FnOnce(&Path) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let root = state_dir().join("templates");
     fs::create_dir_all(&root)?;
     let dir = root.join(realm);
-    let lock = File::create(root.join(format!("{realm}.lock")))?;
-    lock.lock()?;
-    if !dir.join(".seeded").exists() {
-        stop_stale(&dir);
-        let lease = lease_ip()?;
-        let ip = format!("127.0.0.{}", lease.octet);
-        let dir_s = dir.to_string_lossy().into_owned();
-        let r = run_script(&[&dir_s, realm, &ip]);
-        let _ = run_script(&["--stop", &dir_s]);
-        r?;
+    let lock_path = root.join(format!("{realm}.lock"));
+    let stamp = dir.join(".script-hash");
+    let hash = script_hash()?;
+    let valid = || {
+        dir.join(".seeded").exists() && fs::read_to_string(&stamp).is_ok_and(|h| h.trim() == hash)
+    };
+    loop {
+        let lock = File::create(&lock_path)?;
+        lock.lock_shared()?;
+        if valid() {
+            return f(&dir);
+        }
+        drop(lock);
+        let lock = File::create(&lock_path)?;
+        lock.lock()?;
+        if !valid() {
+            stop_stale(&dir);
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            let started = Instant::now();
+            let lease = lease_ip(|_| dir.clone())?;
+            let ip = format!("127.0.0.{}", lease.octet);
+            let dir_s = dir.to_string_lossy().into_owned();
+            let r = run_script(&[&dir_s, realm, &ip]);
+            let _ = run_script(&["--stop", &dir_s]);
+            r?;
+            fs::write(&stamp, &hash)?;
+            tracing::info!(realm, elapsed = ?started.elapsed(), "provisioned the template");
+        }
+        drop(lock);
     }
-    Ok(dir)
+}
+
+/// Runs `fut` to completion on a runtime of its own in a helper thread, so the synchronous
+/// helpers below work both inside and outside async tests.
+fn block_on<F>(fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(fut)
+        })
+        .join()
+        .expect("ldap helper thread")
+    })
+}
+
+/// A new LDAPS connection to `ip`, verified against `tls`, with TCP_NODELAY.
+async fn ldaps(ip: &str, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<Ldap> {
+    let timeout = Duration::from_secs(5);
+    let addr: SocketAddr = format!("{ip}:636").parse()?;
+    let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+    tcp.set_nodelay(true)?;
+    let settings = LdapConnSettings::new()
+        .set_config(tls)
+        .set_conn_timeout(timeout)
+        .set_std_stream(StdStream::Tcp(tcp));
+    let (conn, ldap) = LdapConnAsync::with_settings(settings, &format!("ldaps://{ip}")).await?;
+    ldap3::drive!(conn);
+    Ok(ldap)
 }
 
 /// A Samba AD DC on a loopback address of its own, copied from the realm's template; stopped
@@ -248,30 +395,32 @@ pub struct SambaDc {
 }
 
 impl SambaDc {
-    /// Starts a DC for `realm` (e.g. `CORP.WRITEBACK.TEST`) and waits for verified LDAPS.
+    /// Starts a DC for `realm` (e.g. `CORP.WRITEBACK.TEST`) from the realm's template, on a
+    /// loopback address of its own, and waits until its rootDSE answers over verified LDAPS.
     ///
     /// # Errors
     /// When Samba is missing or does not come up.
     pub fn start(realm: &str) -> anyhow::Result<Self> {
         let realm = realm.to_ascii_uppercase();
-        let template = template(&realm)?;
-        let lease = lease_ip()?;
-        let dir = state_dir().join("dcs").join(lease.octet.to_string());
+        let dcs = state_dir().join("dcs");
+        fs::create_dir_all(&dcs)?;
+        let lease = lease_ip(|octet| dcs.join(octet.to_string()))?;
+        let dir = dcs.join(lease.octet.to_string());
         stop_stale(&dir);
         if dir.exists() {
             fs::remove_dir_all(&dir)?;
         }
-        fs::create_dir_all(dir.parent().expect("dcs dir"))?;
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(&template)
-            .arg(&dir)
-            .status()?;
-        if !status.success() {
-            bail!("cannot copy the {realm} template");
-        }
+        // Built before samba starts, so that a failed start still stops it (drop).
         let dc = Self { realm, dir, lease };
-        dc.start_again()?;
+        with_template(&dc.realm, |template| {
+            run_script(&[
+                "--template",
+                &template.to_string_lossy(),
+                &dc.dir.to_string_lossy(),
+                &dc.realm,
+                &dc.ip(),
+            ])
+        })?;
         Ok(dc)
     }
 
@@ -287,6 +436,15 @@ impl SambaDc {
     /// Stops the DC (SIGTERM, then KILL).
     pub fn stop(&self) {
         let _ = run_script(&["--stop", &self.dir.to_string_lossy()]);
+    }
+
+    /// The samba process's pid, from its pid file (it may have exited since).
+    pub fn pid(&self) -> Option<u32> {
+        fs::read_to_string(self.dir.join("run/samba.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn ip(&self) -> String {
@@ -363,7 +521,8 @@ impl SambaDc {
         Ok(format!("CN={sam},CN=Users,{}", self.base_dn()))
     }
 
-    /// Creates a user inside `ou_dn` (which must exist); returns its DN.
+    /// Creates a user inside the OU `ou_rdn_path` relative to the domain root (e.g.
+    /// `OU=Sales,OU=EMEA`, escaped as in a DN; it must exist); returns the user's DN.
     ///
     /// # Errors
     /// When samba-tool refuses.
@@ -372,7 +531,7 @@ impl SambaDc {
         sam: &str,
         password: &str,
         ou_rdn_path: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<String> {
         self.samba_tool(&[
             "user",
             "create",
@@ -380,7 +539,7 @@ impl SambaDc {
             password,
             &format!("--userou={ou_rdn_path}"),
         ])?;
-        Ok(())
+        Ok(format!("CN={sam},{ou_rdn_path},{}", self.base_dn()))
     }
 
     /// Sets domain password settings, e.g. `["--min-pwd-length=12"]`.
@@ -394,29 +553,61 @@ impl SambaDc {
         Ok(())
     }
 
-    fn ldapsearch(
-        &self,
-        bind: &str,
-        password: &str,
-        base: &str,
-        scope: &str,
-        attrs: &[&str],
-    ) -> std::io::Result<std::process::Output> {
-        Command::new("ldapsearch")
-            .env("LDAPTLS_CACERT", self.ca_file())
-            .env("LDAPTLS_REQCERT", "demand")
-            .args(["-LLL", "-x", "-o", "ldif-wrap=no", "-o", "nettimeout=5"])
-            .arg("-H")
-            .arg(self.ldaps_url())
-            .args(["-D", bind, "-w", password, "-s", scope, "-b", base])
-            .args(attrs)
-            .output()
+    /// A verifying TLS configuration trusting this DC's CA.
+    fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        Ok(relay::tls::client_config_with_ca(&self.ca_file())?)
+    }
+
+    /// The rootDSE's `defaultNamingContext`, read anonymously over LDAPS verified with
+    /// [`SambaDc::ca_file`].
+    ///
+    /// # Errors
+    /// When the DC does not answer or its certificate does not verify.
+    pub fn naming_context(&self) -> anyhow::Result<String> {
+        let tls = self.tls()?;
+        let ip = self.ip();
+        block_on(async move {
+            let mut ldap = ldaps(&ip, tls).await?;
+            let (entries, _) = ldap
+                .search(
+                    "",
+                    Scope::Base,
+                    "(objectClass=*)",
+                    vec!["defaultNamingContext"],
+                )
+                .await?
+                .success()?;
+            let _ = ldap.unbind().await;
+            entries
+                .into_iter()
+                .next()
+                .map(SearchEntry::construct)
+                .and_then(|e| e.attrs.get("defaultNamingContext")?.first().cloned())
+                .context("rootDSE without defaultNamingContext")
+        })
+    }
+
+    /// A simple bind of `user` (UPN or DN) over verified LDAPS: the LDAP result code and the
+    /// DC's diagnostic text (e.g. `… data 775` for a locked account, `data 773` for one that
+    /// must change its password).
+    ///
+    /// # Errors
+    /// When the DC cannot be reached.
+    pub fn try_bind(&self, user: &str, password: &str) -> anyhow::Result<(u32, String)> {
+        let tls = self.tls()?;
+        let ip = self.ip();
+        block_on(async move {
+            let mut ldap = ldaps(&ip, tls).await?;
+            let r = ldap.simple_bind(user, password).await?;
+            let _ = ldap.unbind().await;
+            Ok((r.rc, r.text))
+        })
     }
 
     /// Whether `user` (UPN or DN) can bind with `password` over verified LDAPS.
     pub fn can_bind(&self, user: &str, password: &str) -> bool {
-        self.ldapsearch(user, password, "", "base", &["dn"])
-            .is_ok_and(|o| o.status.success())
+        // An empty password would be an unauthenticated bind, which succeeds.
+        !password.is_empty() && self.try_bind(user, password).is_ok_and(|(rc, _)| rc == 0)
     }
 
     /// Whether `principal` gets a Kerberos ticket with `password` (KRB5_CONFIG of this DC).
@@ -440,23 +631,51 @@ impl SambaDc {
         ok
     }
 
-    /// One attribute of `dn`, read as Administrator (first value, raw text).
+    /// The values of attribute `attr` of `dn`, read as Administrator over verified LDAPS
+    /// (binary values converted lossily to text).
     ///
     /// # Errors
-    /// When the search fails.
+    /// When the search fails (e.g. no such object).
+    pub fn attributes(&self, dn: &str, attr: &str) -> anyhow::Result<Vec<String>> {
+        let tls = self.tls()?;
+        let (ip, admin) = (self.ip(), self.admin_dn());
+        block_on(async move {
+            let mut ldap = ldaps(&ip, tls).await?;
+            ldap.simple_bind(&admin, ADMIN_PASSWORD).await?.success()?;
+            let (entries, _) = ldap
+                .search(dn, Scope::Base, "(objectClass=*)", vec![attr])
+                .await?
+                .success()
+                .with_context(|| format!("read {attr} of {dn}"))?;
+            let _ = ldap.unbind().await;
+            let Some(e) = entries.into_iter().next().map(SearchEntry::construct) else {
+                return Ok(Vec::new());
+            };
+            // The DC spells the attribute its own way (e.g. pwdLastSet for pwdlastset).
+            let text = e
+                .attrs
+                .into_iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(attr))
+                .map(|(_, v)| v);
+            let binary = e
+                .bin_attrs
+                .into_iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(attr))
+                .map(|(_, v)| {
+                    v.iter()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect()
+                });
+            Ok(text.or(binary).unwrap_or_default())
+        })
+    }
+
+    /// The first value of attribute `attr` of `dn`, read as Administrator.
+    ///
+    /// # Errors
+    /// When the search fails (e.g. no such object).
     pub fn attribute(&self, dn: &str, attr: &str) -> anyhow::Result<Option<String>> {
-        let out = self.ldapsearch(&self.admin_dn(), ADMIN_PASSWORD, dn, "base", &[attr])?;
-        if !out.status.success() {
-            bail!(
-                "ldapsearch {dn} {attr}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let prefix = format!("{attr}: ");
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned)))
+        Ok(self.attributes(dn, attr)?.into_iter().next())
     }
 
     /// The canonical string form of a user's objectGUID.
