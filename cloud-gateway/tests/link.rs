@@ -95,9 +95,21 @@ impl Env {
     }
 
     async fn submit(&self, op_id: &str, timeout_ms: u32) -> Result<SubmitResponse, tonic::Status> {
+        self.submit_as("acme", self.token.expose(), op_id, timeout_ms)
+            .await
+    }
+
+    /// A reset of alice for `tenant` with its `token`.
+    async fn submit_as(
+        &self,
+        tenant: &str,
+        token: &str,
+        op_id: &str,
+        timeout_ms: u32,
+    ) -> Result<SubmitResponse, tonic::Status> {
         let mut c = WritebackClient::new(self.channel().await.unwrap());
         let mut req = tonic::Request::new(SubmitRequest {
-            tenant_id: "acme".into(),
+            tenant_id: tenant.into(),
             operation_id: op_id.into(),
             user: Some(UserRef {
                 forest: FOREST.into(),
@@ -110,10 +122,8 @@ impl Env {
                 ..Default::default()
             })),
         });
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.token.expose()).parse().unwrap(),
-        );
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
         c.submit(req).await.map(tonic::Response::into_inner)
     }
 }
@@ -498,26 +508,10 @@ async fn tenants_over_their_rate_are_told_to_slow_down() {
     );
 
     let globex = env.tenants.create_tenant("globex").await.unwrap();
-    let mut c = WritebackClient::new(env.channel().await.unwrap());
-    let mut req = tonic::Request::new(SubmitRequest {
-        tenant_id: "globex".into(),
-        operation_id: "other-tenant".into(),
-        user: Some(UserRef {
-            forest: FOREST.into(),
-            id: Some(user_ref::Id::SamAccountName("bob".into())),
-        }),
-        initiator: Initiator::EndUser as i32,
-        timeout_ms: 1000,
-        action: Some(Action::Reset(ResetPassword {
-            new_password: "Other#Tenant-1".into(),
-            ..Default::default()
-        })),
-    });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", globex.expose()).parse().unwrap(),
-    );
-    let r = c.submit(req).await.unwrap().into_inner();
+    let r = env
+        .submit_as("globex", globex.expose(), "other-tenant", 1000)
+        .await
+        .unwrap();
     assert_eq!(
         Outcome::try_from(r.outcome).unwrap(),
         Outcome::AgentUnavailable
