@@ -23,13 +23,22 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: deps
-	@start=$$(date +%s); \
-	$(CARGO) fmt --all --check && \
-	$(CARGO) clippy --workspace --all-targets -- -D warnings && \
+# install what is missing, fmt --check, clippy -D warnings, build the binaries (the end-to-end
+# tests run target/debug/{cloud-gateway,onprem-agent,relayctl}), then every test with nextest
+# (profile in .config/nextest.toml), or cargo test when cargo-nextest is not installed.
+test:
+	@set -uo pipefail; start=$$SECONDS; t=$$SECONDS; times=""; \
+	phase() { times="$$times $$1 $$((SECONDS - t))s"; t=$$SECONDS; }; \
+	run() { echo "+ $$*"; "$$@"; }; \
+	finish() { echo "make test: $$1 in $$((SECONDS - start)) s ($${times# })"; exit $$2; }; \
+	run scripts/install-deps.sh || finish "FAILED (install-deps)" 1; phase deps; \
+	run $(CARGO) fmt --all --check || finish "FAILED (cargo fmt --check)" 1; phase fmt; \
+	run $(CARGO) clippy --workspace --all-targets -- -D warnings || finish "FAILED (clippy)" 1; phase clippy; \
+	run $(CARGO) build --workspace --bins || finish "FAILED (build)" 1; phase build; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) build --workspace --bins --quiet && $(CARGO) nextest run --workspace --no-tests=pass; \
+	  run $(CARGO) nextest run --workspace --no-tests=pass; rc=$$?; \
 	else \
-	  $(CARGO) build --workspace --bins --quiet && $(CARGO) test --workspace; \
-	fi; rc=$$?; \
-	echo "make test: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
+	  echo "cargo-nextest not found: falling back to cargo test"; \
+	  run $(CARGO) test --workspace; rc=$$?; \
+	fi; phase tests; \
+	if [ $$rc -eq 0 ]; then finish "passed" 0; else finish "FAILED (tests)" $$rc; fi

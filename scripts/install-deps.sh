@@ -1,23 +1,56 @@
 #!/usr/bin/env bash
 # install-deps.sh - install the Debian packages the stack and the tests need, if missing.
-# Fast path (all present): one dpkg-query, no apt. Never leaves system daemons running.
+# Fast path (all present): one dpkg-query, no apt. Never leaves system daemons running: the stack
+# and the tests start their own Redis and Samba on their own addresses and ports, and a system
+# redis-server (127.0.0.1:6379) or samba-ad-dc (389/636 on every address) would get in the way.
 set -euo pipefail
 PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc)
+# Debian's recommended packages are kept (samba-ad-provision and samba-dsdb-modules, needed by
+# `samba-tool domain provision`, are only Recommends of samba).
+
 missing=()
+installed=$(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${PKGS[@]}" 2>/dev/null || true)
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  grep -qE "^$p ii" <<<"$installed" || missing+=("$p")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
+
 echo "installing: ${missing[*]}"
-SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-# Keep package scripts from starting system-wide redis/samba daemons (they would take
-# 6379/389/636 on every address); the stack and the tests start their own.
-policy=/usr/sbin/policy-rc.d; created_policy=
-if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' | $SUDO tee $policy >/dev/null; $SUDO chmod +x $policy; created_policy=1; fi
-trap '[ -n "$created_policy" ] && $SUDO rm -f $policy' EXIT
+SUDO=
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "not root and no sudo: install ${missing[*]} yourself" >&2; exit 1; }
+  SUDO=sudo
+fi
+t0=$SECONDS
+# Keep package scripts from starting system-wide daemons (invoke-rc.d and deb-systemd-invoke both
+# honour policy-rc.d; exit 101 = action forbidden). Docker images already ship such a file: keep it.
+policy=/usr/sbin/policy-rc.d created_policy=
+if [ ! -e $policy ]; then
+  printf '#!/bin/sh\n# written by install-deps.sh for the duration of one apt-get install\nexit 101\n' \
+    | $SUDO tee $policy >/dev/null
+  $SUDO chmod 755 $policy; created_policy=1
+fi
+cleanup() { if [ -n "$created_policy" ]; then $SUDO rm -f $policy; fi; }
+trap cleanup EXIT
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-# belt and braces: stop anything the packages started anyway
-for svc in redis-server samba-ad-dc smbd nmbd winbind; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
-echo "installed: ${missing[*]}"
+$SUDO apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+  "${missing[@]}" >/dev/null
+
+# Belt and braces: stop (and, under systemd, disable at boot) the daemons of what was just installed.
+units=()
+for p in "${missing[@]}"; do
+  case $p in
+    redis-server) units+=(redis-server) ;;
+    samba) units+=(samba-ad-dc smbd nmbd) ;;
+    winbind) units+=(winbind) ;;
+  esac
+done
+if [ ${#units[@]} -gt 0 ]; then
+  if [ -d /run/systemd/system ]; then   # systemd is PID 1
+    $SUDO systemctl disable --now "${units[@]}" >/dev/null 2>&1 || true
+  else
+    for u in "${units[@]}"; do $SUDO service "$u" stop >/dev/null 2>&1 || true; done
+  fi
+fi
+echo "installed: ${missing[*]} ($((SECONDS - t0)) s)"

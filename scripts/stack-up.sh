@@ -1,108 +1,196 @@
 #!/usr/bin/env bash
 # stack-up.sh (make up) - the local stack as production runs it: Redis, a Samba AD forest on
 # 127.0.0.2, two gateway replicas, two agents; then one demo reset end to end.
-# Idempotent: restarts only what is not running; keys, tokens and the forest are kept.
+# Idempotent: restarts only what is not running; the master key, the tenant token and the forest
+# are kept (agent secrets are re-issued whenever that agent is (re)started).
+# Standard OTEL_* variables are passed through to the gateways and agents; OTEL_SERVICE_NAME is
+# set per process only when the caller did not set it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 S=$ROOT/target/stack
-PIDS=$S/pids LOGS=$S/logs SECRETS=$S/secrets
+PIDS=$S/pids LOGS=$S/logs SECRETS=$S/secrets TLS=$S/tls
 REALM=CORP.WRITEBACK.TEST FOREST=corp.writeback.test DC_IP=127.0.0.2
 REDIS_PORT=6390 GW_A=127.0.0.1:7443 GW_B=127.0.0.1:7444 TENANT=demo
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+TOKEN_FILE=$S/tenant.token
 BIN=$ROOT/target/debug
+READY_SECS=${STACK_READY_SECS:-30}
 mkdir -p "$PIDS" "$LOGS" "$SECRETS"; chmod 700 "$SECRETS"
+t0=$(date +%s%N)
 
 step() { printf '==> %s\n' "$*"; }
-alive() { local f=$PIDS/$1.pid; [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
-fail() { echo "error: $1" >&2; [ -n "${2:-}" ] && [ -f "$LOGS/$2.log" ] && tail -20 "$LOGS/$2.log" >&2; exit 1; }
+# The executable name each stack process runs as (/proc/PID/comm), so that a stale pid file
+# naming a reused pid is not taken for a live process.
+comm_of() { case $1 in redis) echo redis-server ;; samba) echo samba ;; gateway-*) echo cloud-gateway ;; agent-*) echo onprem-agent ;; esac; }
+# A zombie (exited, not yet reaped: init takes a second or so here) counts as dead.
+running() { local st; st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; st=${st##*) }; [ "${st:0:1}" != Z ] && [ "${st:0:1}" != X ]; }
+alive() {
+  local pid
+  pid=$(cat "$PIDS/$1.pid" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(comm_of "$1")" ] && running "$pid"
+}
+fail() { # message [process name whose log to show]
+  echo "error: $1" >&2
+  if [ -n "${2:-}" ] && [ -f "$LOGS/$2.log" ]; then
+    echo "--- last lines of $LOGS/$2.log:" >&2; tail -n 25 "$LOGS/$2.log" >&2
+  fi
+  exit 1
+}
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 wait_port() { # host port name
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; alive "$3" || fail "$3 exited" "$3"; sleep 0.1; done
-  fail "$3 is not listening on $1:$2" "$3"
+  local i
+  for ((i = 0; i < READY_SECS * 10; i++)); do
+    port_open "$1" "$2" && alive "$3" && return 0
+    alive "$3" || fail "$3 exited during start-up" "$3"
+    sleep 0.1
+  done
+  fail "$3 is not listening on $1:$2 after ${READY_SECS}s" "$3"
+}
+# Start NAME in the background in a session of its own; stdout+stderr to logs/NAME.log (the
+# previous log is kept as NAME.log.prev); pid to pids/NAME.pid.
+launch() { # name command...
+  local name=$1; shift
+  [ -f "$LOGS/$name.log" ] && mv -f "$LOGS/$name.log" "$LOGS/$name.log.prev"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  local pid=$! i
+  echo "$pid" >"$PIDS/$name.pid"
+  # until the forked shell has exec'd the program, /proc/PID/comm still names bash or setsid
+  for ((i = 0; i < 50; i++)); do
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(comm_of "$name")" ] && return 0
+    running "$pid" || return 0   # exited at once: wait_port/readiness reports it with its log
+    sleep 0.02
+  done
+}
+not_taken() { # host port name: refuse to start NAME when something else holds its port
+  if port_open "$1" "$2"; then
+    fail "$1:$2 is taken by a process the stack did not start (see: ss -ltnp 'sport = :$2'); cannot start $3"
+  fi
 }
 
 step "dependencies"
 scripts/install-deps.sh
 
-step "build"
-cargo build --workspace --bins --quiet
+step "build (cargo build --workspace --bins)"
+cargo build --workspace --bins || fail "cargo build failed"
+for b in cloud-gateway onprem-agent relayctl; do [ -x "$BIN/$b" ] || fail "$BIN/$b was not built"; done
 
 step "tls and keys"
-if [ ! -f "$S/tls/gateway.pem" ]; then
-  mkdir -p "$S/tls"
+if [ ! -s "$TLS/gateway.pem" ] || [ ! -s "$TLS/gateway.key" ] || [ ! -s "$TLS/ca.pem" ]; then
+  mkdir -p "$TLS"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=writeback demo CA" \
     -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
-    -keyout "$S/tls/ca.key" -out "$S/tls/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$S/tls/gateway.key" -out "$S/tls/gateway.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$S/tls/ext.cnf"
-  openssl x509 -req -in "$S/tls/gateway.csr" -CA "$S/tls/ca.pem" -CAkey "$S/tls/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$S/tls/ext.cnf" -out "$S/tls/gateway.pem" 2>/dev/null
-  chmod 600 "$S/tls/ca.key" "$S/tls/gateway.key"
+    -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS/gateway.key" -out "$TLS/gateway.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' >"$TLS/ext.cnf"
+  openssl x509 -req -in "$TLS/gateway.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$TLS/ext.cnf" -out "$TLS/gateway.pem" 2>/dev/null
+  chmod 600 "$TLS/ca.key" "$TLS/gateway.key"
+  echo "issued $TLS/gateway.pem (IP:127.0.0.1, DNS:localhost) signed by $TLS/ca.pem"
 fi
-[ -f "$SECRETS/master.key" ] || (umask 077; "$BIN/cloud-gateway" admin gen-master-key > "$SECRETS/master.key")
+if [ ! -s "$SECRETS/master.key" ]; then
+  (umask 077; "$BIN/cloud-gateway" admin gen-master-key >"$SECRETS/master.key.new")
+  mv "$SECRETS/master.key.new" "$SECRETS/master.key"
+  echo "generated $SECRETS/master.key"
+fi
 
 step "redis on 127.0.0.1:$REDIS_PORT"
-if ! alive redis; then
+if alive redis; then
+  echo "running (pid $(cat "$PIDS/redis.pid"))"
+else
+  not_taken 127.0.0.1 "$REDIS_PORT" redis
   mkdir -p "$S/redis"
-  setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$S/redis" --save 60 1 --appendonly no \
-    >"$LOGS/redis.log" 2>&1 < /dev/null &
-  echo $! > "$PIDS/redis.pid"
+  launch redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$S/redis" \
+    --save 60 1 --appendonly no --daemonize no
 fi
 wait_port 127.0.0.1 "$REDIS_PORT" redis
-REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 
-step "samba AD DC $REALM on $DC_IP"
-scripts/ad-dc.sh "$S/samba" "$REALM" "$DC_IP" | tail -1
+step "samba AD DC $REALM on $DC_IP (scripts/ad-dc.sh)"
+if ! scripts/ad-dc.sh "$S/samba" "$REALM" "$DC_IP" >"$LOGS/samba-setup.log" 2>&1; then
+  cat "$LOGS/samba-setup.log" >&2
+  fail "scripts/ad-dc.sh failed (samba's own log: $S/samba/log/samba.out)"
+fi
+tail -n 1 "$LOGS/samba-setup.log"
 cp "$S/samba/run/samba.pid" "$PIDS/samba.pid"
+ln -sf "$S/samba/log/samba.out" "$LOGS/samba.log"
+# shellcheck disable=SC1091 # written by ad-dc.sh: DC_LDAPS_URL DC_CA DC_BASE_DN DC_SVC_UPN KRB5_CONFIG ...
 . "$S/samba/env"
-printf '%s' 'Svc#Writeback1' > "$SECRETS/svc.password"; chmod 600 "$SECRETS/svc.password"
+(umask 077; printf '%s' "${SVC_PASS:-Svc#Writeback1}" >"$SECRETS/svc.password")
 
 step "tenant $TENANT and agent credentials"
+# options after the subcommand: the binary does not take them before it (yet)
 admin() { "$BIN/cloud-gateway" admin "$1" --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" "${@:2}"; }
-token=$(admin create-tenant --tenant "$TENANT" --if-missing)
-if [ -n "$token" ]; then (umask 077; printf '%s\n' "$token" > "$SECRETS/tenant.token"); fi
-[ -s "$SECRETS/tenant.token" ] || { (umask 077; admin create-tenant --tenant "$TENANT" > "$SECRETS/tenant.token"); }
+[ -s "$TOKEN_FILE" ] || [ ! -s "$SECRETS/tenant.token" ] || mv "$SECRETS/tenant.token" "$TOKEN_FILE"   # older layout
+new_tenant=
+token=$(admin create-tenant --tenant "$TENANT" --if-missing) || fail "cloud-gateway admin create-tenant failed"
+if [ -n "$token" ]; then
+  # a new tenant (first run, or Redis lost its data): keep its token; agent secrets are re-issued below
+  new_tenant=1; (umask 077; printf '%s\n' "$token" >"$TOKEN_FILE"); echo "created tenant $TENANT"
+elif [ ! -s "$TOKEN_FILE" ]; then
+  # the tenant exists but its token was lost locally: rotate it
+  (umask 077; admin create-tenant --tenant "$TENANT" >"$TOKEN_FILE") || fail "cannot rotate the token of tenant $TENANT"
+  echo "rotated the token of tenant $TENANT (token file was missing)"
+fi
+chmod 600 "$TOKEN_FILE"
 for a in agent-1 agent-2; do
+  if [ -n "$new_tenant" ] && alive "$a"; then   # its secret is unknown to this Redis: restart it
+    kill -TERM "$(cat "$PIDS/$a.pid")" 2>/dev/null || true
+    for _ in $(seq 100); do alive "$a" || break; sleep 0.1; done
+  fi
   if ! alive "$a" || [ ! -s "$SECRETS/$a.secret" ]; then
-    (umask 077; admin register-agent --tenant "$TENANT" --forest "$FOREST" --agent-id "$a" > "$SECRETS/$a.secret")
+    (umask 077; admin register-agent --tenant "$TENANT" --forest "$FOREST" --agent-id "$a" >"$SECRETS/$a.secret") \
+      || fail "cloud-gateway admin register-agent $a failed"
   fi
 done
 
 start_gateway() { # name addr metrics-addr
-  alive "$1" && return 0
-  WRITEBACK_REPLICA_ID=$1 OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-cloud-gateway} \
-  setsid "$BIN/cloud-gateway" serve --listen "$2" --tls-cert "$S/tls/gateway.pem" --tls-key "$S/tls/gateway.key" \
-    --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" --replica-id "$1" --metrics-listen "$3" \
-    >"$LOGS/$1.log" 2>&1 < /dev/null &
-  echo $! > "$PIDS/$1.pid"
+  if alive "$1"; then echo "$1 running (pid $(cat "$PIDS/$1.pid"))"; return 0; fi
+  not_taken "${2%:*}" "${2##*:}" "$1"
+  OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-cloud-gateway} \
+    launch "$1" "$BIN/cloud-gateway" serve --listen "$2" \
+    --tls-cert "$TLS/gateway.pem" --tls-key "$TLS/gateway.key" \
+    --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" --replica-id "$1" \
+    --metrics-listen "$3"
 }
 start_agent() { # name gateway-addr metrics-addr (loopback)
-  alive "$1" && return 0
+  if alive "$1"; then echo "$1 running (pid $(cat "$PIDS/$1.pid"))"; return 0; fi
   OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-onprem-agent} \
-  setsid "$BIN/onprem-agent" run --gateway-url "https://$2" --gateway-ca "$S/tls/ca.pem" \
+    launch "$1" "$BIN/onprem-agent" run --gateway-url "https://$2" --gateway-ca "$TLS/ca.pem" \
     --agent-id "$1" --agent-secret-file "$SECRETS/$1.secret" --forest "$FOREST" \
     --ldap-url "$DC_LDAPS_URL" --ldap-ca "$DC_CA" --bind-dn "$DC_SVC_UPN" \
-    --bind-password-file "$SECRETS/svc.password" --base-dn "$DC_BASE_DN" --metrics-listen "$3" \
-    >"$LOGS/$1.log" 2>&1 < /dev/null &
-  echo $! > "$PIDS/$1.pid"
+    --bind-password-file "$SECRETS/svc.password" --base-dn "$DC_BASE_DN" --metrics-listen "$3"
 }
 
 step "gateways gateway-a ($GW_A), gateway-b ($GW_B)"
-start_gateway gateway-a "$GW_A" 127.0.0.1:9101; start_gateway gateway-b "$GW_B" 127.0.0.1:9102
-wait_port 127.0.0.1 "${GW_A##*:}" gateway-a; wait_port 127.0.0.1 "${GW_B##*:}" gateway-b
+start_gateway gateway-a "$GW_A" 127.0.0.1:9101
+start_gateway gateway-b "$GW_B" 127.0.0.1:9102
+wait_port 127.0.0.1 "${GW_A##*:}" gateway-a
+wait_port 127.0.0.1 "${GW_B##*:}" gateway-b
 
 step "agents agent-1 -> gateway-a, agent-2 -> gateway-b"
-start_agent agent-1 "$GW_A" 127.0.0.1:9201; start_agent agent-2 "$GW_B" 127.0.0.1:9202
-for a in agent-1 agent-2; do
-  for _ in $(seq 100); do grep -q "connected to gateway" "$LOGS/$a.log" && break; alive "$a" || fail "$a exited" "$a"; sleep 0.1; done
-  grep -q "connected to gateway" "$LOGS/$a.log" || fail "$a did not connect" "$a"
+start_agent agent-1 "$GW_A" 127.0.0.1:9201
+start_agent agent-2 "$GW_B" 127.0.0.1:9202
+# ready = each agent logged its session and the gateways list it live on its replica
+relayctl() { WRITEBACK_TOKEN=$(cat "$TOKEN_FILE") "$BIN/relayctl" --addr "$GW_A" --ca "$TLS/ca.pem" --tenant "$TENANT" "$@"; }
+for pair in agent-1:gateway-a agent-2:gateway-b; do
+  a=${pair%:*} gw=${pair#*:} ok=
+  for ((i = 0; i < READY_SECS * 5; i++)); do
+    alive "$a" || fail "$a exited during start-up" "$a"
+    if grep -q "connected to gateway" "$LOGS/$a.log" \
+      && relayctl agents 2>/dev/null | grep -Eq "^ +$a +.* via $gw +.* live "; then ok=1; break; fi
+    sleep 0.2
+  done
+  [ -n "$ok" ] || fail "$a did not connect to $gw within ${READY_SECS}s" "$a"
+  echo "$a connected via $gw"
 done
 
-cat > "$S/stack.env" <<ENV
+cat >"$S/stack.env.new" <<ENV
 WRITEBACK_ADDR=$GW_A
 WRITEBACK_ADDRS=$GW_A,$GW_B
-WRITEBACK_CA=$S/tls/ca.pem
+WRITEBACK_CA=$TLS/ca.pem
 WRITEBACK_TENANT=$TENANT
-WRITEBACK_TOKEN=$(cat "$SECRETS/tenant.token")
+WRITEBACK_TOKEN=$(cat "$TOKEN_FILE")
 WRITEBACK_FOREST=$FOREST
 REDIS_URL=$REDIS_URL
 AD_LDAP_URL=$DC_LDAPS_URL
@@ -110,26 +198,29 @@ AD_CA=$DC_CA
 AD_BASE_DN=$DC_BASE_DN
 AD_REALM=$REALM
 AD_ADMIN_DN=CN=Administrator,CN=Users,$DC_BASE_DN
-AD_ADMIN_PASSWORD=Adm1n!Passw0rd
+AD_ADMIN_PASSWORD=${ADMINPASS:-Adm1n!Passw0rd}
 KRB5_CONFIG=$KRB5_CONFIG
-GATEWAY_METRICS=http://127.0.0.1:9101/metrics,http://127.0.0.1:9102/metrics
-AGENT_METRICS=http://127.0.0.1:9201/metrics,http://127.0.0.1:9202/metrics
 ENV
-chmod 600 "$S/stack.env"
+chmod 600 "$S/stack.env.new"; mv -f "$S/stack.env.new" "$S/stack.env"
 
-step "demo: reset alice's password through gateway-a (agents on both replicas)"
-pwfile=$(mktemp); chmod 600 "$pwfile"; trap 'rm -f "$pwfile"' EXIT
-printf 'Demo-%s#1a' "$(openssl rand -hex 6)" > "$pwfile"
-set +e
-WRITEBACK_TOKEN=$(cat "$SECRETS/tenant.token") "$BIN/relayctl" --addr "$GW_A" --ca "$S/tls/ca.pem" --tenant "$TENANT" \
-  submit --forest "$FOREST" --user alice --reset --password-stdin < "$pwfile"
-rc=$?
-set -e
-[ $rc -eq 0 ] || fail "demo reset was not applied (relayctl exit $rc)" gateway-a
-if LDAPTLS_CACERT=$DC_CA ldapsearch -LLL -x -o nettimeout=5 -H "$DC_LDAPS_URL" -D "alice@$FOREST" -y "$pwfile" -s base -b "" dn >/dev/null 2>&1; then
-  echo "verified: alice can bind to $DC_LDAPS_URL with the new password"
+step "demo: reset alice's password through gateway-a"
+pwfile=$(mktemp "$SECRETS/demo.XXXXXX"); trap 'rm -f "$pwfile"' EXIT
+printf 'Demo-%s#1a' "$(openssl rand -hex 8)" >"$pwfile"   # never printed
+rc=0; relayctl submit --forest "$FOREST" --user alice --reset --password-stdin <"$pwfile" || rc=$?
+[ "$rc" -eq 0 ] || fail "the demo reset was not applied (relayctl exit $rc)" gateway-a
+if LDAPTLS_CACERT=$DC_CA ldapsearch -LLL -x -o nettimeout=5 -H "$DC_LDAPS_URL" -D "alice@$FOREST" -y "$pwfile" \
+  -s base -b "" dn >/dev/null 2>&1; then
+  echo "verified: alice can bind with the new password"
 else
-  fail "alice cannot bind with the new password"
+  fail "alice cannot bind to $DC_LDAPS_URL with the new password"
 fi
+
 echo
-echo "stack is up: . target/stack/stack.env; logs in target/stack/logs; make down to stop"
+ms=$((($(date +%s%N) - t0) / 1000000))
+echo "stack is up ($((ms / 1000)).$((ms % 1000 / 100)) s):"
+echo "  set -a; . target/stack/stack.env; set +a        # WRITEBACK_*, AD_*, REDIS_URL, KRB5_CONFIG"
+echo "  target/debug/relayctl agents                    # agents and forest health"
+echo "  logs: target/stack/logs/<name>.log  pids: target/stack/pids/<name>.pid"
+echo "  metrics: gateways http://127.0.0.1:9101/metrics http://127.0.0.1:9102/metrics," \
+  "agents http://127.0.0.1:9201/metrics http://127.0.0.1:9202/metrics"
+echo "  make down to stop"
