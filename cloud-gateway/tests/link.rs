@@ -219,6 +219,24 @@ impl ScriptedAgent {
     }
 }
 
+/// Registers agent `a1` and connects it as `instance`, live once this returns.
+async fn connected_agent(
+    env: &Env,
+    instance: &str,
+    max_in_flight: u32,
+) -> (ScriptedAgent, relay::secret::Secret) {
+    let secret = env
+        .tenants
+        .register_agent("acme", FOREST, "a1")
+        .await
+        .unwrap();
+    let agent = ScriptedAgent::connect(env, "a1", secret.expose(), FOREST, instance, max_in_flight)
+        .await
+        .unwrap();
+    wait_live(env).await;
+    (agent, secret)
+}
+
 async fn wait_live(env: &Env) {
     for _ in 0..50 {
         if env
@@ -269,15 +287,7 @@ async fn agents_must_authenticate_for_their_own_forest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     let env = start().await;
-    let secret = env
-        .tenants
-        .register_agent("acme", FOREST, "a1")
-        .await
-        .unwrap();
-    let mut agent = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 4)
-        .await
-        .unwrap();
-    wait_live(&env).await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
 
     let (r, work) = tokio::join!(
         env.submit("slow-1", 2500),
@@ -380,16 +390,8 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_nobody_takes_expires_and_is_never_delivered_late() {
     let env = start().await;
-    let secret = env
-        .tenants
-        .register_agent("acme", FOREST, "a1")
-        .await
-        .unwrap();
     // max_in_flight 1 and the slot taken by a first operation we never answer.
-    let mut agent = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
-        .await
-        .unwrap();
-    wait_live(&env).await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
     let (held, work) = tokio::join!(env.submit("hold-slot", 8000), async {
         let w = agent
             .next_work(Duration::from_secs(3))
@@ -428,15 +430,7 @@ async fn work_nobody_takes_expires_and_is_never_delivered_late() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_goes_to_the_same_instance_only() {
     let env = start().await;
-    let secret = env
-        .tenants
-        .register_agent("acme", FOREST, "a1")
-        .await
-        .unwrap();
-    let mut first = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "instance-1", 4)
-        .await
-        .unwrap();
-    wait_live(&env).await;
+    let (mut first, secret) = connected_agent(&env, "instance-1", 4).await;
     let (_, work) = tokio::join!(
         async {
             // The caller gives up early; the operation stays accepted with a 6 s deadline.

@@ -126,22 +126,17 @@ pub fn parse(b: &[u8]) -> Result<SecurityDescriptor, SdError> {
                 0x05 | 0x06 => {
                     let object_flags = u32_at(body, 4)?;
                     let mut p = 8;
-                    let object_type = if object_flags & 1 != 0 {
+                    // Each optional GUID is present when its flag bit is set, in this order.
+                    let mut guid_if = |bit: u32| -> Result<Option<String>, SdError> {
+                        if object_flags & bit == 0 {
+                            return Ok(None);
+                        }
+                        let g = guid_to_string(body.get(p..).ok_or(SdError("truncated"))?)?;
                         p += 16;
-                        Some(guid_to_string(
-                            body.get(p - 16..).ok_or(SdError("truncated"))?,
-                        )?)
-                    } else {
-                        None
+                        Ok(Some(g))
                     };
-                    let inherited = if object_flags & 2 != 0 {
-                        p += 16;
-                        Some(guid_to_string(
-                            body.get(p - 16..).ok_or(SdError("truncated"))?,
-                        )?)
-                    } else {
-                        None
-                    };
+                    let object_type = guid_if(1)?;
+                    let inherited = guid_if(2)?;
                     Some((object_type, inherited, p))
                 }
                 // audit, callback and other ACE types do not grant or deny access here
