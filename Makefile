@@ -25,7 +25,9 @@ lint:
 
 # install what is missing, fmt --check, clippy -D warnings, build the binaries (the end-to-end
 # tests run target/debug/{cloud-gateway,onprem-agent,relayctl}), then every test with nextest
-# (profile in .config/nextest.toml), or cargo test when cargo-nextest is not installed.
+# (profile in .config/nextest.toml; a run that selects no test fails), or cargo test when
+# cargo-nextest is not installed; then no Redis or Samba may be left running
+# (scripts/check-leftovers.sh).
 test:
 	@set -uo pipefail; start=$$SECONDS; t=$$SECONDS; times=""; \
 	phase() { times="$$times $$1 $$((SECONDS - t))s"; t=$$SECONDS; }; \
@@ -35,10 +37,12 @@ test:
 	run $(CARGO) fmt --all --check || finish "FAILED (cargo fmt --check)" 1; phase fmt; \
 	run $(CARGO) clippy --workspace --all-targets -- -D warnings || finish "FAILED (clippy)" 1; phase clippy; \
 	run $(CARGO) build --workspace --bins || finish "FAILED (build)" 1; phase build; \
+	scripts/check-leftovers.sh --clean; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  run $(CARGO) nextest run --workspace --no-tests=pass; rc=$$?; \
+	  run $(CARGO) nextest run --workspace; rc=$$?; \
 	else \
 	  echo "cargo-nextest not found: falling back to cargo test"; \
 	  run $(CARGO) test --workspace; rc=$$?; \
 	fi; phase tests; \
+	run scripts/check-leftovers.sh || { [ $$rc -ne 0 ] || rc=1; }; \
 	if [ $$rc -eq 0 ]; then finish "passed" 0; else finish "FAILED (tests)" $$rc; fi

@@ -624,7 +624,7 @@ impl Session {
             .await;
         let send = match delivery {
             Ok(Delivery::Deliver) => true,
-            Ok(Delivery::AlreadyDelivered(instance)) if instance == self.instance => true,
+            Ok(Delivery::Redeliver) => true,
             Ok(Delivery::AlreadyDelivered(other)) => {
                 // Another agent instance took it and may have applied it: never hand it to a
                 // second one. The deadline rules will settle it if that instance never answers.

@@ -177,6 +177,8 @@ pub struct OpRecord {
     pub accepted_ms: i64,
     pub deadline_ms: i64,
     pub agent_instance: String,
+    /// How many times the work was sent to an agent (more than 1 after reconnects).
+    pub sends: i64,
     /// Operator-facing detail from the agent (never a secret).
     pub detail: String,
     /// Who it is for ([`user_label`]).
@@ -227,6 +229,7 @@ impl OpRecord {
             accepted_ms: int("accepted")?,
             deadline_ms: int("deadline")?,
             agent_instance: get("agent_instance"),
+            sends: int("sends")?,
             detail: get("detail"),
             user: get("user"),
             result: Vec::new(),
@@ -255,12 +258,18 @@ pub struct NewOperation<'a> {
 }
 
 /// Creates the record, its timeline and the stream entry in one step, unless the operation id
-/// already exists. Returns 1 when created, 0 when it existed.
+/// already exists. Returns 1 when created, 0 when it existed for the same forest, kind and
+/// user, -1 when it existed for another (decided here, so two replicas racing with one id and
+/// different payloads cannot both believe they own it).
 static CREATE_OP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-if redis.call('EXISTS', op) == 1 then return 0 end
+if redis.call('EXISTS', op) == 1 then
+  local f = redis.call('HMGET', op, 'forest', 'kind', 'user')
+  if f[1] == ARGV[3] and f[2] == ARGV[4] and (f[3] or '') == ARGV[17] then return 0 end
+  return -1
+end
 local ttl = tonumber(ARGV[13])
 redis.call('HSET', op, 'tenant', ARGV[1], 'op', ARGV[2], 'forest', ARGV[3], 'kind', ARGV[4],
   'initiator', ARGV[5], 'trace_id', ARGV[6], 'accepted', ARGV[7], 'deadline', ARGV[8],
@@ -278,8 +287,10 @@ return 1
 });
 
 /// Marks an operation delivered to an agent instance, if it is still queued and its deadline
-/// has not passed. Returns `ok`, `expired`, `done`, or `delivered:<instance>` when another
-/// delivery already happened (never deliver twice to different instances: invariant 3).
+/// has not passed. Returns `ok`, `expired`, `done`, `redeliver` when it was delivered to this
+/// same instance before (a reconnect: it is sent again, and the timeline says so), or
+/// `delivered:<instance>` when another instance has it (never deliver to two instances:
+/// invariant 3). Every send is counted in the record's `sends`.
 static MARK_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -288,7 +299,11 @@ local state = redis.call('HGET', op, 'state')
 if not state then return 'missing' end
 if state == 'done' then return 'done' end
 if state == 'delivered' then
-  return 'delivered:' .. (redis.call('HGET', op, 'agent_instance') or '')
+  local instance = redis.call('HGET', op, 'agent_instance') or ''
+  if instance ~= ARGV[3] then return 'delivered:' .. instance end
+  redis.call('HINCRBY', op, 'sends', 1)
+  redis.call('RPUSH', tl, ARGV[9])
+  return 'redeliver'
 end
 local now = tonumber(ARGV[1])
 local deadline = tonumber(redis.call('HGET', op, 'deadline'))
@@ -298,7 +313,7 @@ if now >= deadline then
   return 'expired'
 end
 redis.call('HSET', op, 'state', 'delivered', 'agent', ARGV[2], 'agent_instance', ARGV[3],
-  'delivered_at', ARGV[1], 'delivered_by', ARGV[4])
+  'delivered_at', ARGV[1], 'delivered_by', ARGV[4], 'sends', 1)
 redis.call('RPUSH', tl, ARGV[5])
 return 'ok'
 "#,
@@ -376,8 +391,21 @@ pub enum Delivery {
     Expired,
     /// Already terminal (or its record is gone): just acknowledge the stream entry.
     Done,
-    /// Delivered earlier to that agent instance.
+    /// Delivered earlier to this same instance (before a reconnect): send it again.
+    Redeliver,
+    /// Delivered earlier to that other agent instance: never send it to a second one.
     AlreadyDelivered(String),
+}
+
+/// What accepting an operation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Queued now.
+    New,
+    /// The id existed for the same forest, kind and user (a resubmission or a race).
+    Exists,
+    /// The id existed for another forest, kind or user: nothing was queued.
+    Conflict,
 }
 
 /// Where an operation stands after the deadline rules ran.
@@ -467,12 +495,12 @@ impl Store {
         }
     }
 
-    /// Accepts an operation: record + timeline + stream entry, atomically.
-    /// Returns false when the operation id already exists (nothing changed).
+    /// Accepts an operation: record + timeline + stream entry, atomically, unless the
+    /// operation id already exists (then nothing changes; see [`Created`]).
     ///
     /// # Errors
-    /// On Redis errors.
-    pub async fn create_operation(&self, n: &NewOperation<'_>) -> Result<bool> {
+    /// On Redis errors, or a reply the script cannot give.
+    pub async fn create_operation(&self, n: &NewOperation<'_>) -> Result<Created> {
         let accepted = TimelineEvent::new("accepted", n.accepted_ms, n.replica).to_json();
         let queued = TimelineEvent::new("queued", relay::now_unix_ms(), n.replica)
             .detail(format!("queue {}", queue_key(n.tenant, n.forest)))
@@ -502,7 +530,15 @@ impl Store {
             .arg(n.user)
             .invoke_async(&mut c)
             .await?;
-        Ok(created == 1)
+        match created {
+            1 => Ok(Created::New),
+            0 => Ok(Created::Exists),
+            -1 => Ok(Created::Conflict),
+            other => Err(StoreError::Corrupt {
+                key: op_key(n.tenant, n.operation_id),
+                detail: format!("CREATE_OP replied {other}"),
+            }),
+        }
     }
 
     /// Reads an operation record.
@@ -588,6 +624,12 @@ impl Store {
         let delivered = TimelineEvent::new("delivered", now, replica)
             .agent(agent_id)
             .to_json();
+        let redelivered = TimelineEvent::new("redelivered", now, replica)
+            .agent(agent_id)
+            .detail(format!(
+                "sent again to instance {agent_instance} after a reconnect; it answers from its journal"
+            ))
+            .to_json();
         let expired = TimelineEvent::new("expired", now, replica)
             .detail("deadline passed before an agent took it; not applied")
             .to_json();
@@ -603,16 +645,22 @@ impl Store {
             .arg(Outcome::Expired as i32)
             .arg(EXPIRED_MESSAGE)
             .arg(expired)
+            .arg(redelivered)
             .invoke_async(&mut c)
             .await?;
-        Ok(match r.as_str() {
-            "ok" => Delivery::Deliver,
-            "expired" => Delivery::Expired,
+        match r.as_str() {
+            "ok" => Ok(Delivery::Deliver),
+            "redeliver" => Ok(Delivery::Redeliver),
+            "expired" => Ok(Delivery::Expired),
+            "done" | "missing" => Ok(Delivery::Done),
             s => match s.strip_prefix("delivered:") {
-                Some(instance) => Delivery::AlreadyDelivered(instance.to_owned()),
-                None => Delivery::Done,
+                Some(instance) => Ok(Delivery::AlreadyDelivered(instance.to_owned())),
+                None => Err(StoreError::Corrupt {
+                    key: op_key(tenant, op),
+                    detail: format!("MARK_DELIVERED replied {s:?}"),
+                }),
             },
-        })
+        }
     }
 
     /// Records an agent's acknowledgment and removes the operation's stream entry. Returns the

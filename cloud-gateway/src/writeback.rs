@@ -19,7 +19,7 @@ use relay::proto::{
 use relay::trace::TraceParent;
 
 use crate::error::GatewayError;
-use crate::store::{self, Finalized, NewOperation, OpRecord, OpState, TimelineEvent};
+use crate::store::{self, Created, Finalized, NewOperation, OpRecord, OpState, TimelineEvent};
 use crate::{validate, Gateway};
 
 /// How long GetPasswordPolicy waits for an agent's answer.
@@ -31,6 +31,8 @@ const POLICY_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// How often a waiting caller re-reads its record, in case a pub/sub notification was lost.
 const POLL_INTERVAL: Duration = Duration::from_millis(1000);
+/// How soon a waiting caller tries again when Redis did not answer.
+const STORE_RETRY: Duration = Duration::from_millis(200);
 
 const AGENT_UNAVAILABLE_MESSAGE: &str =
     "Your organization's directory cannot be reached right now; nothing was changed. Please try again later.";
@@ -326,20 +328,31 @@ impl WritebackService {
                 user: &user_label,
             })
             .await?;
-        if let (true, Some(key)) = (created, user_index) {
-            gw.store
-                .index_user_operation(&key, operation_id, accepted_ms, ttl)
-                .await?;
+        match created {
+            Created::New => {
+                if let Some(key) = user_index {
+                    gw.store
+                        .index_user_operation(&key, operation_id, accepted_ms, ttl)
+                        .await?;
+                }
+                tracing::info!(event = "WB1001", trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
+                Ok(())
+            }
+            Created::Exists => {
+                tracing::info!(
+                    event = "WB1006",
+                    "operation id raced with a concurrent submission; waiting for it"
+                );
+                Ok(())
+            }
+            Created::Conflict => {
+                tracing::warn!(
+                    event = "WB1006",
+                    "operation id raced with a concurrent submission for another user, forest or kind; ALREADY_EXISTS"
+                );
+                Err(GatewayError::Conflict(operation_id.to_owned()))
+            }
         }
-        if created {
-            tracing::info!(event = "WB1001", trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
-        } else {
-            tracing::info!(
-                event = "WB1006",
-                "operation id raced with a concurrent submission; waiting for it"
-            );
-        }
-        Ok(())
     }
 
     /// The effective policy for a forest (or one user of it), from the cache or from an agent.
@@ -442,11 +455,19 @@ impl WritebackService {
             tokio::pin!(notified);
             notified.as_mut().enable();
 
-            let rec = gw
-                .store
-                .operation(tenant, operation_id)
-                .await?
-                .ok_or_else(|| GatewayError::NotFound(operation_id.to_owned()))?;
+            let rec = match gw.store.operation(tenant, operation_id).await {
+                Ok(Some(rec)) => rec,
+                Ok(None) => return Err(GatewayError::NotFound(operation_id.to_owned())),
+                // Redis away for a moment: the operation is accepted and may be applied, so
+                // the caller keeps waiting for its truth rather than hearing an error.
+                Err(e) if tokio::time::Instant::now() < give_up => {
+                    tracing::warn!(event = "WB1090", error = %e, "cannot read the operation while waiting; retrying");
+                    let pause = STORE_RETRY.min(give_up - tokio::time::Instant::now());
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if rec.state == OpState::Done {
                 return self.answer(&rec, rec.outcome).await;
             }

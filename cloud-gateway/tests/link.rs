@@ -25,8 +25,7 @@ use testkit::{RedisServer, TestCa};
 const FOREST: &str = "corp.example.test";
 
 struct Env {
-    // Kept alive for the test.
-    _redis: RedisServer,
+    redis: std::sync::Mutex<RedisServer>,
     ca: TestCa,
     addr: std::net::SocketAddr,
     store: Store,
@@ -40,8 +39,11 @@ async fn start() -> Env {
 }
 
 async fn start_configured(configure: impl FnOnce(&mut GatewayConfig)) -> Env {
+    start_on(RedisServer::start().unwrap(), configure).await
+}
+
+async fn start_on(redis: RedisServer, configure: impl FnOnce(&mut GatewayConfig)) -> Env {
     relay::tls::install_crypto_provider();
-    let redis = RedisServer::start().unwrap();
     let ca = TestCa::new(&["127.0.0.1"]).unwrap();
     let key = KeyBytes::generate().unwrap();
     let mut config = GatewayConfig::new(
@@ -66,7 +68,7 @@ async fn start_configured(configure: impl FnOnce(&mut GatewayConfig)) -> Env {
     let tenants = Tenants::new(store.clone(), key);
     let token = tenants.create_tenant("acme").await.unwrap();
     let env = Env {
-        _redis: redis,
+        redis: std::sync::Mutex::new(redis),
         ca,
         addr,
         store,
@@ -76,11 +78,11 @@ async fn start_configured(configure: impl FnOnce(&mut GatewayConfig)) -> Env {
     };
     for _ in 0..100 {
         if env.channel().await.is_ok() {
-            break;
+            return env;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    env
+    panic!("the gateway did not answer on {addr} within 5 s");
 }
 
 impl Env {
@@ -107,24 +109,36 @@ impl Env {
         op_id: &str,
         timeout_ms: u32,
     ) -> Result<SubmitResponse, tonic::Status> {
+        let mut req = reset_of("alice", op_id, timeout_ms);
+        req.tenant_id = tenant.into();
+        self.send(req, token).await
+    }
+
+    /// Submits `req` with `token`.
+    async fn send(&self, req: SubmitRequest, token: &str) -> Result<SubmitResponse, tonic::Status> {
         let mut c = WritebackClient::new(self.channel().await.unwrap());
-        let mut req = tonic::Request::new(SubmitRequest {
-            tenant_id: tenant.into(),
-            operation_id: op_id.into(),
-            user: Some(UserRef {
-                forest: FOREST.into(),
-                id: Some(user_ref::Id::SamAccountName("alice".into())),
-            }),
-            initiator: Initiator::EndUser as i32,
-            timeout_ms,
-            action: Some(Action::Reset(ResetPassword {
-                new_password: "Scripted#Pass1".into(),
-                ..Default::default()
-            })),
-        });
+        let mut req = tonic::Request::new(req);
         req.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         c.submit(req).await.map(tonic::Response::into_inner)
+    }
+}
+
+/// A reset of `sam` in [`FOREST`] for tenant acme.
+fn reset_of(sam: &str, op_id: &str, timeout_ms: u32) -> SubmitRequest {
+    SubmitRequest {
+        tenant_id: "acme".into(),
+        operation_id: op_id.into(),
+        user: Some(UserRef {
+            forest: FOREST.into(),
+            id: Some(user_ref::Id::SamAccountName(sam.into())),
+        }),
+        initiator: Initiator::EndUser as i32,
+        timeout_ms,
+        action: Some(Action::Reset(ResetPassword {
+            new_password: "Scripted#Pass1".into(),
+            ..Default::default()
+        })),
     }
 }
 
@@ -189,14 +203,21 @@ impl ScriptedAgent {
         Ok(Self { tx, rx: inbound })
     }
 
-    /// The next Work frame within `within`, skipping heartbeats.
+    /// The next Work frame within `within`, skipping heartbeats; `None` when none came in that
+    /// time on a stream that stayed open.
+    ///
+    /// # Panics
+    /// When the gateway ends the stream or it fails: "nothing delivered" must not pass because
+    /// the gateway dropped the agent.
     async fn next_work(&mut self, within: Duration) -> Option<Work> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.rx.message())
-                .await
-                .ok()?
-                .ok()??;
+            let msg = match tokio::time::timeout_at(deadline, self.rx.message()).await {
+                Err(_) => return None,
+                Ok(Ok(Some(msg))) => msg,
+                Ok(Ok(None)) => panic!("the gateway closed the agent stream"),
+                Ok(Err(status)) => panic!("the agent stream failed: {status:?}"),
+            };
             if let Some(gateway_frame::Frame::Work(w)) = msg.frame {
                 return Some(w);
             }
@@ -369,7 +390,18 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     );
     // A very late acknowledgment does not change the terminal outcome; it is kept on the timeline.
     agent.ack("silent-1", Outcome::Applied).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tl = Vec::new();
+    for _ in 0..100 {
+        tl = env.store.timeline("acme", "silent-1").await.unwrap();
+        if tl.iter().any(|e| e.stage == "late-acknowledgment") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        tl.iter().any(|e| e.stage == "late-acknowledgment"),
+        "the late acknowledgment was not recorded: {tl:?}"
+    );
     let rec = env
         .store
         .operation("acme", "silent-1")
@@ -377,11 +409,6 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
         .unwrap()
         .unwrap();
     assert_eq!(rec.outcome, Outcome::TimedOut);
-    let tl = env.store.timeline("acme", "silent-1").await.unwrap();
-    assert!(
-        tl.iter().any(|e| e.stage == "late-acknowledgment"),
-        "{tl:?}"
-    );
     env.shutdown.cancel();
 }
 
@@ -465,12 +492,25 @@ async fn redelivery_goes_to_the_same_instance_only() {
     again.ack("redeliver-1", Outcome::Applied).await;
     let r = env.submit("redeliver-1", 3000).await.unwrap();
     assert_eq!(Outcome::try_from(r.outcome).unwrap(), Outcome::Applied);
-    let tl = env.store.timeline("acme", "redeliver-1").await.unwrap();
-    assert_eq!(
-        tl.iter().filter(|e| e.stage == "delivered").count(),
-        1,
-        "{tl:?}"
+    // Sent exactly twice, both times to instance-1: once, then once after its reconnect.
+    assert!(
+        again.next_work(Duration::from_millis(500)).await.is_none(),
+        "sent a third time"
     );
+    let rec = env
+        .store
+        .operation("acme", "redeliver-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.sends, rec.agent_instance.as_str()), (2, "instance-1"));
+    let tl = env.store.timeline("acme", "redeliver-1").await.unwrap();
+    let stages: Vec<&str> = tl
+        .iter()
+        .map(|e| e.stage.as_str())
+        .filter(|s| s.contains("delivered"))
+        .collect();
+    assert_eq!(stages, ["delivered", "redelivered"], "{tl:?}");
     env.shutdown.cancel();
 }
 
@@ -509,6 +549,211 @@ async fn tenants_over_their_rate_are_told_to_slow_down() {
     assert_eq!(
         Outcome::try_from(r.outcome).unwrap(),
         Outcome::AgentUnavailable
+    );
+    env.shutdown.cancel();
+}
+
+/// One operation id submitted twice at the same moment: one operation, delivered once, and
+/// both callers hear its one outcome (eight ids at once, so the two submissions of some id
+/// really race past the gateway's first look at the record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_submitted_twice_at_once_is_one_operation() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 32).await;
+    let ids: Vec<String> = (0..8).map(|i| format!("twice-{i}")).collect();
+    let submits = futures::future::join_all(
+        ids.iter()
+            .flat_map(|id| [env.submit(id, 5000), env.submit(id, 5000)]),
+    );
+    let (answers, works) = tokio::join!(submits, async {
+        let mut works = Vec::new();
+        while let Some(w) = agent.next_work(Duration::from_millis(1500)).await {
+            agent.ack(&w.operation_id, Outcome::Applied).await;
+            works.push(w.operation_id);
+        }
+        works
+    });
+    let mut delivered = works.clone();
+    delivered.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        delivered, expected,
+        "each id delivered exactly once: {works:?}"
+    );
+    for r in answers {
+        assert_eq!(
+            Outcome::try_from(r.unwrap().outcome).unwrap(),
+            Outcome::Applied
+        );
+    }
+    for id in &ids {
+        let rec = env.store.operation("acme", id).await.unwrap().unwrap();
+        assert_eq!(rec.sends, 1, "{id}");
+    }
+    env.shutdown.cancel();
+}
+
+/// An operation id reused for another user, forest or kind is refused with ALREADY_EXISTS,
+/// whether the two submissions race or come one after the other, and nothing more is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_reused_for_other_work_is_already_exists() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let token = env.token.expose().to_owned();
+
+    // At the same moment, for two users: exactly one is accepted.
+    let (a, b) = tokio::join!(
+        env.send(reset_of("alice", "raced-1", 3000), &token),
+        env.send(reset_of("bob", "raced-1", 3000), &token)
+    );
+    let refused = [&a, &b]
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(|e| e.code() == Code::AlreadyExists))
+        .count();
+    assert_eq!(refused, 1, "{a:?} {b:?}");
+    let w = agent
+        .next_work(Duration::from_secs(3))
+        .await
+        .expect("the accepted one is delivered");
+    assert_eq!(w.operation_id, "raced-1");
+    assert!(agent.next_work(Duration::from_millis(500)).await.is_none());
+
+    // Afterwards, for another forest or another kind.
+    let mut other_forest = reset_of("alice", "raced-1", 1000);
+    other_forest.user.as_mut().unwrap().forest = "other.example.test".into();
+    let mut unlock = reset_of("alice", "raced-1", 1000);
+    unlock.action = Some(Action::Unlock(Default::default()));
+    for req in [other_forest, unlock] {
+        let err = env.send(req, &token).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+        assert!(err.message().contains("raced-1"), "{}", err.message());
+    }
+    assert!(agent.next_work(Duration::from_millis(300)).await.is_none());
+
+    // The script decides, not an earlier read: a direct second create for another user.
+    let rec = env
+        .store
+        .operation("acme", "raced-1")
+        .await
+        .unwrap()
+        .unwrap();
+    let new = |user: &'static str| cloud_gateway::store::NewOperation {
+        tenant: "acme",
+        operation_id: "direct-1",
+        forest: FOREST,
+        kind: "reset",
+        initiator: 1,
+        trace_id: "",
+        traceparent: "",
+        accepted_ms: rec.accepted_ms,
+        deadline_ms: rec.deadline_ms,
+        replica: "gw-1",
+        envelope: b"sealed",
+        key_version: 1,
+        ttl: Duration::from_secs(60),
+        user,
+    };
+    use cloud_gateway::store::Created;
+    let s = &env.store;
+    assert_eq!(
+        s.create_operation(&new("sam:alice")).await.unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        s.create_operation(&new("sam:alice")).await.unwrap(),
+        Created::Exists
+    );
+    assert_eq!(
+        s.create_operation(&new("sam:bob")).await.unwrap(),
+        Created::Conflict
+    );
+    env.shutdown.cancel();
+}
+
+/// Redis killed (kill -9) and restarted from its append-only file while an agent is connected:
+/// the outcome listener subscribes again, the session's dispatcher reads work again, and the
+/// sweeper, which failed meanwhile, settles an operation whose deadline passed while Redis was
+/// down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_and_coming_back() {
+    let env = start_on(RedisServer::start_durable().unwrap(), |_| {}).await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
+    let client = redis::Client::open(env.redis.lock().unwrap().url()).unwrap();
+    let subscribers = || async {
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+            return 0;
+        };
+        let r: redis::RedisResult<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("wb:done:gw-1")
+            .query_async(&mut c)
+            .await;
+        r.map(|(_, n)| n).unwrap_or(0)
+    };
+    assert_eq!(subscribers().await, 1, "the outcome listener is subscribed");
+
+    // The only slot is held, so "orphan-1" stays queued; its caller gives up at once.
+    let (held, _) = tokio::join!(env.submit("hold-1", 20_000), async {
+        let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+        assert_eq!(w.operation_id, "hold-1");
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(300), env.submit("orphan-1", 1500)).await;
+        assert!(gave_up.is_err(), "orphan-1 answered before its deadline");
+
+        env.redis.lock().unwrap().kill();
+        // orphan-1's deadline passes while Redis is down: the sweeper's passes fail.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        env.redis.lock().unwrap().restart().unwrap();
+
+        // The sweeper settles orphan-1 while the slot is still held (so no dispatcher reads
+        // it): never delivered, so EXPIRED.
+        let mut rec = None;
+        for _ in 0..100 {
+            rec = env.store.operation("acme", "orphan-1").await.ok().flatten();
+            if rec.as_ref().is_some_and(|r| r.state == OpState::Done) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rec = rec.expect("orphan-1 survived the restart");
+        assert_eq!((rec.state, rec.outcome), (OpState::Done, Outcome::Expired));
+        agent.ack("hold-1", Outcome::Applied).await;
+    });
+    assert_eq!(
+        Outcome::try_from(held.unwrap().outcome).unwrap(),
+        Outcome::Applied,
+        "the caller waiting across the outage hears the outcome"
+    );
+    assert!(
+        agent.next_work(Duration::from_millis(1500)).await.is_none(),
+        "expired work was delivered"
+    );
+
+    // The listener is back, and new work flows to the agent and back to its caller.
+    let mut n = 0;
+    for _ in 0..100 {
+        n = subscribers().await;
+        if n == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 1, "the outcome listener did not subscribe again");
+    let (after, work) = tokio::join!(env.submit("after-1", 5000), async {
+        let w = agent.next_work(Duration::from_secs(5)).await;
+        if let Some(w) = &w {
+            agent.ack(&w.operation_id, Outcome::Applied).await;
+        }
+        w
+    });
+    assert_eq!(
+        work.expect("work after the restart").operation_id,
+        "after-1"
+    );
+    assert_eq!(
+        Outcome::try_from(after.unwrap().outcome).unwrap(),
+        Outcome::Applied
     );
     env.shutdown.cancel();
 }

@@ -46,11 +46,14 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A `redis-server` on a free loopback port, without persistence, killed on drop.
+/// A `redis-server` on a free loopback port, killed on drop. Without persistence by default;
+/// [`RedisServer::start_durable`] runs it with an append-only file fsynced on every write, so
+/// that a [`RedisServer::kill`] and [`RedisServer::restart`] keep every acknowledged write.
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    durable: bool,
 }
 
 impl RedisServer {
@@ -59,13 +62,27 @@ impl RedisServer {
     /// # Errors
     /// When `redis-server` is missing or does not come up.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts Redis with `appendonly yes` and `appendfsync always`: a kill -9 loses nothing it
+    /// acknowledged.
+    ///
+    /// # Errors
+    /// When `redis-server` is missing or does not come up.
+    pub fn start_durable() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> anyhow::Result<Self> {
         let mut last = None;
         // A free port may be taken between probing and binding: try a few.
         for _ in 0..5 {
             let mut server = Self {
                 child: None,
                 port: free_port()?,
-                dir: tempfile::tempdir()?,
+                dir: redis_dir()?,
+                durable,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -76,9 +93,15 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let persistence: &[&str] = if self.durable {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--protected-mode", "no"])
+            .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -109,7 +132,7 @@ impl RedisServer {
         false
     }
 
-    /// Kills the server (SIGKILL), as a crash would. Data is lost (no persistence).
+    /// Kills the server (SIGKILL), as a crash would. Data is lost unless it is durable.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -117,7 +140,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty), after [`RedisServer::kill`].
+    /// Starts the server again on the same port after [`RedisServer::kill`]: empty, or with
+    /// everything it acknowledged when durable.
     ///
     /// # Errors
     /// When it does not come up.
@@ -149,6 +173,14 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A working directory for one Redis server under `target/testkit/redis`: redis-server runs
+/// there, which is how `scripts/check-leftovers.sh` recognises a server a test left behind.
+fn redis_dir() -> anyhow::Result<tempfile::TempDir> {
+    let root = state_dir().join("redis");
+    fs::create_dir_all(&root)?;
+    Ok(tempfile::Builder::new().prefix("redis-").tempdir_in(root)?)
 }
 
 fn redis_ping(port: u16) -> bool {
@@ -386,6 +418,44 @@ async fn ldaps(ip: &str, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<Ldap>
     Ok(ldap)
 }
 
+/// What a DC said about a set of credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bind {
+    Accepted,
+    /// Rejected as invalid credentials, with the DC's text (`data 52e`, `775` locked, `773`
+    /// must change).
+    Rejected(String),
+}
+
+/// The version of attribute `attid` in a `replPropertyMetaDataBlob` (MS-DRSR 5.160): a 16-byte
+/// header (version 1, reserved, count, reserved) then `count` entries of 48 bytes, each
+/// starting with the attribute id and its version.
+///
+/// # Errors
+/// When the blob is not a version-1 metadata vector.
+pub fn parse_meta_version(blob: &[u8], attid: u32) -> anyhow::Result<Option<u32>> {
+    let word = |at: usize| -> anyhow::Result<u32> {
+        let bytes = blob
+            .get(at..at + 4)
+            .with_context(|| format!("truncated at byte {at}"))?;
+        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
+    };
+    if word(0)? != 1 {
+        bail!("metadata version {} is not 1", word(0)?);
+    }
+    let count = word(8)? as usize;
+    if blob.len() != 16 + count * 48 {
+        bail!("{} bytes for {count} entries", blob.len());
+    }
+    for i in 0..count {
+        let at = 16 + i * 48;
+        if word(at)? == attid {
+            return Ok(Some(word(at + 4)?));
+        }
+    }
+    Ok(None)
+}
+
 /// A Samba AD DC on a loopback address of its own, copied from the realm's template; stopped
 /// on drop.
 pub struct SambaDc {
@@ -604,31 +674,173 @@ impl SambaDc {
         })
     }
 
-    /// Whether `user` (UPN or DN) can bind with `password` over verified LDAPS.
-    pub fn can_bind(&self, user: &str, password: &str) -> bool {
-        // An empty password would be an unauthenticated bind, which succeeds.
-        !password.is_empty() && self.try_bind(user, password).is_ok_and(|(rc, _)| rc == 0)
+    /// What the DC says to a simple bind of `user` (UPN or DN) with `password`.
+    ///
+    /// # Errors
+    /// When the answer is not about the credentials: the DC cannot be reached, TLS fails, or it
+    /// answers with another result than success or invalidCredentials (49).
+    pub fn bind(&self, user: &str, password: &str) -> anyhow::Result<Bind> {
+        if password.is_empty() {
+            // An empty password is an unauthenticated bind, which succeeds: no proof of anything.
+            bail!("a bind with an empty password proves nothing");
+        }
+        let (rc, text) = self
+            .try_bind(user, password)
+            .with_context(|| format!("bind of {user} at {}", self.ip()))?;
+        match rc {
+            0 => Ok(Bind::Accepted),
+            49 => Ok(Bind::Rejected(text)),
+            _ => bail!(
+                "bind of {user} at {}: result {rc} ({text}), not about the credentials",
+                self.ip()
+            ),
+        }
     }
 
-    /// Whether `principal` gets a Kerberos ticket with `password` (KRB5_CONFIG of this DC).
-    pub fn kinit(&self, principal: &str, password: &str) -> bool {
-        use std::io::Write;
+    /// Whether `user` (UPN or DN) can bind with `password` over verified LDAPS: `true` when the
+    /// DC accepts it, `false` when it rejects the credentials.
+    ///
+    /// # Panics
+    /// When the DC gives no answer about the credentials (see [`SambaDc::bind`]), so that a
+    /// negative check cannot pass because the DC is down or TLS failed.
+    pub fn can_bind(&self, user: &str, password: &str) -> bool {
+        match self.bind(user, password) {
+            Ok(Bind::Accepted) => true,
+            Ok(Bind::Rejected(_)) => false,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// What the KDC says to `kinit principal` with `password` (KRB5_CONFIG of this DC).
+    ///
+    /// # Errors
+    /// When the answer is not about the credentials: kinit is missing, the KDC cannot be reached,
+    /// the principal is unknown, or kinit does not finish within 20 s.
+    pub fn try_kinit(&self, principal: &str, password: &str) -> anyhow::Result<Bind> {
         let cache = self.dir.join(format!("krb5cc_{}", std::process::id()));
-        let child = Command::new("kinit")
+        let mut child = Command::new("kinit")
             .env("KRB5_CONFIG", self.krb5_conf())
             .env("KRB5CCNAME", format!("FILE:{}", cache.display()))
             .arg(principal)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(mut child) = child else { return false };
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run kinit (run scripts/install-deps.sh)")?;
         if let Some(mut stdin) = child.stdin.take() {
             let _ = writeln!(stdin, "{password}");
         }
-        let ok = child.wait().is_ok_and(|s| s.success());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("kinit {principal} did not finish within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
         let _ = fs::remove_file(cache);
-        ok
+        if status.success() {
+            return Ok(Bind::Accepted);
+        }
+        // MIT kinit's words for a KDC that rejected the password (or a locked account).
+        let rejected = ["Password incorrect", "Preauthentication failed", "revoked"];
+        if rejected.iter().any(|r| stderr.contains(r)) {
+            return Ok(Bind::Rejected(stderr.trim().to_owned()));
+        }
+        bail!(
+            "kinit {principal} failed for another reason than credentials: {}",
+            stderr.trim()
+        )
+    }
+
+    /// Whether `principal` gets a Kerberos ticket with `password`.
+    ///
+    /// # Panics
+    /// When the KDC gives no answer about the credentials (see [`SambaDc::try_kinit`]).
+    pub fn kinit(&self, principal: &str, password: &str) -> bool {
+        match self.try_kinit(principal, password) {
+            Ok(Bind::Accepted) => true,
+            Ok(Bind::Rejected(_)) => false,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// How many times AD has written `attr` of `dn` (`unicodePwd`, `pwdLastSet`,
+    /// `lockoutTime`): the attribute's version in `replPropertyMetaData`, 0 when never written.
+    /// AD counts every originating write, so this is the ground truth for "applied once".
+    ///
+    /// # Errors
+    /// When the object cannot be read or the metadata is malformed.
+    pub fn write_count(&self, dn: &str, attr: &str) -> anyhow::Result<u32> {
+        let attid = match attr.to_ascii_lowercase().as_str() {
+            "unicodepwd" => 0x0009_005a,
+            "pwdlastset" => 0x0009_0060,
+            "lockouttime" => 0x0009_0296,
+            other => bail!("no attribute id known for {other}"),
+        };
+        let blob = self
+            .binary_attribute(dn, "replPropertyMetaData")?
+            .with_context(|| format!("{dn} has no replPropertyMetaData"))?;
+        parse_meta_version(&blob, attid)
+            .with_context(|| format!("replPropertyMetaData of {dn}"))
+            .map(Option::unwrap_or_default)
+    }
+
+    /// How many times AD has written the password of `dn` (see [`SambaDc::write_count`]).
+    ///
+    /// # Errors
+    /// As [`SambaDc::write_count`].
+    pub fn password_writes(&self, dn: &str) -> anyhow::Result<u32> {
+        self.write_count(dn, "unicodePwd")
+    }
+
+    /// The DN of the account with sAMAccountName `sam`.
+    ///
+    /// # Errors
+    /// When there is no such account.
+    pub fn dn_of(&self, sam: &str) -> anyhow::Result<String> {
+        let out = self.samba_tool(&["user", "show", sam, "--attributes=sAMAccountName"])?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("dn: ").map(|d| d.trim().to_owned()))
+            .context("no dn in samba-tool output")
+    }
+
+    /// The raw value of a binary attribute of `dn`, read as Administrator.
+    ///
+    /// # Errors
+    /// When the search fails.
+    pub fn binary_attribute(&self, dn: &str, attr: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let tls = self.tls()?;
+        let (ip, admin) = (self.ip(), self.admin_dn());
+        let (dn, attr) = (dn.to_owned(), attr.to_owned());
+        block_on(async move {
+            let mut ldap = ldaps(&ip, tls).await?;
+            ldap.simple_bind(&admin, ADMIN_PASSWORD).await?.success()?;
+            let (entries, _) = ldap
+                .search(&dn, Scope::Base, "(objectClass=*)", vec![attr.as_str()])
+                .await?
+                .success()
+                .with_context(|| format!("read {attr} of {dn}"))?;
+            let _ = ldap.unbind().await;
+            Ok(entries
+                .into_iter()
+                .next()
+                .map(SearchEntry::construct)
+                .and_then(|e| {
+                    e.bin_attrs
+                        .into_iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(&attr))
+                        .and_then(|(_, mut v)| v.pop())
+                }))
+        })
     }
 
     /// The values of attribute `attr` of `dn`, read as Administrator over verified LDAPS
@@ -711,7 +923,7 @@ impl SambaDc {
             "--reset-account-lockout-after=30",
         ])?;
         for _ in 0..5 {
-            let _ = self.can_bind(user_upn, "Definitely-Wrong#0");
+            self.bind(user_upn, "Definitely-Wrong#0")?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ldap3::{LdapConnAsync, LdapConnSettings};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use testkit::{RedisServer, SambaDc, TestCa, USER_PASSWORD};
+use testkit::{Bind, RedisServer, SambaDc, TestCa, USER_PASSWORD};
 
 fn ping(port: u16) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -20,26 +20,60 @@ fn ping(port: u16) -> bool {
     s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n] == *b"+PONG\r\n")
 }
 
+/// Sends one inline command and returns the first line of the reply.
+fn command(port: u16, cmd: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_owned()
+}
+
 #[test]
 fn redis_starts_answers_and_survives_a_crash() {
     let mut redis = RedisServer::start().unwrap();
     let port = redis.port();
-    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
-    assert!(redis.pid() > 0);
+    let url_port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
+    assert!(ping(url_port), "the url names the running server");
     assert!(ping(port) && redis.is_running());
+    assert_eq!(command(port, "SET k v"), "+OK");
 
+    let pid = redis.pid();
     redis.kill();
     assert!(!ping(port), "killed");
-    assert_eq!(redis.pid(), 0);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "reaped"
+    );
     redis.restart().unwrap();
     assert!(ping(port), "restarted on the same port");
-    assert_eq!(redis.port(), port);
+    assert_eq!(
+        command(port, "GET k"),
+        "$-1",
+        "not durable: restarted empty"
+    );
 
     let other = RedisServer::start().unwrap();
     assert_ne!(other.port(), port);
     drop(redis);
     assert!(!ping(port), "stopped on drop");
     assert!(ping(other.port()));
+}
+
+#[test]
+fn durable_redis_keeps_what_it_acknowledged_across_a_kill() {
+    let mut redis = RedisServer::start_durable().unwrap();
+    let port = redis.port();
+    assert_eq!(command(port, "SET kept yes"), "+OK");
+    redis.kill();
+    assert!(!ping(port));
+    redis.restart().unwrap();
+    assert_eq!(command(port, "GET kept"), "yes");
 }
 
 #[test]
@@ -66,16 +100,22 @@ fn two_dcs_run_at_once_on_their_own_addresses() {
     for dc in [&a, &b] {
         // rootDSE over LDAPS verified with the DC's CA and the IP SAN of its address
         assert_eq!(dc.naming_context().unwrap(), "DC=corp,DC=writeback,DC=test");
-        assert_eq!(dc.base_dn(), "DC=corp,DC=writeback,DC=test");
-        assert_eq!(dc.ldaps_url(), format!("ldaps://{}", dc.ip()));
+        assert_eq!(dc.naming_context().unwrap(), dc.base_dn());
         assert!(dc.krb5_conf().exists() && dc.smb_conf().exists() && dc.ca_file().exists());
 
         let alice = format!("alice@{}", dc.dns_domain());
         assert!(dc.can_bind(&alice, USER_PASSWORD));
         assert!(!dc.can_bind(&alice, "Wrong#Password1"));
-        assert!(!dc.can_bind(&alice, ""), "an empty password is no proof");
+        assert!(
+            dc.bind(&alice, "").is_err(),
+            "an empty password is no proof"
+        );
         let (rc, text) = dc.try_bind(&alice, "Wrong#Password1").unwrap();
         assert_eq!(rc, 49, "{text}");
+        match dc.bind(&alice, "Wrong#Password1").unwrap() {
+            Bind::Rejected(text) => assert!(text.contains("data 52e"), "{text}"),
+            Bind::Accepted => panic!("a wrong password bound"),
+        }
         assert!(dc.can_bind(&dc.svc_upn(), &dc.svc_password()));
         assert!(dc.can_bind(&dc.svc_dn(), &dc.svc_password()));
         assert!(dc.can_bind(&dc.admin_dn(), &dc.admin_password()));
@@ -83,8 +123,49 @@ fn two_dcs_run_at_once_on_their_own_addresses() {
         assert!(!dc.kinit(&format!("alice@{}", dc.realm()), "Wrong#Password1"));
     }
 
-    // each DC is its own database
+    // AD's own count of password writes (replPropertyMetaData), the ground truth of fault tests
     let dn = a.create_user("only-on-a", "Initial#Pass1").unwrap();
+    assert_eq!(a.dn_of("only-on-a").unwrap(), dn);
+    let created = a.password_writes(&dn).unwrap();
+    assert!(
+        created >= 1,
+        "a user created with a password has had it written"
+    );
+    assert!(a.can_bind(&dn, "Initial#Pass1"));
+    assert_eq!(
+        a.password_writes(&dn).unwrap(),
+        created,
+        "a bind writes nothing"
+    );
+    a.samba_tool(&[
+        "user",
+        "setpassword",
+        "only-on-a",
+        "--newpassword=Second#Pass2",
+    ])
+    .unwrap();
+    assert_eq!(
+        a.password_writes(&dn).unwrap(),
+        created + 1,
+        "one reset, one write"
+    );
+    assert!(a.can_bind(&dn, "Second#Pass2"));
+    let lockouts = a.write_count(&dn, "lockoutTime").unwrap();
+    assert!(a.write_count(&dn, "pwdLastSet").unwrap() >= 2);
+    assert!(
+        a.write_count(&dn, "objectClass").is_err(),
+        "unknown attribute ids are refused"
+    );
+    a.samba_tool(&[
+        "user",
+        "setpassword",
+        "only-on-a",
+        "--newpassword=Initial#Pass1",
+    ])
+    .unwrap();
+    assert_eq!(a.write_count(&dn, "lockoutTime").unwrap(), lockouts);
+
+    // each DC is its own database
     assert!(a.can_bind(&dn, "Initial#Pass1"));
     assert!(!b.can_bind(&dn, "Initial#Pass1"));
     assert_eq!(
@@ -124,10 +205,22 @@ fn two_dcs_run_at_once_on_their_own_addresses() {
     a.stop();
     assert!(a.naming_context().is_err(), "stopped");
     assert!(b.naming_context().is_ok(), "the other DC is untouched");
+    // A DC that is down is no answer about credentials: negative checks cannot pass by it.
+    assert!(a.bind(&dn, "Initial#Pass1").is_err());
+    let asked = std::panic::catch_unwind(|| a.can_bind(&dn, "Wrong#Password1"));
+    assert!(
+        asked.is_err(),
+        "can_bind must fail loudly when the DC is down"
+    );
+    assert!(a
+        .try_kinit(&format!("alice@{}", a.realm()), "Wrong#Password1")
+        .is_err());
     let t = Instant::now();
     a.start_again().unwrap();
     println!("restarted {ip} in {:?}", t.elapsed());
-    assert_eq!(a.ip(), ip);
+    let addr: std::net::SocketAddr = format!("{ip}:636").parse().unwrap();
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .expect("answers on the same address");
     assert!(a.can_bind(&dn, "Initial#Pass1"), "data survives a restart");
 
     // a panicking test still stops its DC (drop during unwinding)
