@@ -67,6 +67,50 @@ async fn main() -> anyhow::Result<()> {
     report("submit -> APPLIED", latencies);
     report("delivered -> acknowledged", agent_write);
 
+    // Refusals answered at once (the e2e tests assert that they come before the deadline with
+    // nothing recorded; the figure lives here): a forest without agents, a forest switched off.
+    let mut unavailable = Vec::new();
+    for i in 0..sequential {
+        let started = Instant::now();
+        let r = sb
+            .submit(
+                0,
+                request(
+                    &t,
+                    "no-agent.writeback.test",
+                    "bench0",
+                    reset(&format!("Never-{i}#Queued")),
+                ),
+            )
+            .await?;
+        unavailable.push(started.elapsed());
+        anyhow::ensure!(r.outcome == Outcome::AgentUnavailable as i32, "{r:?}");
+    }
+    let off = cloud_gateway::tenants::ForestSettingsChange {
+        writeback_enabled: Some(false),
+        ..Default::default()
+    };
+    let on = cloud_gateway::tenants::ForestSettingsChange {
+        writeback_enabled: Some(true),
+        ..Default::default()
+    };
+    sb.tenants.set_forest(&t, &f, &off).await?;
+    let mut not_enabled = Vec::new();
+    for i in 0..sequential {
+        let started = Instant::now();
+        let r = sb
+            .submit(
+                0,
+                request(&t, &f, "bench0", reset(&format!("Off-{i}#Refused"))),
+            )
+            .await?;
+        not_enabled.push(started.elapsed());
+        anyhow::ensure!(r.outcome == Outcome::NotEnabled as i32, "{r:?}");
+    }
+    sb.tenants.set_forest(&t, &f, &on).await?;
+    report("submit -> AGENT_UNAVAILABLE", unavailable);
+    report("submit -> NOT_ENABLED", not_enabled);
+
     let started = Instant::now();
     let per_user = 10;
     let mut tasks = Vec::new();

@@ -2,8 +2,11 @@
 //! as they do in production (the library `run` functions on loopback listeners), and clients
 //! that talk to them like the cloud identity service does.
 
-use std::path::PathBuf;
-use std::time::Duration;
+pub mod otlp;
+pub mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use tokio::task::JoinHandle;
@@ -26,6 +29,9 @@ use testkit::{RedisServer, SambaDc, TestCa};
 
 static TELEMETRY: std::sync::OnceLock<relay::telemetry::Telemetry> = std::sync::OnceLock::new();
 
+/// How long a gateway or agent may take to stop once told to.
+pub const STOP_WITHIN: Duration = Duration::from_secs(15);
+
 /// A running gateway replica.
 pub struct GatewayHandle {
     pub replica: String,
@@ -34,12 +40,69 @@ pub struct GatewayHandle {
     pub task: JoinHandle<Result<(), cloud_gateway::ServeError>>,
 }
 
+impl GatewayHandle {
+    /// Tells the gateway to stop and waits for it.
+    ///
+    /// # Errors
+    /// Naming the replica, when it ends with an error, panics, or is still running after
+    /// `within`.
+    pub async fn stop(self, within: Duration) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        stop_task(&format!("gateway {}", self.replica), self.task, within).await
+    }
+}
+
 /// A running agent.
 pub struct AgentHandle {
     pub agent_id: String,
     pub forest: String,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), onprem_agent::AgentError>>,
+}
+
+impl AgentHandle {
+    /// Tells the agent to stop and waits for it.
+    ///
+    /// # Errors
+    /// Naming the agent, when it ends with an error, panics, or is still running after
+    /// `within`.
+    pub async fn stop(self, within: Duration) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        stop_task(&format!("agent {}", self.agent_id), self.task, within).await
+    }
+}
+
+/// Waits up to `within` for the task of component `what` (already told to stop): its error
+/// result, its panic and its still running after `within` are each an error naming it.
+///
+/// # Errors
+/// As said.
+pub async fn stop_task<E: std::fmt::Display>(
+    what: &str,
+    mut task: JoinHandle<Result<(), E>>,
+    within: Duration,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(within, &mut task).await {
+        Err(_) => {
+            task.abort();
+            bail!(
+                "{what} did not stop within {:.1} s of being told to",
+                within.as_secs_f64()
+            )
+        }
+        Ok(Err(e)) if e.is_panic() => {
+            let panic = e.into_panic();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(not a string)".to_owned());
+            bail!("{what} panicked: {message}")
+        }
+        Ok(Err(e)) => bail!("{what} was cancelled: {e}"),
+        Ok(Ok(Err(e))) => bail!("{what} ended with an error: {e}"),
+        Ok(Ok(Ok(()))) => Ok(()),
+    }
 }
 
 /// Gateways, agents, Redis and a Samba DC for one test.
@@ -57,6 +120,8 @@ pub struct Sandbox {
     pub agents: Vec<AgentHandle>,
     /// Canaries of gateways started from now on (zero: off, so tests see only their own work).
     pub canary_interval: Duration,
+    /// How long each gateway and agent may take to stop in [`Sandbox::shutdown`].
+    pub stop_within: Duration,
     dir: tempfile::TempDir,
 }
 
@@ -96,6 +161,7 @@ impl Sandbox {
             gateways: Vec::new(),
             agents: Vec::new(),
             canary_interval: Duration::ZERO,
+            stop_within: STOP_WITHIN,
             dir: tempfile::tempdir()?,
         };
         for i in 0..gateways {
@@ -180,31 +246,54 @@ impl Sandbox {
         directory: DirectoryConfig,
         extra_domains: Vec<onprem_agent::domains::DomainConfig>,
     ) -> anyhow::Result<()> {
+        let mut config = self.agent_config(agent_id, gateway, tenant, forest).await?;
+        config.directory = directory;
+        config.extra_domains = extra_domains;
+        self.spawn_agent(config);
+        Ok(())
+    }
+
+    /// Registers an agent credential and returns the configuration of an agent of `tenant`
+    /// and `forest` for gateway `gateway` and the sandbox DC, as the tests run it.
+    ///
+    /// # Errors
+    /// When the credential cannot be stored.
+    pub async fn agent_config(
+        &self,
+        agent_id: &str,
+        gateway: usize,
+        tenant: &str,
+        forest: &str,
+    ) -> anyhow::Result<AgentConfig> {
         let secret = self
             .tenants
             .register_agent(tenant, forest, agent_id)
             .await?;
-        let config = AgentConfig {
+        Ok(AgentConfig {
             gateway_url: format!("https://{}", self.gateways[gateway].addr),
             gateway_ca: self.ca.ca_file().to_owned(),
             gateway_tls_name: None,
             agent_id: agent_id.to_owned(),
             agent_secret: secret,
             forest: forest.to_owned(),
-            extra_domains,
+            extra_domains: Vec::new(),
             metrics_listen: None,
             max_in_flight: 8,
-            directory,
-        };
+            directory: self.directory_config(),
+        })
+    }
+
+    /// Starts an agent with `config` in this process (stopped by [`Sandbox::shutdown`]).
+    pub fn spawn_agent(&mut self, config: AgentConfig) {
         let shutdown = CancellationToken::new();
+        let (agent_id, forest) = (config.agent_id.clone(), config.forest.clone());
         let task = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
         self.agents.push(AgentHandle {
-            agent_id: agent_id.to_owned(),
-            forest: forest.to_owned(),
+            agent_id,
+            forest,
             shutdown,
             task,
         });
-        Ok(())
     }
 
     /// Starts an agent of the sandbox tenant and forest on gateway `gateway`.
@@ -297,19 +386,47 @@ impl Sandbox {
         self.dir.path().to_owned()
     }
 
-    /// Stops gateways and agents.
+    /// Stops agents, then gateways.
+    ///
+    /// # Panics
+    /// When one of them ends with an error, panics, or does not stop within
+    /// [`Sandbox::stop_within`] (the message names each).
     pub async fn shutdown(self) {
-        for a in &self.agents {
+        if let Err(e) = self.try_shutdown().await {
+            panic!("{e:#}");
+        }
+    }
+
+    /// Stops agents, then gateways, and says which did not stop cleanly.
+    ///
+    /// # Errors
+    /// Naming every gateway or agent that ended with an error, panicked, or did not stop
+    /// within [`Sandbox::stop_within`].
+    pub async fn try_shutdown(mut self) -> anyhow::Result<()> {
+        let within = self.stop_within;
+        let mut failures = Vec::new();
+        let agents = std::mem::take(&mut self.agents);
+        for a in &agents {
             a.shutdown.cancel();
         }
-        for a in self.agents {
-            let _ = tokio::time::timeout(Duration::from_secs(15), a.task).await;
+        for a in agents {
+            if let Err(e) = a.stop(within).await {
+                failures.push(format!("{e:#}"));
+            }
         }
-        for g in &self.gateways {
+        let gateways = std::mem::take(&mut self.gateways);
+        for g in &gateways {
             g.shutdown.cancel();
         }
-        for g in self.gateways {
-            let _ = tokio::time::timeout(Duration::from_secs(15), g.task).await;
+        for g in gateways {
+            if let Err(e) = g.stop(within).await {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("shutdown of the sandbox failed: {}", failures.join("; "))
         }
     }
 }
@@ -448,30 +565,81 @@ pub fn contains_secret(haystack: &[u8], needle: &str) -> bool {
         .any(|n| !n.is_empty() && haystack.windows(n.len()).any(|w| w == *n))
 }
 
-/// A child process (a gateway or agent binary) with its stderr in a log file; killed on drop.
+/// Every secret of `secrets` (name, value) found in any of `sources` (name, bytes), as UTF-8
+/// or UTF-16LE: one line "`secret` in `source`" per finding.
+pub fn leaks(sources: &[(String, Vec<u8>)], secrets: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (source, bytes) in sources {
+        for (name, value) in secrets {
+            assert!(
+                !value.is_empty(),
+                "secret {name} is empty: nothing to look for"
+            );
+            if contains_secret(bytes, value) {
+                out.push(format!("{name} in {source}"));
+            }
+        }
+    }
+    out
+}
+
+/// A child process (a gateway or agent binary) with its stderr in a log file and its stdout
+/// in a file beside it (`<log>.stdout`); killed on drop.
 pub struct Process {
     pub child: std::process::Child,
     log: PathBuf,
+    stdout: PathBuf,
+}
+
+/// The content of a file a process writes, or a panic naming it: a scan of an unreadable log
+/// must not pass as a scan of an empty one.
+fn read_output(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 impl Process {
-    /// Spawns `cmd` with stderr to `log`.
+    /// Spawns `cmd` with stderr to `log` and stdout to `log` with extension `.stdout`.
     ///
     /// # Panics
     /// When the command cannot be spawned.
     pub fn spawn(cmd: &mut std::process::Command, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).expect("log file");
+        let stdout = log.with_extension("stdout");
+        let err_file = std::fs::File::create(&log).expect("log file");
+        let out_file = std::fs::File::create(&stdout).expect("stdout file");
         let child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(file)
+            .stdout(out_file)
+            .stderr(err_file)
             .spawn()
             .expect("spawn");
-        Self { child, log }
+        Self { child, log, stdout }
     }
 
-    /// What it logged so far.
+    /// What it wrote to stderr (its log) so far.
+    ///
+    /// # Panics
+    /// When the log cannot be read or is not UTF-8.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        String::from_utf8(read_output(&self.log))
+            .unwrap_or_else(|e| panic!("{} is not UTF-8: {e}", self.log.display()))
+    }
+
+    /// What it wrote to stdout so far.
+    ///
+    /// # Panics
+    /// When the file cannot be read or is not UTF-8.
+    pub fn stdout(&self) -> String {
+        String::from_utf8(read_output(&self.stdout))
+            .unwrap_or_else(|e| panic!("{} is not UTF-8: {e}", self.stdout.display()))
+    }
+
+    /// Everything it wrote so far, stderr then stdout, as bytes.
+    ///
+    /// # Panics
+    /// When either file cannot be read.
+    pub fn output(&self) -> Vec<u8> {
+        let mut out = read_output(&self.log);
+        out.extend_from_slice(&read_output(&self.stdout));
+        out
     }
 
     /// SIGTERM, then its exit status if it exits within `within`.
@@ -497,10 +665,12 @@ impl Drop for Process {
     }
 }
 
-/// Path of a workspace binary built by `cargo build --workspace --bins` (`make test` does).
+/// Path of a workspace binary built by `cargo build --workspace --bins` (`make test` does),
+/// refused when it is older than any source it is built from (see [`binary_sources`]): a
+/// stale binary would test yesterday's code.
 ///
 /// # Errors
-/// When it has not been built.
+/// When it has not been built, or is stale.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -512,16 +682,189 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("modification time of {}", path.display()))?;
+    let sources = binary_sources(&testkit::workspace_root(), name)?;
+    let newer = newer_than(&sources, built)?;
+    if !newer.is_empty() {
+        let list: Vec<String> = newer.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "{} is older than its sources {}: run `cargo build --workspace --bins` first",
+            path.display(),
+            list.join(", "),
+        );
+    }
     Ok(path)
 }
 
-/// Listening TCP sockets (IPv4 and IPv6) owned by process `pid`, from /proc.
+/// Those of `sources` modified after `built`.
 ///
 /// # Errors
-/// When /proc cannot be read.
+/// When a source's modification time cannot be read.
+pub fn newer_than(sources: &[PathBuf], built: SystemTime) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for s in sources {
+        let modified = std::fs::metadata(s)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("modification time of {}", s.display()))?;
+        if modified > built {
+            out.push(s.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// What binary `bin` of the workspace at `root` is built from: for its package and every
+/// workspace crate it depends on (normal and build dependencies, transitively), `build.rs`
+/// and every `.rs` and `.proto` under
+/// `src/`; and every `.proto` under `proto/` (compiled by relay's build script). Tests,
+/// examples and benches are left out: they are not part of the binary, and a change to them
+/// does not make cargo relink it.
+///
+/// # Errors
+/// When the manifests cannot be read or no workspace package builds `bin`.
+pub fn binary_sources(root: &Path, bin: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let members = workspace_members(root)?;
+    let builds = |dir: &Path, package: &str| {
+        (package == bin && dir.join("src/main.rs").exists())
+            || dir.join("src/bin").join(format!("{bin}.rs")).exists()
+            || dir.join("src/bin").join(bin).join("main.rs").exists()
+    };
+    let (package, _) = members
+        .iter()
+        .find(|(package, dir)| builds(dir, package))
+        .with_context(|| format!("no workspace package builds a binary {bin:?}"))?;
+    let mut crates = vec![package.clone()];
+    let mut todo = vec![package.clone()];
+    while let Some(name) = todo.pop() {
+        let dir = &members.iter().find(|(p, _)| *p == name).expect("member").1;
+        for dep in manifest_dependencies(&dir.join("Cargo.toml"))? {
+            if members.iter().any(|(p, _)| *p == dep) && !crates.contains(&dep) {
+                crates.push(dep.clone());
+                todo.push(dep);
+            }
+        }
+    }
+    // Manifests are left out: cargo does not relink a binary for a manifest or lock change
+    // that does not affect it, so they would refuse a binary that is up to date.
+    let mut files = Vec::new();
+    for name in &crates {
+        let dir = &members.iter().find(|(p, _)| p == name).expect("member").1;
+        if dir.join("build.rs").exists() {
+            files.push(dir.join("build.rs"));
+        }
+        walk(&dir.join("src"), &["rs", "proto"], &mut files)?;
+    }
+    if root.join("proto").is_dir() {
+        walk(&root.join("proto"), &["proto"], &mut files)?;
+    }
+    Ok(files)
+}
+
+/// (package name, directory) of each workspace member.
+fn workspace_members(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let manifest = root.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("read {}", manifest.display()))?;
+    let list = text
+        .split_once("members")
+        .and_then(|(_, rest)| rest.split_once('['))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list)
+        .with_context(|| format!("no workspace members in {}", manifest.display()))?;
+    let mut out = Vec::new();
+    for member in list.split(',') {
+        let member = member.trim().trim_matches('"');
+        if member.is_empty() {
+            continue;
+        }
+        let dir = root.join(member);
+        let m = dir.join("Cargo.toml");
+        let text = std::fs::read_to_string(&m).with_context(|| format!("read {}", m.display()))?;
+        let name = text
+            .lines()
+            .skip_while(|l| l.trim() != "[package]")
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "name").then(|| v.trim().trim_matches('"').to_owned())
+            })
+            .with_context(|| format!("no package name in {}", m.display()))?;
+        out.push((name, dir));
+    }
+    Ok(out)
+}
+
+/// Names of the normal and build dependencies a manifest declares (not dev-dependencies).
+fn manifest_dependencies(manifest: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("read {}", manifest.display()))?;
+    let mut out = Vec::new();
+    let mut in_deps = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.trim_end_matches(']').trim();
+            // [dependencies], [build-dependencies], [target.'…'.dependencies], and the
+            // one-table form [dependencies.foo]
+            let table = |t: &str| {
+                header == t
+                    || header.ends_with(&format!(".{t}"))
+                    || header.starts_with(&format!("{t}."))
+            };
+            in_deps = table("dependencies") || table("build-dependencies");
+            if let Some(dep) = header
+                .strip_prefix("dependencies.")
+                .or_else(|| header.strip_prefix("build-dependencies."))
+            {
+                out.push(dep.trim_matches('"').to_owned());
+                in_deps = false;
+            }
+            continue;
+        }
+        if !in_deps || line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key: String = line
+            .chars()
+            .take_while(|c| !matches!(c, '=' | '.' | ' ' | '\t'))
+            .collect();
+        out.push(key.trim_matches('"').to_owned());
+    }
+    Ok(out)
+}
+
+/// Files under `dir` (recursively) with one of `extensions`.
+fn walk(dir: &Path, extensions: &[&str], out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, extensions, out)?;
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| extensions.contains(&e))
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Sockets of process `pid` that other processes can reach, from /proc: TCP sockets in LISTEN;
+/// UDP sockets that are bound and not connected (they take datagrams from anyone); raw
+/// sockets; and unix sockets that accept connections (stream or seqpacket after `listen`) or
+/// take datagrams from anyone (bound to a path or an abstract name, not connected). Each as
+/// `<table> <local address>` (addresses as /proc spells them, e.g. `0100007F:1F90`), or
+/// `/proc/net/unix <path or @abstract> <kind>`. Unnamed socket pairs and connected sockets
+/// are not listed.
+///
+/// # Errors
+/// When /proc cannot be read (a missing IPv6 or raw table is taken as empty).
 pub fn listening_sockets(pid: u32) -> anyhow::Result<Vec<String>> {
     let mut inodes = std::collections::HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+    let fds = format!("/proc/{pid}/fd");
+    for fd in std::fs::read_dir(&fds).with_context(|| format!("read {fds}"))? {
         if let Ok(link) = std::fs::read_link(fd?.path()) {
             let l = link.to_string_lossy().into_owned();
             if let Some(inode) = l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
@@ -529,17 +872,57 @@ pub fn listening_sockets(pid: u32) -> anyhow::Result<Vec<String>> {
             }
         }
     }
+    let read_table = |table: &str, optional: bool| -> anyhow::Result<String> {
+        match std::fs::read_to_string(table) {
+            Ok(text) => Ok(text),
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e).with_context(|| format!("read {table}")),
+        }
+    };
     let mut out = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
+    // st: 0A = TCP_LISTEN; 07 = TCP_CLOSE, which for UDP means bound and not connected.
+    for (table, optional, listening) in [
+        ("/proc/net/tcp", false, Some("0A")),
+        ("/proc/net/tcp6", true, Some("0A")),
+        ("/proc/net/udp", false, Some("07")),
+        ("/proc/net/udp6", true, Some("07")),
+        ("/proc/net/udplite", true, Some("07")),
+        ("/proc/net/udplite6", true, Some("07")),
+        ("/proc/net/raw", true, None),
+        ("/proc/net/raw6", true, None),
+    ] {
+        for line in read_table(table, optional)?.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            // local_address, ..., st (0A = LISTEN), ..., inode at index 9
-            if cols.len() > 9 && cols[3] == "0A" && inodes.contains(cols[9]) {
+            // sl, local_address, rem_address, st, …, inode at index 9
+            if cols.len() > 9
+                && inodes.contains(cols[9])
+                && listening.is_none_or(|st| cols[3] == st)
+            {
                 out.push(format!("{table} {}", cols[1]));
             }
+        }
+    }
+    const ACCEPTCON: u32 = 0x0001_0000;
+    const SS_UNCONNECTED: &str = "01";
+    for line in read_table("/proc/net/unix", false)?.lines().skip(1) {
+        // Num RefCount Protocol Flags Type St Inode [Path]
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 7 || !inodes.contains(cols[6]) {
+            continue;
+        }
+        let flags = u32::from_str_radix(cols[3], 16).unwrap_or_default();
+        let path = cols[7..].join(" ");
+        let kind = match cols[4] {
+            "0001" => "stream",
+            "0002" => "dgram",
+            "0005" => "seqpacket",
+            other => other,
+        };
+        let accepts = flags & ACCEPTCON != 0;
+        let takes_datagrams = kind == "dgram" && !path.is_empty() && cols[5] == SS_UNCONNECTED;
+        if accepts || takes_datagrams {
+            let name = if path.is_empty() { "(unnamed)" } else { &path };
+            out.push(format!("/proc/net/unix {name} {kind}"));
         }
     }
     Ok(out)

@@ -27,14 +27,15 @@ async fn switches_refuse_at_once_and_queue_nothing() {
         ..Default::default()
     };
     sb.tenants.set_forest(&t, &f, &off).await.unwrap();
+    let req = request(&t, &f, "kim", reset("Not-Enabled#1"));
+    let deadline = Duration::from_millis(req.timeout_ms.into());
     let started = Instant::now();
-    let r = sb
-        .submit(0, request(&t, &f, "kim", reset("Not-Enabled#1")))
-        .await
-        .unwrap();
+    let r = sb.submit(0, req).await.unwrap();
+    let took = started.elapsed();
     assert_eq!(outcome(&r), Outcome::NotEnabled, "{r:?}");
     assert!(r.message.contains("not enabled"), "{}", r.message);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // At once: no record (so nothing waited for an agent or a deadline, and no timeline), no
+    // queue entry, and the answer came before the request's deadline.
     assert!(
         sb.store
             .operation(&t, &r.operation_id)
@@ -43,6 +44,19 @@ async fn switches_refuse_at_once_and_queue_nothing() {
             .is_none(),
         "nothing recorded"
     );
+    assert!(
+        sb.store
+            .timeline(&t, &r.operation_id)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no timeline"
+    );
+    assert!(
+        took < deadline,
+        "NOT_ENABLED came after the request's {deadline:?} deadline ({took:?}): it waited"
+    );
+    println!("NOT_ENABLED answered in {} ms", took.as_millis());
     let dump = dump_redis(&sb.redis.url()).await.unwrap();
     let queued: Vec<&String> = dump
         .iter()
@@ -84,8 +98,7 @@ async fn switches_refuse_at_once_and_queue_nothing() {
     sb.tenants.set_forest(&t, &f, &allow).await.unwrap();
     // The switch reaches agents when they (re)connect: restart ours.
     let a = sb.agents.pop().unwrap();
-    a.shutdown.cancel();
-    let _ = a.task.await;
+    a.stop(e2e::STOP_WITHIN).await.unwrap();
     sb.start_agent("agent-2", 0).await.unwrap();
     sb.wait_agents(&t, &f, 1).await.unwrap();
     // The relay no longer refuses it; AD itself still does, as in a real forest, because
@@ -244,6 +257,40 @@ async fn an_agent_finds_the_users_domain() {
         ack.detail
     );
 
+    // By a UPN suffix that only `upn_suffixes` names (no domain has that DNS name). The same
+    // UPN is given to an account in each stand-in domain (separate Samba domains allow it):
+    // routed by its suffix, the reset reaches the child's account only; looked up in every
+    // domain instead, it would match two accounts and be refused as ambiguous.
+    let upn = "ann@east.example.org";
+    let child_ann = child.create_user("ann", "Initial#Pass1").unwrap();
+    let corp_ann = sb.dc.create_user("ann", "Initial#Pass1").unwrap();
+    for (dc, dn) in [(&child, &child_ann), (&sb.dc, &corp_ann)] {
+        set_upn(dc, dn, upn);
+        assert_eq!(
+            dc.attribute(dn, "userPrincipalName").unwrap().as_deref(),
+            Some(upn)
+        );
+    }
+    let child_writes = child.password_writes(&child_ann).unwrap();
+    let corp_writes = sb.dc.password_writes(&corp_ann).unwrap();
+    let r = sb
+        .submit(0, request(&t, &f, upn, reset("Suffix-Routed#7")))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
+    assert_eq!(
+        child.password_writes(&child_ann).unwrap(),
+        child_writes + 1,
+        "written once in the child domain"
+    );
+    assert!(child.can_bind(&child_ann, "Suffix-Routed#7"));
+    assert_eq!(
+        sb.dc.password_writes(&corp_ann).unwrap(),
+        corp_writes,
+        "the primary domain's account was written"
+    );
+    assert!(sb.dc.can_bind(&corp_ann, "Initial#Pass1"));
+
     // The same sAMAccountName in both domains: refused as ambiguous, nothing changed.
     let r = sb
         .submit(0, request(&t, &f, "sam-both", reset("Ambiguous#Pass4")))
@@ -271,4 +318,39 @@ async fn an_agent_finds_the_users_domain() {
         .unwrap();
     assert_eq!(outcome(&r), Outcome::UserNotFound, "{r:?}");
     sb.shutdown().await;
+}
+
+/// Sets the userPrincipalName of the account `dn` in `dc`'s domain, after adding its suffix
+/// to the forest's UPN suffixes (`uPNSuffixes` of CN=Partitions), as an administrator does
+/// for an alternative suffix; over LDAPS as Administrator, with `ldapmodify`.
+fn set_upn(dc: &SambaDc, dn: &str, upn: &str) {
+    let suffix = upn.rsplit_once('@').unwrap().1;
+    let partitions = format!("CN=Partitions,CN=Configuration,{}", dc.base_dn());
+    let ldif = format!(
+        "dn: {partitions}\nchangetype: modify\nadd: uPNSuffixes\nuPNSuffixes: {suffix}\n-\n\n\
+         dn: {dn}\nchangetype: modify\nreplace: userPrincipalName\nuserPrincipalName: {upn}\n-\n"
+    );
+    let mut child = std::process::Command::new("ldapmodify")
+        .env("LDAPTLS_CACERT", dc.ca_file())
+        .args(["-x", "-H", &dc.ldaps_url(), "-D", &dc.admin_dn(), "-w"])
+        .arg(dc.admin_password())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ldapmodify (ldap-utils)");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ldif.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ldapmodify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

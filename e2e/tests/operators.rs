@@ -181,7 +181,7 @@ async fn operators_find_a_users_operations_and_see_honest_agent_health() {
         a.shutdown.cancel();
     }
     for a in agents {
-        let _ = a.task.await;
+        a.stop(e2e::STOP_WITHIN).await.unwrap();
     }
     let gone = wait_health(&sb, false).await;
     assert!(gone.reason.contains("no live agent"), "{}", gone.reason);

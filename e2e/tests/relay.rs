@@ -197,15 +197,33 @@ async fn outcome_crosses_replicas() {
 async fn no_agent_answers_at_once_and_queues_nothing() {
     let sb = Sandbox::start(1).await.unwrap();
     let (t, f) = (sb.tenant.clone(), sb.forest.clone());
-    let started = Instant::now();
     let mut req = request(&t, &f, "alice", reset("Never-Queued#1"));
     req.operation_id = "op-unavailable".into();
+    let deadline = Duration::from_millis(req.timeout_ms.into());
+    let started = Instant::now();
     let r = sb.submit(0, req).await.unwrap();
     let took = started.elapsed();
     assert_eq!(outcome(&r), Outcome::AgentUnavailable, "{r:?}");
+    // At once: before the request's deadline, with no record and no timeline (nothing waited).
     assert!(
-        took < Duration::from_secs(5),
-        "AGENT_UNAVAILABLE took {took:?}"
+        took < deadline,
+        "AGENT_UNAVAILABLE came after the request's {deadline:?} deadline ({took:?}): it waited"
+    );
+    assert!(
+        sb.store
+            .operation(&t, "op-unavailable")
+            .await
+            .unwrap()
+            .is_none(),
+        "AGENT_UNAVAILABLE recorded an operation"
+    );
+    assert!(
+        sb.store
+            .timeline(&t, "op-unavailable")
+            .await
+            .unwrap()
+            .is_empty(),
+        "AGENT_UNAVAILABLE has a timeline"
     );
     println!("AGENT_UNAVAILABLE answered in {} ms", took.as_millis());
     let dump = dump_redis(&sb.redis.url()).await.unwrap();
@@ -218,25 +236,42 @@ async fn no_agent_answers_at_once_and_queues_nothing() {
     sb.shutdown().await;
 }
 
-/// The same operation id twice: applied once, same outcome twice.
+/// The same operation id twice: applied once (AD's own count of password writes), same
+/// outcome twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmitted_operation_is_applied_once() {
     let sb = sandbox_with_agent().await;
     let (t, f) = (sb.tenant.clone(), sb.forest.clone());
-    sb.dc.create_user("dave", "Initial#Pass1").unwrap();
+    let dn = sb.dc.create_user("dave", "Initial#Pass1").unwrap();
+    let writes_before = sb.dc.password_writes(&dn).unwrap();
     let mut req = request(&t, &f, "dave", reset("Once-Only#123"));
     req.operation_id = "reset-dave-1".into();
     let first = sb.submit(0, req.clone()).await.unwrap();
     assert_eq!(outcome(&first), Outcome::Applied);
-    let dn = format!("CN=dave,CN=Users,{}", sb.dc.base_dn());
+    assert_eq!(
+        sb.dc.password_writes(&dn).unwrap(),
+        writes_before + 1,
+        "the first submission writes the password once"
+    );
     let changed_at = sb.dc.attribute(&dn, "pwdLastSet").unwrap();
+    let pwd_last_set_writes = sb.dc.write_count(&dn, "pwdLastSet").unwrap();
     let second = sb.submit(0, req).await.unwrap();
-    assert_eq!(first, second, "a resubmission returns the first outcome");
+    assert_eq!(
+        sb.dc.password_writes(&dn).unwrap(),
+        writes_before + 1,
+        "the resubmission wrote the password again"
+    );
+    assert_eq!(
+        sb.dc.write_count(&dn, "pwdLastSet").unwrap(),
+        pwd_last_set_writes,
+        "the resubmission wrote pwdLastSet"
+    );
     assert_eq!(
         sb.dc.attribute(&dn, "pwdLastSet").unwrap(),
         changed_at,
-        "applied twice"
+        "the resubmission changed pwdLastSet"
     );
+    assert_eq!(first, second, "a resubmission returns the first outcome");
     // The same id for another user is a conflict, not a silent replay.
     let mut other = request(&t, &f, "erin-not-dave", reset("Once-Only#123"));
     other.operation_id = "reset-dave-1".into();
@@ -247,12 +282,8 @@ async fn resubmitted_operation_is_applied_once() {
         "{}",
         err.message()
     );
+    assert_eq!(sb.dc.password_writes(&dn).unwrap(), writes_before + 1);
     let tl = sb.store.timeline(&t, "reset-dave-1").await.unwrap();
-    assert_eq!(
-        tl.iter().filter(|e| e.stage == "delivered").count(),
-        1,
-        "{tl:?}"
-    );
     assert_eq!(
         tl.iter().filter(|e| e.stage == "answered").count(),
         2,

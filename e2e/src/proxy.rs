@@ -1,0 +1,216 @@
+//! A TCP proxy under the test's control, for putting faults between two components (e.g. an
+//! agent and its gateway): accepts on 127.0.0.1:0 and forwards every connection to a target.
+//!
+//! - [`Proxy::cut`] closes every open connection at once (both sides see the connection end);
+//!   new connections are accepted and forwarded as before.
+//! - [`Proxy::blackhole`] stops forwarding bytes, in both directions, on open and new
+//!   connections, without closing anything: both sides see a silent peer.
+//! - [`Proxy::resume`] forwards again (bytes held during a blackhole are then delivered).
+//!
+//! Dropping the proxy closes its listener and every connection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Shared {
+    target: SocketAddr,
+    /// Cancelled by `cut`: every connection accepted before holds a clone of it.
+    generation: Mutex<CancellationToken>,
+    /// Whether bytes are forwarded (false while blackholed).
+    forwarding: watch::Sender<bool>,
+    /// Ends everything when the proxy is dropped.
+    closed: CancellationToken,
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// See the module documentation.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1:0 and forwards to `target`. Must be called within a Tokio runtime,
+    /// which runs the proxy.
+    ///
+    /// # Errors
+    /// When it cannot listen.
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("proxy listen")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            target,
+            generation: Mutex::new(CancellationToken::new()),
+            forwarding: watch::Sender::new(true),
+            closed: CancellationToken::new(),
+            accepted: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+        });
+        let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(Self {
+            addr,
+            shared,
+            acceptor,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every open connection (new ones are still accepted and forwarded).
+    pub fn cut(&self) {
+        let old = std::mem::replace(
+            &mut *self.shared.generation.lock().expect("proxy generation"),
+            CancellationToken::new(),
+        );
+        old.cancel();
+    }
+
+    /// Stops forwarding, without closing any connection.
+    pub fn blackhole(&self) {
+        self.shared.forwarding.send_replace(false);
+    }
+
+    /// Forwards again after [`Proxy::blackhole`].
+    pub fn resume(&self) {
+        self.shared.forwarding.send_replace(true);
+    }
+
+    /// Connections accepted since the start.
+    pub fn accepted(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (accepted and not yet closed).
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `accepted() >= n`.
+    ///
+    /// # Errors
+    /// When that does not happen within `within`.
+    pub async fn wait_accepted(&self, n: usize, within: Duration) -> anyhow::Result<()> {
+        let start = tokio::time::Instant::now();
+        while self.accepted() < n {
+            if start.elapsed() > within {
+                bail!(
+                    "proxy accepted {} connection(s) within {within:?}, expected {n}",
+                    self.accepted()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until no connection is open (e.g. after [`Proxy::cut`]).
+    ///
+    /// # Errors
+    /// When connections are still open after `within`.
+    pub async fn wait_closed(&self, within: Duration) -> anyhow::Result<()> {
+        let start = tokio::time::Instant::now();
+        while self.open_connections() > 0 {
+            if start.elapsed() > within {
+                bail!(
+                    "{} proxied connection(s) still open after {within:?}",
+                    self.open_connections()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.closed.cancel();
+        self.acceptor.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.closed.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((client, _)) = accepted else {
+            // e.g. too many open files: keep serving
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        let generation = shared.generation.lock().expect("proxy generation").clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = generation.cancelled() => {}
+                _ = shared.closed.cancelled() => {}
+                _ = connection(client, &shared) => {}
+            }
+            // Both sockets are dropped here: a cut closes them.
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Forwards one connection until both directions end or one fails.
+async fn connection(client: TcpStream, shared: &Shared) {
+    let Ok(upstream) = TcpStream::connect(shared.target).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let failed = CancellationToken::new();
+    let up = pump(cr, uw, shared.forwarding.subscribe(), failed.clone());
+    let down = pump(ur, cw, shared.forwarding.subscribe(), failed.clone());
+    tokio::join!(up, down);
+}
+
+/// Copies `from` to `to` while forwarding is on; on EOF half-closes `to`; on an error, ends
+/// the other direction too (`failed`).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut forwarding: watch::Receiver<bool>,
+    failed: CancellationToken,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let work = async {
+        loop {
+            // While blackholed nothing is read (the sender sees backpressure) nor written.
+            forwarding.wait_for(|f| *f).await.ok()?;
+            let n = from.read(&mut buf).await.ok()?;
+            if n == 0 {
+                let _ = to.shutdown().await;
+                return Some(());
+            }
+            forwarding.wait_for(|f| *f).await.ok()?;
+            to.write_all(&buf[..n]).await.ok()?;
+        }
+    };
+    tokio::select! {
+        r = work => if r.is_none() { failed.cancel() },
+        _ = failed.cancelled() => {}
+    }
+}
