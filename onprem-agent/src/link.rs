@@ -253,6 +253,17 @@ impl Agent {
         // Let operations already started finish and send their acknowledgments (bounded).
         session.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), session.tasks.wait()).await;
+        if result.is_ok() {
+            // End our half of the stream once the acknowledgments queued in it are sent (the
+            // finished tasks held the only other references to its sender), and wait (bounded)
+            // for the gateway to end its half: dropping the stream now would reset it and lose
+            // them.
+            drop(session);
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+        }
         result
     }
 

@@ -13,7 +13,7 @@ use relay::secret::Secret;
 use testkit::SambaDc;
 
 mod common;
-use common::{change, reset};
+use common::{change, reset, AdWrites};
 
 fn directory(dc: &SambaDc, use_dc_reason_text: bool) -> Directory {
     Directory::new(DirectoryConfig {
@@ -61,11 +61,23 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
     for with_text in [true, false] {
         let d = directory(&dc, with_text);
         let user = if with_text { "pol-text" } else { "pol-bare" };
-        dc.create_user(user, "Initial#Pass1").unwrap();
         let label = if with_text {
             "with text"
         } else {
             "without text"
+        };
+        let dn = dc.create_user(user, "Initial#Pass1").unwrap();
+        let upn = format!("{user}@{}", dc.dns_domain());
+        let created = AdWrites::read(&dc, &dn);
+        // a rejected password is not written: AD's count unchanged, the old password binds
+        let not_written = |rule: &str, candidate: &str| {
+            assert_eq!(
+                AdWrites::read(&dc, &dn),
+                created,
+                "{label}: {rule} rejected but written"
+            );
+            assert!(dc.can_bind(&upn, "Initial#Pass1"), "{label}: {rule}");
+            assert!(!dc.can_bind(&upn, candidate), "{label}: {rule}");
         };
 
         let r = apply(&d, user, reset("Ab1!x")).await;
@@ -79,6 +91,7 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
             "{label}: {}",
             r.message
         );
+        not_written("TOO_SHORT", "Ab1!x");
         matrix.push(("TOO_SHORT", label, r.policy_violation));
 
         let r = apply(&d, user, reset("nouppercaseordigits")).await;
@@ -87,6 +100,7 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
             (Outcome::RejectedByPolicy, PolicyViolation::Complexity),
             "{label}: {r:?}"
         );
+        not_written("COMPLEXITY", "nouppercaseordigits");
         matrix.push(("COMPLEXITY", label, r.policy_violation));
 
         let r = apply(&d, user, change("Initial#Pass1", "Initial#Pass1")).await;
@@ -96,6 +110,12 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
             "{label}: {r:?}"
         );
         assert!(r.message.contains("24"), "{label}: {}", r.message);
+        assert_eq!(
+            AdWrites::read(&dc, &dn),
+            created,
+            "{label}: HISTORY rejected but written"
+        );
+        assert!(dc.can_bind(&upn, "Initial#Pass1"), "{label}: HISTORY");
         matrix.push(("HISTORY", label, r.policy_violation));
     }
 
@@ -109,7 +129,9 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
             "without text"
         };
         let user = if with_text { "age-text" } else { "age-bare" };
-        dc.create_user(user, "Initial#Pass1").unwrap();
+        let dn = dc.create_user(user, "Initial#Pass1").unwrap();
+        let upn = format!("{user}@{}", dc.dns_domain());
+        let created = AdWrites::read(&dc, &dn);
         let r = apply(&d, user, change("Initial#Pass1", "Brand#New-Pass9")).await;
         assert_eq!(
             (r.outcome, r.policy_violation),
@@ -121,10 +143,24 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
             "{label}: the message names when: {}",
             r.message
         );
+        assert_eq!(
+            AdWrites::read(&dc, &dn),
+            created,
+            "{label}: MIN_AGE rejected but written"
+        );
+        assert!(dc.can_bind(&upn, "Initial#Pass1"), "{label}: MIN_AGE");
+        assert!(!dc.can_bind(&upn, "Brand#New-Pass9"), "{label}: MIN_AGE");
         matrix.push(("MIN_AGE", label, r.policy_violation));
-        // An administrator's reset is not held back by the minimum age.
+        // An administrator's reset is not held back by the minimum age: written once.
         let r = apply_as(&d, user, Initiator::Admin, reset("Admin#Reset-77")).await;
         assert_eq!(r.outcome, Outcome::Applied, "{label}: {r:?}");
+        assert_eq!(
+            AdWrites::read(&dc, &dn),
+            created.plus_password(),
+            "{label}: admin reset"
+        );
+        assert!(dc.can_bind(&upn, "Admin#Reset-77"), "{label}: admin reset");
+        assert!(!dc.can_bind(&upn, "Initial#Pass1"), "{label}: admin reset");
     }
     dc.set_password_settings(&["--min-pwd-age=0"]).unwrap();
 
@@ -138,7 +174,9 @@ async fn diagnosis_matrix_with_and_without_reason_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fine_grained_policy_is_the_one_reported() {
     let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
-    dc.create_user("pso-user", "Initial#Pass1").unwrap();
+    let dn = dc.create_user("pso-user", "Initial#Pass1").unwrap();
+    let upn = format!("pso-user@{}", dc.dns_domain());
+    let created = AdWrites::read(&dc, &dn);
     let pso = ["domain", "passwordsettings", "pso"];
     dc.samba_tool(
         &[
@@ -165,6 +203,11 @@ async fn fine_grained_policy_is_the_one_reported() {
     assert_eq!(r.outcome, Outcome::RejectedByPolicy, "{r:?}");
     assert!(!r.message.contains("7 characters"), "{}", r.message);
     assert!(r.detail.contains("not readable"), "{}", r.detail);
+    assert_eq!(
+        AdWrites::read(&dc, &dn),
+        created,
+        "rejected by the PSO but written"
+    );
 
     // Granted read access on the Password Settings Container, it reports the PSO's rules.
     let container = format!("CN=Password Settings Container,CN=System,{}", dc.base_dn());
@@ -196,7 +239,14 @@ async fn fine_grained_policy_is_the_one_reported() {
             "with_text={with_text}: {}",
             r.detail
         );
+        assert_eq!(
+            AdWrites::read(&dc, &dn),
+            created,
+            "with_text={with_text}: rejected by the PSO but written"
+        );
     }
+    assert!(dc.can_bind(&upn, "Initial#Pass1"));
+    assert!(!dc.can_bind(&upn, "Nine#Char"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,15 +256,29 @@ async fn disabled_accounts_forced_change_and_special_dns() {
     let upn = |s: &str| format!("{s}@{}", dc.dns_domain());
 
     // Disabled: an outcome of its own for end users; administrators may still reset.
-    dc.create_user("dora", "Initial#Pass1").unwrap();
+    let dora = dc.create_user("dora", "Initial#Pass1").unwrap();
     dc.samba_tool(&["user", "disable", "dora"]).unwrap();
+    let disabled = AdWrites::read(&dc, &dora);
     let r = apply(&d, "dora", reset("Disabled#Try-1")).await;
     assert_eq!(r.outcome, Outcome::AccountDisabled, "{r:?}");
+    assert_eq!(AdWrites::read(&dc, &dora), disabled, "refused but written");
     let r = apply_as(&d, "dora", Initiator::Admin, reset("Admin#Reset-1")).await;
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
+    assert_eq!(
+        AdWrites::read(&dc, &dora),
+        disabled.plus_password(),
+        "admin reset"
+    );
+    // (a disabled account cannot bind whatever its password: the DC's answer is the same
+    // rejection, so which password is set is checked once it is enabled again)
+    dc.samba_tool(&["user", "enable", "dora"]).unwrap();
+    assert!(dc.can_bind(&upn("dora"), "Admin#Reset-1"));
+    assert!(!dc.can_bind(&upn("dora"), "Disabled#Try-1"));
+    assert!(!dc.can_bind(&upn("dora"), "Initial#Pass1"));
 
     // Clearing a forced change (pwdLastSet = -1, needs Unexpire Password).
-    dc.create_user("carl", "Initial#Pass1").unwrap();
+    let dn = dc.create_user("carl", "Initial#Pass1").unwrap();
+    let before = AdWrites::read(&dc, &dn);
     let r = apply(
         &d,
         "carl",
@@ -226,7 +290,9 @@ async fn disabled_accounts_forced_change_and_special_dns() {
     )
     .await;
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
-    let dn = format!("CN=carl,CN=Users,{}", dc.base_dn());
+    // the password and pwdLastSet = 0 in one modify: each written once
+    assert_eq!(AdWrites::read(&dc, &dn), before.plus(1, 1, 0));
+    let forced = AdWrites::read(&dc, &dn);
     assert_eq!(
         dc.attribute(&dn, "pwdLastSet").unwrap().as_deref(),
         Some("0")
@@ -237,6 +303,8 @@ async fn disabled_accounts_forced_change_and_special_dns() {
     );
     let r = apply(&d, "carl", Action::ClearForcedChange(ClearForcedChange {})).await;
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
+    // pwdLastSet only: the password is not written again
+    assert_eq!(AdWrites::read(&dc, &dn), forced.plus(0, 1, 0));
     let last_set = dc.attribute(&dn, "pwdLastSet").unwrap().unwrap();
     assert!(
         last_set.parse::<i64>().unwrap() > 0,
@@ -248,7 +316,8 @@ async fn disabled_accounts_forced_change_and_special_dns() {
     let ou_rdn = r#"OU=\ Sales\, \"EMEA\" \+ \<Ops\>\; a\=b / \#1 \\ x\ "#;
     dc.samba_tool(&["ou", "create", &format!("{ou_rdn},{}", dc.base_dn())])
         .unwrap();
-    dc.create_user_in("odd-ou-user", "Initial#Pass1", ou_rdn)
+    let odd = dc
+        .create_user_in("odd-ou-user", "Initial#Pass1", ou_rdn)
         .unwrap();
     for (i, who) in [
         String::from("odd-ou-user"),
@@ -259,11 +328,17 @@ async fn disabled_accounts_forced_change_and_special_dns() {
     .enumerate()
     {
         let pw = format!("Odd#Ou-Reset{i}");
+        let before = AdWrites::read(&dc, &odd);
         let r = apply(&d, who, reset(&pw)).await;
         assert_eq!(r.outcome, Outcome::Applied, "{who}: {r:?}");
+        assert_eq!(AdWrites::read(&dc, &odd), before.plus_password(), "{who}");
         assert!(dc.can_bind(&upn("odd-ou-user"), &pw), "{who}");
     }
+    let before = AdWrites::read(&dc, &odd);
     let r = apply(&d, "odd-ou-user", change("Odd#Ou-Reset2", "Odd#Ou-Change3")).await;
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
     assert!(r.detail.contains("Sales"), "{}", r.detail);
+    assert_eq!(AdWrites::read(&dc, &odd), before.plus_password());
+    assert!(dc.can_bind(&upn("odd-ou-user"), "Odd#Ou-Change3"));
+    assert!(!dc.can_bind(&upn("odd-ou-user"), "Odd#Ou-Reset2"));
 }

@@ -1,0 +1,902 @@
+//! The agent's link, driven by a scripted gateway: a tonic `AgentLink` server on loopback with
+//! real TLS, whose every frame this test chooses, talking to a real agent (`onprem_agent::run`)
+//! that applies to a real Samba DC. What AD wrote is read from AD itself (`password_writes`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use relay::envelope::{Binding, ForestKey, KeyBytes, TenantKey, KEY_VERSION};
+use relay::proto::agent_link_server::{AgentLink, AgentLinkServer};
+use relay::proto::{
+    agent_frame, gateway_frame, user_ref, Ack, AgentFrame, GatewayFrame, Heartbeat, Hello,
+    Initiator, Outcome, SealedOperation, UserRef, Welcome, Work,
+};
+use relay::secret::Secret;
+use relay::trace::TraceParent;
+use testkit::{SambaDc, TestCa};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use onprem_agent::directory::DirectoryConfig;
+use onprem_agent::{AgentConfig, AgentError};
+
+mod common;
+use common::{connections_to, reset, AdWrites, ConnectionSampler};
+
+const TENANT: &str = "tenant-link";
+const AGENT_ID: &str = "agent-link";
+const AGENT_SECRET: &str = "link-secret-4b1d";
+/// Bounds every wait for a frame.
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// The agent's log events (stable codes from docs/events.md), captured in memory.
+
+mod events {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    /// One event the agent logged: its fields, as text.
+    pub type Logged = HashMap<String, String>;
+
+    static LOGGED: Mutex<Vec<Logged>> = Mutex::new(Vec::new());
+    static NEXT_SPAN: AtomicU64 = AtomicU64::new(1);
+
+    struct Capture;
+
+    struct Fields<'a>(&'a mut Logged);
+
+    impl Visit for Fields<'_> {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.insert(field.name().to_owned(), value.to_owned());
+        }
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.target().starts_with("onprem_agent")
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(NEXT_SPAN.fetch_add(1, Ordering::Relaxed))
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let mut fields = Logged::new();
+            event.record(&mut Fields(&mut fields));
+            fields.insert("level".into(), event.metadata().level().to_string());
+            if fields.contains_key("event") {
+                LOGGED.lock().expect("log capture").push(fields);
+            }
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    /// Captures the agent's coded events from now on (once per process).
+    pub fn capture() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::subscriber::set_global_default(Capture).expect("no other subscriber");
+        });
+    }
+
+    /// Events with stable code `code`.
+    pub fn with_code(code: &str) -> Vec<Logged> {
+        LOGGED
+            .lock()
+            .expect("log capture")
+            .iter()
+            .filter(|e| e.get("event").map(String::as_str) == Some(code))
+            .cloned()
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scripted gateway.
+
+/// The gateway half of one accepted `Connect` stream, held by the test.
+struct AgentStream {
+    hello: Hello,
+    to_agent: Option<mpsc::Sender<Result<GatewayFrame, Status>>>,
+    from_agent: Streaming<AgentFrame>,
+    heartbeats: CancellationToken,
+    /// `in_flight` of every heartbeat the agent sent.
+    reported_in_flight: Vec<u32>,
+}
+
+/// What came from the agent, other than heartbeats.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // a few per test
+enum FromAgent {
+    Ack(Ack),
+    /// The agent ended its stream cleanly.
+    Ended,
+    /// The stream broke.
+    Broken(Status),
+}
+
+impl AgentStream {
+    async fn send(&self, work: Work) {
+        self.to_agent
+            .as_ref()
+            .expect("stream still open")
+            .send(Ok(GatewayFrame {
+                frame: Some(gateway_frame::Frame::Work(work)),
+            }))
+            .await
+            .expect("the agent's stream is open");
+    }
+
+    /// Ends the stream from the gateway's side (trailers with OK status).
+    fn close(&mut self) {
+        self.heartbeats.cancel();
+        self.to_agent = None;
+    }
+
+    /// The next frame other than a heartbeat, or how the stream ended; `None` when nothing
+    /// came within `within`.
+    async fn next(&mut self, within: Duration) -> Option<FromAgent> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let msg = tokio::time::timeout_at(until, self.from_agent.message())
+                .await
+                .ok()?;
+            return Some(match msg {
+                Ok(Some(AgentFrame {
+                    frame: Some(agent_frame::Frame::Heartbeat(h)),
+                })) => {
+                    self.reported_in_flight.push(h.in_flight);
+                    continue;
+                }
+                Ok(Some(AgentFrame {
+                    frame: Some(agent_frame::Frame::Ack(ack)),
+                })) => FromAgent::Ack(ack),
+                Ok(Some(other)) => panic!("unexpected frame from the agent: {other:?}"),
+                Ok(None) => FromAgent::Ended,
+                Err(status) => FromAgent::Broken(status),
+            });
+        }
+    }
+
+    /// The next acknowledgment; fails the test on anything else.
+    async fn ack(&mut self) -> Ack {
+        match self.next(WAIT).await {
+            Some(FromAgent::Ack(ack)) => ack,
+            other => panic!("expected an acknowledgment within {WAIT:?}, got {other:?}"),
+        }
+    }
+
+    /// Waits until a heartbeat reports `n` operations in flight.
+    async fn wait_reported_in_flight(&mut self, n: u32) {
+        let until = Instant::now() + WAIT;
+        while !self.reported_in_flight.contains(&n) {
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no heartbeat reported {n} in flight");
+            if let Some(other) = self.next(left.min(Duration::from_millis(200))).await {
+                panic!("expected only heartbeats, got {other:?}");
+            }
+        }
+    }
+}
+
+impl Drop for AgentStream {
+    fn drop(&mut self) {
+        self.heartbeats.cancel();
+    }
+}
+
+/// The `AgentLink` service: refuses the next `refuse` attempts, accepts the others with a
+/// Welcome and hands the stream to the test.
+struct ScriptedLink {
+    forest: String,
+    key: ForestKey,
+    refuse: Arc<AtomicU32>,
+    attempts: Arc<Mutex<Vec<Instant>>>,
+    streams: mpsc::UnboundedSender<AgentStream>,
+}
+
+#[tonic::async_trait]
+impl AgentLink for ScriptedLink {
+    type ConnectStream = ReceiverStream<Result<GatewayFrame, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentFrame>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        self.attempts.lock().unwrap().push(Instant::now());
+        if self
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Status::unavailable("scripted: gateway not ready"));
+        }
+        let credential = format!("Bearer {AGENT_ID}.{AGENT_SECRET}");
+        if request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(credential.as_str())
+        {
+            return Err(Status::unauthenticated("unknown agent credential"));
+        }
+        let mut from_agent = request.into_inner();
+        let hello = match tokio::time::timeout(WAIT, from_agent.message()).await {
+            Ok(Ok(Some(AgentFrame {
+                frame: Some(agent_frame::Frame::Hello(hello)),
+            }))) => hello,
+            other => return Err(Status::invalid_argument(format!("no hello: {other:?}"))),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let welcome = Welcome {
+            tenant_id: TENANT.into(),
+            forest: self.forest.clone(),
+            replica: "scripted".into(),
+            forest_key: self.key.key_bytes().expose().to_vec(),
+            heartbeat_interval_ms: 500,
+            allow_protected_accounts: false,
+            gateway_time_unix_ms: relay::now_unix_ms(),
+        };
+        tx.send(Ok(GatewayFrame {
+            frame: Some(gateway_frame::Frame::Welcome(welcome)),
+        }))
+        .await
+        .map_err(|_| Status::internal("stream closed"))?;
+        // Heartbeats, so the agent does not give up on a silent gateway.
+        let heartbeats = CancellationToken::new();
+        tokio::spawn({
+            let (tx, stop) = (tx.clone(), heartbeats.clone());
+            async move {
+                let beat = || {
+                    Ok(GatewayFrame {
+                        frame: Some(gateway_frame::Frame::Heartbeat(Heartbeat {
+                            sent_unix_ms: relay::now_unix_ms(),
+                            in_flight: 0,
+                        })),
+                    })
+                };
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {
+                            if tx.send(beat()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        self.streams
+            .send(AgentStream {
+                hello,
+                to_agent: Some(tx),
+                from_agent,
+                heartbeats,
+                reported_in_flight: Vec::new(),
+            })
+            .map_err(|_| Status::internal("test gone"))?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Gateway {
+    addr: SocketAddr,
+    ca: TestCa,
+    forest: String,
+    tenant_key: TenantKey,
+    refuse: Arc<AtomicU32>,
+    attempts: Arc<Mutex<Vec<Instant>>>,
+    streams: mpsc::UnboundedReceiver<AgentStream>,
+    stop: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Gateway {
+    async fn start(forest: &str) -> Self {
+        relay::tls::install_crypto_provider();
+        let ca = TestCa::new(&["127.0.0.1"]).unwrap();
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(ca.cert_file()).unwrap(),
+            std::fs::read(ca.key_file()).unwrap(),
+        );
+        let tenant_key = TenantKey::new(KeyBytes::generate().unwrap());
+        let (streams_tx, streams) = mpsc::unbounded_channel();
+        let refuse = Arc::new(AtomicU32::new(0));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let link = ScriptedLink {
+            forest: forest.to_owned(),
+            key: tenant_key.forest_key(TENANT, forest),
+            refuse: refuse.clone(),
+            attempts: attempts.clone(),
+            streams: streams_tx,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .add_service(AgentLinkServer::new(link))
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        Self {
+            addr,
+            ca,
+            forest: forest.to_owned(),
+            tenant_key,
+            refuse,
+            attempts,
+            streams,
+            stop,
+            server,
+        }
+    }
+
+    /// The data key of `forest` of the tenant (the agent is given its own forest's).
+    fn key(&self, forest: &str) -> ForestKey {
+        self.tenant_key.forest_key(TENANT, forest)
+    }
+
+    /// The next stream an agent opened and the gateway accepted.
+    async fn accepted(&mut self) -> AgentStream {
+        self.accepted_within(WAIT).await
+    }
+
+    async fn accepted_within(&mut self, within: Duration) -> AgentStream {
+        tokio::time::timeout(within, self.streams.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no agent connected within {within:?}"))
+            .expect("gateway running")
+    }
+
+    fn attempts(&self) -> Vec<Instant> {
+        self.attempts.lock().unwrap().clone()
+    }
+
+    /// A `Work` frame for `op`, sealed as the real gateway seals it, with `remaining` left
+    /// (also on the gateway's clock).
+    fn work(&self, op_id: &str, op: &SealedOperation, remaining: Duration) -> Work {
+        self.work_sealed(op_id, op, remaining, remaining, &self.forest, &self.forest)
+    }
+
+    /// As [`Gateway::work`], the deadline `deadline_in` from now on the gateway's clock, sealed
+    /// with `key_forest`'s key and bound to `bound_forest` (also the forest the frame names).
+    fn work_sealed(
+        &self,
+        op_id: &str,
+        op: &SealedOperation,
+        remaining: Duration,
+        deadline_in: Duration,
+        key_forest: &str,
+        bound_forest: &str,
+    ) -> Work {
+        let deadline_unix_ms = relay::now_unix_ms() + deadline_in.as_millis() as i64;
+        let traceparent = TraceParent::new_root().to_string();
+        let binding = Binding {
+            tenant_id: TENANT,
+            forest: bound_forest,
+            operation_id: op_id,
+            deadline_unix_ms,
+            traceparent: &traceparent,
+        };
+        let envelope = self
+            .key(key_forest)
+            .seal(&binding, &op.encode_to_vec())
+            .unwrap();
+        Work {
+            operation_id: op_id.to_owned(),
+            tenant_id: TENANT.into(),
+            forest: bound_forest.to_owned(),
+            deadline_unix_ms,
+            remaining_ms: remaining.as_millis() as u32,
+            traceparent,
+            envelope,
+            key_version: KEY_VERSION,
+            dispatch_traceparent: String::new(),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(10), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+            panic!("the scripted gateway did not stop within 10 s");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent, the DC, operations.
+
+struct RunningAgent {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl RunningAgent {
+    fn start(gateway: &Gateway, dc: &SambaDc, max_in_flight: u32, pool_size: usize) -> Self {
+        let config = AgentConfig {
+            gateway_url: format!("https://{}", gateway.addr),
+            gateway_ca: gateway.ca.ca_file(),
+            gateway_tls_name: None,
+            agent_id: AGENT_ID.into(),
+            agent_secret: Secret::new(AGENT_SECRET),
+            forest: gateway.forest.clone(),
+            extra_domains: Vec::new(),
+            max_in_flight,
+            directory: DirectoryConfig {
+                urls: vec![dc.ldaps_url()],
+                ca_file: dc.ca_file(),
+                bind_dn: dc.svc_upn(),
+                bind_password: Secret::new(dc.svc_password()),
+                base_dn: dc.base_dn(),
+                pool_size,
+                // long enough to outlast a frozen DC
+                connect_timeout: Duration::from_secs(20),
+                use_dc_reason_text: true,
+            },
+            metrics_listen: None,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    /// Shuts the agent down as the real gateway sees it: cancels it, reads what it still
+    /// sends on `stream` until it ends its half, ends the gateway's half, and waits for `run`
+    /// to return Ok (all within 15 s). Returns the acknowledgments that came meanwhile.
+    async fn stop(self, stream: &mut AgentStream) -> Vec<Ack> {
+        self.shutdown.cancel();
+        let mut acks = Vec::new();
+        loop {
+            match stream.next(WAIT).await {
+                Some(FromAgent::Ack(ack)) => acks.push(ack),
+                Some(FromAgent::Ended | FromAgent::Broken(_)) => break,
+                None => panic!("the agent did not end its stream within {WAIT:?} of shutdown"),
+            }
+        }
+        stream.close();
+        let within = Duration::from_secs(15);
+        match tokio::time::timeout(within, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("the agent stopped with an error: {e}"),
+            Ok(Err(e)) => panic!("the agent panicked: {e}"),
+            Err(_) => panic!("the agent did not stop within {within:?}"),
+        }
+        acks
+    }
+}
+
+/// Samba frozen with SIGSTOP until dropped (SIGCONT), also when the test fails.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(dc: &SambaDc) -> Self {
+        let pid = dc.pid().expect("samba's pid");
+        signal("-STOP", pid);
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} {pid}: {status}");
+}
+
+fn reset_of(forest: &str, sam: &str, password: &str) -> SealedOperation {
+    SealedOperation {
+        user: Some(UserRef {
+            forest: forest.to_owned(),
+            id: Some(user_ref::Id::SamAccountName(sam.to_owned())),
+        }),
+        initiator: Initiator::EndUser as i32,
+        action: Some(reset(password)),
+    }
+}
+
+fn upn(dc: &SambaDc, sam: &str) -> String {
+    format!("{sam}@{}", dc.dns_domain())
+}
+
+fn outcome(ack: &Ack) -> Outcome {
+    Outcome::try_from(ack.outcome).unwrap_or_default()
+}
+
+/// Nothing written to `dn` since `before`, and `password` still the one that binds.
+fn assert_untouched(dc: &SambaDc, dn: &str, before: AdWrites, sam: &str, password: &str) {
+    assert_eq!(AdWrites::read(dc, dn), before, "AD wrote {dn}");
+    assert!(
+        dc.can_bind(&upn(dc, sam), password),
+        "{sam}'s password changed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Work with less time left than the agent needs is refused with WB2012 and `EXPIRED` (which
+/// promises nothing was applied), whichever of the two deadlines (time left when sent, or the
+/// gateway's clock) is the short one; AD is not written. The same user reset in time is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_little_time_left_is_refused_and_not_applied() {
+    events::capture();
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let dn = dc.create_user("tess", "Initial#Pass1").unwrap();
+    let mut gateway = Gateway::start(&forest).await;
+    let agent = RunningAgent::start(&gateway, &dc, 4, 2);
+    let mut stream = gateway.accepted().await;
+    assert_eq!(stream.hello.forest, forest);
+    let created = AdWrites::read(&dc, &dn);
+
+    let cases = [
+        // (operation id, time left when sent, deadline on the gateway's clock)
+        ("late-remaining-0", Duration::ZERO, Duration::from_secs(60)),
+        // 100 ms left: below the agent's 150 ms minimum, though the clock says a minute
+        (
+            "late-remaining-100",
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        ),
+        // plenty left by the frame, but the deadline is 100 ms away on the clock
+        (
+            "late-by-clock",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+        ),
+    ];
+    for (id, remaining, deadline_in) in cases {
+        let op = reset_of(&forest, "tess", "Too-Late#Reset1");
+        stream
+            .send(gateway.work_sealed(id, &op, remaining, deadline_in, &forest, &forest))
+            .await;
+        let ack = stream.ack().await;
+        assert_eq!(ack.operation_id, id);
+        assert_eq!(outcome(&ack), Outcome::Expired, "{id}: {ack:?}");
+        assert!(ack.message.contains("nothing was changed"), "{ack:?}");
+        assert!(ack.detail.contains("deadline"), "{ack:?}");
+        assert_eq!(ack.write_ms, 0, "{ack:?}");
+        let logged = events::with_code("WB2012");
+        assert!(
+            logged
+                .iter()
+                .any(|e| e.get("operation_id").map(String::as_str) == Some(id)),
+            "{id}: no WB2012 logged ({logged:?})"
+        );
+        assert_untouched(&dc, &dn, created, "tess", "Initial#Pass1");
+    }
+
+    // In time, the same reset through the same harness is applied, once.
+    let op = reset_of(&forest, "tess", "In-Time#Reset2");
+    stream
+        .send(gateway.work("in-time", &op, Duration::from_secs(30)))
+        .await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+    assert_eq!(AdWrites::read(&dc, &dn), created.plus_password());
+    assert!(dc.can_bind(&upn(&dc, "tess"), "In-Time#Reset2"));
+    assert!(events::with_code("WB2012")
+        .iter()
+        .all(|e| e.get("operation_id").map(String::as_str) != Some("in-time")));
+
+    assert!(agent.stop(&mut stream).await.is_empty());
+    gateway.stop().await;
+}
+
+/// An envelope that names another forest is refused (`REFUSED`, WB2011 when it does not open)
+/// and AD is not written: sealed with another forest's key; sealed with this forest's key but
+/// bound to another forest (which the frame also claims); or opening fine but naming a user of
+/// another forest inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_for_another_forest_is_refused() {
+    events::capture();
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let other = "other.writeback.test";
+    let dn = dc.create_user("omar", "Initial#Pass1").unwrap();
+    let mut gateway = Gateway::start(&forest).await;
+    let agent = RunningAgent::start(&gateway, &dc, 4, 2);
+    let mut stream = gateway.accepted().await;
+    let created = AdWrites::read(&dc, &dn);
+    let minute = Duration::from_secs(60);
+
+    // (operation id, key of, bound to, forest named inside, logged as WB2011)
+    let cases = [
+        ("other-key", other, other, other, true),
+        (
+            "other-binding",
+            forest.as_str(),
+            other,
+            forest.as_str(),
+            true,
+        ),
+        (
+            "other-user-forest",
+            forest.as_str(),
+            forest.as_str(),
+            other,
+            false,
+        ),
+    ];
+    for (id, key_of, bound_to, inside, wb2011) in cases {
+        let op = reset_of(inside, "omar", "Cross-Forest#1");
+        stream
+            .send(gateway.work_sealed(id, &op, minute, minute, key_of, bound_to))
+            .await;
+        let ack = stream.ack().await;
+        assert_eq!(ack.operation_id, id);
+        assert_eq!(outcome(&ack), Outcome::Refused, "{id}: {ack:?}");
+        assert!(ack.message.contains("nothing was changed"), "{ack:?}");
+        let logged = events::with_code("WB2011")
+            .iter()
+            .any(|e| e.get("operation_id").map(String::as_str) == Some(id));
+        assert_eq!(logged, wb2011, "{id}: WB2011 logged?");
+        assert_untouched(&dc, &dn, created, "omar", "Initial#Pass1");
+    }
+
+    // This forest's own work, through the same harness, is applied once.
+    let op = reset_of(&forest, "omar", "Own-Forest#2");
+    stream.send(gateway.work("own-forest", &op, minute)).await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+    assert_eq!(AdWrites::read(&dc, &dn), created.plus_password());
+    assert!(dc.can_bind(&upn(&dc, "omar"), "Own-Forest#2"));
+
+    assert!(agent.stop(&mut stream).await.is_empty());
+    gateway.stop().await;
+}
+
+/// Sent more work than its in-flight limit while the DC is frozen, the agent runs at most
+/// `max_in_flight` operations at once (counted as its LDAP connections to the DC, and as it
+/// reports them) and holds the rest back, refusing none; once the DC thaws every operation is
+/// applied and acknowledged exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limit_holds_back_the_excess() {
+    const MAX_IN_FLIGHT: u32 = 2;
+    const SENT: usize = 5;
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let dc_ip = dc.ip().parse().unwrap();
+    let users: Vec<String> = (0..SENT).map(|i| format!("lim{i}")).collect();
+    let dns: Vec<String> = users
+        .iter()
+        .map(|u| dc.create_user(u, "Initial#Pass1").unwrap())
+        .collect();
+    let before: Vec<AdWrites> = dns.iter().map(|dn| AdWrites::read(&dc, dn)).collect();
+    let mut gateway = Gateway::start(&forest).await;
+    // The pool could hold more than the limit: only the agent's own limit bounds this.
+    let agent = RunningAgent::start(&gateway, &dc, MAX_IN_FLIGHT, 8);
+    let mut stream = gateway.accepted().await;
+    assert_eq!(stream.hello.max_in_flight, MAX_IN_FLIGHT);
+
+    let sampler = ConnectionSampler::start(dc_ip, 636);
+    let frozen = Frozen::new(&dc);
+    for (i, u) in users.iter().enumerate() {
+        let op = reset_of(&forest, u, &format!("Limit#Reset-{i}"));
+        stream
+            .send(gateway.work(&format!("limit-{i}"), &op, Duration::from_secs(60)))
+            .await;
+    }
+    // The first operations reach the frozen DC and hang there.
+    let until = Instant::now() + WAIT;
+    while connections_to(dc_ip, 636) < MAX_IN_FLIGHT as usize {
+        assert!(
+            Instant::now() < until,
+            "the operations never reached the DC"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // For a while nothing more starts, and nothing is refused: the excess waits.
+    if let Some(early) = stream.next(Duration::from_millis(1500)).await {
+        panic!("while the DC is frozen nothing can be answered, got {early:?}");
+    }
+    let frozen_connections = connections_to(dc_ip, 636);
+    assert_eq!(
+        frozen_connections, MAX_IN_FLIGHT as usize,
+        "operations at the frozen DC at once, with a limit of {MAX_IN_FLIGHT}"
+    );
+    stream.wait_reported_in_flight(MAX_IN_FLIGHT).await;
+    drop(frozen);
+
+    let mut acks: HashMap<String, u32> = HashMap::new();
+    while acks.len() < SENT {
+        let ack = stream.ack().await;
+        assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+        *acks.entry(ack.operation_id).or_default() += 1;
+    }
+    let (most, samples) = sampler.stop();
+    // Whatever else the agent sends before its stream ends: no second acknowledgment.
+    for ack in agent.stop(&mut stream).await {
+        *acks.entry(ack.operation_id).or_default() += 1;
+    }
+    let reported = stream.reported_in_flight.iter().max().copied();
+    println!(
+        "{SENT} operations, limit {MAX_IN_FLIGHT}: {frozen_connections} LDAP connections while frozen, at most {most} at once ({samples} samples); heartbeats reported at most {reported:?} in flight"
+    );
+    assert!(
+        most <= MAX_IN_FLIGHT as usize,
+        "{most} operations ran at once with a limit of {MAX_IN_FLIGHT}"
+    );
+    assert_eq!(reported, Some(MAX_IN_FLIGHT));
+    for i in 0..SENT {
+        assert_eq!(acks.get(&format!("limit-{i}")), Some(&1), "{acks:?}");
+        assert_eq!(AdWrites::read(&dc, &dns[i]), before[i].plus_password());
+        assert!(dc.can_bind(&upn(&dc, &users[i]), &format!("Limit#Reset-{i}")));
+    }
+    gateway.stop().await;
+}
+
+/// Refused and closed streams: the agent reconnects each time, waiting longer and longer
+/// (jittered exponential backoff from 200 ms: each wait is uniform in [100 ms, 200 ms × 2^n]),
+/// and works once let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_with_growing_backoff() {
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let dn = dc.create_user("rita", "Initial#Pass1").unwrap();
+    let mut gateway = Gateway::start(&forest).await;
+    // attempts 1-3 refused, 4 accepted then closed at once, 5-7 refused, 8 accepted
+    gateway.refuse.store(3, Ordering::SeqCst);
+    let agent = RunningAgent::start(&gateway, &dc, 4, 2);
+    let mut first = gateway.accepted().await;
+    assert_eq!(gateway.attempts().len(), 4);
+    gateway.refuse.store(3, Ordering::SeqCst);
+    first.close();
+    assert!(
+        matches!(
+            first.next(WAIT).await,
+            Some(FromAgent::Ended | FromAgent::Broken(_))
+        ),
+        "the agent kept a stream the gateway closed"
+    );
+    // the last four waits are at most 1.6 + 3.2 + 6.4 + 12.8 s
+    let mut stream = gateway.accepted_within(Duration::from_secs(60)).await;
+    let attempts = gateway.attempts();
+    assert_eq!(
+        attempts.len(),
+        8,
+        "one attempt per refusal, then one that stays"
+    );
+
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("gaps between attempts: {gaps:?}");
+    for (n, gap) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_millis(200 << n);
+        assert!(
+            *gap >= Duration::from_millis(95),
+            "attempt {} came {gap:?} after the previous one: no backoff",
+            n + 2
+        );
+        // generous: the delay's ceiling plus a reconnect on a loaded machine
+        assert!(
+            *gap <= ceiling + Duration::from_secs(5),
+            "gap {n}: {gap:?} is beyond the backoff's ceiling {ceiling:?}"
+        );
+    }
+    // Growth: the longest of the last four waits (ceilings 1.6 s to 12.8 s) beats 1.5 × the
+    // longest of the first two (ceilings 0.2 s and 0.4 s). Random jitter could make all of the
+    // last four short: a chance of about 1 in 20000.
+    let early = gaps[..2].iter().max().unwrap();
+    let late = gaps[3..].iter().max().unwrap();
+    assert!(
+        *late > early.mul_f64(1.5),
+        "backoff does not grow: first gaps {:?}, last gaps {:?}",
+        &gaps[..2],
+        &gaps[3..]
+    );
+
+    // Connected at last, the agent works.
+    let op = reset_of(&forest, "rita", "After#Reconnect-1");
+    let before = AdWrites::read(&dc, &dn);
+    stream
+        .send(gateway.work("after-reconnect", &op, Duration::from_secs(30)))
+        .await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+    assert_eq!(AdWrites::read(&dc, &dn), before.plus_password());
+    assert!(dc.can_bind(&upn(&dc, "rita"), "After#Reconnect-1"));
+
+    assert!(agent.stop(&mut stream).await.is_empty());
+    drop(first);
+    gateway.stop().await;
+}
+
+/// Shut down while an operation is in flight (its DC frozen), the agent finishes it once the
+/// DC thaws, acknowledges it before ending its stream, and `run` returns Ok in bounded time;
+/// AD written exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_the_operation_in_flight() {
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let dn = dc.create_user("dana", "Initial#Pass1").unwrap();
+    let before = AdWrites::read(&dc, &dn);
+    let mut gateway = Gateway::start(&forest).await;
+    let agent = RunningAgent::start(&gateway, &dc, 4, 2);
+    let mut stream = gateway.accepted().await;
+
+    let frozen = Frozen::new(&dc);
+    let op = reset_of(&forest, "dana", "Drained#Reset-1");
+    stream
+        .send(gateway.work("drain-1", &op, Duration::from_secs(60)))
+        .await;
+    stream.wait_reported_in_flight(1).await;
+    let RunningAgent { shutdown, task } = agent;
+    let mut task = task;
+    shutdown.cancel();
+    let cancelled = Instant::now();
+    // It waits for the operation instead of dropping it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !task.is_finished(),
+        "run returned with an operation in flight"
+    );
+    drop(frozen);
+
+    let mut seen = Vec::new();
+    loop {
+        match stream.next(WAIT).await {
+            Some(FromAgent::Ack(ack)) => seen.push(format!(
+                "ack {} {}",
+                ack.operation_id,
+                outcome(&ack).as_str_name()
+            )),
+            Some(FromAgent::Ended) => {
+                seen.push("end".into());
+                // as the real gateway does when an agent ends its stream
+                stream.close();
+                break;
+            }
+            Some(FromAgent::Broken(status)) => {
+                seen.push(format!("broken: {status}"));
+                break;
+            }
+            None => panic!("the agent's stream neither acknowledged nor ended: {seen:?}"),
+        }
+    }
+    assert_eq!(seen, ["ack drain-1 APPLIED", "end"]);
+    match tokio::time::timeout(Duration::from_secs(15), &mut task).await {
+        Ok(Ok(Ok(()))) => {}
+        other => panic!("run did not return Ok within 15 s of shutdown: {other:?}"),
+    }
+    println!(
+        "drained and stopped {:?} after shutdown",
+        cancelled.elapsed()
+    );
+    assert_eq!(AdWrites::read(&dc, &dn), before.plus_password());
+    assert!(dc.can_bind(&upn(&dc, "dana"), "Drained#Reset-1"));
+    gateway.stop().await;
+}
