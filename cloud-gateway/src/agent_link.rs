@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -21,7 +22,7 @@ use relay::proto::{
 };
 
 use crate::error::GatewayError;
-use crate::store::{self, Delivery, QueueEntry, TimelineEvent};
+use crate::store::{self, Acknowledgment, Completion, Delivery, QueueEntry};
 use crate::tenants::AgentIdentity;
 use crate::Gateway;
 
@@ -39,8 +40,8 @@ const MAX_IN_FLIGHT: u32 = 256;
 const DRAIN: Duration = Duration::from_secs(5);
 /// Longest user-facing message accepted from an agent.
 const MAX_MESSAGE: usize = 1024;
-
-type FrameTx = mpsc::Sender<Result<GatewayFrame, Status>>;
+/// Most entries one read takes from the stream.
+const READ_BATCH: usize = 32;
 
 pub struct AgentLinkService {
     gw: Gateway,
@@ -51,20 +52,11 @@ impl AgentLinkService {
         Self { gw }
     }
 
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentIdentity, GatewayError> {
-        let credential = crate::error::bearer(req)?;
-        self.gw
-            .tenants
-            .authenticate_agent(credential)
-            .await?
-            .ok_or(GatewayError::Unauthenticated)
-    }
-
     async fn open(
         &self,
         request: Request<Streaming<AgentFrame>>,
-    ) -> Result<ReceiverStream<Result<GatewayFrame, Status>>, GatewayError> {
-        let identity = self.authenticate(&request).await?;
+    ) -> Result<ConnectStream, GatewayError> {
+        let identity = crate::auth::caller_agent(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -89,13 +81,15 @@ impl AgentLinkService {
                 tenant_id: identity.tenant.clone(),
                 forest: identity.forest.clone(),
                 replica: gw.config.replica_id.clone(),
-                gateway_time_unix_ms: relay::now_unix_ms(),
+                gateway_time_unix_ms: gw.clock.now_ms(),
                 ..Default::default()
             };
-            tx.send(Ok(frame(gateway_frame::Frame::Welcome(welcome))))
-                .await
-                .map_err(|_| GatewayError::Internal("probe stream closed".into()))?;
-            return Ok(ReceiverStream::new(rx));
+            tx.send(Outbound::Frame(frame(gateway_frame::Frame::Welcome(
+                welcome,
+            ))))
+            .await
+            .map_err(|_| GatewayError::Internal("probe stream closed".into()))?;
+            return Ok(outbound_stream(rx));
         }
         let forest_key = gw
             .tenants
@@ -116,12 +110,14 @@ impl AgentLinkService {
             forest_key: forest_key.key_bytes().expose().to_vec(),
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
             allow_protected_accounts: settings.allow_protected_accounts,
-            gateway_time_unix_ms: relay::now_unix_ms(),
+            gateway_time_unix_ms: gw.clock.now_ms(),
         };
         // The Welcome's key copy is dropped (and its buffer freed) once the frame is encoded.
-        tx.send(Ok(frame(gateway_frame::Frame::Welcome(welcome))))
-            .await
-            .map_err(|_| GatewayError::Internal("agent stream closed before welcome".into()))?;
+        tx.send(Outbound::Frame(frame(gateway_frame::Frame::Welcome(
+            welcome,
+        ))))
+        .await
+        .map_err(|_| GatewayError::Internal("agent stream closed before welcome".into()))?;
 
         let max_in_flight = match hello.max_in_flight {
             0 => 8,
@@ -154,7 +150,7 @@ impl AgentLinkService {
             "agent connected"
         );
         gw.tasks.spawn(session.run(inbound));
-        Ok(ReceiverStream::new(rx))
+        Ok(outbound_stream(rx))
     }
 }
 
@@ -186,7 +182,7 @@ fn frame(f: gateway_frame::Frame) -> GatewayFrame {
 
 #[tonic::async_trait]
 impl AgentLink for AgentLinkService {
-    type ConnectStream = ReceiverStream<Result<GatewayFrame, Status>>;
+    type ConnectStream = ConnectStream;
 
     async fn connect(
         &self,
@@ -196,9 +192,82 @@ impl AgentLink for AgentLinkService {
     }
 }
 
+/// Work sent to the agent and not yet acknowledged. Holds one of the session's in-flight
+/// permits: dropping the entry (acknowledged, or the session ended) gives the permit back.
 struct InFlight {
     sent: Instant,
+    _permit: OwnedSemaphorePermit,
 }
+
+/// This replica's count of agent streams for one (tenant, forest) (where it runs canaries) and
+/// the connected-agents gauge, held for the life of a session and released on drop.
+struct Registration {
+    sessions: Arc<Mutex<HashMap<(String, String), usize>>>,
+    key: (String, String),
+}
+
+impl Registration {
+    fn new(gw: &Gateway, tenant: &str, forest: &str) -> Self {
+        let key = (tenant.to_owned(), forest.to_owned());
+        *gw.sessions
+            .lock()
+            .expect("sessions")
+            .entry(key.clone())
+            .or_default() += 1;
+        let m = crate::metrics::get();
+        m.connected_agents
+            .with_label_values(&[tenant, forest])
+            .inc();
+        m.agent_sessions.with_label_values(&[tenant, forest]).inc();
+        Self {
+            sessions: gw.sessions.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        crate::metrics::get()
+            .connected_agents
+            .with_label_values(&[self.key.0.as_str(), self.key.1.as_str()])
+            .dec();
+        let mut sessions = self.sessions.lock().expect("sessions");
+        if let Some(n) = sessions.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                sessions.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A frame on its way to the agent. Work carries the time it was marked delivered, so the
+/// time left is stamped when the frame actually leaves (a full buffer must not stretch the
+/// agent's deadline).
+enum Outbound {
+    Frame(GatewayFrame),
+    Work { work: Work, marked: Instant },
+}
+
+type FrameTx = mpsc::Sender<Outbound>;
+
+/// The stream handed to tonic: stamps `remaining_ms` on each Work frame as it is polled out.
+fn outbound_stream(rx: mpsc::Receiver<Outbound>) -> ConnectStream {
+    Box::pin(ReceiverStream::new(rx).map(|o| {
+        Ok(match o {
+            Outbound::Frame(f) => f,
+            Outbound::Work { mut work, marked } => {
+                let waited = marked.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+                work.remaining_ms = work.remaining_ms.saturating_sub(waited);
+                frame(gateway_frame::Frame::Work(work))
+            }
+        })
+    }))
+}
+
+pub type ConnectStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<GatewayFrame, Status>> + Send>>;
 
 /// One connected agent instance on this replica.
 struct Session {
@@ -224,16 +293,7 @@ impl Session {
         if let Err(e) = self.seen().await {
             tracing::warn!(error = %e, "could not record agent presence");
         }
-        let labels = [self.identity.tenant.as_str(), self.identity.forest.as_str()];
-        let session_key = (self.identity.tenant.clone(), self.identity.forest.clone());
-        *gw.sessions
-            .lock()
-            .expect("sessions")
-            .entry(session_key.clone())
-            .or_default() += 1;
-        let m = crate::metrics::get();
-        m.connected_agents.with_label_values(&labels).inc();
-        m.agent_sessions.with_label_values(&labels).inc();
+        let registration = Registration::new(gw, &self.identity.tenant, &self.identity.forest);
         let dispatcher = tokio::spawn(self.clone().dispatch_loop());
         let heartbeats = tokio::spawn(self.clone().heartbeat_loop());
         let mut last_heard = Instant::now();
@@ -280,19 +340,19 @@ impl Session {
         self.cancel.cancel();
         let _ = dispatcher.await;
         let _ = heartbeats.await;
-        m.connected_agents.with_label_values(&labels).dec();
-        {
-            let mut sessions = gw.sessions.lock().expect("sessions");
-            if let Some(n) = sessions.get_mut(&session_key) {
-                *n -= 1;
-                if *n == 0 {
-                    sessions.remove(&session_key);
-                }
-            }
-        }
+        let in_flight = self.in_flight_count();
+        // Unacknowledged work stays pending for this instance: it is sent again when the
+        // instance reconnects, or settled by the deadline rules. Its permits go with the map.
+        self.in_flight.lock().expect("in-flight map").clear();
+        drop(registration);
         if let Err(e) = gw
             .store
-            .agent_gone(&self.identity.tenant, &self.identity.forest, &self.member)
+            .agent_gone(
+                &self.identity.tenant,
+                &self.identity.forest,
+                &self.member,
+                &self.instance,
+            )
             .await
         {
             tracing::warn!(error = %e, "could not remove agent presence");
@@ -300,7 +360,7 @@ impl Session {
         tracing::info!(event = "WB1011",
             agent_id = %self.identity.agent_id,
             instance = %self.instance,
-            in_flight = self.in_flight_count(),
+            in_flight,
             "agent session closed"
         );
     }
@@ -365,14 +425,12 @@ impl Session {
     }
 
     async fn record_ack(&self, ack: Ack) {
+        // Dropping the entry gives its in-flight permit back.
         let tracked = self
             .in_flight
             .lock()
             .expect("in-flight map")
             .remove(&ack.operation_id);
-        if tracked.is_some() {
-            self.permits.add_permits(1);
-        }
         let mut outcome = Outcome::try_from(ack.outcome).unwrap_or(Outcome::Unspecified);
         // An agent reports what the directory did; gateway-side outcomes are not its to claim.
         if matches!(
@@ -404,13 +462,7 @@ impl Session {
         let round_trip = tracked
             .map(|t| t.sent.elapsed().as_millis())
             .unwrap_or_default();
-        let event = TimelineEvent::new(
-            "acknowledged",
-            relay::now_unix_ms(),
-            &self.gw.config.replica_id,
-        )
-        .agent(&self.identity.agent_id)
-        .detail(format!(
+        let event_detail = format!(
             "{} via {}; lookup {} ms, write {} ms, agent total {} ms, round trip {} ms{}{}",
             outcome.as_str_name(),
             if ack.directory.is_empty() {
@@ -424,24 +476,28 @@ impl Session {
             round_trip,
             if detail.is_empty() { "" } else { "; " },
             detail
-        ));
+        );
+        let policy = ack.policy.map(|p| p.encode_to_vec()).unwrap_or_default();
         let recorded = self
             .gw
             .store
-            .complete(
-                &self.identity.tenant,
-                &self.identity.forest,
-                &ack.operation_id,
+            .complete(&Acknowledgment {
+                tenant: &self.identity.tenant,
+                forest: &self.identity.forest,
+                op: &ack.operation_id,
+                instance: &self.instance,
+                agent_id: &self.identity.agent_id,
+                replica: &self.gw.config.replica_id,
                 outcome,
                 violation,
-                &message,
-                &detail,
-                &ack.policy.map(|p| p.encode_to_vec()).unwrap_or_default(),
-                &event,
-            )
+                message: &message,
+                detail: &detail,
+                event_detail: &event_detail,
+                result: &policy,
+            })
             .await;
         match recorded {
-            Ok(Some(caller)) => {
+            Ok(Completion::Recorded { caller_replica }) => {
                 tracing::info!(event = "WB1022",
                     operation_id = %ack.operation_id,
                     agent_id = %self.identity.agent_id,
@@ -451,15 +507,25 @@ impl Session {
                 if let Err(e) = self
                     .gw
                     .store
-                    .notify_done(&caller, &self.identity.tenant, &ack.operation_id)
+                    .notify_done(&caller_replica, &self.identity.tenant, &ack.operation_id)
                     .await
                 {
                     tracing::warn!(error = %e, "could not notify the caller's replica; it will poll");
                 }
             }
-            Ok(None) => tracing::info!(event = "WB1023",
+            Ok(Completion::AlreadyFinal) => tracing::info!(event = "WB1023",
                 operation_id = %ack.operation_id,
-                "acknowledgment for an operation already final (or not of this forest); kept on the timeline only"
+                "acknowledgment for an operation already final; kept on the timeline only"
+            ),
+            Ok(Completion::NotDeliveredHere) => tracing::warn!(event = "WB1025",
+                operation_id = %ack.operation_id,
+                agent_id = %self.identity.agent_id,
+                instance = %self.instance,
+                "acknowledgment from an instance that was not given the operation; refused"
+            ),
+            Ok(Completion::Unknown) => tracing::warn!(event = "WB1023",
+                operation_id = %ack.operation_id,
+                "acknowledgment for an operation unknown in this forest; ignored"
             ),
             Err(e) => tracing::error!(event = "WB1024",
                 operation_id = %ack.operation_id,
@@ -478,12 +544,12 @@ impl Session {
                 _ = tick.tick() => {}
             }
             let hb = Heartbeat {
-                sent_unix_ms: relay::now_unix_ms(),
+                sent_unix_ms: self.gw.clock.now_ms(),
                 in_flight: self.in_flight_count() as u32,
             };
             if self
                 .tx
-                .send(Ok(frame(gateway_frame::Frame::Heartbeat(hb))))
+                .send(Outbound::Frame(frame(gateway_frame::Frame::Heartbeat(hb))))
                 .await
                 .is_err()
             {
@@ -496,13 +562,35 @@ impl Session {
         }
     }
 
-    /// Reads work for this agent instance and sends it, never more than `max_in_flight` at once.
+    /// Waits for a free in-flight slot, then takes as many more as are free (up to a batch).
+    async fn slots(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            p = self.permits.clone().acquire_owned() => p.ok()?,
+        };
+        let mut slots = vec![first];
+        while slots.len() < READ_BATCH {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(p) => slots.push(p),
+                Err(_) => break,
+            }
+        }
+        Some(slots)
+    }
+
+    /// Reads work for this agent instance and sends it, never more than `max_in_flight` at once:
+    /// each entry read holds one permit, which travels with it into the in-flight map.
     async fn dispatch_loop(self: Arc<Self>) {
         let mut backoff =
             relay::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut conn = loop {
-            match self.gw.store.blocking_connection(READ_BLOCK).await {
-                Ok(c) => break c,
+        let connect = || {
+            self.gw
+                .store
+                .queue_reader(&self.queue, &self.instance, READ_BLOCK)
+        };
+        let mut reader = loop {
+            match connect().await {
+                Ok(r) => break r,
                 Err(e) => {
                     tracing::warn!(error = %e, "dispatcher cannot reach redis; retrying");
                     tokio::select! {
@@ -513,48 +601,36 @@ impl Session {
             }
         };
         // Work delivered to this instance before a reconnect is sent again; the agent answers
-        // it from memory if it already applied it.
-        match own_pending(&mut conn, &self.queue, &self.instance).await {
+        // it from its journal if it already applied it.
+        match reader.own_pending(MAX_IN_FLIGHT as usize).await {
             Ok(entries) => {
                 for e in entries {
-                    match self.permits.clone().acquire_owned().await {
-                        Ok(p) => p.forget(),
-                        Err(_) => return,
-                    }
-                    self.dispatch(e).await;
+                    let permit = tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        p = self.permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                    };
+                    self.dispatch(e, permit).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not read this instance's pending work"),
         }
         let mut last_reclaim = Instant::now();
         loop {
-            let first = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                p = self.permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
+            let Some(slots) = self.slots().await else {
+                return;
             };
-            first.forget();
-            let extra = self.permits.available_permits().min(31);
-            if let Ok(p) = self.permits.clone().try_acquire_many_owned(extra as u32) {
-                p.forget();
-            }
-            let want = 1 + extra;
             let read = if last_reclaim.elapsed() >= RECLAIM_EVERY {
                 last_reclaim = Instant::now();
-                store::autoclaim(
-                    &mut conn,
-                    &self.queue,
-                    &self.instance,
-                    self.gw.config.reclaim_idle,
-                    want,
-                )
-                .await
+                reader
+                    .autoclaim(self.gw.config.reclaim_idle, slots.len())
+                    .await
             } else {
                 tokio::select! {
-                    _ = self.cancel.cancelled() => { self.permits.add_permits(want); return; }
-                    r = store::read_group(&mut conn, &self.queue, &self.instance, want, READ_BLOCK) => r,
+                    _ = self.cancel.cancelled() => return,
+                    r = reader.read_new(slots.len()) => r,
                 }
             };
             let entries = match read {
@@ -563,29 +639,29 @@ impl Session {
                     entries
                 }
                 Err(e) => {
-                    self.permits.add_permits(want);
+                    drop(slots);
                     crate::metrics::get().redis_errors.inc();
                     tracing::warn!(event = "WB1090", error = %e, queue = %self.queue, "reading work failed; retrying");
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    if let Ok(c) = self.gw.store.blocking_connection(READ_BLOCK).await {
-                        conn = c;
+                    if let Ok(r) = connect().await {
+                        reader = r;
                     }
                     continue;
                 }
             };
-            self.permits.add_permits(want.saturating_sub(entries.len()));
-            for entry in entries {
-                self.dispatch(entry).await;
+            // Slots beyond the entries read are given back as the iterator ends.
+            for (entry, permit) in entries.into_iter().zip(slots) {
+                self.dispatch(entry, permit).await;
             }
         }
     }
 
-    /// Hands one entry to the agent if the deadline rules allow; holds one permit, which is
-    /// released here unless the entry is now in flight.
-    async fn dispatch(&self, entry: QueueEntry) {
+    /// Hands one entry to the agent if the deadline rules allow. `permit` is this entry's
+    /// in-flight slot: kept while the agent works on it, given back otherwise.
+    async fn dispatch(&self, entry: QueueEntry, permit: OwnedSemaphorePermit) {
         // Continues the operation's trace from the queued context, on whichever replica.
         let span = tracing::info_span!(
             "writeback.dequeue",
@@ -596,10 +672,10 @@ impl Session {
             replica = %self.gw.config.replica_id,
         );
         relay::telemetry::set_parent(&span, &entry.traceparent);
-        self.dispatch_in_span(entry).instrument(span).await;
+        self.dispatch_in_span(entry, permit).instrument(span).await;
     }
 
-    async fn dispatch_in_span(&self, entry: QueueEntry) {
+    async fn dispatch_in_span(&self, entry: QueueEntry, permit: OwnedSemaphorePermit) {
         let tenant = &self.identity.tenant;
         if self
             .in_flight
@@ -608,7 +684,6 @@ impl Session {
             .contains_key(&entry.operation_id)
         {
             // Still being worked on by this very instance (a slow write): nothing to do.
-            self.permits.add_permits(1);
             return;
         }
         let delivery = self
@@ -616,40 +691,39 @@ impl Session {
             .store
             .mark_delivered(
                 tenant,
+                &self.identity.forest,
                 &entry.operation_id,
                 &self.identity.agent_id,
                 &self.instance,
                 &self.gw.config.replica_id,
             )
             .await;
-        let send = match delivery {
-            Ok(Delivery::Deliver) => true,
-            Ok(Delivery::Redeliver) => true,
+        let remaining = match delivery {
+            Ok(Delivery::Deliver { remaining_ms } | Delivery::Redeliver { remaining_ms }) => {
+                remaining_ms
+            }
             Ok(Delivery::AlreadyDelivered(other)) => {
                 // Another agent instance took it and may have applied it: never hand it to a
                 // second one. The deadline rules will settle it if that instance never answers.
                 tracing::warn!(event = "WB1021", operation_id = %entry.operation_id, other_instance = %other, "entry already delivered to another instance; not redelivered");
-                false
+                return;
             }
             Ok(Delivery::Expired) => {
                 tracing::info!(event = "WB1020", operation_id = %entry.operation_id, "deadline passed before delivery: EXPIRED");
-                false
+                return;
             }
-            Ok(Delivery::Done) => false,
+            Ok(Delivery::Done) => {
+                if let Err(e) = self.gw.store.drop_entry(&self.queue, &entry.id).await {
+                    tracing::warn!(error = %e, "could not drop a settled entry");
+                }
+                return;
+            }
             Err(e) => {
                 tracing::warn!(event = "WB1090", error = %e, operation_id = %entry.operation_id, "could not mark delivery; the entry stays pending");
-                self.permits.add_permits(1);
                 return;
             }
         };
-        if !send {
-            if let Err(e) = self.gw.store.ack_entry(&self.queue, &entry.id).await {
-                tracing::warn!(error = %e, "could not acknowledge a settled entry");
-            }
-            self.permits.add_permits(1);
-            return;
-        }
-        let remaining = (entry.deadline_ms - relay::now_unix_ms()).max(0) as u32;
+        let marked = Instant::now();
         if let Some(queued_ms) = entry
             .id
             .split('-')
@@ -677,12 +751,13 @@ impl Session {
         self.in_flight.lock().expect("in-flight map").insert(
             entry.operation_id.clone(),
             InFlight {
-                sent: Instant::now(),
+                sent: marked,
+                _permit: permit,
             },
         );
         if self
             .tx
-            .send(Ok(frame(gateway_frame::Frame::Work(work))))
+            .send(Outbound::Work { work, marked })
             .instrument(send_span)
             .await
             .is_err()
@@ -693,29 +768,9 @@ impl Session {
                 .lock()
                 .expect("in-flight map")
                 .remove(&entry.operation_id);
-            self.permits.add_permits(1);
             self.cancel.cancel();
         } else {
             tracing::debug!(operation_id = %entry.operation_id, agent_id = %self.identity.agent_id, remaining_ms = remaining, max_in_flight = self.max_in_flight, "work sent");
         }
     }
-}
-
-async fn own_pending(
-    conn: &mut redis::aio::MultiplexedConnection,
-    queue: &str,
-    consumer: &str,
-) -> Result<Vec<QueueEntry>, store::StoreError> {
-    let reply: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(store::GROUP)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(256)
-        .arg("STREAMS")
-        .arg(queue)
-        .arg("0")
-        .query_async(conn)
-        .await?;
-    store::parse_read_reply(queue, reply)
 }

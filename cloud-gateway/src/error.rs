@@ -12,6 +12,12 @@ pub enum GatewayError {
         "missing or malformed authorization: expected metadata `authorization: Bearer <token>`"
     )]
     Unauthenticated,
+    #[error("the bearer token is not valid for any tenant (unknown, or rotated)")]
+    UnknownToken,
+    #[error("{0}")]
+    AgentRefused(#[from] crate::tenants::AgentRefusal),
+    #[error("the gateway's store has lost its data (restarted empty or from another state); writeback is unavailable until an operator restores it (nothing was queued)")]
+    StoreLost,
     #[error("the token does not belong to tenant {0:?}")]
     WrongTenant(String),
     #[error("{field}: {problem}")]
@@ -29,6 +35,8 @@ pub enum GatewayError {
     Unavailable(String),
     #[error("tenant {tenant:?} is over its rate of operations on this gateway; retry with the same operation_id in {retry_ms} ms")]
     RateLimited { tenant: String, retry_ms: u64 },
+    #[error("the queue of forest {forest:?} holds {limit} operations, its limit; nothing was queued, retry with the same operation_id later")]
+    QueueFull { forest: String, limit: u64 },
     #[error("the gateway cannot reach its store; retry with the same operation_id")]
     Store(#[from] StoreError),
     #[error("internal error")]
@@ -44,20 +52,6 @@ impl GatewayError {
     }
 }
 
-/// The credential in `authorization: Bearer <credential>` metadata.
-///
-/// # Errors
-/// `UNAUTHENTICATED` when it is missing or malformed.
-pub fn bearer<T>(req: &tonic::Request<T>) -> Result<&str, GatewayError> {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or(GatewayError::Unauthenticated)
-}
-
 impl From<TenantError> for GatewayError {
     fn from(e: TenantError) -> Self {
         match e {
@@ -71,14 +65,19 @@ impl From<TenantError> for GatewayError {
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
         let code = match &e {
-            GatewayError::Unauthenticated => Code::Unauthenticated,
+            GatewayError::Unauthenticated
+            | GatewayError::UnknownToken
+            | GatewayError::AgentRefused(_) => Code::Unauthenticated,
+            GatewayError::StoreLost => Code::Unavailable,
             GatewayError::WrongTenant(_) => Code::PermissionDenied,
             GatewayError::InvalidArgument { .. } => Code::InvalidArgument,
             GatewayError::NotFound(_) => Code::NotFound,
             GatewayError::Conflict(_) => Code::AlreadyExists,
             GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
             GatewayError::Store(_) | GatewayError::Unavailable(_) => Code::Unavailable,
-            GatewayError::RateLimited { .. } => Code::ResourceExhausted,
+            GatewayError::RateLimited { .. } | GatewayError::QueueFull { .. } => {
+                Code::ResourceExhausted
+            }
             GatewayError::Internal(_) => Code::Internal,
         };
         match &e {

@@ -5,6 +5,8 @@
 
 pub mod admin;
 pub mod agent_link;
+pub mod auth;
+pub mod clock;
 pub mod error;
 pub mod limits;
 pub mod metrics;
@@ -64,6 +66,8 @@ pub struct GatewayConfig {
     pub canary_interval: Duration,
     /// Submits per second and burst allowed per tenant on this replica (`None`: unlimited).
     pub tenant_rate: Option<limits::Rate>,
+    /// Most operations one forest's queue holds before Submit answers `RESOURCE_EXHAUSTED`.
+    pub forest_queue_limit: u64,
 }
 
 impl GatewayConfig {
@@ -94,6 +98,7 @@ impl GatewayConfig {
                 per_second: 100.0,
                 burst: 200.0,
             }),
+            forest_queue_limit: 10_000,
         }
     }
 }
@@ -110,6 +115,11 @@ pub struct Gateway {
     /// Agent streams this replica holds, per (tenant, forest): where it runs canaries.
     pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
     pub limiter: Arc<limits::TenantLimiter>,
+    /// The store's clock, by which deadlines are set.
+    pub clock: Arc<clock::StoreClock>,
+    /// The store marker's epoch as this replica first saw it (set once the store has one): a
+    /// store without it, or with another, has lost its data.
+    pub epoch: Arc<std::sync::OnceLock<String>>,
 }
 
 /// Errors that stop the gateway from starting or serving.
@@ -156,7 +166,19 @@ pub async fn run(
         tasks: TaskTracker::new(),
         sessions: Arc::default(),
         limiter: Arc::new(limits::TenantLimiter::new(tenant_rate)),
+        clock: Arc::default(),
+        epoch: Arc::default(),
     };
+    match store.epoch().await? {
+        Some(epoch) => {
+            let _ = gateway.epoch.set(epoch);
+        }
+        None => tracing::warn!(event = "WB1091", "the store has no marker: no tenant was ever created, or it lost its data; callers hear UNAVAILABLE until `cloud-gateway admin create-tenant` runs or the store is restored"),
+    }
+    gateway.clock.sync(&store).await?;
+    gateway
+        .tasks
+        .spawn(gateway.clock.clone().run(store.clone(), shutdown.clone()));
 
     gateway.tasks.spawn(gateway.waiters.clone().listen(
         store.clone(),
@@ -206,6 +228,7 @@ pub async fn run(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let serve_shutdown = shutdown.clone();
     let result = Server::builder()
+        .layer(auth::AuthLayer::new(gateway.clone()))
         .tls_config(ServerTlsConfig::new().identity(identity))?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))

@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use crate::{store, Gateway};
 
 const EVERY: Duration = Duration::from_secs(5);
@@ -92,7 +90,7 @@ pub async fn canary(gw: &Gateway, tenant: &str, forest: &str) {
             )
             .await?;
         service
-            .wait_for_outcome(tenant, &op, CANARY_TIMEOUT)
+            .wait_for_outcome(tenant, &op, CANARY_TIMEOUT + Duration::from_millis(500))
             .await?;
         Ok::<_, crate::error::GatewayError>(gw.store.operation(tenant, &op).await?)
     }
@@ -162,51 +160,32 @@ async fn queues(gw: Gateway) {
     }
 }
 
-/// Sets the queue gauges from Redis; returns how many queues were measured.
+/// Sets the queue gauges from Redis, walking the tenant registry and each tenant's forests
+/// (no SCAN: the cost follows the number of queues, not the keyspace); returns how many
+/// queues were measured.
 ///
 /// # Errors
 /// On Redis errors.
-pub async fn measure_queues(gw: &Gateway) -> Result<usize, redis::RedisError> {
-    let mut scan_conn = gw.store.conn();
-    let keys: Vec<String> = {
-        let iter: redis::AsyncIter<'_, String> =
-            redis::AsyncCommands::scan_match(&mut scan_conn, "wb:{*}:q:*").await?;
-        iter.filter_map(|k| async move { k.ok() }).collect().await
-    };
+pub async fn measure_queues(gw: &Gateway) -> Result<usize, store::StoreError> {
     let m = crate::metrics::get();
-    let mut conn = gw.store.conn();
-    for key in &keys {
-        let Some((tenant, forest)) = store::parse_queue_key(key) else {
-            continue;
-        };
-        let depth: i64 = redis::cmd("XLEN").arg(key).query_async(&mut conn).await?;
-        let first: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
-            .arg(key)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        let oldest_ms = first
-            .first()
-            .and_then(|(id, _)| id.split('-').next()?.parse::<i64>().ok());
-        let age = oldest_ms.map_or(0.0, |ms| (relay::now_unix_ms() - ms).max(0) as f64 / 1000.0);
-        m.queue_depth
-            .with_label_values(&[tenant, forest])
-            .set(depth);
-        let live = gw
-            .store
-            .live_agents(tenant, forest, gw.config.agent_liveness)
-            .await
-            .unwrap_or(0);
-        m.live_agents
-            .with_label_values(&[tenant, forest])
-            .set(live as i64);
-        m.queue_oldest_age_seconds
-            .with_label_values(&[tenant, forest])
-            .set(age);
+    let now = gw.clock.now_ms();
+    let mut measured = 0;
+    for tenant in gw.store.tenant_ids().await? {
+        for forest in gw.store.forests(&tenant).await? {
+            let (depth, oldest_ms) = gw.store.queue_stats(&tenant, &forest).await?;
+            let age = oldest_ms.map_or(0.0, |ms| (now - ms).max(0) as f64 / 1000.0);
+            let labels = [tenant.as_str(), forest.as_str()];
+            m.queue_depth.with_label_values(&labels).set(depth);
+            m.queue_oldest_age_seconds
+                .with_label_values(&labels)
+                .set(age);
+            let live = gw
+                .store
+                .live_agents(&tenant, &forest, gw.config.agent_liveness)
+                .await?;
+            m.live_agents.with_label_values(&labels).set(live as i64);
+            measured += 1;
+        }
     }
-    Ok(keys.len())
+    Ok(measured)
 }

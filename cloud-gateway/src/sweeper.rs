@@ -1,6 +1,7 @@
 //! The deadline sweeper: every replica periodically applies the deadline rules to operations
-//! whose deadline passed, so each accepted operation reaches a terminal outcome even when the
-//! replica that accepted it died (SPEC invariant 2).
+//! whose deadline passed (by the store's clock), so each accepted operation reaches a terminal
+//! outcome even when the replica that accepted it died (SPEC invariant 2). It walks the
+//! tenant registry and each tenant's own deadline set: no global key, no SCAN.
 
 use std::time::Duration;
 
@@ -24,30 +25,29 @@ pub async fn run(gw: Gateway) {
     }
 }
 
-/// One pass over due operations.
+/// One pass over due operations of every tenant; returns how many it settled.
 ///
 /// # Errors
 /// On Redis errors.
 pub async fn sweep_once(gw: &Gateway) -> Result<usize, crate::store::StoreError> {
-    let due = gw.store.due_deadlines(relay::now_unix_ms(), BATCH).await?;
     let mut settled = 0;
-    for member in due {
-        let Some((tenant, op)) = crate::store::parse_op_ref(&member) else {
-            gw.store.forget_deadline(&member).await?;
-            continue;
-        };
-        match gw
-            .store
-            .finalize(tenant, op, &gw.config.replica_id, gw.config.ack_grace)
-            .await?
-        {
-            Finalized::Terminal(outcome) => {
+    for tenant in gw.store.tenant_ids().await? {
+        for (forest, op) in gw.store.due_deadlines(&tenant, BATCH).await? {
+            // Terminal or missing operations leave the deadline set inside the script.
+            if let Finalized::Terminal(outcome) = gw
+                .store
+                .finalize(
+                    &tenant,
+                    &forest,
+                    &op,
+                    &gw.config.replica_id,
+                    gw.config.ack_grace,
+                )
+                .await?
+            {
                 tracing::debug!(%tenant, operation_id = %op, outcome = outcome.as_str_name(), "settled");
-                gw.store.forget_deadline(&member).await?;
                 settled += 1;
             }
-            Finalized::Missing => gw.store.forget_deadline(&member).await?,
-            Finalized::Pending => {}
         }
     }
     Ok(settled)

@@ -6,13 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use redis::AsyncCommands;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use relay::envelope::{self, ForestKey, KeyBytes, TenantKey};
 use relay::secret::Secret;
 
-use crate::store::{self, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
@@ -30,6 +29,17 @@ impl From<redis::RedisError> for TenantError {
     fn from(e: redis::RedisError) -> Self {
         Self::Store(StoreError::Redis(e))
     }
+}
+
+/// Why an agent's credential was refused; the agent is told which.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentRefusal {
+    #[error("the agent credential is malformed: expected `Bearer <agent id>.<secret>`")]
+    Malformed,
+    #[error("unknown agent {0:?}: no credential is registered under that id (register it with `cloud-gateway admin register-agent`)")]
+    UnknownAgent(String),
+    #[error("wrong secret for agent {0:?}: the credential was rotated or mistyped")]
+    WrongSecret(String),
 }
 
 /// What an authenticated agent may do.
@@ -112,35 +122,24 @@ impl Tenants {
     }
 
     /// Creates a tenant (or rotates its token when it exists) and returns the new bearer token.
-    /// The tenant key is created once and kept across token rotations.
+    /// The tenant key is created once and kept across token rotations. The first tenant also
+    /// writes the store marker (see [`Store::init_epoch`]).
     ///
     /// # Errors
     /// On Redis or crypto errors.
     pub async fn create_tenant(&self, tenant: &str) -> Result<Secret, TenantError> {
-        let mut c = self.store.conn();
-        let key = store::tenant_key(tenant);
-        let existing: Option<Vec<u8>> = c.hget(&key, "wrapped_key").await?;
+        self.store.init_epoch().await?;
+        let (existing, old_token) = self.store.tenant(tenant).await?;
         if existing.is_none() {
             let tk = TenantKey::new(KeyBytes::generate()?);
             let wrapped = envelope::wrap_tenant_key(&self.kek, tenant, &tk)?;
-            let _: () = c
-                .hset_multiple(
-                    &key,
-                    &[
-                        ("wrapped_key", wrapped),
-                        ("created", relay::now_unix_ms().to_string().into_bytes()),
-                    ],
-                )
-                .await?;
+            self.store.put_tenant_key(tenant, &wrapped).await?;
         }
         let token = random_secret("wbt_")?;
         let hash = sha256_hex(token.expose().as_bytes());
-        let old: Option<String> = c.hget(&key, "token_sha256").await?;
-        if let Some(old) = old {
-            let _: i64 = c.del(store::token_key(&old)).await?;
-        }
-        let _: () = c.set(store::token_key(&hash), tenant).await?;
-        let _: () = c.hset(&key, "token_sha256", &hash).await?;
+        self.store
+            .set_tenant_token(tenant, &hash, old_token.as_deref())
+            .await?;
         Ok(token)
     }
 
@@ -149,7 +148,7 @@ impl Tenants {
     /// # Errors
     /// On Redis errors.
     pub async fn exists(&self, tenant: &str) -> Result<bool, TenantError> {
-        Ok(self.store.conn().exists(store::tenant_key(tenant)).await?)
+        Ok(self.store.tenant_exists(tenant).await?)
     }
 
     /// Registers (or rotates) an agent credential for one tenant's forest; returns the secret.
@@ -166,21 +165,12 @@ impl Tenants {
             return Err(TenantError::UnknownTenant(tenant.to_owned()));
         }
         let secret = random_secret("wba_")?;
-        let _: i64 = self
-            .store
-            .conn()
-            .sadd(store::forests_key(tenant), forest)
-            .await?;
-        let _: () = self
-            .store
-            .conn()
-            .hset_multiple(
-                store::agent_cred_key(agent_id),
-                &[
-                    ("tenant", tenant.to_owned()),
-                    ("forest", forest.to_owned()),
-                    ("secret_sha256", sha256_hex(secret.expose().as_bytes())),
-                ],
+        self.store
+            .put_agent_credential(
+                agent_id,
+                tenant,
+                forest,
+                &sha256_hex(secret.expose().as_bytes()),
             )
             .await?;
         Ok(secret)
@@ -205,10 +195,8 @@ impl Tenants {
         .filter_map(|(k, v)| v.map(|v| (k, u8::from(v))))
         .collect();
         if !fields.is_empty() {
-            let _: () = self
-                .store
-                .conn()
-                .hset_multiple(store::forest_key(tenant, forest), &fields)
+            self.store
+                .set_forest_switches(tenant, forest, &fields)
                 .await?;
         }
         self.forest(tenant, forest).await
@@ -219,11 +207,7 @@ impl Tenants {
     /// # Errors
     /// On Redis errors.
     pub async fn forest(&self, tenant: &str, forest: &str) -> Result<ForestSettings, TenantError> {
-        let h: HashMap<String, u8> = self
-            .store
-            .conn()
-            .hgetall(store::forest_key(tenant, forest))
-            .await?;
+        let h = self.store.forest_switches(tenant, forest).await?;
         let d = ForestSettings::default();
         let flag = |name: &str, default: bool| h.get(name).map_or(default, |v| *v == 1);
         Ok(ForestSettings {
@@ -239,37 +223,33 @@ impl Tenants {
     /// On Redis errors.
     pub async fn tenant_for_token(&self, token: &str) -> Result<Option<String>, TenantError> {
         let hash = sha256_hex(token.as_bytes());
-        Ok(self.store.conn().get(store::token_key(&hash)).await?)
+        Ok(self.store.token_tenant(&hash).await?)
     }
 
-    /// Verifies `<agent_id>.<secret>`; returns who the agent is.
+    /// Verifies `<agent_id>.<secret>`; returns who the agent is, or why it is refused.
     ///
     /// # Errors
     /// On Redis errors.
     pub async fn authenticate_agent(
         &self,
         credential: &str,
-    ) -> Result<Option<AgentIdentity>, TenantError> {
+    ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
         let Some((agent_id, secret)) = credential.split_once('.') else {
-            return Ok(None);
+            return Ok(Err(AgentRefusal::Malformed));
         };
-        let h: HashMap<String, String> = self
-            .store
-            .conn()
-            .hgetall(store::agent_cred_key(agent_id))
-            .await?;
+        let h = self.store.agent_credential(agent_id).await?;
         let (Some(tenant), Some(forest), Some(expected)) =
             (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
         else {
-            return Ok(None);
+            return Ok(Err(AgentRefusal::UnknownAgent(agent_id.to_owned())));
         };
         if !ct_eq(
             sha256_hex(secret.as_bytes()).as_bytes(),
             expected.as_bytes(),
         ) {
-            return Ok(None);
+            return Ok(Err(AgentRefusal::WrongSecret(agent_id.to_owned())));
         }
-        Ok(Some(AgentIdentity {
+        Ok(Ok(AgentIdentity {
             agent_id: agent_id.to_owned(),
             tenant: tenant.clone(),
             forest: forest.clone(),
@@ -284,11 +264,7 @@ impl Tenants {
         if let Some(k) = self.keys.lock().expect("tenant key cache").get(tenant) {
             return Ok(k.clone());
         }
-        let wrapped: Option<Vec<u8>> = self
-            .store
-            .conn()
-            .hget(store::tenant_key(tenant), "wrapped_key")
-            .await?;
+        let (wrapped, _) = self.store.tenant(tenant).await?;
         let wrapped = wrapped.ok_or_else(|| TenantError::UnknownTenant(tenant.to_owned()))?;
         let key = envelope::unwrap_tenant_key(&self.kek, tenant, &wrapped)
             .map_err(|_| TenantError::KeyUnwrap(tenant.to_owned()))?;

@@ -78,8 +78,7 @@ impl Waiters {
             relay::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let session = async {
-                let mut pubsub = store.client().get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
+                let mut pubsub = store.subscribe(&channel).await?;
                 tracing::debug!(%channel, "listening for outcomes");
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
@@ -87,7 +86,7 @@ impl Waiters {
                         self.wake(&payload);
                     }
                 }
-                Ok::<_, redis::RedisError>(())
+                Ok::<_, store::StoreError>(())
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -33,6 +33,12 @@ const POLICY_CACHE_TTL: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(1000);
 /// How soon a waiting caller tries again when Redis did not answer.
 const STORE_RETRY: Duration = Duration::from_millis(200);
+/// How long past the deadline a first submission's caller may wait for its settlement (the
+/// replica's estimate of the store's clock is within a Redis round trip of it).
+const CLOCK_SLACK: Duration = Duration::from_millis(20);
+/// A first submission waits for its own deadline plus this much, so that it hears the
+/// deadline rules' verdict (EXPIRED or TIMED_OUT) rather than IN_PROGRESS.
+const FIRST_WAIT_SLACK: Duration = Duration::from_millis(500);
 
 const AGENT_UNAVAILABLE_MESSAGE: &str =
     "Your organization's directory cannot be reached right now; nothing was changed. Please try again later.";
@@ -57,15 +63,9 @@ impl WritebackService {
         Self { gw }
     }
 
-    /// Authenticates the bearer token and checks that it belongs to `tenant_id`.
-    async fn authorize<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<(), GatewayError> {
-        let token = crate::error::bearer(req)?;
-        let owner = self
-            .gw
-            .tenants
-            .tenant_for_token(token)
-            .await?
-            .ok_or(GatewayError::Unauthenticated)?;
+    /// Checks that the tenant the auth layer found for the token is `tenant_id`.
+    fn authorize<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<(), GatewayError> {
+        let owner = crate::auth::caller_tenant(req)?;
         if tenant_id.is_empty() {
             validate::tenant_id(tenant_id)?;
         }
@@ -96,8 +96,7 @@ impl WritebackService {
             .filter(|v| TraceParent::parse(v).is_some())
             .map(str::to_owned);
         // Authenticate first, so an anonymous caller learns nothing about the request.
-        self.authorize(&request, &request.get_ref().tenant_id)
-            .await?;
+        self.authorize(&request, &request.get_ref().tenant_id)?;
         if let Err(wait) = self.gw.limiter.try_acquire(&request.get_ref().tenant_id) {
             tracing::warn!(event = "WB1007", tenant = %request.get_ref().tenant_id, "tenant over its rate; RESOURCE_EXHAUSTED");
             return Err(GatewayError::RateLimited {
@@ -243,7 +242,8 @@ impl WritebackService {
             self.gw.config.record_ttl,
         )
         .await?;
-        self.wait_for_outcome(&tenant, &operation_id, timeout).await
+        self.wait_for_outcome(&tenant, &operation_id, timeout + FIRST_WAIT_SLACK)
+            .await
     }
 
     /// Seals `sealed` for (tenant, forest, operation id, deadline, trace) and queues it with its
@@ -286,7 +286,8 @@ impl WritebackService {
             .map(|id| store::user_index_key(tenant, forest, id));
         let initiator = sealed.initiator;
         let traceparent = trace.to_string();
-        let accepted_ms = relay::now_unix_ms();
+        // Deadlines are the store's clock's, whatever this host's clock says.
+        let accepted_ms = gw.clock.now_ms();
         let deadline_ms = accepted_ms + timeout.as_millis() as i64;
 
         let forest_key = gw.tenants.forest_key(tenant, forest).await?;
@@ -311,22 +312,25 @@ impl WritebackService {
             .await?;
         let created = gw
             .store
-            .create_operation(&NewOperation {
-                tenant,
-                operation_id,
-                forest,
-                kind,
-                initiator,
-                trace_id: &trace.trace_id_hex(),
-                traceparent: &traceparent,
-                accepted_ms,
-                deadline_ms,
-                replica: &gw.config.replica_id,
-                envelope: &envelope,
-                key_version: KEY_VERSION,
-                ttl,
-                user: &user_label,
-            })
+            .create_operation(
+                &NewOperation {
+                    tenant,
+                    operation_id,
+                    forest,
+                    kind,
+                    initiator,
+                    trace_id: &trace.trace_id_hex(),
+                    traceparent: &traceparent,
+                    accepted_ms,
+                    deadline_ms,
+                    replica: &gw.config.replica_id,
+                    envelope: &envelope,
+                    key_version: KEY_VERSION,
+                    ttl,
+                    user: &user_label,
+                },
+                gw.config.forest_queue_limit,
+            )
             .await?;
         match created {
             Created::New => {
@@ -352,6 +356,16 @@ impl WritebackService {
                 );
                 Err(GatewayError::Conflict(operation_id.to_owned()))
             }
+            Created::QueueFull => {
+                tracing::warn!(event = "WB1008", %forest, "forest queue full; RESOURCE_EXHAUSTED, nothing queued");
+                Err(GatewayError::QueueFull {
+                    forest: forest.to_owned(),
+                    limit: gw.config.forest_queue_limit,
+                })
+            }
+            Created::PastDeadline => Err(GatewayError::Unavailable(
+                "the operation's deadline passed before it could be queued; nothing was queued, retry with the same operation_id".into(),
+            )),
         }
     }
 
@@ -360,8 +374,7 @@ impl WritebackService {
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<PasswordPolicy, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)
-            .await?;
+        self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
         validate::forest("forest", &req.forest)?;
         let user = match req.user {
@@ -412,7 +425,7 @@ impl WritebackService {
             POLICY_RECORD_TTL,
         )
         .await?;
-        self.wait_for_outcome(&tenant, &operation_id, POLICY_TIMEOUT)
+        self.wait_for_outcome(&tenant, &operation_id, POLICY_TIMEOUT + FIRST_WAIT_SLACK)
             .await?;
         let rec = gw
             .store
@@ -471,14 +484,17 @@ impl WritebackService {
             if rec.state == OpState::Done {
                 return self.answer(&rec, rec.outcome).await;
             }
-            let now = relay::now_unix_ms();
+            // The store's clock decides: it set the deadline and settles it.
+            let now = gw.clock.now_ms();
             if now >= rec.deadline_ms {
                 // The deadline rules decide: never delivered -> EXPIRED (terminal); delivered but
-                // unacknowledged -> the caller hears TIMED_OUT and GetOperation tells more later.
+                // unacknowledged -> the caller hears TIMED_OUT (it can no longer be applied) and
+                // GetOperation tells more later.
                 match gw
                     .store
                     .finalize(
                         tenant,
+                        &rec.forest,
                         operation_id,
                         &gw.config.replica_id,
                         gw.config.ack_grace,
@@ -493,13 +509,25 @@ impl WritebackService {
                             .unwrap_or(rec);
                         return self.answer(&rec, outcome).await;
                     }
-                    Finalized::Pending | Finalized::Missing => {
-                        return self.answer(&rec, Outcome::TimedOut).await
+                    Finalized::Pending {
+                        past_deadline: true,
+                    } => return self.answer(&rec, Outcome::TimedOut).await,
+                    Finalized::Pending {
+                        past_deadline: false,
+                    } => {
+                        // This replica's estimate of the store's clock ran a little ahead.
+                        tokio::time::sleep(CLOCK_SLACK).await;
+                        continue;
+                    }
+                    Finalized::Missing => {
+                        return Err(GatewayError::NotFound(operation_id.to_owned()))
                     }
                 }
             }
             if tokio::time::Instant::now() >= give_up {
-                return self.answer(&rec, Outcome::TimedOut).await;
+                // Before its deadline the operation may still be applied: say so, never
+                // TIMED_OUT (which promises nothing more will happen).
+                return self.answer(&rec, Outcome::InProgress).await;
             }
             let until_deadline = Duration::from_millis((rec.deadline_ms - now).max(0) as u64);
             let sleep_for = POLL_INTERVAL
@@ -529,6 +557,11 @@ impl WritebackService {
     ) -> Result<SubmitResponse, GatewayError> {
         let (violation, message) = if outcome == rec.outcome {
             (rec.violation, rec.message.clone())
+        } else if outcome == Outcome::InProgress {
+            (
+                PolicyViolation::Unspecified,
+                store::IN_PROGRESS_MESSAGE.to_owned(),
+            )
         } else {
             (
                 PolicyViolation::Unspecified,
@@ -566,8 +599,7 @@ impl WritebackService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<ListOperationsResponse, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)
-            .await?;
+        self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
         let user = validate::user_ref(req.user.as_ref())?;
         let id = user.id.as_ref().expect("validated");
@@ -595,8 +627,7 @@ impl WritebackService {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<ListAgentsResponse, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)
-            .await?;
+        self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
         let gw = &self.gw;
         let forests = if req.forest.is_empty() {
@@ -668,8 +699,7 @@ impl WritebackService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Operation, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)
-            .await?;
+        self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
         validate::tenant_id(&req.tenant_id)?;
         validate::operation_id(&req.operation_id)?;

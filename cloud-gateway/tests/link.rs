@@ -632,12 +632,7 @@ async fn an_id_reused_for_other_work_is_already_exists() {
     assert!(agent.next_work(Duration::from_millis(300)).await.is_none());
 
     // The script decides, not an earlier read: a direct second create for another user.
-    let rec = env
-        .store
-        .operation("acme", "raced-1")
-        .await
-        .unwrap()
-        .unwrap();
+    let now = env.store.now_ms().await.unwrap();
     let new = |user: &'static str| cloud_gateway::store::NewOperation {
         tenant: "acme",
         operation_id: "direct-1",
@@ -646,8 +641,8 @@ async fn an_id_reused_for_other_work_is_already_exists() {
         initiator: 1,
         trace_id: "",
         traceparent: "",
-        accepted_ms: rec.accepted_ms,
-        deadline_ms: rec.deadline_ms,
+        accepted_ms: now,
+        deadline_ms: now + 60_000,
         replica: "gw-1",
         envelope: b"sealed",
         key_version: 1,
@@ -657,15 +652,15 @@ async fn an_id_reused_for_other_work_is_already_exists() {
     use cloud_gateway::store::Created;
     let s = &env.store;
     assert_eq!(
-        s.create_operation(&new("sam:alice")).await.unwrap(),
+        s.create_operation(&new("sam:alice"), 100).await.unwrap(),
         Created::New
     );
     assert_eq!(
-        s.create_operation(&new("sam:alice")).await.unwrap(),
+        s.create_operation(&new("sam:alice"), 100).await.unwrap(),
         Created::Exists
     );
     assert_eq!(
-        s.create_operation(&new("sam:bob")).await.unwrap(),
+        s.create_operation(&new("sam:bob"), 100).await.unwrap(),
         Created::Conflict
     );
     env.shutdown.cancel();

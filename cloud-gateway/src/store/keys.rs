@@ -1,0 +1,150 @@
+//! Every Redis key the gateway uses, in one place.
+//!
+//! `{T}` is the tenant id as a Redis Cluster hash tag: every key of one tenant (all of its
+//! forests' queues, records and indexes) lives in one hash slot, so each Lua script touches one
+//! slot. Cross-tenant data is limited to the tenant registry (`wb:tenants`), the store marker
+//! (`wb:meta`), token and agent-credential lookups (one key each) and pub/sub channels.
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `wb:meta` | hash | store marker: `epoch` (random, set by `admin create-tenant`), `created` |
+//! | `wb:tenants` | set | every tenant id (the sweeper and queue monitor walk it; no SCAN) |
+//! | `wb:tenant:{T}` | hash | wrapped tenant key, token hash |
+//! | `wb:token:<sha256>` | string | tenant id for a bearer token hash |
+//! | `wb:agentcred:<agent id>` | hash | tenant, forest, secret hash |
+//! | `wb:{T}:forest:<forest>` | hash | per-forest operator switches |
+//! | `wb:{T}:op:<op id>` | hash | operation record (never a password) |
+//! | `wb:{T}:tl:<op id>` | list | timeline events (JSON) |
+//! | `wb:{T}:q:<forest>` | stream | sealed operations still to settle; consumer group `agents` |
+//! | `wb:{T}:deadlines` | zset | `forest\0op` scored by deadline, for the deadline sweeper |
+//! | `wb:{T}:agents:<forest>` | zset | live agent instances, scored by last heartbeat |
+//! | `wb:{T}:policy:<forest>:<user>` | string | cached `PasswordPolicy` (short TTL) |
+//! | `wb:{T}:forests` | set | forests the tenant has registered agents for |
+//! | `wb:{T}:agent:<forest>:<member>` | hash | an agent instance's version, replica, heartbeat, in-flight |
+//! | `wb:{T}:health:<forest>` | hash | the forest's last end-to-end canary |
+//! | `wb:{T}:canary:<forest>` | string | which replica runs the forest's canary this interval |
+//! | `wb:{T}:user:<forest>:<kind>:<id>` | zset | a user's operation ids by acceptance time |
+//! | channel `wb:done:<replica>` | pub/sub | `T\0op` when an outcome is recorded |
+
+pub const META_KEY: &str = "wb:meta";
+pub const TENANTS_KEY: &str = "wb:tenants";
+
+pub fn tenant_key(tenant: &str) -> String {
+    format!("wb:tenant:{{{tenant}}}")
+}
+pub fn token_key(token_sha256_hex: &str) -> String {
+    format!("wb:token:{token_sha256_hex}")
+}
+pub fn agent_cred_key(agent_id: &str) -> String {
+    format!("wb:agentcred:{agent_id}")
+}
+pub fn forest_key(tenant: &str, forest: &str) -> String {
+    format!("wb:{{{tenant}}}:forest:{forest}")
+}
+pub fn op_key(tenant: &str, op: &str) -> String {
+    format!("wb:{{{tenant}}}:op:{op}")
+}
+pub fn timeline_key(tenant: &str, op: &str) -> String {
+    format!("wb:{{{tenant}}}:tl:{op}")
+}
+pub fn queue_key(tenant: &str, forest: &str) -> String {
+    format!("wb:{{{tenant}}}:q:{forest}")
+}
+pub fn deadlines_key(tenant: &str) -> String {
+    format!("wb:{{{tenant}}}:deadlines")
+}
+pub fn policy_cache_key(tenant: &str, forest: &str, user: &str) -> String {
+    format!("wb:{{{tenant}}}:policy:{forest}:{user}")
+}
+pub fn forests_key(tenant: &str) -> String {
+    format!("wb:{{{tenant}}}:forests")
+}
+pub fn agent_info_key(tenant: &str, forest: &str, member: &str) -> String {
+    format!("wb:{{{tenant}}}:agent:{forest}:{member}")
+}
+pub fn health_key(tenant: &str, forest: &str) -> String {
+    format!("wb:{{{tenant}}}:health:{forest}")
+}
+pub fn canary_key(tenant: &str, forest: &str) -> String {
+    format!("wb:{{{tenant}}}:canary:{forest}")
+}
+pub fn agents_key(tenant: &str, forest: &str) -> String {
+    format!("wb:{{{tenant}}}:agents:{forest}")
+}
+pub fn done_channel(replica: &str) -> String {
+    format!("wb:done:{replica}")
+}
+
+/// A user as named by a caller: `sam:alice`, `upn:alice@corp.example.com`, `guid:…`.
+pub fn user_label(user: &relay::proto::user_ref::Id) -> String {
+    use relay::proto::user_ref::Id;
+    match user {
+        Id::ObjectGuid(g) => format!("guid:{}", g.to_ascii_lowercase()),
+        Id::UserPrincipalName(u) => format!("upn:{}", u.to_lowercase()),
+        Id::SamAccountName(s) => format!("sam:{}", s.to_lowercase()),
+    }
+}
+
+/// Operations of one user, scored by acceptance time.
+pub fn user_index_key(tenant: &str, forest: &str, user: &relay::proto::user_ref::Id) -> String {
+    format!("wb:{{{tenant}}}:user:{forest}:{}", user_label(user))
+}
+
+/// `(tenant, forest)` of a queue key made by [`queue_key`].
+pub fn parse_queue_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("wb:{")?;
+    let (tenant, rest) = rest.split_once("}:q:")?;
+    Some((tenant, rest))
+}
+
+/// Payload of a done notification: `tenant\0op`.
+pub fn op_ref(tenant: &str, op: &str) -> String {
+    format!("{tenant}\0{op}")
+}
+/// `(tenant, op)` of an [`op_ref`].
+pub fn parse_op_ref(s: &str) -> Option<(&str, &str)> {
+    s.split_once('\0')
+}
+/// Member of a tenant's [`deadlines_key`]: `forest\0op`.
+pub fn deadline_member(forest: &str, op: &str) -> String {
+    format!("{forest}\0{op}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Redis Cluster hash tag of a key: what lies between the first `{` and the next `}`.
+    fn hash_tag(key: &str) -> Option<&str> {
+        let open = key.find('{')?;
+        let close = key[open + 1..].find('}')? + open + 1;
+        Some(&key[open + 1..close]).filter(|t| !t.is_empty())
+    }
+
+    #[test]
+    fn every_key_of_one_tenant_shares_its_slot() {
+        let user = relay::proto::user_ref::Id::SamAccountName("alice".into());
+        let keys = [
+            tenant_key("acme"),
+            forest_key("acme", "corp.example"),
+            op_key("acme", "op-1"),
+            timeline_key("acme", "op-1"),
+            queue_key("acme", "corp.example"),
+            deadlines_key("acme"),
+            policy_cache_key("acme", "corp.example", "-"),
+            forests_key("acme"),
+            agent_info_key("acme", "corp.example", "a|i|r"),
+            health_key("acme", "corp.example"),
+            canary_key("acme", "corp.example"),
+            agents_key("acme", "corp.example"),
+            user_index_key("acme", "corp.example", &user),
+        ];
+        for k in keys {
+            assert_eq!(hash_tag(&k), Some("acme"), "{k}");
+        }
+        assert_eq!(
+            parse_queue_key(&queue_key("acme", "corp.example")),
+            Some(("acme", "corp.example"))
+        );
+    }
+}

@@ -1,0 +1,1008 @@
+//! Everything the gateway keeps in Redis, and the only code that talks to it: the operation
+//! record and its timeline, the per-(tenant, forest) work stream, agent presence, tenants and
+//! credentials, and the Lua scripts that move an operation through its states atomically
+//! ([`scripts`]). Key names live in [`keys`]; no other module holds a Redis connection.
+
+mod keys;
+mod scripts;
+
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use relay::proto::{Outcome, PolicyViolation};
+
+pub use keys::*;
+pub use scripts::{Acknowledgment, Completion, Created, Delivery, Finalized};
+
+/// Consumer group every agent session reads through.
+pub const GROUP: &str = "agents";
+
+/// Errors talking to Redis or reading what it holds.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected redis reply: {0}")]
+    Reply(#[from] redis::ParsingError),
+    #[error("corrupt record {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One stage of an operation's life, as shown by `GetOperation`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimelineEvent {
+    pub stage: String,
+    pub at: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl TimelineEvent {
+    pub fn new(stage: &str, at: i64, replica: &str) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            at,
+            replica: replica.to_owned(),
+            agent: String::new(),
+            detail: String::new(),
+        }
+    }
+    pub fn agent(mut self, agent: &str) -> Self {
+        agent.clone_into(&mut self.agent);
+        self
+    }
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("timeline event serializes")
+    }
+}
+
+/// State of an operation record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpState {
+    Queued,
+    Delivered,
+    Done,
+}
+
+/// The operation record as stored (no secret is ever part of it).
+#[derive(Debug, Clone)]
+pub struct OpRecord {
+    pub tenant: String,
+    pub operation_id: String,
+    pub forest: String,
+    pub kind: String,
+    pub initiator: i32,
+    pub state: OpState,
+    pub outcome: Outcome,
+    pub violation: PolicyViolation,
+    pub message: String,
+    pub trace_id: String,
+    pub accepted_ms: i64,
+    pub deadline_ms: i64,
+    pub agent_instance: String,
+    /// How many times the work was sent to an agent (more than 1 after reconnects).
+    pub sends: i64,
+    /// Operator-facing detail from the agent (never a secret).
+    pub detail: String,
+    /// Who it is for ([`user_label`]).
+    pub user: String,
+    /// Encoded result of a query operation (a `PasswordPolicy`), empty otherwise.
+    pub result: Vec<u8>,
+}
+
+impl OpRecord {
+    fn from_hash(key: &str, h: HashMap<String, String>) -> Result<Option<Self>> {
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |detail: String| StoreError::Corrupt {
+            key: key.to_owned(),
+            detail,
+        };
+        let get = |f: &str| h.get(f).cloned().unwrap_or_default();
+        let int = |f: &str| -> Result<i64> {
+            match h.get(f).map(String::as_str) {
+                None | Some("") => Ok(0),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| corrupt(format!("field {f} is not an integer: {v:?}"))),
+            }
+        };
+        let required = |f: &str| -> Result<i64> {
+            h.get(f)
+                .ok_or_else(|| corrupt(format!("field {f} is missing")))?
+                .parse()
+                .map_err(|_| corrupt(format!("field {f} is not an integer")))
+        };
+        let code = |f: &str| -> Result<i32> {
+            i32::try_from(int(f)?).map_err(|_| corrupt(format!("field {f} is out of range")))
+        };
+        let state = match get("state").as_str() {
+            "queued" => OpState::Queued,
+            "delivered" => OpState::Delivered,
+            "done" => OpState::Done,
+            other => return Err(corrupt(format!("unknown state {other:?}"))),
+        };
+        let outcome = Outcome::try_from(code("outcome")?)
+            .map_err(|_| corrupt("unknown outcome".to_owned()))?;
+        if (state == OpState::Done) != (outcome != Outcome::Unspecified) {
+            return Err(corrupt(format!(
+                "state {state:?} with outcome {}",
+                outcome.as_str_name()
+            )));
+        }
+        Ok(Some(Self {
+            tenant: get("tenant"),
+            operation_id: get("op"),
+            forest: get("forest"),
+            kind: get("kind"),
+            initiator: code("initiator")?,
+            state,
+            outcome,
+            violation: PolicyViolation::try_from(code("violation")?)
+                .map_err(|_| corrupt("unknown policy violation".to_owned()))?,
+            message: get("message"),
+            trace_id: get("trace_id"),
+            accepted_ms: required("accepted")?,
+            deadline_ms: required("deadline")?,
+            agent_instance: get("agent_instance"),
+            sends: int("sends")?,
+            detail: get("detail"),
+            user: get("user"),
+            result: Vec::new(),
+        }))
+    }
+}
+
+/// Everything needed to accept one sealed operation.
+#[derive(Debug)]
+pub struct NewOperation<'a> {
+    pub tenant: &'a str,
+    pub operation_id: &'a str,
+    pub forest: &'a str,
+    pub kind: &'a str,
+    pub initiator: i32,
+    pub trace_id: &'a str,
+    pub traceparent: &'a str,
+    /// By the store's clock ([`Store::now_ms`]), as is the deadline.
+    pub accepted_ms: i64,
+    pub deadline_ms: i64,
+    pub replica: &'a str,
+    pub envelope: &'a [u8],
+    pub key_version: u32,
+    pub ttl: Duration,
+    /// Who it is for, as [`user_label`] writes it (empty for forest-wide queries).
+    pub user: &'a str,
+}
+
+/// A message the end user may see when the deadline passed before any agent took the work.
+pub const EXPIRED_MESSAGE: &str =
+    "The request expired before it reached your organization's directory; nothing was changed. Please try again.";
+/// A message when a resubmission's wait ended while the operation can still be applied.
+pub const IN_PROGRESS_MESSAGE: &str =
+    "Your request is still being processed by your organization's directory. Check again shortly.";
+/// A message when an agent took the work but never answered.
+pub const TIMED_OUT_MESSAGE: &str =
+    "Your organization's directory did not confirm the change in time. It may or may not have been applied.";
+
+/// One entry read from a work stream.
+#[derive(Debug, Clone)]
+pub struct QueueEntry {
+    pub id: String,
+    pub operation_id: String,
+    pub deadline_ms: i64,
+    pub traceparent: String,
+    pub key_version: u32,
+    pub envelope: Vec<u8>,
+}
+
+/// The gateway's handle on Redis: a shared auto-reconnecting connection for ordinary commands,
+/// plus dedicated connections for blocking stream reads ([`QueueReader`]) and pub/sub.
+#[derive(Clone)]
+pub struct Store {
+    client: redis::Client,
+    conn: ConnectionManager,
+}
+
+impl Store {
+    /// Connects to Redis.
+    ///
+    /// # Errors
+    /// When the URL is invalid or Redis does not answer.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let conn = client.get_connection_manager_with_config(cfg).await?;
+        Ok(Self { client, conn })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A pub/sub connection subscribed to `channel`.
+    ///
+    /// # Errors
+    /// When Redis is unreachable.
+    pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub)
+    }
+
+    /// A reader of one forest's work stream for one consumer (agent instance), on a dedicated
+    /// connection whose response timeout exceeds `block`.
+    ///
+    /// # Errors
+    /// When Redis is unreachable.
+    pub async fn queue_reader(
+        &self,
+        queue: &str,
+        consumer: &str,
+        block: Duration,
+    ) -> Result<QueueReader> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(block + Duration::from_secs(3)));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?;
+        Ok(QueueReader {
+            conn,
+            queue: queue.to_owned(),
+            consumer: consumer.to_owned(),
+            block,
+        })
+    }
+
+    /// The store's clock (Redis `TIME`) in Unix milliseconds: the one clock deadlines are set
+    /// and settled by.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn now_ms(&self) -> Result<i64> {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// The store marker's epoch: written once when the first tenant is created, so a store
+    /// that comes back without it has lost its data (or was never set up).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn epoch(&self) -> Result<Option<String>> {
+        Ok(self.conn().hget(META_KEY, "epoch").await?)
+    }
+
+    /// Writes the store marker unless it exists; returns the epoch in force.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn init_epoch(&self) -> Result<String> {
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let mut c = self.conn();
+        let _: bool = c.hset_nx(META_KEY, "epoch", &fresh).await?;
+        let _: bool = c.hset_nx(META_KEY, "created", relay::now_unix_ms()).await?;
+        let epoch: Option<String> = c.hget(META_KEY, "epoch").await?;
+        Ok(epoch.unwrap_or(fresh))
+    }
+
+    /// Creates the stream's consumer group if missing.
+    ///
+    /// # Errors
+    /// On Redis errors other than "group exists".
+    pub async fn ensure_group(&self, queue: &str) -> Result<()> {
+        let mut c = self.conn();
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(queue)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Accepts an operation: record + timeline + stream entry + deadline, atomically, unless
+    /// the operation id exists, the forest's queue holds `queue_limit` entries, or the
+    /// deadline has passed by the store's clock (see [`Created`]).
+    ///
+    /// # Errors
+    /// On Redis errors, or a reply the script cannot give.
+    pub async fn create_operation(
+        &self,
+        n: &NewOperation<'_>,
+        queue_limit: u64,
+    ) -> Result<Created> {
+        scripts::CreateOp { op: n, queue_limit }
+            .run(&mut self.conn())
+            .await
+    }
+
+    /// Reads an operation record.
+    ///
+    /// # Errors
+    /// On Redis errors or a corrupt record.
+    pub async fn operation(&self, tenant: &str, op: &str) -> Result<Option<OpRecord>> {
+        let key = op_key(tenant, op);
+        let mut h: HashMap<String, Vec<u8>> = self.conn().hgetall(&key).await?;
+        let result = h.remove("result").unwrap_or_default();
+        let text = h
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        Ok(OpRecord::from_hash(&key, text)?.map(|mut r| {
+            r.result = result;
+            r
+        }))
+    }
+
+    /// A cached value (e.g. an encoded password policy), if still fresh.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn cached(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.conn().get(key).await?)
+    }
+
+    /// Caches `value` under `key` for `ttl`.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn cache(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        let _: () = self
+            .conn()
+            .pset_ex(key, value, ttl.as_millis() as u64)
+            .await?;
+        Ok(())
+    }
+
+    /// Reads an operation's timeline, oldest first.
+    ///
+    /// # Errors
+    /// On Redis errors or a corrupt event.
+    pub async fn timeline(&self, tenant: &str, op: &str) -> Result<Vec<TimelineEvent>> {
+        let key = timeline_key(tenant, op);
+        let raw: Vec<String> = self.conn().lrange(&key, 0, -1).await?;
+        raw.iter()
+            .map(|s| {
+                serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+                    key: key.clone(),
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Appends one event to an operation's timeline.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn push_event(&self, tenant: &str, op: &str, ev: &TimelineEvent) -> Result<()> {
+        let _: i64 = self
+            .conn()
+            .rpush(timeline_key(tenant, op), ev.to_json())
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an operation delivered to an agent instance (see [`Delivery`]).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn mark_delivered(
+        &self,
+        tenant: &str,
+        forest: &str,
+        op: &str,
+        agent_id: &str,
+        instance: &str,
+        replica: &str,
+    ) -> Result<Delivery> {
+        scripts::MarkDelivered {
+            tenant,
+            forest,
+            op,
+            agent_id,
+            instance,
+            replica,
+        }
+        .run(&mut self.conn())
+        .await
+    }
+
+    /// Records an agent instance's acknowledgment (see [`Completion`]).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn complete(&self, ack: &Acknowledgment<'_>) -> Result<Completion> {
+        scripts::Complete { ack }.run(&mut self.conn()).await
+    }
+
+    /// Applies the deadline rules to one operation (see [`Finalized`]).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn finalize(
+        &self,
+        tenant: &str,
+        forest: &str,
+        op: &str,
+        replica: &str,
+        ack_grace: Duration,
+    ) -> Result<Finalized> {
+        scripts::Finalize {
+            tenant,
+            forest,
+            op,
+            replica,
+            ack_grace_ms: ack_grace.as_millis() as u64,
+        }
+        .run(&mut self.conn())
+        .await
+    }
+
+    /// Tells the replica holding the caller that an outcome was recorded.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn notify_done(&self, caller_replica: &str, tenant: &str, op: &str) -> Result<()> {
+        let _: i64 = self
+            .conn()
+            .publish(done_channel(caller_replica), op_ref(tenant, op))
+            .await?;
+        Ok(())
+    }
+
+    /// Number of agent instances for (tenant, forest) seen within `liveness`.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn live_agents(&self, tenant: &str, forest: &str, liveness: Duration) -> Result<u64> {
+        let min = relay::now_unix_ms() - liveness.as_millis() as i64;
+        let n: u64 = self
+            .conn()
+            .zcount(agents_key(tenant, forest), min, "+inf")
+            .await?;
+        Ok(n)
+    }
+
+    /// Records that an agent instance is alive now.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_seen(&self, tenant: &str, forest: &str, member: &str) -> Result<()> {
+        let _: i64 = self
+            .conn()
+            .zadd(agents_key(tenant, forest), member, relay::now_unix_ms())
+            .await?;
+        Ok(())
+    }
+
+    /// Records what `relayctl agents` shows about an agent instance (expires with liveness).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_info(
+        &self,
+        tenant: &str,
+        forest: &str,
+        member: &str,
+        fields: &[(&str, String)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let key = agent_info_key(tenant, forest, member);
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(&key, fields)
+            .ignore()
+            .pexpire(&key, ttl.as_millis() as i64)
+            .ignore()
+            .sadd(forests_key(tenant), forest)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Every agent instance of (tenant, forest) with its details and last-seen time.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agents(
+        &self,
+        tenant: &str,
+        forest: &str,
+    ) -> Result<Vec<(i64, HashMap<String, String>)>> {
+        let mut c = self.conn();
+        let members: Vec<(String, f64)> = c
+            .zrange_withscores(agents_key(tenant, forest), 0, -1)
+            .await?;
+        let mut out = Vec::new();
+        for (member, seen) in members {
+            let info: HashMap<String, String> =
+                c.hgetall(agent_info_key(tenant, forest, &member)).await?;
+            out.push((seen as i64, info));
+        }
+        Ok(out)
+    }
+
+    /// The forests a tenant has agents for.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn forests(&self, tenant: &str) -> Result<Vec<String>> {
+        let mut f: Vec<String> = self.conn().smembers(forests_key(tenant)).await?;
+        f.sort();
+        Ok(f)
+    }
+
+    /// Every tenant id.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn tenant_ids(&self) -> Result<Vec<String>> {
+        let mut t: Vec<String> = self.conn().smembers(TENANTS_KEY).await?;
+        t.sort();
+        Ok(t)
+    }
+
+    /// Depth of a forest's work stream (entries not yet settled) and the acceptance time of
+    /// its oldest entry.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn queue_stats(&self, tenant: &str, forest: &str) -> Result<(i64, Option<i64>)> {
+        let key = queue_key(tenant, forest);
+        let mut c = self.conn();
+        let depth: i64 = redis::cmd("XLEN").arg(&key).query_async(&mut c).await?;
+        let first: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut c)
+            .await?;
+        let oldest_ms = first
+            .first()
+            .and_then(|(id, _)| id.split('-').next()?.parse::<i64>().ok());
+        Ok((depth, oldest_ms))
+    }
+
+    /// Records a forest's canary result.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn set_health(
+        &self,
+        tenant: &str,
+        forest: &str,
+        healthy: bool,
+        reason: &str,
+        canary_ms: u64,
+    ) -> Result<()> {
+        let _: () = self
+            .conn()
+            .hset_multiple(
+                health_key(tenant, forest),
+                &[
+                    ("healthy", u8::from(healthy).to_string()),
+                    ("reason", reason.to_owned()),
+                    ("checked", relay::now_unix_ms().to_string()),
+                    ("canary_ms", canary_ms.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A forest's last canary result.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn health(&self, tenant: &str, forest: &str) -> Result<HashMap<String, String>> {
+        Ok(self.conn().hgetall(health_key(tenant, forest)).await?)
+    }
+
+    /// Whether this replica may run the forest's canary now (one replica per interval).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn canary_turn(
+        &self,
+        tenant: &str,
+        forest: &str,
+        replica: &str,
+        every: Duration,
+    ) -> Result<bool> {
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(canary_key(tenant, forest))
+            .arg(replica)
+            .arg("NX")
+            .arg("PX")
+            .arg(every.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(ok.is_some())
+    }
+
+    /// Indexes an operation under its user.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn index_user_operation(
+        &self,
+        key: &str,
+        op: &str,
+        accepted_ms: i64,
+        ttl: Duration,
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.zadd(key, op, accepted_ms)
+            .ignore()
+            .pexpire(key, ttl.as_millis() as i64)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// A user's operation ids since `since_ms`, newest first.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn user_operations(
+        &self,
+        key: &str,
+        since_ms: i64,
+        limit: isize,
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .conn()
+            .zrevrangebyscore_limit(key, "+inf", since_ms, 0, limit)
+            .await?)
+    }
+
+    /// Removes an agent instance's presence (on disconnect), and its consumer in the forest's
+    /// group when it holds no pending entries (those wait for the instance to come back).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_gone(
+        &self,
+        tenant: &str,
+        forest: &str,
+        member: &str,
+        instance: &str,
+    ) -> Result<()> {
+        let mut c = self.conn();
+        let _: i64 = c.zrem(agents_key(tenant, forest), member).await?;
+        let _: i64 = c.del(agent_info_key(tenant, forest, member)).await?;
+        let queue = queue_key(tenant, forest);
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&queue)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .arg(instance)
+            .query_async(&mut c)
+            .await?;
+        if matches!(&pending, redis::Value::Array(items) if items.is_empty()) {
+            let _: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&queue)
+                .arg(GROUP)
+                .arg(instance)
+                .query_async(&mut c)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges and deletes a stream entry whose operation is settled.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn drop_entry(&self, queue: &str, id: &str) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.xack(queue, GROUP, &[id])
+            .ignore()
+            .xdel(queue, &[id])
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Operations of `tenant` whose deadline has passed by the store's clock, oldest first (at
+    /// most `limit`), as `(forest, operation id)`.
+    ///
+    /// # Errors
+    /// On Redis errors or a malformed member.
+    pub async fn due_deadlines(&self, tenant: &str, limit: isize) -> Result<Vec<(String, String)>> {
+        let now = self.now_ms().await?;
+        let key = deadlines_key(tenant);
+        let members: Vec<String> = self
+            .conn()
+            .zrangebyscore_limit(&key, "-inf", now, 0, limit)
+            .await?;
+        members
+            .iter()
+            .map(|m| {
+                m.split_once('\0')
+                    .map(|(f, o)| (f.to_owned(), o.to_owned()))
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: key.clone(),
+                        detail: "deadline member without forest".to_owned(),
+                    })
+            })
+            .collect()
+    }
+
+    // --- tenants and credentials (see `tenants.rs`; only hashes and wrapped keys) ---
+
+    /// A tenant's wrapped key and token hash.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn tenant(&self, tenant: &str) -> Result<(Option<Vec<u8>>, Option<String>)> {
+        let (wrapped, token): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
+            .arg(tenant_key(tenant))
+            .arg("wrapped_key")
+            .arg("token_sha256")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok((wrapped, token))
+    }
+
+    /// Stores a tenant's wrapped key unless it has one; registers the tenant id.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn put_tenant_key(&self, tenant: &str, wrapped: &[u8]) -> Result<()> {
+        let key = tenant_key(tenant);
+        let mut pipe = redis::pipe();
+        pipe.hset_nx(&key, "wrapped_key", wrapped)
+            .ignore()
+            .hset_nx(&key, "created", relay::now_unix_ms())
+            .ignore()
+            .sadd(TENANTS_KEY, tenant)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Points a new token hash at `tenant`, replacing `old` (its previous token's hash).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn set_tenant_token(
+        &self,
+        tenant: &str,
+        hash: &str,
+        old: Option<&str>,
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        if let Some(old) = old {
+            pipe.del(token_key(old)).ignore();
+        }
+        pipe.set(token_key(hash), tenant)
+            .ignore()
+            .hset(tenant_key(tenant), "token_sha256", hash)
+            .ignore()
+            .sadd(TENANTS_KEY, tenant)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// The tenant a token hash belongs to.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn token_tenant(&self, hash: &str) -> Result<Option<String>> {
+        Ok(self.conn().get(token_key(hash)).await?)
+    }
+
+    /// Whether the tenant exists.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn tenant_exists(&self, tenant: &str) -> Result<bool> {
+        Ok(self.conn().exists(tenant_key(tenant)).await?)
+    }
+
+    /// Stores an agent credential (its secret's hash) for one tenant's forest.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn put_agent_credential(
+        &self,
+        agent_id: &str,
+        tenant: &str,
+        forest: &str,
+        secret_sha256: &str,
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.sadd(forests_key(tenant), forest)
+            .ignore()
+            .hset_multiple(
+                agent_cred_key(agent_id),
+                &[
+                    ("tenant", tenant),
+                    ("forest", forest),
+                    ("secret_sha256", secret_sha256),
+                ],
+            );
+        let _: () = pipe.ignore().query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// An agent credential's fields (empty when unknown).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_credential(&self, agent_id: &str) -> Result<HashMap<String, String>> {
+        Ok(self.conn().hgetall(agent_cred_key(agent_id)).await?)
+    }
+
+    /// Sets some of a forest's operator switches.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn set_forest_switches(
+        &self,
+        tenant: &str,
+        forest: &str,
+        fields: &[(&str, u8)],
+    ) -> Result<()> {
+        let _: () = self
+            .conn()
+            .hset_multiple(forest_key(tenant, forest), fields)
+            .await?;
+        Ok(())
+    }
+
+    /// A forest's operator switches as stored (missing ones were never set).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn forest_switches(&self, tenant: &str, forest: &str) -> Result<HashMap<String, u8>> {
+        Ok(self.conn().hgetall(forest_key(tenant, forest)).await?)
+    }
+}
+
+/// Reads one forest's work stream for one consumer (an agent instance) on a dedicated
+/// connection, so blocking reads do not hold up other commands.
+pub struct QueueReader {
+    conn: MultiplexedConnection,
+    queue: String,
+    consumer: String,
+    block: Duration,
+}
+
+impl QueueReader {
+    /// New entries, blocking up to the reader's block time.
+    ///
+    /// # Errors
+    /// On Redis errors or malformed entries.
+    pub async fn read_new(&mut self, count: usize) -> Result<Vec<QueueEntry>> {
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(self.block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.queue)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await?;
+        parse_read_reply(&self.queue, reply)
+    }
+
+    /// Entries delivered to this consumer before and not yet acknowledged (after a
+    /// reconnect of the same instance).
+    ///
+    /// # Errors
+    /// On Redis errors or malformed entries.
+    pub async fn own_pending(&mut self, count: usize) -> Result<Vec<QueueEntry>> {
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&self.queue)
+            .arg("0")
+            .query_async(&mut self.conn)
+            .await?;
+        parse_read_reply(&self.queue, reply)
+    }
+
+    /// Claims entries that have been pending longer than `min_idle` on any consumer (a replica
+    /// or agent session that died), so they are looked at again.
+    ///
+    /// # Errors
+    /// On Redis errors or malformed entries.
+    pub async fn autoclaim(&mut self, min_idle: Duration, count: usize) -> Result<Vec<QueueEntry>> {
+        let reply: redis::Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.queue)
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn)
+            .await?;
+        let parsed: redis::streams::StreamAutoClaimReply = redis::from_redis_value(reply)?;
+        parsed
+            .claimed
+            .into_iter()
+            .map(|id| parse_entry(&self.queue, id))
+            .collect()
+    }
+}
+
+/// Parses an `XREADGROUP` reply into queue entries.
+///
+/// # Errors
+/// On malformed entries.
+fn parse_read_reply(queue: &str, reply: redis::Value) -> Result<Vec<QueueEntry>> {
+    let parsed: Option<redis::streams::StreamReadReply> = redis::from_redis_value(reply)?;
+    let mut out = Vec::new();
+    for key in parsed.map(|r| r.keys).unwrap_or_default() {
+        for id in key.ids {
+            out.push(parse_entry(queue, id)?);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_entry(queue: &str, id: redis::streams::StreamId) -> Result<QueueEntry> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        key: format!("{queue} {}", id.id),
+        detail: detail.to_owned(),
+    };
+    let text = |f: &str| -> Result<String> {
+        id.get::<String>(f)
+            .ok_or_else(|| corrupt(&format!("missing field {f}")))
+    };
+    Ok(QueueEntry {
+        operation_id: text("op")?,
+        deadline_ms: text("deadline")?
+            .parse()
+            .map_err(|_| corrupt("deadline is not an integer"))?,
+        traceparent: text("tp").unwrap_or_default(),
+        key_version: text("kv")?
+            .parse()
+            .map_err(|_| corrupt("bad key version"))?,
+        envelope: id
+            .get::<Vec<u8>>("env")
+            .ok_or_else(|| corrupt("missing field env"))?,
+        id: id.id.clone(),
+    })
+}

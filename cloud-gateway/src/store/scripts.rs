@@ -1,0 +1,424 @@
+//! The Lua scripts that move an operation through its states, one Rust type each: the type
+//! builds the script's keys and arguments and parses its reply into an enum. A reply the
+//! script cannot give is an error, never a default.
+//!
+//! Every script reads the clock with Redis `TIME`: one clock decides deadlines and settlement,
+//! whichever replica runs the script and however its own clock drifts.
+//!
+//! States: `queued` → `delivered` (to one agent instance) → `done` (one terminal outcome,
+//! first one wins). `queued` → `done` as `EXPIRED` when the deadline passes first. Settling an
+//! operation deletes its stream entry, so no sealed payload outlives the operation's need.
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use relay::proto::{Outcome, PolicyViolation};
+
+use super::keys;
+use super::{Result, StoreError};
+
+/// Shared Lua prelude: the Redis clock and timeline events in the `TimelineEvent` JSON form.
+const PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function event(stage, replica, agent, detail)
+  return cjson.encode({stage = stage, at = now, replica = replica, agent = agent, detail = detail})
+end
+local function settle_entry(op, q)
+  local entry = redis.call('HGET', op, 'entry')
+  if entry then
+    redis.call('XACK', q, 'agents', entry)
+    redis.call('XDEL', q, entry)
+  end
+end
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
+fn corrupt(script: &str, key: &str, reply: impl std::fmt::Debug) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        detail: format!("{script} replied {reply:?}"),
+    }
+}
+
+fn outcome(code: i64, key: &str) -> Result<Outcome> {
+    i32::try_from(code)
+        .ok()
+        .and_then(|c| Outcome::try_from(c).ok())
+        .filter(|o| *o != Outcome::Unspecified)
+        .ok_or_else(|| corrupt("outcome", key, code))
+}
+
+/// Accepts an operation: record, timeline, stream entry and deadline in one step.
+pub(super) struct CreateOp<'a> {
+    pub op: &'a super::NewOperation<'a>,
+    /// Most entries the forest's queue may hold.
+    pub queue_limit: u64,
+}
+
+/// What [`CreateOp`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Queued now.
+    New,
+    /// The id existed for the same forest, kind and user (a resubmission or a race).
+    Exists,
+    /// The id existed for another forest, kind or user: nothing was queued.
+    Conflict,
+    /// The forest's queue is full: nothing was queued.
+    QueueFull,
+    /// The deadline had already passed by the store's clock: nothing was queued.
+    PastDeadline,
+}
+
+static CREATE_OP: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('EXISTS', op) == 1 then
+  local f = redis.call('HMGET', op, 'forest', 'kind', 'user')
+  if f[1] == ARGV[3] and f[2] == ARGV[4] and (f[3] or '') == ARGV[13] then return 'exists' end
+  return 'conflict'
+end
+local deadline = tonumber(ARGV[7])
+if now >= deadline then return 'past' end
+if redis.call('XLEN', q) >= tonumber(ARGV[14]) then return 'full' end
+local ttl = tonumber(ARGV[10])
+redis.call('HSET', op, 'tenant', ARGV[1], 'op', ARGV[2], 'forest', ARGV[3], 'kind', ARGV[4],
+  'initiator', ARGV[5], 'trace_id', ARGV[6], 'accepted', ARGV[15], 'deadline', ARGV[7],
+  'caller_replica', ARGV[8], 'state', 'queued', 'outcome', '0', 'violation', '0',
+  'user', ARGV[13], 'sends', 0)
+redis.call('PEXPIRE', op, ttl)
+redis.call('RPUSH', tl, event('accepted', ARGV[8], '', ''),
+  event('queued', ARGV[8], '', 'queue ' .. q))
+redis.call('PEXPIRE', tl, ttl)
+local id = redis.call('XADD', q, '*', 'op', ARGV[2], 'deadline', ARGV[7], 'tp', ARGV[9],
+  'kv', ARGV[11], 'env', ARGV[12])
+redis.call('HSET', op, 'entry', id)
+redis.call('ZADD', dl, ARGV[7], ARGV[3] .. '\0' .. ARGV[2])
+return 'created'
+"#,
+    )
+});
+
+impl CreateOp<'_> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Created> {
+        let n = self.op;
+        let key = keys::op_key(n.tenant, n.operation_id);
+        let reply: String = CREATE_OP
+            .key(&key)
+            .key(keys::timeline_key(n.tenant, n.operation_id))
+            .key(keys::queue_key(n.tenant, n.forest))
+            .key(keys::deadlines_key(n.tenant))
+            .arg(n.tenant)
+            .arg(n.operation_id)
+            .arg(n.forest)
+            .arg(n.kind)
+            .arg(n.initiator)
+            .arg(n.trace_id)
+            .arg(n.deadline_ms)
+            .arg(n.replica)
+            .arg(n.traceparent)
+            .arg(n.ttl.as_millis() as u64)
+            .arg(n.key_version)
+            .arg(n.envelope)
+            .arg(n.user)
+            .arg(self.queue_limit)
+            .arg(n.accepted_ms)
+            .invoke_async(conn)
+            .await?;
+        match reply.as_str() {
+            "created" => Ok(Created::New),
+            "exists" => Ok(Created::Exists),
+            "conflict" => Ok(Created::Conflict),
+            "full" => Ok(Created::QueueFull),
+            "past" => Ok(Created::PastDeadline),
+            other => Err(corrupt("CREATE_OP", &key, other)),
+        }
+    }
+}
+
+/// Marks an operation delivered to one agent instance, if it is still queued and before its
+/// deadline; settles it as `EXPIRED` if the deadline passed first.
+pub(super) struct MarkDelivered<'a> {
+    pub tenant: &'a str,
+    pub forest: &'a str,
+    pub op: &'a str,
+    pub agent_id: &'a str,
+    pub instance: &'a str,
+    pub replica: &'a str,
+}
+
+/// What [`MarkDelivered`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Send it now; `remaining_ms` is what the store's clock leaves before the deadline.
+    Deliver { remaining_ms: u32 },
+    /// Delivered earlier to this same instance (before a reconnect): send it again.
+    Redeliver { remaining_ms: u32 },
+    /// Its deadline passed; it is now `EXPIRED` (its entry is gone).
+    Expired,
+    /// Already terminal, or its record is gone: just drop the stream entry.
+    Done,
+    /// Delivered earlier to that other agent instance: never send it to a second one.
+    AlreadyDelivered(String),
+}
+
+static MARK_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local op, tl, q = KEYS[1], KEYS[2], KEYS[3]
+local state = redis.call('HGET', op, 'state')
+if not state then return {'missing', 0} end
+if state == 'done' then return {'done', 0} end
+local deadline = tonumber(redis.call('HGET', op, 'deadline'))
+if now >= deadline and state == 'queued' then
+  redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[4], 'message', ARGV[5], 'done_at', now)
+  redis.call('RPUSH', tl, event('expired', ARGV[3], '', 'deadline passed before an agent took it; not applied'))
+  settle_entry(op, q)
+  return {'expired', 0}
+end
+-- Past its deadline, delivered work still goes back to its own instance after a reconnect:
+-- the agent answers it from its journal, or refuses it as too late (not applied).
+local remaining = math.max(deadline - now, 0)
+if state == 'delivered' then
+  local instance = redis.call('HGET', op, 'agent_instance') or ''
+  if instance ~= ARGV[2] then return {'other', instance} end
+  redis.call('HINCRBY', op, 'sends', 1)
+  redis.call('RPUSH', tl, event('redelivered', ARGV[3], ARGV[1],
+    'sent again to instance ' .. ARGV[2] .. ' after a reconnect; it answers from its journal'))
+  return {'redeliver', remaining}
+end
+redis.call('HSET', op, 'state', 'delivered', 'agent', ARGV[1], 'agent_instance', ARGV[2],
+  'delivered_at', now, 'delivered_by', ARGV[3], 'sends', 1)
+redis.call('RPUSH', tl, event('delivered', ARGV[3], ARGV[1], ''))
+return {'deliver', remaining}
+"#,
+    )
+});
+
+impl MarkDelivered<'_> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Delivery> {
+        let key = keys::op_key(self.tenant, self.op);
+        let (status, value): (String, redis::Value) = MARK_DELIVERED
+            .key(&key)
+            .key(keys::timeline_key(self.tenant, self.op))
+            .key(keys::queue_key(self.tenant, self.forest))
+            .arg(self.agent_id)
+            .arg(self.instance)
+            .arg(self.replica)
+            .arg(Outcome::Expired as i32)
+            .arg(super::EXPIRED_MESSAGE)
+            .invoke_async(conn)
+            .await?;
+        let number = || -> Result<u32> {
+            let n: i64 = redis::from_redis_value(value.clone())?;
+            u32::try_from(n).map_err(|_| corrupt("MARK_DELIVERED", &key, n))
+        };
+        match status.as_str() {
+            "deliver" => Ok(Delivery::Deliver {
+                remaining_ms: number()?,
+            }),
+            "redeliver" => Ok(Delivery::Redeliver {
+                remaining_ms: number()?,
+            }),
+            "expired" => Ok(Delivery::Expired),
+            "done" | "missing" => Ok(Delivery::Done),
+            "other" => Ok(Delivery::AlreadyDelivered(redis::from_redis_value(value)?)),
+            other => Err(corrupt("MARK_DELIVERED", &key, other)),
+        }
+    }
+}
+
+/// An agent instance's acknowledgment, as [`Complete`] records it.
+#[derive(Debug)]
+pub struct Acknowledgment<'a> {
+    pub tenant: &'a str,
+    pub forest: &'a str,
+    pub op: &'a str,
+    pub instance: &'a str,
+    pub agent_id: &'a str,
+    pub replica: &'a str,
+    pub outcome: Outcome,
+    pub violation: PolicyViolation,
+    pub message: &'a str,
+    pub detail: &'a str,
+    /// Timeline detail of the acknowledgment (timings, the DC).
+    pub event_detail: &'a str,
+    pub result: &'a [u8],
+}
+
+/// Records an agent instance's acknowledgment as the terminal outcome.
+pub(super) struct Complete<'a> {
+    pub ack: &'a Acknowledgment<'a>,
+}
+
+/// What [`Complete`] did with an acknowledgment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// This acknowledgment set the outcome; notify the caller's replica.
+    Recorded { caller_replica: String },
+    /// An outcome was already recorded; the acknowledgment is kept on the timeline only.
+    AlreadyFinal,
+    /// The operation was never delivered to this instance (another one has it, or none):
+    /// refused, kept on the timeline.
+    NotDeliveredHere,
+    /// No such operation of this forest (gone, or another forest's).
+    Unknown,
+}
+
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local state = redis.call('HGET', op, 'state')
+if not state then return {'unknown', ''} end
+if redis.call('HGET', op, 'forest') ~= ARGV[1] then return {'unknown', ''} end
+if (redis.call('HGET', op, 'agent_instance') or '') ~= ARGV[2] then
+  redis.call('RPUSH', tl, event('refused-acknowledgment', ARGV[4], ARGV[3],
+    'from instance ' .. ARGV[2] .. ', which was not given this operation'))
+  return {'not-here', ''}
+end
+if state == 'done' then
+  redis.call('RPUSH', tl, event('late-acknowledgment', ARGV[4], ARGV[3], ARGV[10]))
+  return {'final', ''}
+end
+settle_entry(op, q)
+redis.call('ZREM', dl, ARGV[1] .. '\0' .. (redis.call('HGET', op, 'op') or ''))
+redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[5], 'violation', ARGV[6],
+  'message', ARGV[7], 'done_at', now, 'detail', ARGV[8])
+if ARGV[9] ~= '' then redis.call('HSET', op, 'result', ARGV[9]) end
+redis.call('RPUSH', tl, event('acknowledged', ARGV[4], ARGV[3], ARGV[10]))
+return {'recorded', redis.call('HGET', op, 'caller_replica') or ''}
+"#,
+    )
+});
+
+impl Complete<'_> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Completion> {
+        let a = self.ack;
+        let key = keys::op_key(a.tenant, a.op);
+        let (status, caller): (String, String) = COMPLETE
+            .key(&key)
+            .key(keys::timeline_key(a.tenant, a.op))
+            .key(keys::queue_key(a.tenant, a.forest))
+            .key(keys::deadlines_key(a.tenant))
+            .arg(a.forest)
+            .arg(a.instance)
+            .arg(a.agent_id)
+            .arg(a.replica)
+            .arg(a.outcome as i32)
+            .arg(a.violation as i32)
+            .arg(a.message)
+            .arg(a.detail)
+            .arg(a.result)
+            .arg(a.event_detail)
+            .invoke_async(conn)
+            .await?;
+        match status.as_str() {
+            "recorded" => Ok(Completion::Recorded {
+                caller_replica: caller,
+            }),
+            "final" => Ok(Completion::AlreadyFinal),
+            "not-here" => Ok(Completion::NotDeliveredHere),
+            "unknown" => Ok(Completion::Unknown),
+            other => Err(corrupt("COMPLETE", &key, other)),
+        }
+    }
+}
+
+/// The deadline rules for one operation: at its deadline (store clock) one never delivered
+/// becomes `EXPIRED` (guaranteed not applied); one delivered but unacknowledged becomes
+/// `TIMED_OUT` once the acknowledgment grace period has also passed.
+pub(super) struct Finalize<'a> {
+    pub tenant: &'a str,
+    pub forest: &'a str,
+    pub op: &'a str,
+    pub replica: &'a str,
+    pub ack_grace_ms: u64,
+}
+
+/// Where an operation stands after the deadline rules ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finalized {
+    /// The record is gone (TTL passed).
+    Missing,
+    /// Not terminal yet. `past_deadline`: the deadline has passed (by the store's clock) and
+    /// the operation was delivered, so it can no longer be applied, only answered late.
+    Pending {
+        past_deadline: bool,
+    },
+    Terminal(Outcome),
+}
+
+static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local member = ARGV[1] .. '\0' .. ARGV[2]
+local state = redis.call('HGET', op, 'state')
+if not state then
+  redis.call('ZREM', dl, member)
+  return {'missing', 0}
+end
+if state == 'done' then
+  redis.call('ZREM', dl, member)
+  return {'terminal', tonumber(redis.call('HGET', op, 'outcome'))}
+end
+local deadline = tonumber(redis.call('HGET', op, 'deadline'))
+if now < deadline then return {'pending', 0} end
+if state == 'queued' then
+  redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[4], 'message', ARGV[5], 'done_at', now)
+  redis.call('RPUSH', tl, event('expired', ARGV[3], '', 'deadline passed before an agent took it; not applied'))
+  settle_entry(op, q)
+  redis.call('ZREM', dl, member)
+  return {'terminal', tonumber(ARGV[4])}
+end
+if now >= deadline + tonumber(ARGV[8]) then
+  redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[6], 'message', ARGV[7], 'done_at', now)
+  redis.call('RPUSH', tl, event('timed-out', ARGV[3], '', 'delivered, but no acknowledgment by the deadline'))
+  settle_entry(op, q)
+  redis.call('ZREM', dl, member)
+  return {'terminal', tonumber(ARGV[6])}
+end
+return {'pending', 1}
+"#,
+    )
+});
+
+impl Finalize<'_> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Finalized> {
+        let key = keys::op_key(self.tenant, self.op);
+        let (status, n): (String, i64) = FINALIZE
+            .key(&key)
+            .key(keys::timeline_key(self.tenant, self.op))
+            .key(keys::queue_key(self.tenant, self.forest))
+            .key(keys::deadlines_key(self.tenant))
+            .arg(self.forest)
+            .arg(self.op)
+            .arg(self.replica)
+            .arg(Outcome::Expired as i32)
+            .arg(super::EXPIRED_MESSAGE)
+            .arg(Outcome::TimedOut as i32)
+            .arg(super::TIMED_OUT_MESSAGE)
+            .arg(self.ack_grace_ms)
+            .invoke_async(conn)
+            .await?;
+        match (status.as_str(), n) {
+            ("missing", _) => Ok(Finalized::Missing),
+            ("pending", 0) => Ok(Finalized::Pending {
+                past_deadline: false,
+            }),
+            ("pending", 1) => Ok(Finalized::Pending {
+                past_deadline: true,
+            }),
+            ("terminal", code) => Ok(Finalized::Terminal(outcome(code, &key)?)),
+            other => Err(corrupt("FINALIZE", &key, other)),
+        }
+    }
+}
