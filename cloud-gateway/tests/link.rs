@@ -1,6 +1,7 @@
 //! The gateway's queue, delivery and deadline rules with a real Redis, real TLS and a scripted
 //! agent speaking `AgentLink` directly, so each rule can be driven precisely.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -142,10 +143,18 @@ fn reset_of(sam: &str, op_id: &str, timeout_ms: u32) -> SubmitRequest {
     }
 }
 
-/// An agent under the test's control.
+/// An agent under the test's control. Dropping it ends its stream (its heartbeats stop and
+/// its sender goes), as an agent process exiting would.
 struct ScriptedAgent {
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<GatewayFrame>,
+    heartbeats: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedAgent {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
 }
 
 impl ScriptedAgent {
@@ -189,7 +198,7 @@ impl ScriptedAgent {
         }
         // keep presence fresh
         let hb = tx.clone();
-        tokio::spawn(async move {
+        let heartbeats = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let f = AgentFrame {
@@ -200,7 +209,11 @@ impl ScriptedAgent {
                 }
             }
         });
-        Ok(Self { tx, rx: inbound })
+        Ok(Self {
+            tx,
+            rx: inbound,
+            heartbeats,
+        })
     }
 
     /// The next Work frame within `within`, skipping heartbeats; `None` when none came in that
@@ -750,5 +763,290 @@ async fn redis_going_away_and_coming_back() {
         Outcome::try_from(after.unwrap().outcome).unwrap(),
         Outcome::Applied
     );
+    env.shutdown.cancel();
+}
+
+/// Only the instance an operation was delivered to can settle it: another instance of the same
+/// agent (a copied credential, or a confused agent) is refused and the refusal is on the
+/// timeline; the owner's acknowledgment then counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgments_count_only_from_the_instance_given_the_work() {
+    let env = start().await;
+    let (mut owner, secret) = connected_agent(&env, "owner", 4).await;
+    let (answer, _) = tokio::join!(env.submit("owned-1", 5000), async {
+        let w = owner.next_work(Duration::from_secs(3)).await.expect("work");
+        let intruder = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "other", 4)
+            .await
+            .unwrap();
+        intruder.ack(&w.operation_id, Outcome::Applied).await;
+        let mut tl = Vec::new();
+        for _ in 0..100 {
+            tl = env.store.timeline("acme", "owned-1").await.unwrap();
+            if tl.iter().any(|e| e.stage == "refused-acknowledgment") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(
+            tl.iter().any(|e| e.stage == "refused-acknowledgment"),
+            "{tl:?}"
+        );
+        let rec = env
+            .store
+            .operation("acme", "owned-1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.state, OpState::Delivered, "the intruder settled it");
+        owner.ack(&w.operation_id, Outcome::WrongOldPassword).await;
+    });
+    assert_eq!(
+        Outcome::try_from(answer.unwrap().outcome).unwrap(),
+        Outcome::WrongOldPassword,
+        "the owner's outcome, not the intruder's"
+    );
+    env.shutdown.cancel();
+}
+
+/// Consumers of the forest's consumer group, by name.
+async fn consumers(url: &str) -> Vec<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let reply: redis::Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(cloud_gateway::store::queue_key("acme", FOREST))
+        .arg(cloud_gateway::store::GROUP)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let redis::Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let fields: HashMap<String, redis::Value> =
+                redis::from_redis_value(item.clone()).ok()?;
+            redis::from_redis_value(fields.get("name")?.clone()).ok()
+        })
+        .collect()
+}
+
+/// Applied, expired and timed-out operations all leave the stream: no sealed payload stays in
+/// Redis once an operation is settled, and an instance that left with nothing pending leaves
+/// no consumer behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_work_leaves_no_sealed_payload_and_no_dead_consumer() {
+    let env = start().await;
+    let url = env.redis.lock().unwrap().url();
+    let depth = || async { env.store.queue_stats("acme", FOREST).await.unwrap().0 };
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
+    // Applied.
+    let (r, _) = tokio::join!(env.submit("applied-1", 5000), async {
+        let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+        agent.ack(&w.operation_id, Outcome::Applied).await;
+    });
+    assert_eq!(
+        Outcome::try_from(r.unwrap().outcome).unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(depth().await, 0, "applied work left its entry");
+    // Timed out (delivered, never answered) and, behind it, expired (never delivered).
+    let (silent, queued) = tokio::join!(env.submit("silent-2", 1200), async {
+        let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+        assert_eq!(w.operation_id, "silent-2");
+        env.submit("queued-2", 1000).await
+    });
+    assert_eq!(
+        Outcome::try_from(queued.unwrap().outcome).unwrap(),
+        Outcome::Expired
+    );
+    assert_eq!(
+        Outcome::try_from(silent.unwrap().outcome).unwrap(),
+        Outcome::TimedOut
+    );
+    let mut n = -1;
+    for _ in 0..100 {
+        n = depth().await;
+        let rec = env
+            .store
+            .operation("acme", "silent-2")
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 && rec.state == OpState::Done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 0, "settled work left entries in the stream");
+    let everything = e2e_free_dump(&url).await;
+    assert!(
+        !everything.windows(8).any(|w| w == b"Scripted"),
+        "a password-bearing envelope would still be here"
+    );
+    assert!(consumers(&url).await.contains(&"i1".to_owned()));
+    drop(agent);
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = consumers(&url).await;
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left.is_empty(), "dead consumers stay: {left:?}");
+    env.shutdown.cancel();
+}
+
+/// Every value of every stream in Redis, concatenated.
+async fn e2e_free_dump(url: &str) -> Vec<u8> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:q:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(&k)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        out.extend_from_slice(format!("{v:?}").as_bytes());
+    }
+    out
+}
+
+/// A forest whose queue is full answers RESOURCE_EXHAUSTED naming the forest, queues nothing,
+/// and other tenants are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_forest_queue_is_resource_exhausted() {
+    let env = start_configured(|c| c.forest_queue_limit = 2).await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
+    let (_, _) = tokio::join!(
+        tokio::time::timeout(Duration::from_millis(500), env.submit("fill-1", 6000)),
+        agent.next_work(Duration::from_secs(3))
+    );
+    let _ = tokio::time::timeout(Duration::from_millis(300), env.submit("fill-2", 6000)).await;
+    let err = env.submit("over-1", 6000).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains(FOREST), "{}", err.message());
+    assert!(env
+        .store
+        .operation("acme", "over-1")
+        .await
+        .unwrap()
+        .is_none());
+    let globex = env.tenants.create_tenant("globex").await.unwrap();
+    let r = env
+        .submit_as("globex", globex.expose(), "other-tenant", 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        Outcome::try_from(r.outcome).unwrap(),
+        Outcome::AgentUnavailable
+    );
+    env.shutdown.cancel();
+}
+
+/// A resubmission whose own wait ends while the operation can still be applied hears
+/// IN_PROGRESS (never TIMED_OUT, which promises nothing more happens); once the agent answers,
+/// a resubmission hears the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmission_with_a_shorter_wait_hears_in_progress() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
+    let (_, _) = tokio::join!(
+        tokio::time::timeout(Duration::from_millis(500), env.submit("long-1", 10_000)),
+        agent.next_work(Duration::from_secs(3))
+    );
+    let again = env.submit("long-1", 300).await.unwrap();
+    assert_eq!(
+        Outcome::try_from(again.outcome).unwrap(),
+        Outcome::InProgress,
+        "{again:?}"
+    );
+    assert!(again.message.contains("still being processed"), "{again:?}");
+    agent.ack("long-1", Outcome::Applied).await;
+    let mut last = Outcome::InProgress;
+    for _ in 0..50 {
+        last = Outcome::try_from(env.submit("long-1", 200).await.unwrap().outcome).unwrap();
+        if last != Outcome::InProgress {
+            break;
+        }
+    }
+    assert_eq!(last, Outcome::Applied);
+    env.shutdown.cancel();
+}
+
+/// Redis restarted empty (no AOF): the tenant and agent credential are gone with it. Callers
+/// with a valid token hear UNAVAILABLE naming the lost store — never UNAUTHENTICATED — and
+/// agents are refused the same way; before that, agents are told exactly why they are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_its_data_is_unavailable_not_unauthenticated() {
+    let env = start().await;
+    let secret = env
+        .tenants
+        .register_agent("acme", FOREST, "a1")
+        .await
+        .unwrap();
+    let unknown = ScriptedAgent::connect(&env, "nobody", "x", FOREST, "i1", 1)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    assert!(
+        unknown.message().contains("unknown agent \"nobody\""),
+        "{}",
+        unknown.message()
+    );
+    let wrong = ScriptedAgent::connect(&env, "a1", "wrong", FOREST, "i1", 1)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert!(
+        wrong.message().contains("wrong secret"),
+        "{}",
+        wrong.message()
+    );
+    let bad_token = env
+        .submit_as("acme", "wbt_nope", "t-1", 1000)
+        .await
+        .unwrap_err();
+    assert_eq!(bad_token.code(), Code::Unauthenticated);
+    assert!(
+        bad_token.message().contains("not valid"),
+        "{}",
+        bad_token.message()
+    );
+
+    env.redis.lock().unwrap().restart().unwrap();
+    let mut err = None;
+    for _ in 0..50 {
+        match env.submit("after-loss", 1000).await {
+            Err(e) if e.code() == Code::Unavailable && e.message().contains("lost its data") => {
+                err = Some(e);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let err = err.expect("a valid token after the store lost its data must give UNAVAILABLE");
+    assert!(
+        err.message().contains("nothing was queued"),
+        "{}",
+        err.message()
+    );
+    let agent = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(agent.code(), Code::Unavailable, "{agent:?}");
     env.shutdown.cancel();
 }

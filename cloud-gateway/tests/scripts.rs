@@ -1,0 +1,214 @@
+//! Each Lua script of the operation lifecycle (`store/scripts.rs`) on a real Redis, one reply
+//! at a time: every state a script can meet and the typed answer it gives.
+
+use std::time::Duration;
+
+use cloud_gateway::store::{
+    Acknowledgment, Completion, Created, Delivery, Finalized, NewOperation, OpState, Store,
+};
+use relay::proto::{Outcome, PolicyViolation};
+use testkit::RedisServer;
+
+const T: &str = "acme";
+const F: &str = "corp.example.test";
+
+async fn store() -> (RedisServer, Store) {
+    let redis = RedisServer::start().unwrap();
+    let store = Store::connect(&redis.url()).await.unwrap();
+    store
+        .ensure_group(&cloud_gateway::store::queue_key(T, F))
+        .await
+        .unwrap();
+    (redis, store)
+}
+
+/// Queues `op` for `user`, due `in_ms` from now by the store's clock.
+async fn create(store: &Store, op: &str, user: &str, in_ms: i64, limit: u64) -> Created {
+    let now = store.now_ms().await.unwrap();
+    store
+        .create_operation(
+            &NewOperation {
+                tenant: T,
+                operation_id: op,
+                forest: F,
+                kind: "reset",
+                initiator: 1,
+                trace_id: "",
+                traceparent: "",
+                accepted_ms: now,
+                deadline_ms: now + in_ms,
+                replica: "gw",
+                envelope: b"sealed",
+                key_version: 1,
+                ttl: Duration::from_secs(60),
+                user,
+            },
+            limit,
+        )
+        .await
+        .unwrap()
+}
+
+async fn deliver(store: &Store, op: &str, instance: &str) -> Delivery {
+    store
+        .mark_delivered(T, F, op, "a1", instance, "gw")
+        .await
+        .unwrap()
+}
+
+async fn ack(store: &Store, op: &str, instance: &str, outcome: Outcome) -> Completion {
+    store
+        .complete(&Acknowledgment {
+            tenant: T,
+            forest: F,
+            op,
+            instance,
+            agent_id: "a1",
+            replica: "gw",
+            outcome,
+            violation: PolicyViolation::Unspecified,
+            message: "m",
+            detail: "",
+            event_detail: "",
+            result: b"",
+        })
+        .await
+        .unwrap()
+}
+
+async fn finalize(store: &Store, op: &str, grace_ms: u64) -> Finalized {
+    store
+        .finalize(T, F, op, "gw", Duration::from_millis(grace_ms))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn create_op() {
+    let (_redis, s) = store().await;
+    assert_eq!(create(&s, "o1", "sam:a", 5000, 2).await, Created::New);
+    assert_eq!(create(&s, "o1", "sam:a", 5000, 2).await, Created::Exists);
+    assert_eq!(create(&s, "o1", "sam:b", 5000, 2).await, Created::Conflict);
+    assert_eq!(
+        create(&s, "o2", "sam:a", -1, 2).await,
+        Created::PastDeadline
+    );
+    assert!(s.operation(T, "o2").await.unwrap().is_none());
+    assert_eq!(create(&s, "o3", "sam:a", 5000, 2).await, Created::New);
+    assert_eq!(create(&s, "o4", "sam:a", 5000, 2).await, Created::QueueFull);
+    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 2);
+    let rec = s.operation(T, "o1").await.unwrap().unwrap();
+    assert_eq!((rec.state, rec.sends), (OpState::Queued, 0));
+    let stages: Vec<String> = s
+        .timeline(T, "o1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.stage)
+        .collect();
+    assert_eq!(stages, ["accepted", "queued"]);
+}
+
+#[tokio::test]
+async fn mark_delivered() {
+    let (_redis, s) = store().await;
+    assert_eq!(deliver(&s, "none", "i1").await, Delivery::Done, "missing");
+    create(&s, "o1", "sam:a", 5000, 10).await;
+    let Delivery::Deliver { remaining_ms } = deliver(&s, "o1", "i1").await else {
+        panic!("not delivered");
+    };
+    assert!((4000..=5000).contains(&remaining_ms), "{remaining_ms}");
+    assert!(matches!(
+        deliver(&s, "o1", "i1").await,
+        Delivery::Redeliver { .. }
+    ));
+    assert_eq!(
+        deliver(&s, "o1", "i2").await,
+        Delivery::AlreadyDelivered("i1".into())
+    );
+    let rec = s.operation(T, "o1").await.unwrap().unwrap();
+    assert_eq!((rec.state, rec.sends), (OpState::Delivered, 2));
+    ack(&s, "o1", "i1", Outcome::Applied).await;
+    assert_eq!(deliver(&s, "o1", "i1").await, Delivery::Done);
+    create(&s, "o2", "sam:a", 50, 10).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(deliver(&s, "o2", "i1").await, Delivery::Expired);
+    let rec = s.operation(T, "o2").await.unwrap().unwrap();
+    assert_eq!((rec.state, rec.outcome), (OpState::Done, Outcome::Expired));
+    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 0, "both entries gone");
+}
+
+#[tokio::test]
+async fn complete() {
+    let (_redis, s) = store().await;
+    assert_eq!(
+        ack(&s, "none", "i1", Outcome::Applied).await,
+        Completion::Unknown
+    );
+    create(&s, "o1", "sam:a", 5000, 10).await;
+    assert_eq!(
+        ack(&s, "o1", "i1", Outcome::Applied).await,
+        Completion::NotDeliveredHere,
+        "queued work was delivered to nobody"
+    );
+    deliver(&s, "o1", "i1").await;
+    assert_eq!(
+        ack(&s, "o1", "i2", Outcome::Applied).await,
+        Completion::NotDeliveredHere
+    );
+    assert_eq!(
+        ack(&s, "o1", "i1", Outcome::WrongOldPassword).await,
+        Completion::Recorded {
+            caller_replica: "gw".into()
+        }
+    );
+    assert_eq!(
+        ack(&s, "o1", "i1", Outcome::Applied).await,
+        Completion::AlreadyFinal,
+        "the first outcome wins"
+    );
+    let rec = s.operation(T, "o1").await.unwrap().unwrap();
+    assert_eq!(rec.outcome, Outcome::WrongOldPassword);
+    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 0);
+    assert!(s.due_deadlines(T, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn finalize_rules() {
+    let (_redis, s) = store().await;
+    assert_eq!(finalize(&s, "none", 0).await, Finalized::Missing);
+    create(&s, "early", "sam:a", 5000, 10).await;
+    assert_eq!(
+        finalize(&s, "early", 0).await,
+        Finalized::Pending {
+            past_deadline: false
+        }
+    );
+    create(&s, "queued", "sam:a", 30, 10).await;
+    create(&s, "taken", "sam:b", 30, 10).await;
+    deliver(&s, "taken", "i1").await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let due = s.due_deadlines(T, 10).await.unwrap();
+    assert_eq!(due.len(), 2, "{due:?}");
+    assert_eq!(
+        finalize(&s, "queued", 0).await,
+        Finalized::Terminal(Outcome::Expired)
+    );
+    assert_eq!(
+        finalize(&s, "taken", 60_000).await,
+        Finalized::Pending {
+            past_deadline: true
+        },
+        "delivered: TIMED_OUT only after the grace period"
+    );
+    assert_eq!(
+        finalize(&s, "taken", 0).await,
+        Finalized::Terminal(Outcome::TimedOut)
+    );
+    assert_eq!(
+        s.queue_stats(T, F).await.unwrap().0,
+        1,
+        "only `early` is left"
+    );
+    assert!(s.due_deadlines(T, 10).await.unwrap().is_empty());
+}
