@@ -42,6 +42,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 const MAX_MESSAGE: usize = 1024;
 /// Most entries one read takes from the stream.
 const READ_BATCH: usize = 32;
+/// How soon work waiting for an older operation of its user is tried again.
+const DEFER_RETRY: Duration = Duration::from_millis(50);
+/// How often a silent agent's session looks again whether it has been heard.
+const SILENT_RECHECK: Duration = Duration::from_millis(100);
 
 pub struct AgentLinkService {
     gw: Gateway,
@@ -138,6 +142,8 @@ impl AgentLinkService {
             permits: Arc::new(Semaphore::new(max_in_flight as usize)),
             in_flight: Mutex::default(),
             tx,
+            last_heard: Mutex::new(Instant::now()),
+            last_presence: Mutex::new(Instant::now()),
             cancel: gw.shutdown.child_token(),
         });
         tracing::info!(event = "WB1010",
@@ -283,11 +289,31 @@ struct Session {
     permits: Arc<Semaphore>,
     in_flight: Mutex<HashMap<String, InFlight>>,
     tx: FrameTx,
+    /// When the agent last sent anything: work goes only to an agent heard from recently.
+    last_heard: Mutex<Instant>,
+    /// When this session last refreshed the agent's presence in Redis.
+    last_presence: Mutex<Instant>,
     /// Ends the session (agent gone, heartbeat lost, or gateway shutdown).
     cancel: CancellationToken,
 }
 
+/// What became of one entry handed to [`Session::dispatch`].
+enum Dispatched {
+    /// Sent, settled, or left pending for the deadline rules: nothing more to do here.
+    Handled,
+    /// An older operation of the same user is unsettled: try again shortly.
+    Deferred(QueueEntry),
+}
+
 impl Session {
+    /// Whether the agent has been heard from within two heartbeat intervals. A silent agent
+    /// (frozen, or its path blackholed without a FIN) gets no new work, so work not yet sent
+    /// goes to a healthy agent instead of waiting out its deadline in a dead stream.
+    fn fresh(&self) -> bool {
+        self.last_heard.lock().expect("last heard").elapsed()
+            <= self.gw.config.heartbeat_interval * 2
+    }
+
     async fn run(self: Arc<Self>, mut inbound: Streaming<AgentFrame>) {
         let gw = &self.gw;
         if let Err(e) = self.seen().await {
@@ -310,6 +336,7 @@ impl Session {
                 msg = inbound.message() => match msg {
                     Ok(Some(f)) => {
                         last_heard = Instant::now();
+                        *self.last_heard.lock().expect("last heard") = last_heard;
                         self.on_frame(f).await;
                         if drain_until.is_some() && self.in_flight_count() == 0 {
                             break;
@@ -401,8 +428,20 @@ impl Session {
         match f.frame {
             Some(agent_frame::Frame::Ack(ack)) => self.on_ack(ack).await,
             Some(agent_frame::Frame::Heartbeat(_)) => {
-                if let Err(e) = self.seen().await {
-                    tracing::warn!(error = %e, "could not record agent presence");
+                // Liveness is judged in memory at every heartbeat; Redis presence (read by
+                // other replicas) needs refreshing only a few times per liveness window.
+                let due = {
+                    let mut last = self.last_presence.lock().expect("last presence");
+                    let due = last.elapsed() >= self.gw.config.agent_liveness / 3;
+                    if due {
+                        *last = Instant::now();
+                    }
+                    due
+                };
+                if due {
+                    if let Err(e) = self.seen().await {
+                        tracing::warn!(error = %e, "could not record agent presence");
+                    }
                 }
             }
             Some(agent_frame::Frame::Hello(_)) | None => {
@@ -556,9 +595,6 @@ impl Session {
                 self.cancel.cancel();
                 return;
             }
-            if let Err(e) = self.seen().await {
-                tracing::warn!(error = %e, "could not record agent presence");
-            }
         }
     }
 
@@ -618,9 +654,40 @@ impl Session {
             Err(e) => tracing::warn!(error = %e, "could not read this instance's pending work"),
         }
         let mut last_reclaim = Instant::now();
+        let mut deferred: Vec<QueueEntry> = Vec::new();
         loop {
-            let Some(slots) = self.slots().await else {
+            if !self.fresh() {
+                // Silent agent: take nothing new until it is heard again (or the session ends).
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(SILENT_RECHECK) => continue,
+                }
+            }
+            let Some(mut slots) = self.slots().await else {
                 return;
+            };
+            // Entries waiting for an older operation of their user go first, in order.
+            let mut waiting = std::mem::take(&mut deferred).into_iter();
+            for entry in waiting.by_ref() {
+                let Some(permit) = slots.pop() else {
+                    deferred.push(entry);
+                    break;
+                };
+                if let Dispatched::Deferred(entry) = self.dispatch(entry, permit).await {
+                    deferred.push(entry);
+                }
+            }
+            deferred.extend(waiting);
+            if slots.is_empty() {
+                if !deferred.is_empty() {
+                    tokio::time::sleep(DEFER_RETRY).await;
+                }
+                continue;
+            }
+            let block = if deferred.is_empty() {
+                READ_BLOCK
+            } else {
+                DEFER_RETRY
             };
             let read = if last_reclaim.elapsed() >= RECLAIM_EVERY {
                 last_reclaim = Instant::now();
@@ -630,7 +697,7 @@ impl Session {
             } else {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return,
-                    r = reader.read_new(slots.len()) => r,
+                    r = reader.read_new(slots.len(), block) => r,
                 }
             };
             let entries = match read {
@@ -654,14 +721,16 @@ impl Session {
             };
             // Slots beyond the entries read are given back as the iterator ends.
             for (entry, permit) in entries.into_iter().zip(slots) {
-                self.dispatch(entry, permit).await;
+                if let Dispatched::Deferred(entry) = self.dispatch(entry, permit).await {
+                    deferred.push(entry);
+                }
             }
         }
     }
 
     /// Hands one entry to the agent if the deadline rules allow. `permit` is this entry's
     /// in-flight slot: kept while the agent works on it, given back otherwise.
-    async fn dispatch(&self, entry: QueueEntry, permit: OwnedSemaphorePermit) {
+    async fn dispatch(&self, entry: QueueEntry, permit: OwnedSemaphorePermit) -> Dispatched {
         // Continues the operation's trace from the queued context, on whichever replica.
         let span = tracing::info_span!(
             "writeback.dequeue",
@@ -672,10 +741,14 @@ impl Session {
             replica = %self.gw.config.replica_id,
         );
         relay::telemetry::set_parent(&span, &entry.traceparent);
-        self.dispatch_in_span(entry, permit).instrument(span).await;
+        self.dispatch_in_span(entry, permit).instrument(span).await
     }
 
-    async fn dispatch_in_span(&self, entry: QueueEntry, permit: OwnedSemaphorePermit) {
+    async fn dispatch_in_span(
+        &self,
+        entry: QueueEntry,
+        permit: OwnedSemaphorePermit,
+    ) -> Dispatched {
         let tenant = &self.identity.tenant;
         if self
             .in_flight
@@ -684,7 +757,7 @@ impl Session {
             .contains_key(&entry.operation_id)
         {
             // Still being worked on by this very instance (a slow write): nothing to do.
-            return;
+            return Dispatched::Handled;
         }
         let delivery = self
             .gw
@@ -706,21 +779,25 @@ impl Session {
                 // Another agent instance took it and may have applied it: never hand it to a
                 // second one. The deadline rules will settle it if that instance never answers.
                 tracing::warn!(event = "WB1021", operation_id = %entry.operation_id, other_instance = %other, "entry already delivered to another instance; not redelivered");
-                return;
+                return Dispatched::Handled;
+            }
+            Ok(Delivery::Wait(older)) => {
+                tracing::debug!(operation_id = %entry.operation_id, %older, "an older operation of this user is unsettled; waiting");
+                return Dispatched::Deferred(entry);
             }
             Ok(Delivery::Expired) => {
                 tracing::info!(event = "WB1020", operation_id = %entry.operation_id, "deadline passed before delivery: EXPIRED");
-                return;
+                return Dispatched::Handled;
             }
             Ok(Delivery::Done) => {
                 if let Err(e) = self.gw.store.drop_entry(&self.queue, &entry.id).await {
                     tracing::warn!(error = %e, "could not drop a settled entry");
                 }
-                return;
+                return Dispatched::Handled;
             }
             Err(e) => {
                 tracing::warn!(event = "WB1090", error = %e, operation_id = %entry.operation_id, "could not mark delivery; the entry stays pending");
-                return;
+                return Dispatched::Handled;
             }
         };
         let marked = Instant::now();
@@ -772,5 +849,6 @@ impl Session {
         } else {
             tracing::debug!(operation_id = %entry.operation_id, agent_id = %self.identity.agent_id, remaining_ms = remaining, max_in_flight = self.max_in_flight, "work sent");
         }
+        Dispatched::Handled
     }
 }

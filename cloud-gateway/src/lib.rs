@@ -51,7 +51,10 @@ pub struct GatewayConfig {
     pub max_timeout: Duration,
     /// An agent not heard from for this long is not live.
     pub agent_liveness: Duration,
-    /// How often gateway and agent exchange heartbeats.
+    /// How often gateway and agent exchange heartbeats. An agent not heard from for two
+    /// intervals gets no new work; after three its session is closed (failure detection in
+    /// seconds, also without a FIN). Presence in Redis is refreshed at most every
+    /// `agent_liveness / 3`, whatever the interval.
     pub heartbeat_interval: Duration,
     /// How long after the deadline a delivered, unacknowledged operation becomes `TIMED_OUT`.
     pub ack_grace: Duration,
@@ -88,7 +91,7 @@ impl GatewayConfig {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(120),
             agent_liveness: Duration::from_secs(15),
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
             ack_grace: Duration::from_secs(10),
             record_ttl: Duration::from_secs(7 * 24 * 3600),
             reclaim_idle: Duration::from_secs(30),

@@ -115,6 +115,16 @@ impl Env {
         self.send(req, token).await
     }
 
+    /// A reset of `sam` as operation `op_id` (5 s) for tenant acme.
+    async fn submit_as_user(
+        &self,
+        sam: &str,
+        op_id: &str,
+    ) -> Result<SubmitResponse, tonic::Status> {
+        self.send(reset_of(sam, op_id, 5000), self.token.expose())
+            .await
+    }
+
     /// Submits `req` with `token`.
     async fn send(&self, req: SubmitRequest, token: &str) -> Result<SubmitResponse, tonic::Status> {
         let mut c = WritebackClient::new(self.channel().await.unwrap());
@@ -1048,5 +1058,198 @@ async fn a_store_that_lost_its_data_is_unavailable_not_unauthenticated() {
         .err()
         .unwrap();
     assert_eq!(agent.code(), Code::Unavailable, "{agent:?}");
+    env.shutdown.cancel();
+}
+
+/// Two operations for one user, accepted in order, with two agent instances reading: the
+/// second is not delivered until the first is settled, whichever instance holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_operations_run_one_at_a_time_in_order() {
+    let env = start().await;
+    let (mut one, secret) = connected_agent(&env, "one", 4).await;
+    let mut two = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "two", 4)
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let req = reset_of("alice", "first", 8000);
+        let token = env.token.expose().to_owned();
+        let env_addr = env.channel().await.unwrap();
+        async move {
+            let mut c = WritebackClient::new(env_addr);
+            let mut r = tonic::Request::new(req);
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            c.submit(r).await
+        }
+    });
+    while env
+        .store
+        .operation("acme", "first")
+        .await
+        .unwrap()
+        .is_none()
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (second, (holder, got)) = tokio::join!(env.submit("second", 8000), async {
+        // Whoever took "first" holds it; nothing else may arrive meanwhile, at either one.
+        let (w1, w2) = tokio::join!(
+            one.next_work(Duration::from_millis(1500)),
+            two.next_work(Duration::from_millis(1500))
+        );
+        let works: Vec<Work> = w1.into_iter().chain(w2).collect();
+        let ids: Vec<&str> = works.iter().map(|w| w.operation_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["first"],
+            "the second ran before the first was settled"
+        );
+        let holder_is_one = env
+            .store
+            .operation("acme", "first")
+            .await
+            .unwrap()
+            .unwrap()
+            .agent_instance
+            == "one";
+        let holder = if holder_is_one { &mut one } else { &mut two };
+        holder.ack("first", Outcome::Applied).await;
+        let (w1, w2) = tokio::join!(
+            one.next_work(Duration::from_secs(2)),
+            two.next_work(Duration::from_secs(2))
+        );
+        let got: Vec<Work> = w1.into_iter().chain(w2).collect();
+        if got.len() == 1 {
+            let rec = env
+                .store
+                .operation("acme", "second")
+                .await
+                .unwrap()
+                .unwrap();
+            let agent = if rec.agent_instance == "one" {
+                &one
+            } else {
+                &two
+            };
+            agent.ack("second", Outcome::Applied).await;
+        }
+        (holder_is_one, got)
+    });
+    let _ = holder;
+    assert_eq!(
+        got.iter()
+            .map(|w| w.operation_id.as_str())
+            .collect::<Vec<_>>(),
+        ["second"],
+        "the second is delivered once the first is settled"
+    );
+    assert_eq!(
+        Outcome::try_from(second.unwrap().outcome).unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        Outcome::try_from(first.await.unwrap().unwrap().into_inner().outcome).unwrap(),
+        Outcome::Applied
+    );
+    let acked_first = env
+        .store
+        .timeline("acme", "first")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.stage == "acknowledged")
+        .unwrap()
+        .at;
+    let delivered_second = env
+        .store
+        .timeline("acme", "second")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.stage == "delivered")
+        .unwrap()
+        .at;
+    assert!(delivered_second >= acked_first);
+    // Another user is not held up by alice's queue.
+    let (bob, _) = tokio::join!(env.submit_as_user("bob", "bob-1"), async {
+        let (w1, w2) = tokio::join!(
+            one.next_work(Duration::from_secs(2)),
+            two.next_work(Duration::from_secs(2))
+        );
+        let w: Vec<Work> = w1.into_iter().chain(w2).collect();
+        assert_eq!(w.len(), 1);
+        let rec = env.store.operation("acme", "bob-1").await.unwrap().unwrap();
+        let agent = if rec.agent_instance == "one" {
+            &one
+        } else {
+            &two
+        };
+        agent.ack("bob-1", Outcome::Applied).await;
+    });
+    assert_eq!(
+        Outcome::try_from(bob.unwrap().outcome).unwrap(),
+        Outcome::Applied
+    );
+    env.shutdown.cancel();
+}
+
+/// An agent that goes silent without closing its stream (frozen, or its path blackholed)
+/// stops getting work within a few heartbeats; work accepted afterwards goes to the healthy
+/// agent, and work it held is settled truthfully (TIMED_OUT), not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_stops_getting_work_within_seconds() {
+    let env = start().await;
+    let (mut quiet, secret) = connected_agent(&env, "quiet", 8).await;
+    // Held by the agent that will fall silent.
+    let (held, _) = tokio::join!(env.submit("held-1", 1500), async {
+        let w = quiet.next_work(Duration::from_secs(3)).await.expect("work");
+        assert_eq!(w.operation_id, "held-1");
+        quiet.heartbeats.abort();
+    });
+    assert_eq!(
+        Outcome::try_from(held.unwrap().outcome).unwrap(),
+        Outcome::TimedOut,
+        "delivered to an agent that never answered: it may have been applied"
+    );
+    let mut live = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "live", 8)
+        .await
+        .unwrap();
+    let silent_for = std::time::Instant::now();
+    let (answers, _) = tokio::join!(
+        futures::future::join_all(["u1", "u2", "u3", "u4"].map(|u| env.submit_as_user(u, u))),
+        async {
+            for _ in 0..4 {
+                let w = live.next_work(Duration::from_secs(5)).await.expect("work");
+                live.ack(&w.operation_id, Outcome::Applied).await;
+            }
+        }
+    );
+    println!(
+        "silent agent skipped; 4 operations served by the healthy one {:?} after",
+        silent_for.elapsed()
+    );
+    for a in answers {
+        assert_eq!(
+            Outcome::try_from(a.unwrap().outcome).unwrap(),
+            Outcome::Applied
+        );
+    }
+    // The quiet one got nothing more, and its stream was closed (not merely starved).
+    let mut closed = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), quiet.rx.message()).await {
+            Err(_) => {}
+            Ok(Ok(Some(GatewayFrame {
+                frame: Some(gateway_frame::Frame::Work(w)),
+            }))) => panic!("a silent agent was given {}", w.operation_id),
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None) | Err(_)) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the silent agent's session was not closed");
     env.shutdown.cancel();
 }

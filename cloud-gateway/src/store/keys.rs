@@ -24,6 +24,7 @@
 //! | `wb:{T}:health:<forest>` | hash | the forest's last end-to-end canary |
 //! | `wb:{T}:canary:<forest>` | string | which replica runs the forest's canary this interval |
 //! | `wb:{T}:user:<forest>:<kind>:<id>` | zset | a user's operation ids by acceptance time |
+//! | `wb:{T}:uq:<forest>:<kind>:<id>` | list | a user's unsettled operation ids, oldest first (per-user order; built inside the scripts) |
 //! | channel `wb:done:<replica>` | pub/sub | `T\0op` when an outcome is recorded |
 
 pub const META_KEY: &str = "wb:meta";

@@ -901,11 +901,11 @@ pub struct QueueReader {
 }
 
 impl QueueReader {
-    /// New entries, blocking up to the reader's block time.
+    /// New entries, blocking up to `block` (at most the reader's block time).
     ///
     /// # Errors
     /// On Redis errors or malformed entries.
-    pub async fn read_new(&mut self, count: usize) -> Result<Vec<QueueEntry>> {
+    pub async fn read_new(&mut self, count: usize, block: Duration) -> Result<Vec<QueueEntry>> {
         let reply: redis::Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -913,7 +913,7 @@ impl QueueReader {
             .arg("COUNT")
             .arg(count)
             .arg("BLOCK")
-            .arg(self.block.as_millis() as u64)
+            .arg(block.min(self.block).as_millis().max(1) as u64)
             .arg("STREAMS")
             .arg(&self.queue)
             .arg(">")

@@ -8,6 +8,8 @@
 //! States: `queued` → `delivered` (to one agent instance) → `done` (one terminal outcome,
 //! first one wins). `queued` → `done` as `EXPIRED` when the deadline passes first. Settling an
 //! operation deletes its stream entry, so no sealed payload outlives the operation's need.
+//! A user's operations are delivered one at a time in acceptance order: each joins its user's
+//! queue when accepted and leaves it when settled, and only the head may be delivered.
 
 use std::sync::LazyLock;
 
@@ -25,6 +27,17 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function event(stage, replica, agent, detail)
   return cjson.encode({stage = stage, at = now, replica = replica, agent = agent, detail = detail})
+end
+-- A user's unsettled operations in acceptance order: `wb:{T}:uq:<forest>:<user>`, built from
+-- the record (same tenant, so the same hash slot as every declared key).
+local function user_queue(op)
+  local f = redis.call('HMGET', op, 'tenant', 'forest', 'user')
+  if not f[3] or f[3] == '' then return nil end
+  return 'wb:{' .. f[1] .. '}:uq:' .. f[2] .. ':' .. f[3]
+end
+local function leave_user_queue(op)
+  local uq = user_queue(op)
+  if uq then redis.call('LREM', uq, 1, redis.call('HGET', op, 'op')) end
 end
 local function settle_entry(op, q)
   local entry = redis.call('HGET', op, 'entry')
@@ -101,6 +114,11 @@ local id = redis.call('XADD', q, '*', 'op', ARGV[2], 'deadline', ARGV[7], 'tp', 
   'kv', ARGV[11], 'env', ARGV[12])
 redis.call('HSET', op, 'entry', id)
 redis.call('ZADD', dl, ARGV[7], ARGV[3] .. '\0' .. ARGV[2])
+local uq = user_queue(op)
+if uq then
+  redis.call('RPUSH', uq, ARGV[2])
+  redis.call('PEXPIRE', uq, ttl)
+end
 return 'created'
 "#,
     )
@@ -167,6 +185,9 @@ pub enum Delivery {
     Done,
     /// Delivered earlier to that other agent instance: never send it to a second one.
     AlreadyDelivered(String),
+    /// An older operation of the same user (this id) is not settled yet: try again later
+    /// (per-user order).
+    Wait(String),
 }
 
 static MARK_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
@@ -181,6 +202,7 @@ if now >= deadline and state == 'queued' then
   redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[4], 'message', ARGV[5], 'done_at', now)
   redis.call('RPUSH', tl, event('expired', ARGV[3], '', 'deadline passed before an agent took it; not applied'))
   settle_entry(op, q)
+  leave_user_queue(op)
   return {'expired', 0}
 end
 -- Past its deadline, delivered work still goes back to its own instance after a reconnect:
@@ -193,6 +215,19 @@ if state == 'delivered' then
   redis.call('RPUSH', tl, event('redelivered', ARGV[3], ARGV[1],
     'sent again to instance ' .. ARGV[2] .. ' after a reconnect; it answers from its journal'))
   return {'redeliver', remaining}
+end
+-- One operation of a user at a time, in acceptance order: an older one still unsettled first.
+local uq = user_queue(op)
+if uq then
+  local me = redis.call('HGET', op, 'op')
+  while true do
+    local head = redis.call('LINDEX', uq, 0)
+    if not head or head == me then break end
+    local head_op = 'wb:{' .. redis.call('HGET', op, 'tenant') .. '}:op:' .. head
+    local head_state = redis.call('HGET', head_op, 'state')
+    if head_state and head_state ~= 'done' then return {'wait', head} end
+    redis.call('LPOP', uq)
+  end
 end
 redis.call('HSET', op, 'state', 'delivered', 'agent', ARGV[1], 'agent_instance', ARGV[2],
   'delivered_at', now, 'delivered_by', ARGV[3], 'sends', 1)
@@ -230,6 +265,7 @@ impl MarkDelivered<'_> {
             "expired" => Ok(Delivery::Expired),
             "done" | "missing" => Ok(Delivery::Done),
             "other" => Ok(Delivery::AlreadyDelivered(redis::from_redis_value(value)?)),
+            "wait" => Ok(Delivery::Wait(redis::from_redis_value(value)?)),
             other => Err(corrupt("MARK_DELIVERED", &key, other)),
         }
     }
@@ -289,6 +325,7 @@ if state == 'done' then
   return {'final', ''}
 end
 settle_entry(op, q)
+leave_user_queue(op)
 redis.call('ZREM', dl, ARGV[1] .. '\0' .. (redis.call('HGET', op, 'op') or ''))
 redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[5], 'violation', ARGV[6],
   'message', ARGV[7], 'done_at', now, 'detail', ARGV[8])
@@ -376,6 +413,7 @@ if state == 'queued' then
   redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[4], 'message', ARGV[5], 'done_at', now)
   redis.call('RPUSH', tl, event('expired', ARGV[3], '', 'deadline passed before an agent took it; not applied'))
   settle_entry(op, q)
+  leave_user_queue(op)
   redis.call('ZREM', dl, member)
   return {'terminal', tonumber(ARGV[4])}
 end
@@ -383,6 +421,7 @@ if now >= deadline + tonumber(ARGV[8]) then
   redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[6], 'message', ARGV[7], 'done_at', now)
   redis.call('RPUSH', tl, event('timed-out', ARGV[3], '', 'delivered, but no acknowledgment by the deadline'))
   settle_entry(op, q)
+  leave_user_queue(op)
   redis.call('ZREM', dl, member)
   return {'terminal', tonumber(ARGV[6])}
 end
