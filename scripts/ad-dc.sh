@@ -177,15 +177,17 @@ fi
 
 # 3) ready = rootDSE over *verified* LDAPS on IP returns our naming context
 #    (a port conflict only kills samba's ldap task, the process stays up; another DC's rootDSE won't match)
+#    Every wait is bounded by time (a frozen DC accepts TCP and then never answers).
 nc=
-for _ in $(seq $(( ${READY_TIMEOUT:-60} * 10 ))); do
-  nc=$(ldapsearch -LLL -x -o nettimeout=2 -H "ldaps://$IP" -s base -b "" defaultNamingContext 2>/dev/null \
+ready_by=$((SECONDS + ${READY_TIMEOUT:-60}))
+while [ "$SECONDS" -lt "$ready_by" ]; do
+  nc=$(timeout 5 ldapsearch -LLL -x -o nettimeout=2 -H "ldaps://$IP" -s base -b "" defaultNamingContext 2>/dev/null \
        | awk '/^defaultNamingContext:/{print $2}') || true
   [ "$nc" = "$BASE" ] && break
   if [ -n "${spid:-}" ] && ! kill -0 "$spid" 2>/dev/null; then echo "samba exited:"; tail -20 "$DIR/log/samba.out"; exit 1; fi
   sleep 0.1
 done
-[ "$nc" = "$BASE" ] || { echo "not ready after ${READY_TIMEOUT:-60}s"; tail -20 "$DIR/log/samba.out"; exit 1; }
+[ "$nc" = "$BASE" ] || { echo "not ready: the rootDSE of ldaps://$IP did not name $BASE within ${READY_TIMEOUT:-60}s"; tail -20 "$DIR/log/samba.out"; exit 1; }
 echo "ldaps up ($(el))"
 
 # 4) seed once (.seeded marker; every step is also idempotent on its own)

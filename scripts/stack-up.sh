@@ -101,8 +101,10 @@ if alive redis; then
 else
   not_taken 127.0.0.1 "$REDIS_PORT" redis
   mkdir -p "$S/redis"
+  # Accepted means durable: every write is in the append-only file, fsynced, before Redis
+  # answers (README: what Redis must guarantee).
   launch redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$S/redis" \
-    --save 60 1 --appendonly no --daemonize no
+    --save 60 1 --appendonly yes --appendfsync always --daemonize no
 fi
 wait_port 127.0.0.1 "$REDIS_PORT" redis
 
@@ -120,7 +122,7 @@ ln -sf "$S/samba/log/samba.out" "$LOGS/samba.log"
 
 step "tenant $TENANT and agent credentials"
 # options after the subcommand: the binary does not take them before it (yet)
-admin() { "$BIN/cloud-gateway" admin "$1" --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" "${@:2}"; }
+admin() { timeout 30 "$BIN/cloud-gateway" admin "$1" --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" "${@:2}"; }
 [ -s "$TOKEN_FILE" ] || [ ! -s "$SECRETS/tenant.token" ] || mv "$SECRETS/tenant.token" "$TOKEN_FILE"   # older layout
 new_tenant=
 token=$(admin create-tenant --tenant "$TENANT" --if-missing) || fail "cloud-gateway admin create-tenant failed"
@@ -172,7 +174,7 @@ step "agents agent-1 -> gateway-a, agent-2 -> gateway-b"
 start_agent agent-1 "$GW_A" 127.0.0.1:9201
 start_agent agent-2 "$GW_B" 127.0.0.1:9202
 # ready = each agent logged its session and the gateways list it live on its replica
-relayctl() { WRITEBACK_TOKEN=$(cat "$TOKEN_FILE") "$BIN/relayctl" --addr "$GW_A" --ca "$TLS/ca.pem" --tenant "$TENANT" "$@"; }
+relayctl() { WRITEBACK_TOKEN=$(cat "$TOKEN_FILE") timeout 40 "$BIN/relayctl" --addr "$GW_A" --ca "$TLS/ca.pem" --tenant "$TENANT" "$@"; }
 for pair in agent-1:gateway-a agent-2:gateway-b; do
   a=${pair%:*} gw=${pair#*:} ok=
   for ((i = 0; i < READY_SECS * 5; i++)); do
@@ -208,11 +210,11 @@ pwfile=$(mktemp "$SECRETS/demo.XXXXXX"); trap 'rm -f "$pwfile"' EXIT
 printf 'Demo-%s#1a' "$(openssl rand -hex 8)" >"$pwfile"   # never printed
 rc=0; relayctl submit --forest "$FOREST" --user alice --reset --password-stdin <"$pwfile" || rc=$?
 [ "$rc" -eq 0 ] || fail "the demo reset was not applied (relayctl exit $rc)" gateway-a
-if LDAPTLS_CACERT=$DC_CA ldapsearch -LLL -x -o nettimeout=5 -H "$DC_LDAPS_URL" -D "alice@$FOREST" -y "$pwfile" \
+if LDAPTLS_CACERT=$DC_CA timeout 10 ldapsearch -LLL -x -o nettimeout=5 -H "$DC_LDAPS_URL" -D "alice@$FOREST" -y "$pwfile" \
   -s base -b "" dn >/dev/null 2>&1; then
   echo "verified: alice can bind with the new password"
 else
-  fail "alice cannot bind to $DC_LDAPS_URL with the new password"
+  fail "alice cannot bind to $DC_LDAPS_URL with the new password (or the DC did not answer within 10 s)"
 fi
 
 echo
