@@ -228,7 +228,7 @@ fn a_binary_is_refused_when_older_than_a_source() {
     );
     let relayctl = rel(&binary_sources(&root, "relayctl").unwrap());
     assert!(relayctl.contains("cloud-gateway/src/bin/relayctl.rs"));
-    assert!(relayctl.contains("cloud-gateway/src/store.rs"));
+    assert!(relayctl.contains("cloud-gateway/src/store/scripts.rs"));
     assert!(relayctl.contains("relay/src/envelope.rs"));
     assert!(!relayctl.iter().any(|p| p.starts_with("onprem-agent/")));
     assert!(binary_sources(&root, "no-such-binary").is_err());

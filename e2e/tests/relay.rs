@@ -370,25 +370,30 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
             .unwrap();
         let queue = cloud_gateway::store::queue_key(victim_tenant, victim_forest);
         sb.store.ensure_group(&queue).await.unwrap();
-        sb.store
-            .create_operation(&cloud_gateway::store::NewOperation {
-                tenant: victim_tenant,
-                operation_id: op,
-                forest: victim_forest,
-                kind: "reset",
-                initiator: 1,
-                trace_id: "",
-                traceparent: &tp,
-                accepted_ms: relay::now_unix_ms(),
-                deadline_ms: deadline,
-                replica: "gateway-a",
-                envelope: &envelope,
-                key_version: relay::envelope::KEY_VERSION,
-                ttl: Duration::from_secs(600),
-                user: "sam:erin",
-            })
+        let created = sb
+            .store
+            .create_operation(
+                &cloud_gateway::store::NewOperation {
+                    tenant: victim_tenant,
+                    operation_id: op,
+                    forest: victim_forest,
+                    kind: "reset",
+                    initiator: 1,
+                    trace_id: "",
+                    traceparent: &tp,
+                    accepted_ms: relay::now_unix_ms(),
+                    deadline_ms: deadline,
+                    replica: "gateway-a",
+                    envelope: &envelope,
+                    key_version: relay::envelope::KEY_VERSION,
+                    ttl: Duration::from_secs(600),
+                    user: "sam:erin",
+                },
+                100,
+            )
             .await
             .unwrap();
+        assert_eq!(created, cloud_gateway::store::Created::New);
         let mut rec = None;
         for _ in 0..100 {
             rec = sb.store.operation(victim_tenant, op).await.unwrap();
