@@ -161,7 +161,8 @@ start_agent() { # name gateway-addr metrics-addr (loopback)
     launch "$1" "$BIN/onprem-agent" run --gateway-url "https://$2" --gateway-ca "$TLS/ca.pem" \
     --agent-id "$1" --agent-secret-file "$SECRETS/$1.secret" --forest "$FOREST" \
     --ldap-url "$DC_LDAPS_URL" --ldap-ca "$DC_CA" --bind-dn "$DC_SVC_UPN" \
-    --bind-password-file "$SECRETS/svc.password" --base-dn "$DC_BASE_DN" --metrics-listen "$3"
+    --bind-password-file "$SECRETS/svc.password" --base-dn "$DC_BASE_DN" --metrics-listen "$3" \
+    --state-dir "$S/agents/$1"
 }
 
 step "gateways gateway-a ($GW_A), gateway-b ($GW_B)"

@@ -280,6 +280,8 @@ impl Sandbox {
             metrics_listen: None,
             max_in_flight: 8,
             directory: self.directory_config(),
+            // A durable journal, as production runs it (one per agent id).
+            state_dir: Some(self.dir.path().join("agents").join(agent_id)),
         })
     }
 

@@ -25,6 +25,7 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
         forest: sb.forest.clone(),
         extra_domains: vec![],
         metrics_listen: None,
+        state_dir: None,
         max_in_flight: 1,
         directory: directory_config(&sb.dc),
     };

@@ -64,6 +64,7 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
             .env("AGENT_BIND_PASSWORD_FILE", &bind_password)
             .env("AGENT_BASE_DN", sb.dc.base_dn())
             .env("AGENT_METRICS_LISTEN", &agent_metrics)
+            .env("AGENT_STATE_DIR", dir.join("agent-state"))
             .env("WRITEBACK_LOG_FORMAT", "json"),
         dir.join("agent.log"),
     );

@@ -6,6 +6,7 @@
 pub mod directory;
 pub mod doctor;
 pub mod domains;
+pub mod journal;
 pub mod link;
 pub mod metrics;
 
@@ -36,6 +37,9 @@ pub struct AgentConfig {
     /// Where to serve Prometheus metrics; must be a loopback address (the agent listens on
     /// nothing else).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the journal and the stable instance id live (`None`: in memory, a new instance
+    /// id per process).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -58,6 +62,8 @@ pub enum AgentError {
     Directory(#[from] directory::DirectoryError),
     #[error(transparent)]
     Link(#[from] link::LinkError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("metrics address {0} is not a loopback address: the agent listens on nothing reachable from the network")]
     MetricsNotLoopback(std::net::SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
@@ -99,7 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shutdown.clone(),
         ));
     }
-    let agent = link::Agent::new(config, domains);
+    let agent = link::Agent::new(config, domains)?;
     agent.run(shutdown).await?;
     tracing::info!(event = "WB2030", "agent stopped");
     Ok(())

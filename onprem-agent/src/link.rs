@@ -2,7 +2,6 @@
 //! receive sealed work, open it with the forest key, apply it to AD and acknowledge it. Only
 //! outbound connections; reconnects with jittered exponential backoff.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,14 +24,13 @@ use tracing::Instrument;
 
 use crate::directory::ApplyResult;
 use crate::domains::Domains;
+use crate::journal::{Begin, Journal, JournalError};
 use crate::AgentConfig;
 
 /// Frames buffered towards the gateway.
 const OUTBOUND_BUFFER: usize = 64;
 /// Work with less time than this left is refused as `EXPIRED` rather than started.
 const MIN_TIME_TO_APPLY: Duration = Duration::from_millis(150);
-/// How long outcomes are remembered to answer a redelivered operation without applying twice.
-const REMEMBER_OUTCOMES: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -50,37 +48,36 @@ pub enum LinkError {
     Protocol(String),
 }
 
-/// Outcomes already reached, by operation id: an operation redelivered after a reconnect is
-/// answered from here and never applied twice (SPEC invariant 3).
-#[derive(Default)]
-struct Outcomes {
-    done: HashMap<String, (Instant, Ack)>,
-    running: std::collections::HashSet<String>,
-}
-
-impl Outcomes {
-    fn prune(&mut self) {
-        self.done
-            .retain(|_, (at, _)| at.elapsed() < REMEMBER_OUTCOMES);
-    }
-}
-
 /// Long-lived state shared by all connections of this agent process.
 pub struct Agent {
     config: AgentConfig,
     domains: Domains,
     instance_id: String,
-    outcomes: Mutex<Outcomes>,
+    /// Outcomes (and intents) of operations, so a redelivery is never applied twice.
+    journal: Journal,
+    /// The stream of the live session, where acknowledgments go, also those of work started
+    /// on a session that has ended since (the gateway re-sent it on the new one).
+    current: Mutex<Option<mpsc::Sender<AgentFrame>>>,
 }
 
 impl Agent {
-    pub fn new(config: AgentConfig, domains: Domains) -> Arc<Self> {
-        Arc::new(Self {
+    /// An agent whose journal lives in `config.state_dir` (durable, stable instance id), or in
+    /// memory when there is none.
+    ///
+    /// # Errors
+    /// When the journal cannot be opened.
+    pub fn new(config: AgentConfig, domains: Domains) -> Result<Arc<Self>, JournalError> {
+        let (journal, instance_id) = match &config.state_dir {
+            Some(dir) => Journal::open(dir)?,
+            None => (Journal::in_memory(), uuid::Uuid::new_v4().to_string()),
+        };
+        Ok(Arc::new(Self {
             config,
             domains,
-            instance_id: uuid::Uuid::new_v4().to_string(),
-            outcomes: Mutex::default(),
-        })
+            instance_id,
+            journal,
+            current: Mutex::new(None),
+        }))
     }
 
     fn endpoint(&self) -> Result<Endpoint, LinkError> {
@@ -204,6 +201,7 @@ impl Agent {
             }
         };
         let session = Arc::new(self.clone().welcome(welcome, tx)?);
+        *self.current.lock().expect("current stream") = Some(session.tx.clone());
         let m = crate::metrics::get();
         m.gateway_connects.inc();
         m.connected.set(1);
@@ -250,6 +248,7 @@ impl Agent {
             }
         };
         m.connected.set(0);
+        self.current.lock().expect("current stream").take();
         // Let operations already started finish and send their acknowledgments (bounded).
         session.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), session.tasks.wait()).await;
@@ -333,8 +332,16 @@ impl Session {
             let Some(ack) = ack else {
                 return;
             };
-            if session
-                .tx
+            // The live session's stream if there is one (this work's may have ended while it
+            // ran, and the gateway re-sent it on the new one), else this work's own.
+            let tx = session
+                .agent
+                .current
+                .lock()
+                .expect("current stream")
+                .clone()
+                .unwrap_or_else(|| session.tx.clone());
+            if tx
                 .send(AgentFrame {
                     frame: Some(agent_frame::Frame::Ack(ack)),
                 })
@@ -369,20 +376,33 @@ impl Session {
             .or_else(|| TraceParent::parse(parent).map(|p| p.child()))
             .unwrap_or_else(TraceParent::new_root);
         let _guard = span.enter();
-        // Answer a redelivery from memory; never apply an operation twice.
-        {
-            let mut outcomes = self.agent.outcomes.lock().expect("outcomes");
-            outcomes.prune();
-            if let Some((_, ack)) = outcomes.done.get(&op_id) {
+        // Answer a redelivery from the journal; never apply an operation twice. The intent is
+        // on disk before anything touches AD.
+        match self.agent.journal.begin(&op_id) {
+            Ok(Begin::Apply) => {}
+            Ok(Begin::Answer(ack)) => {
                 tracing::info!(
                     event = "WB2013",
-                    "redelivered operation answered from memory"
+                    "redelivered operation answered from the journal"
                 );
-                return Some(ack.clone());
+                return Some(*ack);
             }
-            if !outcomes.running.insert(op_id.clone()) {
-                tracing::info!("operation already running; duplicate ignored");
+            Ok(Begin::Running) => {
+                tracing::info!("operation already running; its first delivery answers");
                 return None;
+            }
+            Ok(Begin::Uncertain) => {
+                tracing::warn!(event = "WB2014", operation_id = %op_id, "an earlier run of this agent started this operation and stopped before recording its outcome; not applied again, the gateway settles it TIMED_OUT");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(event = "WB2015", error = %e, "cannot write the journal; operation not applied");
+                return Some(refusal(
+                    &op_id,
+                    &trace,
+                    Outcome::Failed,
+                    "the agent cannot write its journal; nothing was applied",
+                ));
             }
         }
         drop(_guard);
@@ -396,9 +416,9 @@ impl Session {
                 .unwrap_or_default()
                 .as_str_name(),
         );
-        let mut outcomes = self.agent.outcomes.lock().expect("outcomes");
-        outcomes.running.remove(&op_id);
-        outcomes.done.insert(op_id, (Instant::now(), ack.clone()));
+        if let Err(e) = self.agent.journal.finish(&op_id, &ack) {
+            tracing::error!(event = "WB2015", error = %e, "cannot record an outcome in the journal; it is answered from memory until the agent restarts");
+        }
         Some(ack)
     }
 

@@ -92,6 +92,11 @@ struct RunArgs {
     /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
     #[arg(long, env = "AGENT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Directory for the agent's journal and instance id (write-ahead: a restarted agent
+    /// answers redelivered work from it and never applies an operation twice). Without it
+    /// the journal is kept in memory only.
+    #[arg(long, env = "AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Pooled LDAPS connections.
     #[arg(long, env = "AGENT_LDAP_POOL_SIZE", default_value_t = 4)]
     ldap_pool_size: usize,
@@ -173,6 +178,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
         max_in_flight: args.max_in_flight.clamp(1, 256),
         directory,
         metrics_listen: args.metrics_listen,
+        state_dir: args.state_dir,
     })
 }
 

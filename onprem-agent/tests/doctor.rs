@@ -46,6 +46,7 @@ fn config(dc: &SambaDc, bind_dn: String, password: &str, ca: std::path::PathBuf)
         forest: dc.dns_domain(),
         extra_domains: vec![],
         metrics_listen: None,
+        state_dir: None,
         max_in_flight: 1,
         directory: DirectoryConfig {
             urls: vec![dc.ldaps_url()],

@@ -441,6 +441,17 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start(gateway: &Gateway, dc: &SambaDc, max_in_flight: u32, pool_size: usize) -> Self {
+        Self::start_in(gateway, dc, max_in_flight, pool_size, None)
+    }
+
+    /// As [`RunningAgent::start`], with the journal and instance id in `state_dir`.
+    fn start_in(
+        gateway: &Gateway,
+        dc: &SambaDc,
+        max_in_flight: u32,
+        pool_size: usize,
+        state_dir: Option<std::path::PathBuf>,
+    ) -> Self {
         let config = AgentConfig {
             gateway_url: format!("https://{}", gateway.addr),
             gateway_ca: gateway.ca.ca_file(),
@@ -462,6 +473,7 @@ impl RunningAgent {
                 use_dc_reason_text: true,
             },
             metrics_listen: None,
+            state_dir,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(onprem_agent::run(config, shutdown.clone()));
@@ -898,5 +910,89 @@ async fn shutdown_drains_the_operation_in_flight() {
     );
     assert_eq!(AdWrites::read(&dc, &dn), before.plus_password());
     assert!(dc.can_bind(&upn(&dc, "dana"), "Drained#Reset-1"));
+    gateway.stop().await;
+}
+
+/// A restarted agent keeps its instance id and its journal: work the gateway re-sends after the
+/// restart is answered from the journal and AD is written once; an operation whose outcome the
+/// dead process never recorded is neither applied again nor answered "nothing changed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_answers_from_its_journal_and_never_applies_twice() {
+    events::capture();
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let jules = dc.create_user("jules", "Initial#Pass1").unwrap();
+    let kim = dc.create_user("kim", "Initial#Pass1").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let dir = || Some(state.path().to_owned());
+    let mut gateway = Gateway::start(&forest).await;
+
+    let before = AdWrites::read(&dc, &jules);
+    let agent = RunningAgent::start_in(&gateway, &dc, 4, 2, dir());
+    let mut stream = gateway.accepted().await;
+    let instance = stream.hello.instance_id.clone();
+    let work = gateway.work(
+        "journaled-1",
+        &reset_of(&forest, "jules", "Journaled#Reset-1"),
+        Duration::from_secs(60),
+    );
+    stream.send(work.clone()).await;
+    let first = stream.ack().await;
+    assert_eq!(outcome(&first), Outcome::Applied);
+    agent.stop(&mut stream).await;
+
+    // The process is gone; a new one starts from the same state directory.
+    let agent = RunningAgent::start_in(&gateway, &dc, 4, 2, dir());
+    let mut stream = gateway.accepted().await;
+    assert_eq!(
+        stream.hello.instance_id, instance,
+        "the instance id survives a restart"
+    );
+    stream.send(work).await;
+    let again = stream.ack().await;
+    assert_eq!(
+        (outcome(&again), again.message.as_str()),
+        (Outcome::Applied, first.message.as_str()),
+        "answered as the first time"
+    );
+    assert_eq!(
+        AdWrites::read(&dc, &jules),
+        before.plus_password(),
+        "written once"
+    );
+    assert!(dc.can_bind(&upn(&dc, "jules"), "Journaled#Reset-1"));
+    agent.stop(&mut stream).await;
+
+    // A process that died between its intent and the outcome: the intent is on file.
+    let line = format!(
+        "{{\"op\":\"crashed-1\",\"at\":{},\"intent\":true}}\n",
+        relay::now_unix_ms()
+    );
+    let mut journal = std::fs::OpenOptions::new()
+        .append(true)
+        .open(state.path().join("journal.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut journal, line.as_bytes()).unwrap();
+    drop(journal);
+    let before = AdWrites::read(&dc, &kim);
+    let agent = RunningAgent::start_in(&gateway, &dc, 4, 2, dir());
+    let mut stream = gateway.accepted().await;
+    stream
+        .send(gateway.work(
+            "crashed-1",
+            &reset_of(&forest, "kim", "Never#Twice-1"),
+            Duration::from_secs(60),
+        ))
+        .await;
+    if let Some(other) = stream.next(Duration::from_secs(2)).await {
+        panic!("an operation of unknown outcome was answered: {other:?}");
+    }
+    assert!(
+        !events::with_code("WB2014").is_empty(),
+        "the unknown outcome is logged"
+    );
+    assert_eq!(AdWrites::read(&dc, &kim), before, "not applied again");
+    assert!(dc.can_bind(&upn(&dc, "kim"), "Initial#Pass1"));
+    agent.stop(&mut stream).await;
     gateway.stop().await;
 }

@@ -1,0 +1,328 @@
+//! The agent's write-ahead journal, and the stable instance identity tied to it.
+//!
+//! Before an operation touches AD, its intent is appended and fsynced; after, its outcome.
+//! The gateway re-sends unacknowledged work only to the instance it delivered it to, and a
+//! restarted agent keeps its instance id (stored beside the journal), so after any crash a
+//! redelivered operation is answered from here instead of being applied again:
+//! - an outcome on file is sent again as it was;
+//! - an intent without an outcome (the process died mid-write) is never applied again and
+//!   never answered "nothing changed": the agent stays silent on it, and the gateway settles
+//!   it `TIMED_OUT` ("it may or may not have been applied") at its deadline.
+//!
+//! Without a state directory the journal lives in memory only (tests, `doctor`): it still
+//! answers redeliveries within the process, as before.
+//!
+//! The file holds JSON lines `{"op","at","intent":true}` and `{"op","at","ack":<base64>}`
+//! (the acknowledgment never holds a secret). Entries older than [`KEEP`] are dropped when the
+//! journal is opened, and the file is rewritten then.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use relay::proto::Ack;
+
+/// How long outcomes are kept to answer redeliveries (well beyond any operation's deadline).
+pub const KEEP: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal {path} line {line}: {detail}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    op: String,
+    at: i64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    intent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ack: Option<String>,
+}
+
+/// What to do with an operation about to be applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begin {
+    /// Not seen before: its intent is now on disk; apply it, then [`Journal::finish`].
+    Apply,
+    /// Answered before: send this again.
+    Answer(Box<Ack>),
+    /// Being applied right now by this process: its first delivery will answer.
+    Running,
+    /// An earlier process started it and died before recording the outcome: do not apply it
+    /// again; whether it landed is not known here.
+    Uncertain,
+}
+
+enum Entry {
+    Intent,
+    Done(Box<Ack>),
+}
+
+struct State {
+    entries: HashMap<String, (i64, Entry)>,
+    running: HashSet<String>,
+    file: Option<File>,
+}
+
+/// See the module documentation.
+pub struct Journal {
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Journal {
+    /// A journal that forgets everything when the process ends.
+    pub fn in_memory() -> Self {
+        Self {
+            path: None,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                running: HashSet::new(),
+                file: None,
+            }),
+        }
+    }
+
+    /// Opens (or creates) the journal in `dir` and returns it with this agent's instance id,
+    /// created once and kept in `dir/instance`.
+    ///
+    /// # Errors
+    /// When the directory cannot be used or the journal is corrupt (it is never guessed at).
+    pub fn open(dir: &Path) -> Result<(Self, String), JournalError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let id_path = dir.join("instance");
+        let instance = match std::fs::read_to_string(&id_path) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+            Ok(_) | Err(_) => {
+                let id = uuid::Uuid::new_v4().to_string();
+                let tmp = dir.join("instance.tmp");
+                std::fs::write(&tmp, &id).map_err(io(&tmp))?;
+                File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(&tmp))?;
+                std::fs::rename(&tmp, &id_path).map_err(io(&id_path))?;
+                id
+            }
+        };
+        let path = dir.join("journal.jsonl");
+        let mut entries = HashMap::new();
+        if path.exists() {
+            let lines = line_count(&path);
+            let file = File::open(&path).map_err(io(&path))?;
+            for (n, line) in BufReader::new(file).lines().enumerate() {
+                let line = line.map_err(io(&path))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let corrupt = |detail: String| JournalError::Corrupt {
+                    path: path.clone(),
+                    line: n + 1,
+                    detail,
+                };
+                let l: Line = match serde_json::from_str(&line) {
+                    Ok(l) => l,
+                    // A torn last line (crash mid-append) is the only damage tolerated.
+                    Err(_) if n + 1 == lines => break,
+                    Err(e) => return Err(corrupt(e.to_string())),
+                };
+                let entry = match l.ack {
+                    Some(b64) => {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .map_err(|e| corrupt(e.to_string()))?;
+                        let ack =
+                            Ack::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+                        Entry::Done(Box::new(ack))
+                    }
+                    None if l.intent => Entry::Intent,
+                    None => return Err(corrupt("neither intent nor outcome".into())),
+                };
+                // An outcome supersedes its intent; a later intent never replaces an outcome.
+                match (entries.get(&l.op), &entry) {
+                    (Some((_, Entry::Done(_))), Entry::Intent) => {}
+                    _ => {
+                        entries.insert(l.op, (l.at, entry));
+                    }
+                }
+            }
+        }
+        let cutoff = relay::now_unix_ms() - KEEP.as_millis() as i64;
+        entries.retain(|_, (at, _)| *at >= cutoff);
+        // Rewrite what is kept, then append from there.
+        let tmp = dir.join("journal.jsonl.tmp");
+        {
+            let mut out = File::create(&tmp).map_err(io(&tmp))?;
+            for (op, (at, entry)) in &entries {
+                writeln!(out, "{}", encode(op, *at, entry)).map_err(io(&tmp))?;
+            }
+            out.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let journal = Self {
+            path: Some(path),
+            state: Mutex::new(State {
+                entries,
+                running: HashSet::new(),
+                file: Some(file),
+            }),
+        };
+        Ok((journal, instance))
+    }
+
+    /// Decides what to do with `op`; for [`Begin::Apply`] its intent is durable on return.
+    ///
+    /// # Errors
+    /// When the intent cannot be written (then the operation must not be applied).
+    pub fn begin(&self, op: &str) -> Result<Begin, JournalError> {
+        let mut state = self.state.lock().expect("journal");
+        if state.running.contains(op) {
+            return Ok(Begin::Running);
+        }
+        match state.entries.get(op) {
+            Some((_, Entry::Done(ack))) => return Ok(Begin::Answer(ack.clone())),
+            Some((_, Entry::Intent)) => return Ok(Begin::Uncertain),
+            None => {}
+        }
+        let at = relay::now_unix_ms();
+        self.append(&mut state, &encode(op, at, &Entry::Intent))?;
+        state.entries.insert(op.to_owned(), (at, Entry::Intent));
+        state.running.insert(op.to_owned());
+        Ok(Begin::Apply)
+    }
+
+    /// Records the outcome of an operation started with [`Journal::begin`].
+    ///
+    /// # Errors
+    /// When it cannot be written (it is still answered from memory in this process).
+    pub fn finish(&self, op: &str, ack: &Ack) -> Result<(), JournalError> {
+        let mut state = self.state.lock().expect("journal");
+        state.running.remove(op);
+        let at = relay::now_unix_ms();
+        let entry = Entry::Done(Box::new(ack.clone()));
+        let line = encode(op, at, &entry);
+        state.entries.insert(op.to_owned(), (at, entry));
+        self.append(&mut state, &line)
+    }
+
+    fn append(&self, state: &mut State, line: &str) -> Result<(), JournalError> {
+        let (Some(file), Some(path)) = (state.file.as_mut(), self.path.as_ref()) else {
+            return Ok(());
+        };
+        // Appends are a few hundred bytes; fsync (sync_data) makes each one durable before
+        // the write to AD that it announces.
+        writeln!(file, "{line}")
+            .and_then(|()| file.sync_data())
+            .map_err(io(path))
+    }
+}
+
+fn line_count(path: &Path) -> usize {
+    File::open(path)
+        .map(|f| BufReader::new(f).lines().count())
+        .unwrap_or(0)
+}
+
+fn encode(op: &str, at: i64, entry: &Entry) -> String {
+    let line = match entry {
+        Entry::Intent => Line {
+            op: op.to_owned(),
+            at,
+            intent: true,
+            ack: None,
+        },
+        Entry::Done(ack) => Line {
+            op: op.to_owned(),
+            at,
+            intent: false,
+            ack: Some(base64::engine::general_purpose::STANDARD.encode(ack.encode_to_vec())),
+        },
+    };
+    serde_json::to_string(&line).expect("journal line serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(op: &str) -> Ack {
+        Ack {
+            operation_id: op.into(),
+            outcome: relay::proto::Outcome::Applied as i32,
+            message: "done".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn outcomes_and_intents_survive_a_restart_with_the_same_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, instance) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("a").unwrap(), Begin::Apply);
+        assert_eq!(j.begin("a").unwrap(), Begin::Running);
+        j.finish("a", &ack("a")).unwrap();
+        assert_eq!(j.begin("a").unwrap(), Begin::Answer(Box::new(ack("a"))));
+        assert_eq!(j.begin("b").unwrap(), Begin::Apply); // the process "dies" here
+        drop(j);
+
+        let (j, again) = Journal::open(dir.path()).unwrap();
+        assert_eq!(again, instance, "the instance id is stable");
+        assert_eq!(j.begin("a").unwrap(), Begin::Answer(Box::new(ack("a"))));
+        assert_eq!(
+            j.begin("b").unwrap(),
+            Begin::Uncertain,
+            "never applied twice"
+        );
+        assert_eq!(j.begin("c").unwrap(), Begin::Apply);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_tolerated_and_other_damage_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("a").unwrap(), Begin::Apply);
+        j.finish("a", &ack("a")).unwrap();
+        drop(j);
+        let path = dir.path().join("journal.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        write!(f, "{{\"op\":\"b\",\"at\":1").unwrap();
+        drop(f);
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("a").unwrap(), Begin::Answer(Box::new(ack("a"))));
+        drop(j);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("garbage\n{text}")).unwrap();
+        let err = Journal::open(dir.path())
+            .err()
+            .expect("corrupt journal refused");
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+}
