@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: up down test build fmt lint deps
+.PHONY: up down test soak build fmt lint deps
 
 up:
 	@scripts/stack-up.sh
@@ -46,3 +46,9 @@ test:
 	fi; phase tests; \
 	run scripts/check-leftovers.sh || { [ $$rc -ne 0 ] || rc=1; }; \
 	if [ $$rc -eq 0 ]; then finish "passed" 0; else finish "FAILED (tests)" $$rc; fi
+
+# The long form of the fault-injection suite (e2e/tests/faults.rs): 9 rounds of 6 faults
+# (Redis, agent and gateway kill -9, gateway SIGTERM, DC frozen, agent path blackholed) under
+# a steady stream of resets; prints the one-line verdict and the recovery figures.
+soak:
+	@scripts/soak.sh

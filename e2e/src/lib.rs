@@ -136,10 +136,26 @@ impl Sandbox {
     /// # Errors
     /// When a component does not start.
     pub async fn start(gateways: usize) -> anyhow::Result<Self> {
+        Self::start_on(gateways, RedisServer::start().context("start redis")?).await
+    }
+
+    /// As [`Sandbox::start`], with a durable Redis (AOF fsynced on every write), as
+    /// production must run it: a kill -9 and restart of Redis loses nothing.
+    ///
+    /// # Errors
+    /// When a component does not start.
+    pub async fn start_durable(gateways: usize) -> anyhow::Result<Self> {
+        Self::start_on(
+            gateways,
+            RedisServer::start_durable().context("start redis")?,
+        )
+        .await
+    }
+
+    async fn start_on(gateways: usize, redis: RedisServer) -> anyhow::Result<Self> {
         relay::tls::install_crypto_provider();
         // Spans get real OpenTelemetry ids, as in production (nothing is exported).
         TELEMETRY.get_or_init(|| relay::telemetry::init("e2e"));
-        let redis = RedisServer::start().context("start redis")?;
         let dc = SambaDc::start("CORP.WRITEBACK.TEST").context("start samba")?;
         let ca = TestCa::new(&["127.0.0.1", "localhost"]).context("test CA")?;
         let master_key = KeyBytes::generate()?;

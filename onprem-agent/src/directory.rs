@@ -110,6 +110,11 @@ impl ApplyResult {
     }
 }
 
+/// When the DC did not confirm a write that it may have committed. Internally the outcome is
+/// `TIMED_OUT`; the agent then sends no answer, and the gateway settles the operation
+/// `TIMED_OUT` ("it may or may not have been applied") at its deadline.
+pub const MSG_UNKNOWN: &str =
+    "Your organization's directory did not confirm the change in time. It may or may not have been applied.";
 pub const MSG_UNAVAILABLE: &str =
     "Your organization's directory cannot be reached right now; nothing was changed. Please try again in a few minutes.";
 const MSG_ACCESS_DENIED: &str =
@@ -436,11 +441,17 @@ impl Directory {
                 }
                 Err(e) => {
                     crate::metrics::get().ldap_errors.inc();
-                    // The connection is suspect: drop it. Whether the DC applied a write that was
-                    // in flight is unknown, so this is not EXPIRED.
+                    // The connection is suspect: drop it. A failure before the write changed
+                    // nothing; one during the write (timed out, connection lost) may have been
+                    // committed by the DC: never "nothing was changed" then.
+                    let (outcome, message) = if e.stage == Stage::Write {
+                        (Outcome::TimedOut, MSG_UNKNOWN)
+                    } else {
+                        (Outcome::DirectoryUnavailable, MSG_UNAVAILABLE)
+                    };
                     let mut r = ApplyResult::new(
-                        Outcome::DirectoryUnavailable,
-                        MSG_UNAVAILABLE,
+                        outcome,
+                        message,
                         format!("{} during {:?}: {}", conn.url, e.stage, e.error),
                     );
                     r.directory = conn.url;

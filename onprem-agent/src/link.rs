@@ -416,6 +416,13 @@ impl Session {
                 .unwrap_or_default()
                 .as_str_name(),
         );
+        if ack.outcome == Outcome::TimedOut as i32 {
+            // The DC may have committed the write: no answer is truthful but "unknown". The
+            // journal keeps the intent (a redelivery is not applied again), and the gateway
+            // settles it TIMED_OUT.
+            tracing::warn!(event = "WB2016", operation_id = %op_id, detail = %ack.detail, "the DC did not confirm a write it may have committed; outcome unknown, not answered");
+            return None;
+        }
         if let Err(e) = self.agent.journal.finish(&op_id, &ack) {
             tracing::error!(event = "WB2015", error = %e, "cannot record an outcome in the journal; it is answered from memory until the agent restarts");
         }
