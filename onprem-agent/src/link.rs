@@ -236,7 +236,7 @@ impl Agent {
                         last_heard = Instant::now();
                         match f.frame {
                             Some(gateway_frame::Frame::Work(work)) => session.clone().accept(work),
-                            Some(gateway_frame::Frame::Heartbeat(_)) => {}
+                            Some(gateway_frame::Frame::Heartbeat(hb)) => session.clock.sample(hb.sent_unix_ms),
                             Some(gateway_frame::Frame::Welcome(_)) | None => {
                                 tracing::warn!("unexpected frame from gateway; ignored");
                             }
@@ -281,6 +281,8 @@ impl Agent {
         let key = KeyBytes::from_slice(&raw)
             .map_err(|_| LinkError::Protocol("forest key must be 32 bytes".into()));
         zeroize::Zeroize::zeroize(&mut raw);
+        let clock = GatewayClock::default();
+        clock.sample(w.gateway_time_unix_ms);
         Ok(Session {
             agent: self.clone(),
             tenant: w.tenant_id,
@@ -292,6 +294,7 @@ impl Agent {
             permits: Arc::new(Semaphore::new(self.config.max_in_flight.max(1) as usize)),
             tx,
             tasks: TaskTracker::new(),
+            clock,
         })
     }
 }
@@ -309,6 +312,47 @@ struct Session {
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<AgentFrame>,
     tasks: TaskTracker,
+    /// The gateway's clock (the store's) relative to ours, from its heartbeats.
+    clock: GatewayClock,
+}
+
+/// How far the gateway's clock is ahead of ours, estimated from the times it stamps on its
+/// frames. Each sample (its send time minus our receive time) can only be too low, by that
+/// frame's transit delay; the highest recent sample is the closest, so a frame held up in a
+/// stalled stream never makes the agent think it has more time than it has.
+#[derive(Default)]
+pub struct GatewayClock {
+    samples: Mutex<std::collections::VecDeque<(Instant, i64)>>,
+}
+
+impl GatewayClock {
+    /// How long samples count (clocks drift slowly; a minute of them is plenty).
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// Records that the gateway stamped `sent_unix_ms` on a frame we received just now.
+    pub fn sample(&self, sent_unix_ms: i64) {
+        if sent_unix_ms <= 0 {
+            return;
+        }
+        let mut samples = self.samples.lock().expect("gateway clock");
+        samples.push_back((Instant::now(), sent_unix_ms - relay::now_unix_ms()));
+        while samples
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > Self::WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// Milliseconds the gateway's clock is ahead of ours (negative: behind), if it has said.
+    pub fn offset_ms(&self) -> Option<i64> {
+        self.samples
+            .lock()
+            .expect("gateway clock")
+            .iter()
+            .map(|(_, o)| *o)
+            .max()
+    }
 }
 
 impl Session {
@@ -434,7 +478,10 @@ impl Session {
         // The deadline as the gateway stated it, but measured on our own clock from the time
         // left when it was sent, so clock skew cannot make us apply late.
         let by_remaining = received + Duration::from_millis(u64::from(work.remaining_ms));
-        let by_clock_ms = work.deadline_unix_ms - relay::now_unix_ms();
+        // The deadline is on the gateway's (the store's) clock: read it on ours through the
+        // measured offset, so neither a skewed clock nor a stale frame stretches it.
+        let gateway_now = relay::now_unix_ms() + self.clock.offset_ms().unwrap_or(0);
+        let by_clock_ms = work.deadline_unix_ms - gateway_now;
         let by_clock = if by_clock_ms <= 0 {
             Instant::now()
         } else {
@@ -550,5 +597,24 @@ fn refusal(op_id: &str, trace: &TraceParent, outcome: Outcome, detail: &str) -> 
         detail: detail.to_owned(),
         traceparent: trace.to_string(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_clock_takes_the_least_delayed_sample() {
+        let clock = GatewayClock::default();
+        assert_eq!(clock.offset_ms(), None);
+        let now = relay::now_unix_ms();
+        // 5 s ahead; one frame arrived 2 s late (stalled stream), one nearly at once.
+        clock.sample(now + 5000 - 2000);
+        clock.sample(now + 5000 - 3);
+        let offset = clock.offset_ms().unwrap();
+        assert!((4990..=5000).contains(&offset), "{offset}");
+        clock.sample(0);
+        assert_eq!(clock.offset_ms(), Some(offset), "unset stamps are ignored");
     }
 }

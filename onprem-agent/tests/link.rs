@@ -205,6 +205,8 @@ impl Drop for AgentStream {
 /// The `AgentLink` service: refuses the next `refuse` attempts, accepts the others with a
 /// Welcome and hands the stream to the test.
 struct ScriptedLink {
+    /// How far the scripted gateway's clock is ahead of this host's (ms).
+    clock_ahead: Arc<std::sync::atomic::AtomicI64>,
     forest: String,
     key: ForestKey,
     refuse: Arc<AtomicU32>,
@@ -252,7 +254,7 @@ impl AgentLink for ScriptedLink {
             forest_key: self.key.key_bytes().expose().to_vec(),
             heartbeat_interval_ms: 500,
             allow_protected_accounts: false,
-            gateway_time_unix_ms: relay::now_unix_ms(),
+            gateway_time_unix_ms: relay::now_unix_ms() + self.clock_ahead.load(Ordering::SeqCst),
         };
         tx.send(Ok(GatewayFrame {
             frame: Some(gateway_frame::Frame::Welcome(welcome)),
@@ -262,12 +264,12 @@ impl AgentLink for ScriptedLink {
         // Heartbeats, so the agent does not give up on a silent gateway.
         let heartbeats = CancellationToken::new();
         tokio::spawn({
-            let (tx, stop) = (tx.clone(), heartbeats.clone());
+            let (tx, stop, ahead) = (tx.clone(), heartbeats.clone(), self.clock_ahead.clone());
             async move {
                 let beat = || {
                     Ok(GatewayFrame {
                         frame: Some(gateway_frame::Frame::Heartbeat(Heartbeat {
-                            sent_unix_ms: relay::now_unix_ms(),
+                            sent_unix_ms: relay::now_unix_ms() + ahead.load(Ordering::SeqCst),
                             in_flight: 0,
                         })),
                     })
@@ -298,6 +300,8 @@ impl AgentLink for ScriptedLink {
 }
 
 struct Gateway {
+    /// How far this gateway's clock is ahead of the host's, in its frames and deadlines (ms).
+    clock_ahead: Arc<std::sync::atomic::AtomicI64>,
     addr: SocketAddr,
     ca: TestCa,
     forest: String,
@@ -321,7 +325,9 @@ impl Gateway {
         let (streams_tx, streams) = mpsc::unbounded_channel();
         let refuse = Arc::new(AtomicU32::new(0));
         let attempts = Arc::new(Mutex::new(Vec::new()));
+        let clock_ahead = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let link = ScriptedLink {
+            clock_ahead: clock_ahead.clone(),
             forest: forest.to_owned(),
             key: tenant_key.forest_key(TENANT, forest),
             refuse: refuse.clone(),
@@ -342,6 +348,7 @@ impl Gateway {
                 ),
         );
         Self {
+            clock_ahead,
             addr,
             ca,
             forest: forest.to_owned(),
@@ -392,7 +399,9 @@ impl Gateway {
         key_forest: &str,
         bound_forest: &str,
     ) -> Work {
-        let deadline_unix_ms = relay::now_unix_ms() + deadline_in.as_millis() as i64;
+        let deadline_unix_ms = relay::now_unix_ms()
+            + self.clock_ahead.load(Ordering::SeqCst)
+            + deadline_in.as_millis() as i64;
         let traceparent = TraceParent::new_root().to_string();
         let binding = Binding {
             tenant_id: TENANT,
@@ -993,6 +1002,54 @@ async fn a_restarted_agent_answers_from_its_journal_and_never_applies_twice() {
     );
     assert_eq!(AdWrites::read(&dc, &kim), before, "not applied again");
     assert!(dc.can_bind(&upn(&dc, "kim"), "Initial#Pass1"));
+    agent.stop(&mut stream).await;
+    gateway.stop().await;
+}
+
+/// The gateway's clock runs 5 s ahead of the agent's, and a frame arrives stale: it says 3 s
+/// were left when it was sent, but by the gateway's clock only 100 ms are. The agent reads the
+/// deadline through the offset it measured from the gateway's heartbeats and refuses the work
+/// (nothing after the deadline, on any clock); work with time left is applied as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_frame_from_a_gateway_with_another_clock_is_not_applied_late() {
+    events::capture();
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let dn = dc.create_user("skew", "Initial#Pass1").unwrap();
+    let mut gateway = Gateway::start(&forest).await;
+    gateway.clock_ahead.store(5000, Ordering::SeqCst);
+    let agent = RunningAgent::start(&gateway, &dc, 4, 2);
+    let mut stream = gateway.accepted().await;
+    // A few heartbeats so the agent has measured the offset.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = AdWrites::read(&dc, &dn);
+    let stale = gateway.work_sealed(
+        "stale-1",
+        &reset_of(&forest, "skew", "Too#Late-Reset1"),
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        &forest,
+        &forest,
+    );
+    stream.send(stale).await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::Expired, "{ack:?}");
+    assert_eq!(
+        AdWrites::read(&dc, &dn),
+        before,
+        "nothing written after the deadline"
+    );
+    assert!(dc.can_bind(&upn(&dc, "skew"), "Initial#Pass1"));
+    // In time on the gateway's clock: applied, the offset does not eat into real time.
+    stream
+        .send(gateway.work(
+            "timely-1",
+            &reset_of(&forest, "skew", "In#Time-Reset1"),
+            Duration::from_secs(5),
+        ))
+        .await;
+    assert_eq!(outcome(&stream.ack().await), Outcome::Applied);
+    assert_eq!(AdWrites::read(&dc, &dn), before.plus_password());
     agent.stop(&mut stream).await;
     gateway.stop().await;
 }
