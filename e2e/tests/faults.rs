@@ -59,7 +59,6 @@ struct Op {
 /// The processes this test runs as real binaries, restartable.
 struct Binaries {
     dir: PathBuf,
-    gateway_addr: std::net::SocketAddr,
     gateway_env: Vec<(String, String)>,
     gateway: Option<Process>,
     agent_env: Vec<(String, String)>,
@@ -198,7 +197,6 @@ async fn every_answer_is_true_whatever_fails() {
     ]);
     let mut bins = Binaries {
         dir: dir.clone(),
-        gateway_addr,
         gateway_env,
         gateway: None,
         agent_env,
@@ -370,7 +368,6 @@ async fn every_answer_is_true_whatever_fails() {
     for w in workers {
         w.await.unwrap();
     }
-    let _ = bins.gateway_addr;
 
     // Let every operation settle (deadline + the acknowledgment grace of both replicas).
     let ops = ops.lock().await.clone();

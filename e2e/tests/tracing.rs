@@ -2,18 +2,13 @@
 //! receiver (the `opentelemetry-proto` tonic server) running in this test. Checks one trace id
 //! (the caller's), parent links across processes, span names, and no secret in any attribute.
 
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use std::process::Command;
+use opentelemetry_proto::tonic::trace::v1::Span;
 
+use e2e::otlp::OtlpReceiver;
 use e2e::{authorized, binary, request, reset, Process, Sandbox};
 use relay::proto::Outcome;
 
@@ -27,66 +22,35 @@ struct Exported {
     attributes: Vec<(String, String)>,
 }
 
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Exported>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut out = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .map(|v| format!("{:?}", v.value))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    out.push(Exported {
-                        service: service.clone(),
-                        name: s.name,
-                        trace_id: hex::encode(s.trace_id),
-                        span_id: hex::encode(s.span_id),
-                        parent: hex::encode(s.parent_span_id),
-                        attributes: s
-                            .attributes
-                            .into_iter()
-                            .map(|kv| {
-                                let v = match kv.value.and_then(|v| v.value) {
-                                    Some(Value::StringValue(s)) => s,
-                                    Some(other) => format!("{other:?}"),
-                                    None => String::new(),
-                                };
-                                (kv.key, v)
-                            })
-                            .collect(),
-                    });
-                }
-            }
+impl Exported {
+    fn from_span((service, s): (String, Span)) -> Self {
+        Self {
+            service,
+            name: s.name,
+            trace_id: hex::encode(s.trace_id),
+            span_id: hex::encode(s.span_id),
+            parent: hex::encode(s.parent_span_id),
+            attributes: s
+                .attributes
+                .into_iter()
+                .map(|kv| {
+                    let v = match kv.value.and_then(|v| v.value) {
+                        Some(Value::StringValue(s)) => s,
+                        Some(other) => format!("{other:?}"),
+                        None => String::new(),
+                    };
+                    (kv.key, v)
+                })
+                .collect(),
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_reset_is_one_trace_across_gateway_and_agent() {
     let sb = Sandbox::start(0).await.unwrap();
-    let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let otlp = receiver.endpoint().to_owned();
 
     let dir = sb.dir();
     let write = |name: &str, v: &str| {
@@ -213,7 +177,11 @@ async fn one_reset_is_one_trace_across_gateway_and_agent() {
     ];
     let mut spans = Vec::new();
     for _ in 0..50 {
-        spans = receiver.spans.lock().unwrap().clone();
+        spans = receiver
+            .spans()
+            .into_iter()
+            .map(Exported::from_span)
+            .collect::<Vec<_>>();
         if wanted.iter().all(|w| spans.iter().any(|s| s.name == *w)) {
             break;
         }

@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -132,10 +132,9 @@ impl Journal {
         let path = dir.join("journal.jsonl");
         let mut entries = HashMap::new();
         if path.exists() {
-            let lines = line_count(&path);
-            let file = File::open(&path).map_err(io(&path))?;
-            for (n, line) in BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(io(&path))?;
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            let lines: Vec<&str> = text.lines().collect();
+            for (n, line) in lines.iter().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
@@ -144,10 +143,10 @@ impl Journal {
                     line: n + 1,
                     detail,
                 };
-                let l: Line = match serde_json::from_str(&line) {
+                let l: Line = match serde_json::from_str(line) {
                     Ok(l) => l,
                     // A torn last line (crash mid-append) is the only damage tolerated.
-                    Err(_) if n + 1 == lines => break,
+                    Err(_) if n + 1 == lines.len() => break,
                     Err(e) => return Err(corrupt(e.to_string())),
                 };
                 let entry = match l.ack {
@@ -243,12 +242,6 @@ impl Journal {
             .and_then(|()| file.sync_data())
             .map_err(io(path))
     }
-}
-
-fn line_count(path: &Path) -> usize {
-    File::open(path)
-        .map(|f| BufReader::new(f).lines().count())
-        .unwrap_or(0)
 }
 
 fn encode(op: &str, at: i64, entry: &Entry) -> String {

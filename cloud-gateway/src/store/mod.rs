@@ -906,20 +906,8 @@ impl QueueReader {
     /// # Errors
     /// On Redis errors or malformed entries.
     pub async fn read_new(&mut self, count: usize, block: Duration) -> Result<Vec<QueueEntry>> {
-        let reply: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.min(self.block).as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(&self.queue)
-            .arg(">")
-            .query_async(&mut self.conn)
-            .await?;
-        parse_read_reply(&self.queue, reply)
+        self.read_group(count, Some(block.min(self.block)), ">")
+            .await
     }
 
     /// Entries delivered to this consumer before and not yet acknowledged (after a
@@ -928,15 +916,29 @@ impl QueueReader {
     /// # Errors
     /// On Redis errors or malformed entries.
     pub async fn own_pending(&mut self, count: usize) -> Result<Vec<QueueEntry>> {
-        let reply: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        self.read_group(count, None, "0").await
+    }
+
+    /// `XREADGROUP` for this consumer from `from` (`>`: new entries; `0`: its pending ones).
+    async fn read_group(
+        &mut self,
+        count: usize,
+        block: Option<Duration>,
+        from: &str,
+    ) -> Result<Vec<QueueEntry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(GROUP)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count)
+            .arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        let reply: redis::Value = cmd
             .arg("STREAMS")
             .arg(&self.queue)
-            .arg("0")
+            .arg(from)
             .query_async(&mut self.conn)
             .await?;
         parse_read_reply(&self.queue, reply)
