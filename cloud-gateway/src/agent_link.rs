@@ -115,6 +115,7 @@ impl AgentLinkService {
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
             allow_protected_accounts: settings.allow_protected_accounts,
             gateway_time_unix_ms: gw.clock.now_ms(),
+            answer_grace_ms: gw.config.ack_grace.as_millis() as u32,
         };
         // The Welcome's key copy is dropped (and its buffer freed) once the frame is encoded.
         tx.send(Outbound::Frame(frame(gateway_frame::Frame::Welcome(

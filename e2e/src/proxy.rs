@@ -6,6 +6,9 @@
 //! - [`Proxy::blackhole`] stops forwarding bytes, in both directions, on open and new
 //!   connections, without closing anything: both sides see a silent peer.
 //! - [`Proxy::resume`] forwards again (bytes held during a blackhole are then delivered).
+//! - [`Proxy::swallow_replies`] makes the connections open now deliver what the client sends
+//!   but drop everything the target answers: a request that is carried out whose answer never
+//!   comes. New connections are forwarded as before.
 //!
 //! Dropping the proxy closes its listener and every connection.
 
@@ -31,6 +34,8 @@ struct Shared {
     closed: CancellationToken,
     accepted: AtomicUsize,
     open: AtomicUsize,
+    /// Connections numbered below this have their replies dropped.
+    swallow_below: AtomicUsize,
 }
 
 /// See the module documentation.
@@ -47,9 +52,16 @@ impl Proxy {
     /// # Errors
     /// When it cannot listen.
     pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("proxy listen")?;
+        Self::start_on("127.0.0.1".parse().expect("loopback"), target).await
+    }
+
+    /// As [`Proxy::start`], listening on `ip` (port 0): e.g. the address of a server whose
+    /// certificate names its IP, so that clients verify it through the proxy.
+    ///
+    /// # Errors
+    /// When it cannot listen.
+    pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((ip, 0)).await.context("proxy listen")?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             target,
@@ -58,6 +70,7 @@ impl Proxy {
             closed: CancellationToken::new(),
             accepted: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
+            swallow_below: AtomicUsize::new(0),
         });
         let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Self {
@@ -89,6 +102,13 @@ impl Proxy {
     /// Forwards again after [`Proxy::blackhole`].
     pub fn resume(&self) {
         self.shared.forwarding.send_replace(true);
+    }
+
+    /// From now on, the connections open now drop every byte the target sends (see the
+    /// module documentation).
+    pub fn swallow_replies(&self) {
+        let accepted = self.shared.accepted.load(Ordering::SeqCst);
+        self.shared.swallow_below.store(accepted, Ordering::SeqCst);
     }
 
     /// Connections accepted since the start.
@@ -156,7 +176,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        let number = shared.accepted.fetch_add(1, Ordering::SeqCst);
         shared.open.fetch_add(1, Ordering::SeqCst);
         let generation = shared.generation.lock().expect("proxy generation").clone();
         let shared = shared.clone();
@@ -164,7 +184,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             tokio::select! {
                 _ = generation.cancelled() => {}
                 _ = shared.closed.cancelled() => {}
-                _ = connection(client, &shared) => {}
+                _ = connection(client, number, &shared) => {}
             }
             // Both sockets are dropped here: a cut closes them.
             shared.open.fetch_sub(1, Ordering::SeqCst);
@@ -173,7 +193,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Forwards one connection until both directions end or one fails.
-async fn connection(client: TcpStream, shared: &Shared) {
+async fn connection(client: TcpStream, number: usize, shared: &Shared) {
     let Ok(upstream) = TcpStream::connect(shared.target).await else {
         return;
     };
@@ -182,8 +202,21 @@ async fn connection(client: TcpStream, shared: &Shared) {
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let failed = CancellationToken::new();
-    let up = pump(cr, uw, shared.forwarding.subscribe(), failed.clone());
-    let down = pump(ur, cw, shared.forwarding.subscribe(), failed.clone());
+    let up = pump(
+        cr,
+        uw,
+        shared.forwarding.subscribe(),
+        failed.clone(),
+        &|| false,
+    );
+    let swallowed = || number < shared.swallow_below.load(Ordering::SeqCst);
+    let down = pump(
+        ur,
+        cw,
+        shared.forwarding.subscribe(),
+        failed.clone(),
+        &swallowed,
+    );
     tokio::join!(up, down);
 }
 
@@ -194,6 +227,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut forwarding: watch::Receiver<bool>,
     failed: CancellationToken,
+    swallowed: &(dyn Fn() -> bool + Sync),
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let work = async {
@@ -206,7 +240,9 @@ async fn pump(
                 return Some(());
             }
             forwarding.wait_for(|f| *f).await.ok()?;
-            to.write_all(&buf[..n]).await.ok()?;
+            if !swallowed() {
+                to.write_all(&buf[..n]).await.ok()?;
+            }
         }
     };
     tokio::select! {

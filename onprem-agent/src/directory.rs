@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 
 use relay::proto::{sealed_operation::Action, user_ref, Outcome, PolicyViolation, SealedOperation};
 use relay::secret::Secret;
+use serde::{Deserialize, Serialize};
 
 pub mod policy;
 
@@ -27,6 +28,25 @@ const POLICY_HINTS_VALUE: [u8; 5] = [0x30, 0x03, 0x02, 0x01, 0x01];
 const UF_ACCOUNTDISABLE: u32 = 0x2;
 /// Below this much time left, nothing is written.
 const MIN_WRITE_BUDGET: Duration = Duration::from_millis(100);
+/// Kept back from a write's time budget (at most a fifth of it), so that a write the DC does
+/// not confirm can still be read back from AD before the deadline.
+const VERIFY_RESERVE: Duration = Duration::from_secs(1);
+/// Between the two read-backs that must both show a write absent before the agent says it
+/// did not land (a DC that was stalled finishes what it had received within this).
+const VERIFY_SETTLE: Duration = Duration::from_secs(1);
+/// Between read-back attempts while the DC does not answer.
+const VERIFY_RETRY: Duration = Duration::from_millis(250);
+/// The attributes read of a user (lookup and read-back).
+const USER_ATTRS: [&str; 8] = [
+    "distinguishedName",
+    "sAMAccountName",
+    "displayName",
+    "adminCount",
+    "userAccountControl",
+    "pwdLastSet",
+    "lockoutTime",
+    "replPropertyMetaData",
+];
 
 /// How to reach and bind to the forest's domain controllers.
 #[derive(Debug, Clone)]
@@ -79,6 +99,9 @@ pub struct ApplyResult {
     pub directory: String,
     /// The answer to a policy query.
     pub policy: Option<relay::proto::PasswordPolicy>,
+    /// Set when the DC did not confirm a write it may have committed (outcome `TIMED_OUT`):
+    /// what to read back from AD to find out ([`Directory::verify`]).
+    pub uncertain: Option<WriteMark>,
 }
 
 impl ApplyResult {
@@ -106,8 +129,112 @@ impl ApplyResult {
             write_ms: 0,
             directory: String::new(),
             policy: None,
+            uncertain: None,
         }
     }
+}
+
+/// What the agent read of a user just before writing, so that a write the DC did not confirm
+/// can be judged from AD itself afterwards. Journaled before the write; holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteMark {
+    /// The DC the write went to: the read-back asks the same one (another DC may not have
+    /// replicated the write yet).
+    pub url: String,
+    pub dn: String,
+    pub check: Check,
+}
+
+/// How to tell from the user's entry whether one write landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Check {
+    /// Reset or change: landed when `unicodePwd`'s write version (`replPropertyMetaData`)
+    /// has grown past `version`. Where the metadata cannot be read, a changed `pwdLastSet`
+    /// says landed and an unchanged one says nothing.
+    Password {
+        version: Option<u32>,
+        pwd_last_set: i64,
+    },
+    /// Unlock: done when `lockoutTime` is 0.
+    Unlocked,
+    /// Clear forced change: done when `pwdLastSet` is not 0.
+    NoForcedChange,
+}
+
+/// What one read-back of a user said about a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Landed(String),
+    Absent(String),
+    Undecidable(String),
+}
+
+impl Check {
+    fn for_write(action: &Action, user: &UserEntry) -> Option<Self> {
+        match action {
+            Action::Reset(_) | Action::Change(_) => Some(Self::Password {
+                version: user.password_version,
+                pwd_last_set: user.pwd_last_set,
+            }),
+            Action::Unlock(_) => Some(Self::Unlocked),
+            Action::ClearForcedChange(_) => Some(Self::NoForcedChange),
+            Action::QueryPolicy(_) => None,
+        }
+    }
+
+    fn seen(&self, now: &UserEntry) -> Seen {
+        match self {
+            Self::Password {
+                version: Some(before),
+                ..
+            } if now.password_version.is_some() => {
+                let after = now.password_version.unwrap_or_default();
+                if after > *before {
+                    Seen::Landed(format!("unicodePwd written (version {before} -> {after})"))
+                } else {
+                    Seen::Absent(format!("unicodePwd unchanged (version {after})"))
+                }
+            }
+            Self::Password { pwd_last_set, .. } => {
+                if now.pwd_last_set != *pwd_last_set {
+                    Seen::Landed(format!(
+                        "pwdLastSet changed ({pwd_last_set} -> {})",
+                        now.pwd_last_set
+                    ))
+                } else {
+                    Seen::Undecidable(
+                        "replPropertyMetaData is not readable and pwdLastSet is unchanged".into(),
+                    )
+                }
+            }
+            Self::Unlocked if now.lockout_time == 0 => Seen::Landed("lockoutTime is 0".into()),
+            Self::Unlocked => Seen::Absent(format!("lockoutTime is {}", now.lockout_time)),
+            Self::NoForcedChange if now.pwd_last_set != 0 => {
+                Seen::Landed(format!("pwdLastSet is {}", now.pwd_last_set))
+            }
+            Self::NoForcedChange => Seen::Absent("pwdLastSet is 0".into()),
+        }
+    }
+
+    /// What the end user is told when the write landed.
+    pub fn applied_message(&self) -> &'static str {
+        match self {
+            Self::Password { .. } => "Your password was changed.",
+            Self::Unlocked => "Your account is unlocked.",
+            Self::NoForcedChange => "You no longer need to change your password at next sign-in.",
+        }
+    }
+}
+
+/// What AD says about a write the DC did not confirm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// The write is in AD; with the evidence.
+    Landed(String),
+    /// Read back twice, [`VERIFY_SETTLE`] apart, on a new connection to the same DC after the
+    /// first was dropped: not there.
+    Absent(String),
 }
 
 /// When the DC did not confirm a write that it may have committed. Internally the outcome is
@@ -130,6 +257,8 @@ enum Stage {
 struct ApplyError {
     stage: Stage,
     error: LdapError,
+    /// For a failed write: what to read back.
+    mark: Option<WriteMark>,
 }
 
 struct Conn {
@@ -167,6 +296,43 @@ pub struct UserEntry {
     pub user_account_control: u32,
     /// Windows FILETIME (100 ns since 1601), 0 = must change.
     pub pwd_last_set: i64,
+    /// Windows FILETIME of the lockout, 0 = not locked.
+    pub lockout_time: i64,
+    /// How many times AD has written the password (`unicodePwd`'s version in
+    /// `replPropertyMetaData`); `None` when the metadata cannot be read.
+    pub password_version: Option<u32>,
+}
+
+impl UserEntry {
+    fn from_entry(e: &SearchEntry) -> Self {
+        let first = |a: &str| first_value(e, a);
+        // Binary, so normally in `bin_attrs`; a blob that happens to be valid UTF-8 is not.
+        let meta = e
+            .bin_attrs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("replPropertyMetaData"))
+            .and_then(|(_, v)| v.first().cloned())
+            .or_else(|| {
+                e.attrs
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("replPropertyMetaData"))
+                    .and_then(|(_, v)| v.first().map(|s| s.as_bytes().to_vec()))
+            });
+        Self {
+            dn: e.dn.clone(),
+            sam: first("sAMAccountName"),
+            display_name: first("displayName"),
+            admin_count: first("adminCount") == "1",
+            user_account_control: first("userAccountControl").parse().unwrap_or(0),
+            pwd_last_set: first("pwdLastSet").parse().unwrap_or(0),
+            lockout_time: first("lockoutTime").parse().unwrap_or(0),
+            password_version: meta.and_then(|b| {
+                relay::ad::meta_version(&b, relay::ad::ATTID_UNICODE_PWD)
+                    .ok()
+                    .flatten()
+            }),
+        }
+    }
 }
 
 fn host_port(url: &str) -> Result<String, DirectoryError> {
@@ -397,6 +563,19 @@ impl Directory {
         deadline: Instant,
         allow_protected: bool,
     ) -> ApplyResult {
+        self.apply_with(op, deadline, allow_protected, &|_| {})
+            .await
+    }
+
+    /// [`Directory::apply`], calling `on_write` with what was read of the user just before
+    /// the write goes to the DC (the agent journals it, to read the write back after a crash).
+    pub async fn apply_with(
+        &self,
+        op: &SealedOperation,
+        deadline: Instant,
+        allow_protected: bool,
+        on_write: &(dyn Fn(&WriteMark) + Sync),
+    ) -> ApplyResult {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining < MIN_WRITE_BUDGET {
             return expired();
@@ -428,7 +607,7 @@ impl Directory {
                 }
             };
             match self
-                .apply_on(&mut conn, op, deadline, allow_protected)
+                .apply_on(&mut conn, op, deadline, allow_protected, on_write)
                 .await
             {
                 Ok(mut r) => {
@@ -455,6 +634,7 @@ impl Directory {
                         format!("{} during {:?}: {}", conn.url, e.stage, e.error),
                     );
                     r.directory = conn.url;
+                    r.uncertain = e.mark;
                     return r;
                 }
             }
@@ -477,6 +657,7 @@ impl Directory {
         let lookup = |error| ApplyError {
             stage: Stage::Lookup,
             error,
+            mark: None,
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let user = match op.user.as_ref().and_then(|u| u.id.as_ref()) {
@@ -582,6 +763,75 @@ impl Directory {
         })
     }
 
+    /// Reads a write the DC did not confirm back from AD, on new connections to the DC it
+    /// went to, until `until`: `Landed` as soon as AD shows it; `Absent` only when two reads
+    /// [`VERIFY_SETTLE`] apart both show it missing; `None` when AD could not tell in time.
+    pub async fn verify(&self, mark: &WriteMark, until: Instant) -> Option<Verified> {
+        let mut absent_since: Option<(Instant, String)> = None;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.read_back(mark, left).await {
+                Ok(Seen::Landed(evidence)) => return Some(Verified::Landed(evidence)),
+                Ok(Seen::Absent(evidence)) => match &absent_since {
+                    Some((first, _)) if first.elapsed() >= VERIFY_SETTLE => {
+                        return Some(Verified::Absent(format!(
+                            "{evidence}, read back twice {} ms apart",
+                            first.elapsed().as_millis()
+                        )));
+                    }
+                    Some(_) => {}
+                    None => absent_since = Some((Instant::now(), evidence)),
+                },
+                Ok(Seen::Undecidable(why)) => {
+                    tracing::warn!(event = "WB2017", dn = %mark.dn, %why, "cannot tell from AD whether a write landed");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::info!(url = %mark.url, error = %e, "read-back of an unconfirmed write failed; retrying");
+                }
+            }
+            let pause = match &absent_since {
+                Some((first, _)) => VERIFY_SETTLE.saturating_sub(first.elapsed()),
+                None => VERIFY_RETRY,
+            };
+            let left = until.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pause.min(left)).await;
+        }
+    }
+
+    /// One read of the user of `mark` on a new connection to `mark.url`.
+    async fn read_back(&self, mark: &WriteMark, budget: Duration) -> Result<Seen, DirectoryError> {
+        let mut conn = self.connect_one(&mark.url, budget).await?;
+        let result = conn
+            .ldap
+            .with_timeout(budget)
+            .search(
+                &mark.dn,
+                Scope::Base,
+                "(objectClass=*)",
+                USER_ATTRS.to_vec(),
+            )
+            .await
+            .map_err(|e| DirectoryError::Ldap(e.to_string()))?;
+        let _ = conn.ldap.unbind().await;
+        let (entries, res) = (result.0, result.1);
+        if res.rc != 0 {
+            return Err(DirectoryError::Ldap(format!(
+                "read-back of {}: result {} {}",
+                mark.dn, res.rc, res.text
+            )));
+        }
+        let entry = entries
+            .into_iter()
+            .find(|e| !e.is_ref())
+            .map(SearchEntry::construct)
+            .ok_or_else(|| DirectoryError::Ldap(format!("read-back of {}: no entry", mark.dn)))?;
+        Ok(mark.check.seen(&UserEntry::from_entry(&entry)))
+    }
+
     /// Finds the user named by `id`.
     async fn find_user(
         &self,
@@ -593,17 +843,14 @@ impl Directory {
         if filter.is_empty() {
             return Ok(Vec::new());
         }
-        let attrs = vec![
-            "distinguishedName",
-            "sAMAccountName",
-            "displayName",
-            "adminCount",
-            "userAccountControl",
-            "pwdLastSet",
-        ];
         let result = ldap
             .with_timeout(timeout)
-            .search(&self.inner.config.base_dn, Scope::Subtree, &filter, attrs)
+            .search(
+                &self.inner.config.base_dn,
+                Scope::Subtree,
+                &filter,
+                USER_ATTRS.to_vec(),
+            )
             .await?;
         let (entries, res) = (result.0, result.1);
         // 10 = referral (ignored: we never chase), 32 = base DN missing: nobody found.
@@ -614,17 +861,7 @@ impl Directory {
             .into_iter()
             .filter(|e| !e.is_ref())
             .map(SearchEntry::construct)
-            .map(|e| {
-                let first = |a: &str| first_value(&e, a);
-                UserEntry {
-                    dn: e.dn.clone(),
-                    sam: first("sAMAccountName"),
-                    display_name: first("displayName"),
-                    admin_count: first("adminCount") == "1",
-                    user_account_control: first("userAccountControl").parse().unwrap_or(0),
-                    pwd_last_set: first("pwdLastSet").parse().unwrap_or(0),
-                }
-            })
+            .map(|e| UserEntry::from_entry(&e))
             .collect())
     }
 
@@ -634,6 +871,7 @@ impl Directory {
         op: &SealedOperation,
         deadline: Instant,
         allow_protected: bool,
+        on_write: &(dyn Fn(&WriteMark) + Sync),
     ) -> Result<ApplyResult, ApplyError> {
         let started = Instant::now();
         if let Some(Action::QueryPolicy(_)) = op.action {
@@ -661,6 +899,7 @@ impl Directory {
             .map_err(|error| ApplyError {
                 stage: Stage::Lookup,
                 error,
+                mark: None,
             })?;
         let lookup_ms = started.elapsed().as_millis() as u32;
         let user = match users.as_slice() {
@@ -715,11 +954,21 @@ impl Directory {
             controls,
             new_password,
         } = Write::for_action(action);
+        let mark = Check::for_write(action, &user).map(|check| WriteMark {
+            url: conn.url.clone(),
+            dn: user.dn.clone(),
+            check,
+        });
+        if let Some(m) = &mark {
+            on_write(m);
+        }
+        // Part of the budget is kept back to read an unconfirmed write back before the deadline.
         let remaining = deadline.saturating_duration_since(Instant::now());
+        let budget = remaining - (remaining / 5).min(VERIFY_RESERVE);
         let res = conn
             .ldap
             .with_controls(controls)
-            .with_timeout(remaining)
+            .with_timeout(budget)
             .modify(&user.dn, mods)
             .instrument(tracing::info_span!("agent.ldap_write", directory = %conn.url, kind = action.kind()))
             .await;
@@ -727,6 +976,7 @@ impl Directory {
         let res = res.map_err(|error| ApplyError {
             stage: Stage::Write,
             error,
+            mark,
         })?;
         let mut result = if res.rc == 0 {
             ApplyResult::new(

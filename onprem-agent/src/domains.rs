@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use relay::proto::{sealed_operation::Action, user_ref, Outcome, SealedOperation};
 
-use crate::directory::{ApplyResult, Directory, DirectoryConfig, DirectoryError, MSG_UNAVAILABLE};
+use crate::directory::{
+    ApplyResult, Directory, DirectoryConfig, DirectoryError, Verified, WriteMark, MSG_UNAVAILABLE,
+};
 
 /// One domain of the forest.
 #[derive(Debug, Clone)]
@@ -65,6 +67,17 @@ impl Domains {
         out
     }
 
+    /// Reads an unconfirmed write back from the domain whose DC it went to
+    /// ([`Directory::verify`]).
+    pub async fn verify(&self, mark: &WriteMark, until: Instant) -> Option<Verified> {
+        let d = self
+            .list
+            .iter()
+            .find(|d| d.directory.config().urls.contains(&mark.url))
+            .unwrap_or(&self.list[0]);
+        d.directory.verify(mark, until).await
+    }
+
     fn by_upn_suffix(&self, upn: &str) -> Option<&Domain> {
         let suffix = upn.rsplit_once('@')?.1.to_ascii_lowercase();
         self.list
@@ -72,30 +85,35 @@ impl Domains {
             .find(|d| d.dns_name == suffix || d.upn_suffixes.contains(&suffix))
     }
 
-    /// Applies `op` in the domain that holds its user.
+    /// Applies `op` in the domain that holds its user; `on_write` as in
+    /// [`Directory::apply_with`].
     pub async fn apply(
         &self,
         op: &SealedOperation,
         deadline: Instant,
         allow_protected: bool,
+        on_write: &(dyn Fn(&WriteMark) + Sync),
     ) -> ApplyResult {
         let id = op.user.as_ref().and_then(|u| u.id.as_ref());
         let forest_wide_query = matches!(op.action, Some(Action::QueryPolicy(_))) && id.is_none();
         if self.list.len() == 1 || forest_wide_query {
             return self.list[0]
                 .directory
-                .apply(op, deadline, allow_protected)
+                .apply_with(op, deadline, allow_protected, on_write)
                 .await;
         }
         let Some(id) = id else {
             return self.list[0]
                 .directory
-                .apply(op, deadline, allow_protected)
+                .apply_with(op, deadline, allow_protected, on_write)
                 .await;
         };
         if let user_ref::Id::UserPrincipalName(upn) = id {
             if let Some(d) = self.by_upn_suffix(upn) {
-                return d.directory.apply(op, deadline, allow_protected).await;
+                return d
+                    .directory
+                    .apply_with(op, deadline, allow_protected, on_write)
+                    .await;
             }
         }
         let mut holders = Vec::new();
@@ -108,7 +126,7 @@ impl Domains {
             }
         }
         match holders.as_slice() {
-            [(d, _)] => d.directory.apply(op, deadline, allow_protected).await,
+            [(d, _)] => d.directory.apply_with(op, deadline, allow_protected, on_write).await,
             [] if errors.is_empty() => ApplyResult::not_found(format!(
                 "no user matches in any domain of the forest ({})",
                 self.list.iter().map(|d| d.dns_name.as_str()).collect::<Vec<_>>().join(", ")

@@ -6,14 +6,19 @@
 //! redelivered operation is answered from here instead of being applied again:
 //! - an outcome on file is sent again as it was;
 //! - an intent without an outcome (the process died mid-write) is never applied again and
-//!   never answered "nothing changed": the agent stays silent on it, and the gateway settles
-//!   it `TIMED_OUT` ("it may or may not have been applied") at its deadline.
+//!   never answered "nothing changed" unless AD says so: just before the write the agent
+//!   appends what it read of the user ([`WriteMark`]), and with it reads the write back from
+//!   AD ([`crate::directory::Directory::verify`]); without one, or when AD cannot tell, it
+//!   stays silent and the gateway settles it `TIMED_OUT` ("it may or may not have been
+//!   applied").
 //!
 //! Without a state directory the journal lives in memory only (tests, `doctor`): it still
 //! answers redeliveries within the process, as before.
 //!
-//! The file holds JSON lines `{"op","at","intent":true}` and `{"op","at","ack":<base64>}`
-//! (the acknowledgment never holds a secret). Entries older than [`KEEP`] are dropped when the
+//! The file holds JSON lines `{"op","at","intent":true}`, `{"op","at","writing":<mark>}` and
+//! `{"op","at","ack":<base64>}` (none holds a secret). The mark is appended without fsync: it
+//! survives a crash of the process (the case it is for), and when the host loses it the
+//! outcome stays "unknown", never a guess. Entries older than [`KEEP`] are dropped when the
 //! journal is opened, and the file is rewritten then.
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +33,8 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use relay::proto::Ack;
+
+use crate::directory::WriteMark;
 
 /// How long outcomes are kept to answer redeliveries (well beyond any operation's deadline).
 pub const KEEP: Duration = Duration::from_secs(24 * 3600);
@@ -54,6 +61,8 @@ struct Line {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     intent: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    writing: Option<WriteMark>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     ack: Option<String>,
 }
 
@@ -67,12 +76,13 @@ pub enum Begin {
     /// Being applied right now by this process: its first delivery will answer.
     Running,
     /// An earlier process started it and died before recording the outcome: do not apply it
-    /// again; whether it landed is not known here.
-    Uncertain,
+    /// again. With the mark it wrote just before the write, if it got that far: read the
+    /// write back from AD to learn whether it landed.
+    Uncertain(Option<WriteMark>),
 }
 
 enum Entry {
-    Intent,
+    Intent(Option<WriteMark>),
     Done(Box<Ack>),
 }
 
@@ -149,8 +159,8 @@ impl Journal {
                     Err(_) if n + 1 == lines.len() => break,
                     Err(e) => return Err(corrupt(e.to_string())),
                 };
-                let entry = match l.ack {
-                    Some(b64) => {
+                let entry = match (l.ack, l.writing) {
+                    (Some(b64), _) => {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(b64)
                             .map_err(|e| corrupt(e.to_string()))?;
@@ -158,12 +168,13 @@ impl Journal {
                             Ack::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
                         Entry::Done(Box::new(ack))
                     }
-                    None if l.intent => Entry::Intent,
-                    None => return Err(corrupt("neither intent nor outcome".into())),
+                    (None, Some(mark)) => Entry::Intent(Some(mark)),
+                    (None, None) if l.intent => Entry::Intent(None),
+                    (None, None) => return Err(corrupt("neither intent nor outcome".into())),
                 };
                 // An outcome supersedes its intent; a later intent never replaces an outcome.
                 match (entries.get(&l.op), &entry) {
-                    (Some((_, Entry::Done(_))), Entry::Intent) => {}
+                    (Some((_, Entry::Done(_))), Entry::Intent(_)) => {}
                     _ => {
                         entries.insert(l.op, (l.at, entry));
                     }
@@ -208,12 +219,14 @@ impl Journal {
         }
         match state.entries.get(op) {
             Some((_, Entry::Done(ack))) => return Ok(Begin::Answer(ack.clone())),
-            Some((_, Entry::Intent)) => return Ok(Begin::Uncertain),
+            Some((_, Entry::Intent(mark))) => return Ok(Begin::Uncertain(mark.clone())),
             None => {}
         }
         let at = relay::now_unix_ms();
-        self.append(&mut state, &encode(op, at, &Entry::Intent))?;
-        state.entries.insert(op.to_owned(), (at, Entry::Intent));
+        self.append(&mut state, &encode(op, at, &Entry::Intent(None)), true)?;
+        state
+            .entries
+            .insert(op.to_owned(), (at, Entry::Intent(None)));
         state.running.insert(op.to_owned());
         Ok(Begin::Apply)
     }
@@ -229,33 +242,49 @@ impl Journal {
         let entry = Entry::Done(Box::new(ack.clone()));
         let line = encode(op, at, &entry);
         state.entries.insert(op.to_owned(), (at, entry));
-        self.append(&mut state, &line)
+        self.append(&mut state, &line, true)
     }
 
-    fn append(&self, state: &mut State, line: &str) -> Result<(), JournalError> {
+    /// Records what was read of the user just before the write of `op` goes to the DC (not
+    /// fsynced: see the module documentation).
+    ///
+    /// # Errors
+    /// When it cannot be written (the write then stays "unknown" after a crash).
+    pub fn mark(&self, op: &str, mark: &WriteMark) -> Result<(), JournalError> {
+        let mut state = self.state.lock().expect("journal");
+        let at = relay::now_unix_ms();
+        let entry = Entry::Intent(Some(mark.clone()));
+        let line = encode(op, at, &entry);
+        state.entries.insert(op.to_owned(), (at, entry));
+        self.append(&mut state, &line, false)
+    }
+
+    fn append(&self, state: &mut State, line: &str, sync: bool) -> Result<(), JournalError> {
         let (Some(file), Some(path)) = (state.file.as_mut(), self.path.as_ref()) else {
             return Ok(());
         };
         // Appends are a few hundred bytes; fsync (sync_data) makes each one durable before
         // the write to AD that it announces.
         writeln!(file, "{line}")
-            .and_then(|()| file.sync_data())
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
             .map_err(io(path))
     }
 }
 
 fn encode(op: &str, at: i64, entry: &Entry) -> String {
     let line = match entry {
-        Entry::Intent => Line {
+        Entry::Intent(mark) => Line {
             op: op.to_owned(),
             at,
             intent: true,
+            writing: mark.clone(),
             ack: None,
         },
         Entry::Done(ack) => Line {
             op: op.to_owned(),
             at,
             intent: false,
+            writing: None,
             ack: Some(base64::engine::general_purpose::STANDARD.encode(ack.encode_to_vec())),
         },
     };
@@ -291,10 +320,37 @@ mod tests {
         assert_eq!(j.begin("a").unwrap(), Begin::Answer(Box::new(ack("a"))));
         assert_eq!(
             j.begin("b").unwrap(),
-            Begin::Uncertain,
+            Begin::Uncertain(None),
             "never applied twice"
         );
         assert_eq!(j.begin("c").unwrap(), Begin::Apply);
+    }
+
+    #[test]
+    fn the_mark_before_a_write_survives_a_crash_and_an_outcome_supersedes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = WriteMark {
+            url: "ldaps://dc1".into(),
+            dn: "CN=a,DC=corp".into(),
+            check: crate::directory::Check::Password {
+                version: Some(3),
+                pwd_last_set: 42,
+            },
+        };
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("a").unwrap(), Begin::Apply);
+        j.mark("a", &mark).unwrap();
+        assert_eq!(j.begin("b").unwrap(), Begin::Apply);
+        j.mark("b", &mark).unwrap();
+        j.finish("b", &ack("b")).unwrap();
+        drop(j); // the process dies during a's write
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("a").unwrap(), Begin::Uncertain(Some(mark)));
+        assert_eq!(j.begin("b").unwrap(), Begin::Answer(Box::new(ack("b"))));
+        drop(j);
+        // Rewritten on open: still there after a second restart.
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert!(matches!(j.begin("a").unwrap(), Begin::Uncertain(Some(_))));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use relay::proto::{
 use relay::trace::TraceParent;
 use tracing::Instrument;
 
-use crate::directory::ApplyResult;
+use crate::directory::{ApplyResult, Verified, WriteMark, MSG_UNAVAILABLE};
 use crate::domains::Domains;
 use crate::journal::{Begin, Journal, JournalError};
 use crate::AgentConfig;
@@ -290,6 +290,7 @@ impl Agent {
             replica: w.replica,
             key: ForestKey::from_bytes(key?),
             allow_protected: w.allow_protected_accounts,
+            answer_grace: Duration::from_millis(u64::from(w.answer_grace_ms)),
             heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(500))),
             permits: Arc::new(Semaphore::new(self.config.max_in_flight.max(1) as usize)),
             tx,
@@ -308,6 +309,8 @@ struct Session {
     replica: String,
     key: ForestKey,
     allow_protected: bool,
+    /// How long after a deadline the gateway still records an answer.
+    answer_grace: Duration,
     heartbeat_interval: Duration,
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<AgentFrame>,
@@ -435,9 +438,27 @@ impl Session {
                 tracing::info!("operation already running; its first delivery answers");
                 return None;
             }
-            Ok(Begin::Uncertain) => {
-                tracing::warn!(event = "WB2014", operation_id = %op_id, "an earlier run of this agent started this operation and stopped before recording its outcome; not applied again, the gateway settles it TIMED_OUT");
-                return None;
+            Ok(Begin::Uncertain(mark)) => {
+                let Some(mark) = mark else {
+                    tracing::warn!(event = "WB2014", operation_id = %op_id, "an earlier run of this agent started this operation and stopped before recording its outcome; not applied again, the gateway settles it TIMED_OUT");
+                    return None;
+                };
+                tracing::warn!(event = "WB2014", operation_id = %op_id, "an earlier run of this agent stopped during this operation's write; not applied again, reading it back from AD");
+                drop(_guard);
+                let unconfirmed = Unconfirmed {
+                    mark,
+                    until: self.answer_until(self.deadline_of(&work, received)),
+                };
+                let base = Ack {
+                    operation_id: op_id.clone(),
+                    detail: "the agent stopped during the write".into(),
+                    traceparent: trace.to_string(),
+                    ..Default::default()
+                };
+                return self
+                    .read_back(base, unconfirmed)
+                    .instrument(span.clone())
+                    .await;
             }
             Err(e) => {
                 tracing::error!(event = "WB2015", error = %e, "cannot write the journal; operation not applied");
@@ -450,10 +471,17 @@ impl Session {
             }
         }
         drop(_guard);
-        let ack = self
+        let (ack, unconfirmed) = self
             .open_and_apply(work, received, &trace)
             .instrument(span.clone())
             .await;
+        // The DC did not confirm the write: ask AD whether it landed.
+        let ack = match unconfirmed {
+            Some(u) if ack.outcome == Outcome::TimedOut as i32 => {
+                return self.read_back(ack, u).instrument(span.clone()).await;
+            }
+            _ => ack,
+        };
         span.record(
             "outcome",
             Outcome::try_from(ack.outcome)
@@ -461,25 +489,59 @@ impl Session {
                 .as_str_name(),
         );
         if ack.outcome == Outcome::TimedOut as i32 {
-            // The DC may have committed the write: no answer is truthful but "unknown". The
-            // journal keeps the intent (a redelivery is not applied again), and the gateway
-            // settles it TIMED_OUT.
+            // The DC may have committed the write and AD could not be asked: no answer is
+            // truthful but "unknown". The journal keeps the intent (a redelivery is not
+            // applied again), and the gateway settles it TIMED_OUT.
             tracing::warn!(event = "WB2016", operation_id = %op_id, detail = %ack.detail, "the DC did not confirm a write it may have committed; outcome unknown, not answered");
             return None;
         }
-        if let Err(e) = self.agent.journal.finish(&op_id, &ack) {
-            tracing::error!(event = "WB2015", error = %e, "cannot record an outcome in the journal; it is answered from memory until the agent restarts");
-        }
+        self.journal_outcome(&ack);
         Some(ack)
     }
 
-    async fn open_and_apply(&self, work: Work, received: Instant, trace: &TraceParent) -> Ack {
-        let op_id = work.operation_id.as_str();
-        // The deadline as the gateway stated it, but measured on our own clock from the time
-        // left when it was sent, so clock skew cannot make us apply late.
+    fn journal_outcome(&self, ack: &Ack) {
+        if let Err(e) = self.agent.journal.finish(&ack.operation_id, ack) {
+            tracing::error!(event = "WB2015", error = %e, "cannot record an outcome in the journal; it is answered from memory until the agent restarts");
+        }
+    }
+
+    /// Reads an unconfirmed write back from AD and answers with what AD says (`base` is the
+    /// answer so far); `None` when AD could not tell in time (the outcome stays unknown).
+    async fn read_back(&self, base: Ack, u: Unconfirmed) -> Option<Ack> {
+        let op_id = base.operation_id.clone();
+        let verified = self.agent.domains.verify(&u.mark, u.until).await;
+        let (outcome, message, evidence) = match verified {
+            Some(Verified::Landed(evidence)) => {
+                (Outcome::Applied, u.mark.check.applied_message(), evidence)
+            }
+            Some(Verified::Absent(evidence)) => {
+                (Outcome::DirectoryUnavailable, MSG_UNAVAILABLE, evidence)
+            }
+            None => {
+                tracing::warn!(event = "WB2016", operation_id = %op_id, detail = %base.detail, "the DC did not confirm a write it may have committed, and AD could not be read back in time; outcome unknown, not answered");
+                return None;
+            }
+        };
+        tracing::info!(event = "WB2018", operation_id = %op_id, outcome = outcome.as_str_name(), %evidence, "unconfirmed write read back from AD");
+        let ack = Ack {
+            outcome: outcome as i32,
+            message: message.to_owned(),
+            detail: format!(
+                "{}; the DC did not confirm the write, read back from AD: {evidence}",
+                base.detail
+            ),
+            ..base
+        };
+        self.journal_outcome(&ack);
+        Some(ack)
+    }
+
+    /// The operation's deadline on our clock: the earlier of the time left when the gateway
+    /// sent it (measured from when it arrived) and its deadline on the gateway's (the store's)
+    /// clock read through the measured offset, so neither a skewed clock nor a stale frame
+    /// stretches it.
+    fn deadline_of(&self, work: &Work, received: Instant) -> Instant {
         let by_remaining = received + Duration::from_millis(u64::from(work.remaining_ms));
-        // The deadline is on the gateway's (the store's) clock: read it on ours through the
-        // measured offset, so neither a skewed clock nor a stale frame stretches it.
         let gateway_now = relay::now_unix_ms() + self.clock.offset_ms().unwrap_or(0);
         let by_clock_ms = work.deadline_unix_ms - gateway_now;
         let by_clock = if by_clock_ms <= 0 {
@@ -487,14 +549,35 @@ impl Session {
         } else {
             Instant::now() + Duration::from_millis(by_clock_ms as u64)
         };
-        let deadline = by_remaining.min(by_clock);
+        by_remaining.min(by_clock)
+    }
+
+    /// Until when an answer about an operation with this deadline is still recorded (and the
+    /// operation still holds its user, so no other write for the user runs meanwhile): the
+    /// gateway's grace period after the deadline, less a margin for the answer's transit.
+    fn answer_until(&self, deadline: Instant) -> Instant {
+        let grace = self.answer_grace;
+        deadline + grace.saturating_sub((grace / 4).min(Duration::from_secs(2)))
+    }
+
+    async fn open_and_apply(
+        &self,
+        work: Work,
+        received: Instant,
+        trace: &TraceParent,
+    ) -> (Ack, Option<Unconfirmed>) {
+        let op_id = work.operation_id.as_str();
+        let deadline = self.deadline_of(&work, received);
         if deadline.saturating_duration_since(Instant::now()) < MIN_TIME_TO_APPLY {
             tracing::warn!(event = "WB2012", operation_id = %op_id, "work arrived after its deadline; not applied");
-            return refusal(
-                op_id,
-                trace,
-                Outcome::Expired,
-                "deadline passed before the agent could apply it; nothing was changed",
+            return (
+                refusal(
+                    op_id,
+                    trace,
+                    Outcome::Expired,
+                    "deadline passed before the agent could apply it; nothing was changed",
+                ),
+                None,
             );
         }
         // Bind to *our* tenant and forest, not the frame's: a ciphertext moved to another
@@ -512,38 +595,51 @@ impl Session {
             Ok(plain) => SealedOperation::decode(plain.as_slice()),
             Err(e) => {
                 tracing::error!(event = "WB2011", operation_id = %op_id, error = %e, "sealed operation does not open for this tenant and forest; refused");
-                return refusal(
-                    op_id,
-                    trace,
-                    Outcome::Refused,
-                    &format!("sealed operation rejected: {e}"),
+                return (
+                    refusal(
+                        op_id,
+                        trace,
+                        Outcome::Refused,
+                        &format!("sealed operation rejected: {e}"),
+                    ),
+                    None,
                 );
             }
         };
         let op = match sealed {
             Ok(op) => op,
             Err(e) => {
-                return refusal(
-                    op_id,
-                    trace,
-                    Outcome::Refused,
-                    &format!("sealed operation does not decode: {e}"),
+                return (
+                    refusal(
+                        op_id,
+                        trace,
+                        Outcome::Refused,
+                        &format!("sealed operation does not decode: {e}"),
+                    ),
+                    None,
                 );
             }
         };
         if op.user.as_ref().is_none_or(|u| u.forest != self.forest) {
-            return refusal(
-                op_id,
-                trace,
-                Outcome::Refused,
-                "operation names another forest",
+            return (
+                refusal(
+                    op_id,
+                    trace,
+                    Outcome::Refused,
+                    "operation names another forest",
+                ),
+                None,
             );
         }
         let started = Instant::now();
         let result: ApplyResult = self
             .agent
             .domains
-            .apply(&op, deadline, self.allow_protected)
+            .apply(&op, deadline, self.allow_protected, &|mark| {
+                if let Err(e) = self.agent.journal.mark(op_id, mark) {
+                    tracing::warn!(event = "WB2015", error = %e, "cannot journal the user's state before a write; after a crash its outcome stays unknown");
+                }
+            })
             .await;
         let kind = op.action.as_ref().map_or("none", |a| a.kind());
         crate::metrics::get()
@@ -562,7 +658,11 @@ impl Session {
             apply_ms = started.elapsed().as_millis() as u64,
             "applied"
         );
-        Ack {
+        let unconfirmed = result.uncertain.map(|mark| Unconfirmed {
+            mark,
+            until: self.answer_until(deadline),
+        });
+        let ack = Ack {
             operation_id: op_id.to_owned(),
             outcome: result.outcome as i32,
             policy_violation: result.policy_violation as i32,
@@ -574,8 +674,15 @@ impl Session {
             traceparent: trace.to_string(),
             directory: result.directory,
             policy: result.policy,
-        }
+        };
+        (ack, unconfirmed)
     }
+}
+
+/// A write the DC did not confirm, and until when AD may be asked whether it landed.
+struct Unconfirmed {
+    mark: WriteMark,
+    until: Instant,
 }
 
 fn refusal(op_id: &str, trace: &TraceParent, outcome: Outcome, detail: &str) -> Ack {

@@ -255,6 +255,7 @@ impl AgentLink for ScriptedLink {
             heartbeat_interval_ms: 500,
             allow_protected_accounts: false,
             gateway_time_unix_ms: relay::now_unix_ms() + self.clock_ahead.load(Ordering::SeqCst),
+            answer_grace_ms: 1000,
         };
         tx.send(Ok(GatewayFrame {
             frame: Some(gateway_frame::Frame::Welcome(welcome)),

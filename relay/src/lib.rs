@@ -2,6 +2,7 @@
 //! envelope, secrets that zeroize, TLS, backoff, trace-context and telemetry helpers used by
 //! both the gateway and the agent.
 
+pub mod ad;
 pub mod backoff;
 pub mod envelope;
 pub mod metrics;

@@ -427,35 +427,6 @@ pub enum Bind {
     Rejected(String),
 }
 
-/// The version of attribute `attid` in a `replPropertyMetaDataBlob` (MS-DRSR 5.160): a 16-byte
-/// header (version 1, reserved, count, reserved) then `count` entries of 48 bytes, each
-/// starting with the attribute id and its version.
-///
-/// # Errors
-/// When the blob is not a version-1 metadata vector.
-pub fn parse_meta_version(blob: &[u8], attid: u32) -> anyhow::Result<Option<u32>> {
-    let word = |at: usize| -> anyhow::Result<u32> {
-        let bytes = blob
-            .get(at..at + 4)
-            .with_context(|| format!("truncated at byte {at}"))?;
-        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
-    };
-    if word(0)? != 1 {
-        bail!("metadata version {} is not 1", word(0)?);
-    }
-    let count = word(8)? as usize;
-    if blob.len() != 16 + count * 48 {
-        bail!("{} bytes for {count} entries", blob.len());
-    }
-    for i in 0..count {
-        let at = 16 + i * 48;
-        if word(at)? == attid {
-            return Ok(Some(word(at + 4)?));
-        }
-    }
-    Ok(None)
-}
-
 /// A Samba AD DC on a loopback address of its own, copied from the realm's template; stopped
 /// on drop.
 pub struct SambaDc {
@@ -781,15 +752,15 @@ impl SambaDc {
     /// When the object cannot be read or the metadata is malformed.
     pub fn write_count(&self, dn: &str, attr: &str) -> anyhow::Result<u32> {
         let attid = match attr.to_ascii_lowercase().as_str() {
-            "unicodepwd" => 0x0009_005a,
-            "pwdlastset" => 0x0009_0060,
-            "lockouttime" => 0x0009_0296,
+            "unicodepwd" => relay::ad::ATTID_UNICODE_PWD,
+            "pwdlastset" => relay::ad::ATTID_PWD_LAST_SET,
+            "lockouttime" => relay::ad::ATTID_LOCKOUT_TIME,
             other => bail!("no attribute id known for {other}"),
         };
         let blob = self
             .binary_attribute(dn, "replPropertyMetaData")?
             .with_context(|| format!("{dn} has no replPropertyMetaData"))?;
-        parse_meta_version(&blob, attid)
+        relay::ad::meta_version(&blob, attid)
             .with_context(|| format!("replPropertyMetaData of {dn}"))
             .map(Option::unwrap_or_default)
     }
