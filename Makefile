@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: up down test soak build fmt lint deps
+.PHONY: up down test soak build fmt lint deps k8s-check
 
 up:
 	@scripts/stack-up.sh
@@ -16,6 +16,11 @@ deps:
 build:
 	$(CARGO) build --workspace --bins
 
+# Offline checks of k8s/: render every overlay, validate it strictly against the Kubernetes
+# schemas, promtool check + test the alerting rules (scripts/k8s-check.sh).
+k8s-check:
+	@scripts/k8s-check.sh
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -23,7 +28,8 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# install what is missing, fmt --check, clippy -D warnings, build the binaries (the end-to-end
+# install what is missing, fmt --check, clippy -D warnings, the k8s/ checks (scripts/k8s-check.sh:
+# overlays rendered and validated, alerting rules unit-tested), build the binaries (the end-to-end
 # tests run target/debug/{cloud-gateway,onprem-agent,relayctl}), then every test with nextest
 # (profile in .config/nextest.toml; a run that selects no test fails), or cargo test when
 # cargo-nextest is not installed; then no Redis or Samba may be left running
@@ -36,6 +42,7 @@ test:
 	run scripts/install-deps.sh || finish "FAILED (install-deps)" 1; phase deps; \
 	run $(CARGO) fmt --all --check || finish "FAILED (cargo fmt --check)" 1; phase fmt; \
 	run $(CARGO) clippy --workspace --all-targets -- -D warnings || finish "FAILED (clippy)" 1; phase clippy; \
+	run scripts/k8s-check.sh || finish "FAILED (k8s-check)" 1; phase k8s; \
 	run $(CARGO) build --workspace --bins || finish "FAILED (build)" 1; phase build; \
 	scripts/check-leftovers.sh --clean; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \

@@ -4,9 +4,11 @@
 # and the tests start their own Redis and Samba on their own addresses and ports, and a system
 # redis-server (127.0.0.1:6379) or samba-ad-dc (389/636 on every address) would get in the way.
 set -euo pipefail
-PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc)
+PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc prometheus)
 # Debian's recommended packages are kept (samba-ad-provision and samba-dsdb-modules, needed by
-# `samba-tool domain provision`, are only Recommends of samba).
+# `samba-tool domain provision`, are only Recommends of samba). prometheus is there for promtool
+# (scripts/k8s-check.sh: `promtool check rules` and `promtool test rules`); its server and the
+# recommended prometheus-node-exporter are stopped below like the other daemons.
 
 missing=()
 installed=$(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${PKGS[@]}" 2>/dev/null || true)
@@ -44,6 +46,7 @@ for p in "${missing[@]}"; do
     redis-server) units+=(redis-server) ;;
     samba) units+=(samba-ad-dc smbd nmbd) ;;
     winbind) units+=(winbind) ;;
+    prometheus) units+=(prometheus prometheus-node-exporter) ;;
   esac
 done
 if [ ${#units[@]} -gt 0 ]; then

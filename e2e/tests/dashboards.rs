@@ -1,5 +1,6 @@
-//! The Grafana dashboard and the Prometheus alerting rules in `k8s/` only use metrics the
-//! gateway really registers (a renamed metric would silently blank a panel or an alert).
+//! The Grafana dashboard and the Prometheus alerting rules in `k8s/base/monitoring/` only use
+//! metrics the gateway really registers (a renamed metric would silently blank a panel or an
+//! alert).
 
 use std::collections::BTreeSet;
 
@@ -27,11 +28,12 @@ fn dashboards_and_alerts_use_exported_metrics() {
     let root = testkit::workspace_root();
     // Families without samples yet are not rendered, so check the registered names.
     let exported = std::fs::read_to_string(root.join("cloud-gateway/src/metrics.rs")).unwrap();
-    let dashboard = std::fs::read_to_string(root.join("k8s/grafana-dashboard.json")).unwrap();
+    let monitoring = root.join("k8s/base/monitoring");
+    let dashboard = std::fs::read_to_string(monitoring.join("grafana-dashboard.json")).unwrap();
     let parsed: serde_json::Value =
         serde_json::from_str(&dashboard).expect("the dashboard is valid JSON");
     assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 8));
-    let alerts = std::fs::read_to_string(root.join("k8s/prometheus-alerts.yml")).unwrap();
+    let alerts = std::fs::read_to_string(monitoring.join("prometheus-alerts.yml")).unwrap();
     for (file, text) in [
         ("grafana-dashboard.json", &dashboard),
         ("prometheus-alerts.yml", &alerts),
