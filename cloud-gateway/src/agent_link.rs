@@ -95,6 +95,13 @@ impl AgentLinkService {
             .map_err(|_| GatewayError::Internal("probe stream closed".into()))?;
             return Ok(outbound_stream(rx));
         }
+        // The agent journals the highest store sequence it received: a store behind it was
+        // restored from an older state; settle what that put back before any delivery.
+        if hello.store_high_water_tenant == identity.tenant {
+            gw.store
+                .check_sequence(&identity.tenant, hello.store_high_water, "agent hello")
+                .await?;
+        }
         let forest_key = gw
             .tenants
             .forest_key(&identity.tenant, &identity.forest)
@@ -767,9 +774,11 @@ impl Session {
                 tenant,
                 &self.identity.forest,
                 &entry.operation_id,
-                &self.identity.agent_id,
-                &self.instance,
-                &self.gw.config.replica_id,
+                &store::Recipient {
+                    agent_id: &self.identity.agent_id,
+                    instance: &self.instance,
+                    replica: &self.gw.config.replica_id,
+                },
             )
             .await;
         let remaining = match delivery {
@@ -816,6 +825,7 @@ impl Session {
         let send_span = tracing::info_span!("agentlink.send", remaining_ms = remaining);
         let dispatch_traceparent = relay::telemetry::traceparent(&send_span);
         let work = Work {
+            store_seq: self.gw.store.high_water(tenant),
             dispatch_traceparent,
             operation_id: entry.operation_id.clone(),
             tenant_id: tenant.clone(),

@@ -37,6 +37,8 @@ pub enum GatewayError {
     RateLimited { tenant: String, retry_ms: u64 },
     #[error("the queue of forest {forest:?} holds {limit} operations, its limit; nothing was queued, retry with the same operation_id later")]
     QueueFull { forest: String, limit: u64 },
+    #[error("the tenant has {limit} operations not yet settled, its limit; nothing was queued, retry with the same operation_id later")]
+    TenantQueueFull { limit: u64 },
     #[error("the gateway cannot reach its store; retry with the same operation_id")]
     Store(#[from] StoreError),
     #[error("internal error")]
@@ -75,9 +77,9 @@ impl From<GatewayError> for Status {
             GatewayError::Conflict(_) => Code::AlreadyExists,
             GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
             GatewayError::Store(_) | GatewayError::Unavailable(_) => Code::Unavailable,
-            GatewayError::RateLimited { .. } | GatewayError::QueueFull { .. } => {
-                Code::ResourceExhausted
-            }
+            GatewayError::RateLimited { .. }
+            | GatewayError::QueueFull { .. }
+            | GatewayError::TenantQueueFull { .. } => Code::ResourceExhausted,
             GatewayError::Internal(_) => Code::Internal,
         };
         match &e {

@@ -71,6 +71,9 @@ pub struct GatewayConfig {
     pub tenant_rate: Option<limits::Rate>,
     /// Most operations one forest's queue holds before Submit answers `RESOURCE_EXHAUSTED`.
     pub forest_queue_limit: u64,
+    /// Most unsettled operations one tenant may have over all its forests before Submit
+    /// answers `RESOURCE_EXHAUSTED` (other tenants are served as before).
+    pub tenant_queue_limit: u64,
 }
 
 impl GatewayConfig {
@@ -102,6 +105,7 @@ impl GatewayConfig {
                 burst: 200.0,
             }),
             forest_queue_limit: 10_000,
+            tenant_queue_limit: 50_000,
         }
     }
 }
@@ -157,7 +161,9 @@ pub async fn run(
     let key = relay::tls::read_key_pem(&config.tls_key)?;
     let identity = Identity::from_pem(cert, key.as_slice());
 
-    let store = Store::connect(&config.redis_url).await?;
+    let store = Store::connect(&config.redis_url)
+        .await?
+        .for_replica(&config.replica_id);
     let tenants = Tenants::new(store.clone(), config.master_key.clone());
     let tenant_rate = config.tenant_rate;
     let gateway = Gateway {

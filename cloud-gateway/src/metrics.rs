@@ -28,6 +28,8 @@ pub struct Metrics {
     pub live_agents: IntGaugeVec,
     /// 1 when the forest's last end-to-end canary run by this replica passed.
     pub forest_healthy: IntGaugeVec,
+    /// Stores found restored from an older state, per tenant (see `store/sequence.rs`).
+    pub store_rollbacks: IntCounterVec,
 }
 
 fn build() -> Metrics {
@@ -105,7 +107,13 @@ fn build() -> Metrics {
         "1 when the forest's last end-to-end canary passed",
         &["tenant", "forest"],
     );
+    let store_rollbacks = counter_vec(
+        "writeback_store_rollbacks_total",
+        "Times the store was found restored from an older state (its sequence behind one seen)",
+        &["tenant"],
+    );
     Metrics {
+        store_rollbacks,
         registry,
         submits,
         acknowledgments,

@@ -32,6 +32,8 @@ pub async fn run(gw: Gateway) {
 pub async fn sweep_once(gw: &Gateway) -> Result<usize, crate::store::StoreError> {
     let mut settled = 0;
     for tenant in gw.store.tenant_ids().await? {
+        // A store restored from an older state is caught here even when no work moves.
+        gw.store.check_sequence(&tenant, 0, "sweeper").await?;
         for (forest, op) in gw.store.due_deadlines(&tenant, BATCH).await? {
             // Terminal or missing operations leave the deadline set inside the script.
             if let Finalized::Terminal(outcome) = gw

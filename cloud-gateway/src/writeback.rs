@@ -19,7 +19,9 @@ use relay::proto::{
 use relay::trace::TraceParent;
 
 use crate::error::GatewayError;
-use crate::store::{self, Created, Finalized, NewOperation, OpRecord, OpState, TimelineEvent};
+use crate::store::{
+    self, Created, Finalized, NewOperation, OpRecord, OpState, QueueLimits, TimelineEvent,
+};
 use crate::{validate, Gateway};
 
 /// How long GetPasswordPolicy waits for an agent's answer.
@@ -310,28 +312,28 @@ impl WritebackService {
         gw.store
             .ensure_group(&store::queue_key(tenant, forest))
             .await?;
-        let created = gw
-            .store
-            .create_operation(
-                &NewOperation {
-                    tenant,
-                    operation_id,
-                    forest,
-                    kind,
-                    initiator,
-                    trace_id: &trace.trace_id_hex(),
-                    traceparent: &traceparent,
-                    accepted_ms,
-                    deadline_ms,
-                    replica: &gw.config.replica_id,
-                    envelope: &envelope,
-                    key_version: KEY_VERSION,
-                    ttl,
-                    user: &user_label,
-                },
-                gw.config.forest_queue_limit,
-            )
-            .await?;
+        let trace_id = trace.trace_id_hex();
+        let new = NewOperation {
+            tenant,
+            operation_id,
+            forest,
+            kind,
+            initiator,
+            trace_id: &trace_id,
+            traceparent: &traceparent,
+            accepted_ms,
+            deadline_ms,
+            replica: &gw.config.replica_id,
+            envelope: &envelope,
+            key_version: KEY_VERSION,
+            ttl,
+            user: &user_label,
+        };
+        let limits = QueueLimits {
+            forest: gw.config.forest_queue_limit,
+            tenant: gw.config.tenant_queue_limit,
+        };
+        let created = gw.store.create_operation(&new, limits).await?;
         match created {
             Created::New => {
                 if let Some(key) = user_index {
@@ -361,6 +363,12 @@ impl WritebackService {
                 Err(GatewayError::QueueFull {
                     forest: forest.to_owned(),
                     limit: gw.config.forest_queue_limit,
+                })
+            }
+            Created::TenantFull => {
+                tracing::warn!(event = "WB1008", %forest, "tenant's unsettled operations at their limit; RESOURCE_EXHAUSTED, nothing queued");
+                Err(GatewayError::TenantQueueFull {
+                    limit: gw.config.tenant_queue_limit,
                 })
             }
             Created::PastDeadline => Err(GatewayError::Unavailable(

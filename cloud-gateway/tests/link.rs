@@ -24,6 +24,10 @@ use relay::secret::Secret;
 use testkit::{RedisServer, TestCa};
 
 const FOREST: &str = "corp.example.test";
+const LIMITS: cloud_gateway::store::QueueLimits = cloud_gateway::store::QueueLimits {
+    forest: 100,
+    tenant: 100,
+};
 
 struct Env {
     redis: std::sync::Mutex<RedisServer>,
@@ -200,6 +204,7 @@ impl ScriptedAgent {
                 max_in_flight,
                 instance_id: instance.into(),
                 probe: false,
+                ..Default::default()
             })),
         })
         .await
@@ -681,15 +686,15 @@ async fn an_id_reused_for_other_work_is_already_exists() {
     use cloud_gateway::store::Created;
     let s = &env.store;
     assert_eq!(
-        s.create_operation(&new("sam:alice"), 100).await.unwrap(),
+        s.create_operation(&new("sam:alice"), LIMITS).await.unwrap(),
         Created::New
     );
     assert_eq!(
-        s.create_operation(&new("sam:alice"), 100).await.unwrap(),
+        s.create_operation(&new("sam:alice"), LIMITS).await.unwrap(),
         Created::Exists
     );
     assert_eq!(
-        s.create_operation(&new("sam:bob"), 100).await.unwrap(),
+        s.create_operation(&new("sam:bob"), LIMITS).await.unwrap(),
         Created::Conflict
     );
     env.shutdown.cancel();
@@ -775,6 +780,97 @@ async fn redis_going_away_and_coming_back() {
         work.expect("work after the restart").operation_id,
         "after-1"
     );
+    assert_eq!(
+        Outcome::try_from(after.unwrap().outcome).unwrap(),
+        Outcome::Applied
+    );
+    env.shutdown.cancel();
+}
+
+/// Redis restored from an older backup while the replica runs: the work it puts back to
+/// "queued" was applied since, so it is settled TIMED_OUT ("it may or may not have been
+/// applied"), never delivered again nor answered EXPIRED; then new work flows as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_an_older_state_is_caught() {
+    let env = start_on(RedisServer::start_durable().unwrap(), |_| {}).await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
+    // One user's operations: "hold-2" takes the only slot, "later-2" queues behind it.
+    let (hold, later, ()) = tokio::join!(
+        env.submit("hold-2", 20_000),
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            env.submit("later-2", 20_000).await
+        },
+        async {
+            let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+            assert_eq!(w.operation_id, "hold-2");
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let backup = env.redis.lock().unwrap().snapshot().unwrap();
+            agent.ack("hold-2", Outcome::Applied).await;
+            let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+            assert_eq!(w.operation_id, "later-2");
+            assert!(w.store_seq >= 2, "work carries its store sequence: {w:?}");
+            agent.ack("later-2", Outcome::Applied).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Back to when hold-2 was delivered and later-2 queued: both were applied since.
+            env.redis.lock().unwrap().restore(&backup).unwrap();
+        }
+    );
+    for r in [hold, later] {
+        assert_eq!(
+            Outcome::try_from(r.unwrap().outcome).unwrap(),
+            Outcome::Applied
+        );
+    }
+    assert!(
+        agent.next_work(Duration::from_secs(4)).await.is_none(),
+        "restored work was delivered again"
+    );
+    for op in ["hold-2", "later-2"] {
+        // The test's own connection may need a command to notice Redis restarted.
+        let mut rec = env.store.operation("acme", op).await;
+        for _ in 0..50 {
+            if rec.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            rec = env.store.operation("acme", op).await;
+        }
+        let rec = rec.unwrap().unwrap();
+        assert_eq!(
+            (rec.state, rec.outcome),
+            (OpState::Done, Outcome::TimedOut),
+            "{op}: unknown, never EXPIRED"
+        );
+        let stages: Vec<String> = env
+            .store
+            .timeline("acme", op)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.stage)
+            .collect();
+        assert_eq!(
+            stages.last().map(String::as_str),
+            Some("store-restored"),
+            "{op}: {stages:?}"
+        );
+    }
+    assert_eq!(
+        cloud_gateway::metrics::get()
+            .store_rollbacks
+            .with_label_values(&["acme"])
+            .get(),
+        1
+    );
+    let (after, work) = tokio::join!(env.submit("after-2", 5000), async {
+        let w = agent.next_work(Duration::from_secs(5)).await;
+        if let Some(w) = &w {
+            agent.ack(&w.operation_id, Outcome::Applied).await;
+        }
+        w
+    });
+    assert_eq!(work.expect("new work flows").operation_id, "after-2");
     assert_eq!(
         Outcome::try_from(after.unwrap().outcome).unwrap(),
         Outcome::Applied

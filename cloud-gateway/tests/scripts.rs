@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use cloud_gateway::store::{
-    Acknowledgment, Completion, Created, Delivery, Finalized, NewOperation, OpState, Store,
+    Acknowledgment, Completion, Created, Delivery, Finalized, NewOperation, OpState, QueueLimits,
+    Recipient, Store,
 };
 use relay::proto::{Outcome, PolicyViolation};
 use testkit::RedisServer;
@@ -43,7 +44,10 @@ async fn create(store: &Store, op: &str, user: &str, in_ms: i64, limit: u64) -> 
                 ttl: Duration::from_secs(60),
                 user,
             },
-            limit,
+            QueueLimits {
+                forest: limit,
+                tenant: 1000,
+            },
         )
         .await
         .unwrap()
@@ -51,7 +55,16 @@ async fn create(store: &Store, op: &str, user: &str, in_ms: i64, limit: u64) -> 
 
 async fn deliver(store: &Store, op: &str, instance: &str) -> Delivery {
     store
-        .mark_delivered(T, F, op, "a1", instance, "gw")
+        .mark_delivered(
+            T,
+            F,
+            op,
+            &Recipient {
+                agent_id: "a1",
+                instance,
+                replica: "gw",
+            },
+        )
         .await
         .unwrap()
 }
@@ -211,4 +224,142 @@ async fn finalize_rules() {
         "only `early` is left"
     );
     assert!(s.due_deadlines(T, 10).await.unwrap().is_empty());
+}
+
+fn new_op<'a>(tenant: &'a str, forest: &'a str, op: &'a str, now: i64) -> NewOperation<'a> {
+    NewOperation {
+        tenant,
+        operation_id: op,
+        forest,
+        kind: "reset",
+        initiator: 1,
+        trace_id: "",
+        traceparent: "",
+        accepted_ms: now,
+        deadline_ms: now + 5000,
+        replica: "gw",
+        envelope: b"sealed",
+        key_version: 1,
+        ttl: Duration::from_secs(60),
+        user: "sam:a",
+    }
+}
+
+#[tokio::test]
+async fn tenant_queue_limit() {
+    let (_redis, s) = store().await;
+    let now = s.now_ms().await.unwrap();
+    let limits = QueueLimits {
+        forest: 10,
+        tenant: 2,
+    };
+    let create = |tenant: &'static str, forest: &'static str, op: &'static str| {
+        let s = s.clone();
+        async move {
+            s.create_operation(&new_op(tenant, forest, op, now), limits)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(create(T, F, "o1").await == Created::New);
+    assert_eq!(create(T, "other.forest", "o2").await, Created::New);
+    assert_eq!(
+        create(T, "third.forest", "o3").await,
+        Created::TenantFull,
+        "the limit counts every forest of the tenant"
+    );
+    assert!(s.operation(T, "o3").await.unwrap().is_none());
+    assert!(
+        create("globex", F, "o1").await == Created::New,
+        "another tenant is served"
+    );
+    // Settling one makes room.
+    assert_eq!(
+        ack(&s, "o1", "i1", Outcome::Applied).await,
+        Completion::NotDeliveredHere
+    );
+    deliver(&s, "o1", "i1").await;
+    ack(&s, "o1", "i1", Outcome::Applied).await;
+    assert_eq!(create(T, "third.forest", "o3").await, Created::New);
+}
+
+/// A store restored from an older state: its sequence is behind what this store handle saw.
+/// The next guarded script recovers it first: what was unsettled is settled `TIMED_OUT`
+/// ("store-restored"), never delivered again; then it runs. A handle that saw nothing is told
+/// by an agent's report.
+#[tokio::test]
+async fn a_store_behind_what_was_seen_is_recovered_first() {
+    let (redis, s) = store().await;
+    create(&s, "o1", "sam:a", 5000, 10).await;
+    create(&s, "o2", "sam:b", 5000, 10).await;
+    assert!(matches!(
+        deliver(&s, "o1", "i1").await,
+        Delivery::Deliver { .. }
+    ));
+    let seen = s.high_water(T);
+    assert_eq!(seen, 3, "two creations and a delivery");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let c = client.get_multiplexed_async_connection().await.unwrap();
+    let set_seq = |n: u64| {
+        let mut c = c.clone();
+        async move {
+            let _: () = redis::cmd("SET")
+                .arg(cloud_gateway::store::seq_key(T))
+                .arg(n)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    // As if restored to just after o2 was accepted.
+    set_seq(2).await;
+    assert_eq!(create(&s, "o3", "sam:c", 5000, 10).await, Created::New);
+    let settled = |s: Store, op: &'static str| async move {
+        let rec = s.operation(T, op).await.unwrap().unwrap();
+        let stages: Vec<String> = s
+            .timeline(T, op)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.stage)
+            .collect();
+        (
+            rec.state,
+            rec.outcome,
+            stages.last().cloned().unwrap_or_default(),
+        )
+    };
+    for op in ["o1", "o2"] {
+        assert_eq!(
+            settled(s.clone(), op).await,
+            (OpState::Done, Outcome::TimedOut, "store-restored".into()),
+            "{op}: unknown, never EXPIRED"
+        );
+    }
+    assert_eq!(
+        deliver(&s, "o2", "i1").await,
+        Delivery::Done,
+        "never delivered again"
+    );
+    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 1, "only o3 is queued");
+    assert!(s.high_water(T) > seen);
+
+    // A fresh handle (a restarted replica) knows nothing; an agent reports what it saw.
+    let fresh = Store::connect(&redis.url()).await.unwrap();
+    let reported = s.high_water(T);
+    set_seq(1).await;
+    fresh.check_sequence(T, 0, "test").await.unwrap();
+    assert_eq!(
+        settled(fresh.clone(), "o3").await.0,
+        OpState::Queued,
+        "nothing to compare with: untouched"
+    );
+    fresh
+        .check_sequence(T, reported, "agent hello")
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(fresh.clone(), "o3").await,
+        (OpState::Done, Outcome::TimedOut, "store-restored".into())
+    );
 }

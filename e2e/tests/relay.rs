@@ -389,7 +389,10 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
                     ttl: Duration::from_secs(600),
                     user: "sam:erin",
                 },
-                100,
+                cloud_gateway::store::QueueLimits {
+                    forest: 100,
+                    tenant: 100,
+                },
             )
             .await
             .unwrap();

@@ -12,6 +12,10 @@
 //!   stays silent and the gateway settles it `TIMED_OUT` ("it may or may not have been
 //!   applied").
 //!
+//! It also keeps the highest store sequence the agent has received (`Work.store_seq`) and for
+//! which tenant, written with each intent; the agent reports it in its Hello, so the gateway
+//! can tell a store restored from an older state (cloud-gateway `rollback.rs`).
+//!
 //! Without a state directory the journal lives in memory only (tests, `doctor`): it still
 //! answers redeliveries within the process, as before.
 //!
@@ -56,8 +60,13 @@ pub enum JournalError {
 
 #[derive(Serialize, Deserialize)]
 struct Line {
+    /// Empty on the line that carries only the store high water over a rewrite.
     op: String,
     at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     intent: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +97,8 @@ enum Entry {
 
 struct State {
     entries: HashMap<String, (i64, Entry)>,
+    /// The highest store sequence received, and its tenant.
+    high_water: Option<(String, u64)>,
     running: HashSet<String>,
     file: Option<File>,
 }
@@ -112,6 +123,7 @@ impl Journal {
             path: None,
             state: Mutex::new(State {
                 entries: HashMap::new(),
+                high_water: None,
                 running: HashSet::new(),
                 file: None,
             }),
@@ -141,6 +153,7 @@ impl Journal {
         };
         let path = dir.join("journal.jsonl");
         let mut entries = HashMap::new();
+        let mut high_water: Option<(String, u64)> = None;
         if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(io(&path))?;
             let lines: Vec<&str> = text.lines().collect();
@@ -159,6 +172,12 @@ impl Journal {
                     Err(_) if n + 1 == lines.len() => break,
                     Err(e) => return Err(corrupt(e.to_string())),
                 };
+                if let (Some(t), Some(n)) = (&l.tenant, l.seq) {
+                    raise(&mut high_water, t, n);
+                }
+                if l.op.is_empty() {
+                    continue;
+                }
                 let entry = match (l.ack, l.writing) {
                     (Some(b64), _) => {
                         let bytes = base64::engine::general_purpose::STANDARD
@@ -187,8 +206,21 @@ impl Journal {
         let tmp = dir.join("journal.jsonl.tmp");
         {
             let mut out = File::create(&tmp).map_err(io(&tmp))?;
+            if let Some((tenant, seq)) = &high_water {
+                let line = Line {
+                    op: String::new(),
+                    at: relay::now_unix_ms(),
+                    tenant: Some(tenant.clone()),
+                    seq: Some(*seq),
+                    intent: false,
+                    writing: None,
+                    ack: None,
+                };
+                let line = serde_json::to_string(&line).expect("journal line serializes");
+                writeln!(out, "{line}").map_err(io(&tmp))?;
+            }
             for (op, (at, entry)) in &entries {
-                writeln!(out, "{}", encode(op, *at, entry)).map_err(io(&tmp))?;
+                writeln!(out, "{}", encode(op, *at, entry, None)).map_err(io(&tmp))?;
             }
             out.sync_all().map_err(io(&tmp))?;
         }
@@ -201,6 +233,7 @@ impl Journal {
             path: Some(path),
             state: Mutex::new(State {
                 entries,
+                high_water,
                 running: HashSet::new(),
                 file: Some(file),
             }),
@@ -223,7 +256,8 @@ impl Journal {
             None => {}
         }
         let at = relay::now_unix_ms();
-        self.append(&mut state, &encode(op, at, &Entry::Intent(None)), true)?;
+        let line = encode(op, at, &Entry::Intent(None), state.high_water.as_ref());
+        self.append(&mut state, &line, true)?;
         state
             .entries
             .insert(op.to_owned(), (at, Entry::Intent(None)));
@@ -240,7 +274,7 @@ impl Journal {
         state.running.remove(op);
         let at = relay::now_unix_ms();
         let entry = Entry::Done(Box::new(ack.clone()));
-        let line = encode(op, at, &entry);
+        let line = encode(op, at, &entry, None);
         state.entries.insert(op.to_owned(), (at, entry));
         self.append(&mut state, &line, true)
     }
@@ -254,9 +288,23 @@ impl Journal {
         let mut state = self.state.lock().expect("journal");
         let at = relay::now_unix_ms();
         let entry = Entry::Intent(Some(mark.clone()));
-        let line = encode(op, at, &entry);
+        let line = encode(op, at, &entry, None);
         state.entries.insert(op.to_owned(), (at, entry));
         self.append(&mut state, &line, false)
+    }
+
+    /// Notes that `tenant`'s store has reached `seq` (on disk with the next intent).
+    pub fn seen(&self, tenant: &str, seq: u64) {
+        raise(
+            &mut self.state.lock().expect("journal").high_water,
+            tenant,
+            seq,
+        );
+    }
+
+    /// The highest store sequence received, and its tenant.
+    pub fn high_water(&self) -> Option<(String, u64)> {
+        self.state.lock().expect("journal").high_water.clone()
     }
 
     fn append(&self, state: &mut State, line: &str, sync: bool) -> Result<(), JournalError> {
@@ -271,11 +319,27 @@ impl Journal {
     }
 }
 
-fn encode(op: &str, at: i64, entry: &Entry) -> String {
+/// Raises the high water to `seq` (another tenant's sequence replaces it: the agent was
+/// moved to another tenant).
+fn raise(high_water: &mut Option<(String, u64)>, tenant: &str, seq: u64) {
+    match high_water {
+        _ if seq == 0 => {}
+        Some((t, n)) if t == tenant => *n = (*n).max(seq),
+        _ => *high_water = Some((tenant.to_owned(), seq)),
+    }
+}
+
+fn encode(op: &str, at: i64, entry: &Entry, high_water: Option<&(String, u64)>) -> String {
+    let (tenant, seq) = match high_water {
+        Some((t, n)) => (Some(t.clone()), Some(*n)),
+        None => (None, None),
+    };
     let line = match entry {
         Entry::Intent(mark) => Line {
             op: op.to_owned(),
             at,
+            tenant,
+            seq,
             intent: true,
             writing: mark.clone(),
             ack: None,
@@ -283,6 +347,8 @@ fn encode(op: &str, at: i64, entry: &Entry) -> String {
         Entry::Done(ack) => Line {
             op: op.to_owned(),
             at,
+            tenant,
+            seq,
             intent: false,
             writing: None,
             ack: Some(base64::engine::general_purpose::STANDARD.encode(ack.encode_to_vec())),
@@ -351,6 +417,22 @@ mod tests {
         // Rewritten on open: still there after a second restart.
         let (j, _) = Journal::open(dir.path()).unwrap();
         assert!(matches!(j.begin("a").unwrap(), Begin::Uncertain(Some(_))));
+    }
+
+    #[test]
+    fn the_store_high_water_survives_restarts_and_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.high_water(), None);
+        j.seen("acme", 7);
+        j.seen("acme", 5);
+        assert_eq!(j.begin("a").unwrap(), Begin::Apply);
+        j.finish("a", &ack("a")).unwrap();
+        drop(j);
+        for _ in 0..2 {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            assert_eq!(j.high_water(), Some(("acme".into(), 7)));
+        }
     }
 
     #[test]

@@ -150,6 +150,7 @@ impl Agent {
         let channel: Channel = endpoint.connect().await?;
         let mut client = AgentLinkClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentFrame>(OUTBOUND_BUFFER);
+        let high_water = self.journal.high_water();
         tx.send(AgentFrame {
             frame: Some(agent_frame::Frame::Hello(Hello {
                 agent_id: self.config.agent_id.clone(),
@@ -164,6 +165,8 @@ impl Agent {
                 max_in_flight: self.config.max_in_flight,
                 instance_id: self.instance_id.clone(),
                 probe: false,
+                store_high_water: high_water.as_ref().map_or(0, |(_, n)| *n),
+                store_high_water_tenant: high_water.map(|(t, _)| t).unwrap_or_default(),
             })),
         })
         .await
@@ -423,6 +426,9 @@ impl Session {
             .or_else(|| TraceParent::parse(parent).map(|p| p.child()))
             .unwrap_or_else(TraceParent::new_root);
         let _guard = span.enter();
+        // The store's sequence goes with the intent to disk: a store found behind it later was
+        // restored from an older state (the gateway is told in the next Hello).
+        self.agent.journal.seen(&self.tenant, work.store_seq);
         // Answer a redelivery from the journal; never apply an operation twice. The intent is
         // on disk before anything touches AD.
         match self.agent.journal.begin(&op_id) {

@@ -416,6 +416,7 @@ impl Gateway {
             .seal(&binding, &op.encode_to_vec())
             .unwrap();
         Work {
+            store_seq: 0,
             operation_id: op_id.to_owned(),
             tenant_id: TENANT.into(),
             forest: bound_forest.to_owned(),

@@ -150,6 +150,34 @@ impl RedisServer {
         self.spawn()
     }
 
+    /// A copy of a durable server's append-only files as they are now: what an operator's
+    /// backup would hold.
+    ///
+    /// # Errors
+    /// When the server is not durable or the files cannot be copied.
+    pub fn snapshot(&self) -> anyhow::Result<RedisSnapshot> {
+        if !self.durable {
+            bail!("only a durable Redis has files to snapshot");
+        }
+        let dir = tempfile::tempdir()?;
+        copy_files(&self.dir.path().join("appendonlydir"), dir.path())?;
+        Ok(RedisSnapshot(dir))
+    }
+
+    /// Kills the server and starts it again on the same port from `snapshot`, as restoring a
+    /// backup would: everything written since the snapshot is gone.
+    ///
+    /// # Errors
+    /// When the files cannot be put back or the server does not come up.
+    pub fn restore(&mut self, snapshot: &RedisSnapshot) -> anyhow::Result<()> {
+        self.kill();
+        let aof = self.dir.path().join("appendonlydir");
+        std::fs::remove_dir_all(&aof).context("remove the append-only files")?;
+        std::fs::create_dir(&aof)?;
+        copy_files(snapshot.0.path(), &aof)?;
+        self.spawn()
+    }
+
     /// Whether the server answers PING.
     pub fn is_running(&self) -> bool {
         self.child.is_some() && redis_ping(self.port)
@@ -167,6 +195,18 @@ impl RedisServer {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
+}
+
+/// See [`RedisServer::snapshot`].
+pub struct RedisSnapshot(tempfile::TempDir);
+
+fn copy_files(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))
+            .with_context(|| format!("copy {}", entry.path().display()))?;
+    }
+    Ok(())
 }
 
 impl Drop for RedisServer {

@@ -16,7 +16,8 @@
 //! | `wb:{T}:op:<op id>` | hash | operation record (never a password) |
 //! | `wb:{T}:tl:<op id>` | list | timeline events (JSON) |
 //! | `wb:{T}:q:<forest>` | stream | sealed operations still to settle; consumer group `agents` |
-//! | `wb:{T}:deadlines` | zset | `forest\0op` scored by deadline, for the deadline sweeper |
+//! | `wb:{T}:deadlines` | zset | `forest\0op` scored by deadline, for the deadline sweeper (one member per unsettled operation: its size is the tenant's queue depth) |
+//! | `wb:{T}:seq` | string | the tenant's store sequence: +1 per accepted operation; replicas and agents remember the highest they saw, so a store restored from an older state is caught |
 //! | `wb:{T}:agents:<forest>` | zset | live agent instances, scored by last heartbeat |
 //! | `wb:{T}:policy:<forest>:<user>` | string | cached `PasswordPolicy` (short TTL) |
 //! | `wb:{T}:forests` | set | forests the tenant has registered agents for |
@@ -53,6 +54,9 @@ pub fn queue_key(tenant: &str, forest: &str) -> String {
 }
 pub fn deadlines_key(tenant: &str) -> String {
     format!("wb:{{{tenant}}}:deadlines")
+}
+pub fn seq_key(tenant: &str) -> String {
+    format!("wb:{{{tenant}}}:seq")
 }
 pub fn policy_cache_key(tenant: &str, forest: &str, user: &str) -> String {
     format!("wb:{{{tenant}}}:policy:{forest}:{user}")

@@ -5,17 +5,20 @@
 
 mod keys;
 mod scripts;
+mod sequence;
 
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use relay::proto::{Outcome, PolicyViolation};
 
 pub use keys::*;
 pub use scripts::{Acknowledgment, Completion, Created, Delivery, Finalized};
+pub use sequence::HighWater;
 
 /// Consumer group every agent session reads through.
 pub const GROUP: &str = "agents";
@@ -209,12 +212,34 @@ pub struct QueueEntry {
     pub envelope: Vec<u8>,
 }
 
+/// Who an operation is delivered to ([`Store::mark_delivered`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Recipient<'a> {
+    pub agent_id: &'a str,
+    pub instance: &'a str,
+    /// The replica holding the instance's stream.
+    pub replica: &'a str,
+}
+
+/// Limits [`Store::create_operation`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Most entries one forest's queue may hold.
+    pub forest: u64,
+    /// Most unsettled operations one tenant may have.
+    pub tenant: u64,
+}
+
 /// The gateway's handle on Redis: a shared auto-reconnecting connection for ordinary commands,
 /// plus dedicated connections for blocking stream reads ([`QueueReader`]) and pub/sub.
 #[derive(Clone)]
 pub struct Store {
     client: redis::Client,
     conn: ConnectionManager,
+    /// The highest store sequence seen per tenant (`sequence.rs`).
+    high_water: Arc<HighWater>,
+    /// Who writes (for timelines of recovery): the replica, or `admin`.
+    replica: Arc<str>,
 }
 
 impl Store {
@@ -229,7 +254,18 @@ impl Store {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
         let conn = client.get_connection_manager_with_config(cfg).await?;
-        Ok(Self { client, conn })
+        Ok(Self {
+            client,
+            conn,
+            high_water: Arc::default(),
+            replica: Arc::from("admin"),
+        })
+    }
+
+    /// This store handle as used by replica `replica` (named on the timelines it writes).
+    pub fn for_replica(mut self, replica: &str) -> Self {
+        self.replica = Arc::from(replica);
+        self
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -333,11 +369,19 @@ impl Store {
     pub async fn create_operation(
         &self,
         n: &NewOperation<'_>,
-        queue_limit: u64,
+        limits: QueueLimits,
     ) -> Result<Created> {
-        scripts::CreateOp { op: n, queue_limit }
-            .run(&mut self.conn())
+        self.guarded(n.tenant, |high_water, mut conn| async move {
+            scripts::CreateOp {
+                op: n,
+                queue_limit: limits.forest,
+                tenant_limit: limits.tenant,
+                high_water,
+            }
+            .run(&mut conn)
             .await
+        })
+        .await
     }
 
     /// Reads an operation record.
@@ -416,19 +460,21 @@ impl Store {
         tenant: &str,
         forest: &str,
         op: &str,
-        agent_id: &str,
-        instance: &str,
-        replica: &str,
+        to: &Recipient<'_>,
     ) -> Result<Delivery> {
-        scripts::MarkDelivered {
-            tenant,
-            forest,
-            op,
-            agent_id,
-            instance,
-            replica,
-        }
-        .run(&mut self.conn())
+        self.guarded(tenant, |high_water, mut conn| async move {
+            scripts::MarkDelivered {
+                tenant,
+                forest,
+                op,
+                agent_id: to.agent_id,
+                instance: to.instance,
+                replica: to.replica,
+                high_water,
+            }
+            .run(&mut conn)
+            .await
+        })
         .await
     }
 
@@ -437,7 +483,10 @@ impl Store {
     /// # Errors
     /// On Redis errors.
     pub async fn complete(&self, ack: &Acknowledgment<'_>) -> Result<Completion> {
-        scripts::Complete { ack }.run(&mut self.conn()).await
+        self.guarded(ack.tenant, |high_water, mut conn| async move {
+            scripts::Complete { ack, high_water }.run(&mut conn).await
+        })
+        .await
     }
 
     /// Applies the deadline rules to one operation (see [`Finalized`]).
@@ -452,14 +501,18 @@ impl Store {
         replica: &str,
         ack_grace: Duration,
     ) -> Result<Finalized> {
-        scripts::Finalize {
-            tenant,
-            forest,
-            op,
-            replica,
-            ack_grace_ms: ack_grace.as_millis() as u64,
-        }
-        .run(&mut self.conn())
+        self.guarded(tenant, |high_water, mut conn| async move {
+            scripts::Finalize {
+                tenant,
+                forest,
+                op,
+                replica,
+                ack_grace_ms: ack_grace.as_millis() as u64,
+                high_water,
+            }
+            .run(&mut conn)
+            .await
+        })
         .await
     }
 

@@ -39,6 +39,16 @@ local function leave_user_queue(op)
   local uq = user_queue(op)
   if uq then redis.call('LREM', uq, 1, redis.call('HGET', op, 'op')) end
 end
+-- The tenant's store sequence (`wb:{T}:seq`): +1 on every change of an operation's state.
+-- A script given a higher sequence than the store holds (what the caller has seen) does
+-- nothing: the store was restored from an older state.
+local function behind(sq, seen)
+  local n = tonumber(redis.call('GET', sq) or '0')
+  if n < tonumber(seen) then return n end
+  return nil
+end
+local function version(sq) return tonumber(redis.call('GET', sq) or '0') end
+local function bump(sq) return redis.call('INCR', sq) end
 local function settle_entry(op, q)
   local entry = redis.call('HGET', op, 'entry')
   if entry then
@@ -59,6 +69,29 @@ fn corrupt(script: &str, key: &str, reply: impl std::fmt::Debug) -> StoreError {
     }
 }
 
+/// A guarded script's reply: what it did and the store sequence after, or that the store is
+/// behind the sequence the caller has seen (nothing was done).
+pub(super) enum Guarded<T> {
+    Ran { value: T, version: u64 },
+    Behind { store_seq: u64 },
+}
+
+impl<T> Guarded<T> {
+    fn from_reply(
+        status: &str,
+        version: u64,
+        parse: impl FnOnce(&str) -> Result<T>,
+    ) -> Result<Self> {
+        if status == "behind" {
+            return Ok(Self::Behind { store_seq: version });
+        }
+        Ok(Self::Ran {
+            value: parse(status)?,
+            version,
+        })
+    }
+}
+
 fn outcome(code: i64, key: &str) -> Result<Outcome> {
     i32::try_from(code)
         .ok()
@@ -72,6 +105,10 @@ pub(super) struct CreateOp<'a> {
     pub op: &'a super::NewOperation<'a>,
     /// Most entries the forest's queue may hold.
     pub queue_limit: u64,
+    /// Most unsettled operations the tenant may have, over all its forests.
+    pub tenant_limit: u64,
+    /// The highest store sequence of the tenant this replica has seen (0: none).
+    pub high_water: u64,
 }
 
 /// What [`CreateOp`] did.
@@ -85,6 +122,8 @@ pub enum Created {
     Conflict,
     /// The forest's queue is full: nothing was queued.
     QueueFull,
+    /// The tenant has its limit of unsettled operations: nothing was queued.
+    TenantFull,
     /// The deadline had already passed by the store's clock: nothing was queued.
     PastDeadline,
 }
@@ -92,20 +131,24 @@ pub enum Created {
 static CREATE_OP: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local op, tl, q, dl, sq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local b = behind(sq, ARGV[16])
+if b then return {'behind', b} end
 if redis.call('EXISTS', op) == 1 then
   local f = redis.call('HMGET', op, 'forest', 'kind', 'user')
-  if f[1] == ARGV[3] and f[2] == ARGV[4] and (f[3] or '') == ARGV[13] then return 'exists' end
-  return 'conflict'
+  if f[1] == ARGV[3] and f[2] == ARGV[4] and (f[3] or '') == ARGV[13] then return {'exists', version(sq)} end
+  return {'conflict', version(sq)}
 end
 local deadline = tonumber(ARGV[7])
-if now >= deadline then return 'past' end
-if redis.call('XLEN', q) >= tonumber(ARGV[14]) then return 'full' end
+if now >= deadline then return {'past', version(sq)} end
+if redis.call('XLEN', q) >= tonumber(ARGV[14]) then return {'full', version(sq)} end
+if redis.call('ZCARD', dl) >= tonumber(ARGV[17]) then return {'tenant-full', version(sq)} end
+local seq = bump(sq)
 local ttl = tonumber(ARGV[10])
 redis.call('HSET', op, 'tenant', ARGV[1], 'op', ARGV[2], 'forest', ARGV[3], 'kind', ARGV[4],
   'initiator', ARGV[5], 'trace_id', ARGV[6], 'accepted', ARGV[15], 'deadline', ARGV[7],
   'caller_replica', ARGV[8], 'state', 'queued', 'outcome', '0', 'violation', '0',
-  'user', ARGV[13], 'sends', 0)
+  'user', ARGV[13], 'sends', 0, 'seq', seq)
 redis.call('PEXPIRE', op, ttl)
 redis.call('RPUSH', tl, event('accepted', ARGV[8], '', ''),
   event('queued', ARGV[8], '', 'queue ' .. q))
@@ -119,20 +162,21 @@ if uq then
   redis.call('RPUSH', uq, ARGV[2])
   redis.call('PEXPIRE', uq, ttl)
 end
-return 'created'
+return {'created', seq}
 "#,
     )
 });
 
 impl CreateOp<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Created> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Created>> {
         let n = self.op;
         let key = keys::op_key(n.tenant, n.operation_id);
-        let reply: String = CREATE_OP
+        let (reply, version): (String, u64) = CREATE_OP
             .key(&key)
             .key(keys::timeline_key(n.tenant, n.operation_id))
             .key(keys::queue_key(n.tenant, n.forest))
             .key(keys::deadlines_key(n.tenant))
+            .key(keys::seq_key(n.tenant))
             .arg(n.tenant)
             .arg(n.operation_id)
             .arg(n.forest)
@@ -148,16 +192,19 @@ impl CreateOp<'_> {
             .arg(n.user)
             .arg(self.queue_limit)
             .arg(n.accepted_ms)
+            .arg(self.high_water)
+            .arg(self.tenant_limit)
             .invoke_async(conn)
             .await?;
-        match reply.as_str() {
+        Guarded::from_reply(&reply, version, |status| match status {
             "created" => Ok(Created::New),
             "exists" => Ok(Created::Exists),
             "conflict" => Ok(Created::Conflict),
             "full" => Ok(Created::QueueFull),
+            "tenant-full" => Ok(Created::TenantFull),
             "past" => Ok(Created::PastDeadline),
             other => Err(corrupt("CREATE_OP", &key, other)),
-        }
+        })
     }
 }
 
@@ -170,6 +217,8 @@ pub(super) struct MarkDelivered<'a> {
     pub agent_id: &'a str,
     pub instance: &'a str,
     pub replica: &'a str,
+    /// As in [`CreateOp`].
+    pub high_water: u64,
 }
 
 /// What [`MarkDelivered`] decided.
@@ -193,28 +242,30 @@ pub enum Delivery {
 static MARK_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local op, tl, q = KEYS[1], KEYS[2], KEYS[3]
+local op, tl, q, sq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local b = behind(sq, ARGV[6])
+if b then return {'behind', 0, b} end
 local state = redis.call('HGET', op, 'state')
-if not state then return {'missing', 0} end
-if state == 'done' then return {'done', 0} end
+if not state then return {'missing', 0, version(sq)} end
+if state == 'done' then return {'done', 0, version(sq)} end
 local deadline = tonumber(redis.call('HGET', op, 'deadline'))
 if now >= deadline and state == 'queued' then
   redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[4], 'message', ARGV[5], 'done_at', now)
   redis.call('RPUSH', tl, event('expired', ARGV[3], '', 'deadline passed before an agent took it; not applied'))
   settle_entry(op, q)
   leave_user_queue(op)
-  return {'expired', 0}
+  return {'expired', 0, bump(sq)}
 end
 -- Past its deadline, delivered work still goes back to its own instance after a reconnect:
 -- the agent answers it from its journal, or refuses it as too late (not applied).
 local remaining = math.max(deadline - now, 0)
 if state == 'delivered' then
   local instance = redis.call('HGET', op, 'agent_instance') or ''
-  if instance ~= ARGV[2] then return {'other', instance} end
+  if instance ~= ARGV[2] then return {'other', instance, version(sq)} end
   redis.call('HINCRBY', op, 'sends', 1)
   redis.call('RPUSH', tl, event('redelivered', ARGV[3], ARGV[1],
     'sent again to instance ' .. ARGV[2] .. ' after a reconnect; it answers from its journal'))
-  return {'redeliver', remaining}
+  return {'redeliver', remaining, bump(sq)}
 end
 -- One operation of a user at a time, in acceptance order: an older one still unsettled first.
 local uq = user_queue(op)
@@ -225,37 +276,39 @@ if uq then
     if not head or head == me then break end
     local head_op = 'wb:{' .. redis.call('HGET', op, 'tenant') .. '}:op:' .. head
     local head_state = redis.call('HGET', head_op, 'state')
-    if head_state and head_state ~= 'done' then return {'wait', head} end
+    if head_state and head_state ~= 'done' then return {'wait', head, version(sq)} end
     redis.call('LPOP', uq)
   end
 end
 redis.call('HSET', op, 'state', 'delivered', 'agent', ARGV[1], 'agent_instance', ARGV[2],
   'delivered_at', now, 'delivered_by', ARGV[3], 'sends', 1)
 redis.call('RPUSH', tl, event('delivered', ARGV[3], ARGV[1], ''))
-return {'deliver', remaining}
+return {'deliver', remaining, bump(sq)}
 "#,
     )
 });
 
 impl MarkDelivered<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Delivery> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Delivery>> {
         let key = keys::op_key(self.tenant, self.op);
-        let (status, value): (String, redis::Value) = MARK_DELIVERED
+        let (status, value, version): (String, redis::Value, u64) = MARK_DELIVERED
             .key(&key)
             .key(keys::timeline_key(self.tenant, self.op))
             .key(keys::queue_key(self.tenant, self.forest))
+            .key(keys::seq_key(self.tenant))
             .arg(self.agent_id)
             .arg(self.instance)
             .arg(self.replica)
             .arg(Outcome::Expired as i32)
             .arg(super::EXPIRED_MESSAGE)
+            .arg(self.high_water)
             .invoke_async(conn)
             .await?;
         let number = || -> Result<u32> {
             let n: i64 = redis::from_redis_value(value.clone())?;
             u32::try_from(n).map_err(|_| corrupt("MARK_DELIVERED", &key, n))
         };
-        match status.as_str() {
+        Guarded::from_reply(&status, version, |status| match status {
             "deliver" => Ok(Delivery::Deliver {
                 remaining_ms: number()?,
             }),
@@ -264,10 +317,12 @@ impl MarkDelivered<'_> {
             }),
             "expired" => Ok(Delivery::Expired),
             "done" | "missing" => Ok(Delivery::Done),
-            "other" => Ok(Delivery::AlreadyDelivered(redis::from_redis_value(value)?)),
-            "wait" => Ok(Delivery::Wait(redis::from_redis_value(value)?)),
+            "other" => Ok(Delivery::AlreadyDelivered(redis::from_redis_value(
+                value.clone(),
+            )?)),
+            "wait" => Ok(Delivery::Wait(redis::from_redis_value(value.clone())?)),
             other => Err(corrupt("MARK_DELIVERED", &key, other)),
-        }
+        })
     }
 }
 
@@ -292,6 +347,8 @@ pub struct Acknowledgment<'a> {
 /// Records an agent instance's acknowledgment as the terminal outcome.
 pub(super) struct Complete<'a> {
     pub ack: &'a Acknowledgment<'a>,
+    /// As in [`CreateOp`].
+    pub high_water: u64,
 }
 
 /// What [`Complete`] did with an acknowledgment.
@@ -311,18 +368,20 @@ pub enum Completion {
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local op, tl, q, dl, sq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local b = behind(sq, ARGV[11])
+if b then return {'behind', '', b} end
 local state = redis.call('HGET', op, 'state')
-if not state then return {'unknown', ''} end
-if redis.call('HGET', op, 'forest') ~= ARGV[1] then return {'unknown', ''} end
+if not state then return {'unknown', '', version(sq)} end
+if redis.call('HGET', op, 'forest') ~= ARGV[1] then return {'unknown', '', version(sq)} end
 if (redis.call('HGET', op, 'agent_instance') or '') ~= ARGV[2] then
   redis.call('RPUSH', tl, event('refused-acknowledgment', ARGV[4], ARGV[3],
     'from instance ' .. ARGV[2] .. ', which was not given this operation'))
-  return {'not-here', ''}
+  return {'not-here', '', version(sq)}
 end
 if state == 'done' then
   redis.call('RPUSH', tl, event('late-acknowledgment', ARGV[4], ARGV[3], ARGV[10]))
-  return {'final', ''}
+  return {'final', '', version(sq)}
 end
 settle_entry(op, q)
 leave_user_queue(op)
@@ -331,20 +390,21 @@ redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[5], 'violation', ARGV[6]
   'message', ARGV[7], 'done_at', now, 'detail', ARGV[8])
 if ARGV[9] ~= '' then redis.call('HSET', op, 'result', ARGV[9]) end
 redis.call('RPUSH', tl, event('acknowledged', ARGV[4], ARGV[3], ARGV[10]))
-return {'recorded', redis.call('HGET', op, 'caller_replica') or ''}
+return {'recorded', redis.call('HGET', op, 'caller_replica') or '', bump(sq)}
 "#,
     )
 });
 
 impl Complete<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Completion> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Completion>> {
         let a = self.ack;
         let key = keys::op_key(a.tenant, a.op);
-        let (status, caller): (String, String) = COMPLETE
+        let (status, caller, version): (String, String, u64) = COMPLETE
             .key(&key)
             .key(keys::timeline_key(a.tenant, a.op))
             .key(keys::queue_key(a.tenant, a.forest))
             .key(keys::deadlines_key(a.tenant))
+            .key(keys::seq_key(a.tenant))
             .arg(a.forest)
             .arg(a.instance)
             .arg(a.agent_id)
@@ -355,9 +415,10 @@ impl Complete<'_> {
             .arg(a.detail)
             .arg(a.result)
             .arg(a.event_detail)
+            .arg(self.high_water)
             .invoke_async(conn)
             .await?;
-        match status.as_str() {
+        Guarded::from_reply(&status, version, |status| match status {
             "recorded" => Ok(Completion::Recorded {
                 caller_replica: caller,
             }),
@@ -365,7 +426,7 @@ impl Complete<'_> {
             "not-here" => Ok(Completion::NotDeliveredHere),
             "unknown" => Ok(Completion::Unknown),
             other => Err(corrupt("COMPLETE", &key, other)),
-        }
+        })
     }
 }
 
@@ -378,6 +439,8 @@ pub(super) struct Finalize<'a> {
     pub op: &'a str,
     pub replica: &'a str,
     pub ack_grace_ms: u64,
+    /// As in [`CreateOp`].
+    pub high_water: u64,
 }
 
 /// Where an operation stands after the deadline rules ran.
@@ -396,26 +459,28 @@ pub enum Finalized {
 static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local op, tl, q, dl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local op, tl, q, dl, sq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local b = behind(sq, ARGV[9])
+if b then return {'behind', 0, b} end
 local member = ARGV[1] .. '\0' .. ARGV[2]
 local state = redis.call('HGET', op, 'state')
 if not state then
   redis.call('ZREM', dl, member)
-  return {'missing', 0}
+  return {'missing', 0, version(sq)}
 end
 if state == 'done' then
   redis.call('ZREM', dl, member)
-  return {'terminal', tonumber(redis.call('HGET', op, 'outcome'))}
+  return {'terminal', tonumber(redis.call('HGET', op, 'outcome')), version(sq)}
 end
 local deadline = tonumber(redis.call('HGET', op, 'deadline'))
-if now < deadline then return {'pending', 0} end
+if now < deadline then return {'pending', 0, version(sq)} end
 if state == 'queued' then
   redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[4], 'message', ARGV[5], 'done_at', now)
   redis.call('RPUSH', tl, event('expired', ARGV[3], '', 'deadline passed before an agent took it; not applied'))
   settle_entry(op, q)
   leave_user_queue(op)
   redis.call('ZREM', dl, member)
-  return {'terminal', tonumber(ARGV[4])}
+  return {'terminal', tonumber(ARGV[4]), bump(sq)}
 end
 if now >= deadline + tonumber(ARGV[8]) then
   redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[6], 'message', ARGV[7], 'done_at', now)
@@ -423,21 +488,22 @@ if now >= deadline + tonumber(ARGV[8]) then
   settle_entry(op, q)
   leave_user_queue(op)
   redis.call('ZREM', dl, member)
-  return {'terminal', tonumber(ARGV[6])}
+  return {'terminal', tonumber(ARGV[6]), bump(sq)}
 end
-return {'pending', 1}
+return {'pending', 1, version(sq)}
 "#,
     )
 });
 
 impl Finalize<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Finalized> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Finalized>> {
         let key = keys::op_key(self.tenant, self.op);
-        let (status, n): (String, i64) = FINALIZE
+        let (status, n, version): (String, i64, u64) = FINALIZE
             .key(&key)
             .key(keys::timeline_key(self.tenant, self.op))
             .key(keys::queue_key(self.tenant, self.forest))
             .key(keys::deadlines_key(self.tenant))
+            .key(keys::seq_key(self.tenant))
             .arg(self.forest)
             .arg(self.op)
             .arg(self.replica)
@@ -446,9 +512,10 @@ impl Finalize<'_> {
             .arg(Outcome::TimedOut as i32)
             .arg(super::TIMED_OUT_MESSAGE)
             .arg(self.ack_grace_ms)
+            .arg(self.high_water)
             .invoke_async(conn)
             .await?;
-        match (status.as_str(), n) {
+        Guarded::from_reply(&status, version, |status| match (status, n) {
             ("missing", _) => Ok(Finalized::Missing),
             ("pending", 0) => Ok(Finalized::Pending {
                 past_deadline: false,
@@ -458,6 +525,81 @@ impl Finalize<'_> {
             }),
             ("terminal", code) => Ok(Finalized::Terminal(outcome(code, &key)?)),
             other => Err(corrupt("FINALIZE", &key, other)),
+        })
+    }
+}
+
+/// After a store was restored from an older state (its sequence is behind `seen`, the highest
+/// a replica or agent saw): every unsettled operation of the tenant may have been applied
+/// after the state it was restored to, so each is settled `TIMED_OUT` ("it may or may not have
+/// been applied", never `EXPIRED`), its entry removed so it is never delivered again; then the
+/// sequence moves past `seen`. Does nothing when the sequence is not behind (another replica
+/// recovered first).
+pub(super) struct RecoverRollback<'a> {
+    pub tenant: &'a str,
+    pub seen: u64,
+    pub replica: &'a str,
+}
+
+/// What [`RecoverRollback`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recovered {
+    /// The store was behind at `store_seq`; `settled` operations were settled as unknown.
+    Recovered { store_seq: u64, settled: u64 },
+    /// The store's sequence was not behind: nothing to do.
+    NotBehind,
+}
+
+static RECOVER_ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local sq, dl = KEYS[1], KEYS[2]
+local store_seq = tonumber(redis.call('GET', sq) or '0')
+local seen = tonumber(ARGV[2])
+if store_seq >= seen then return {'not-behind', 0, store_seq} end
+local prefix = 'wb:{' .. ARGV[1] .. '}:'
+local settled = 0
+for _, m in ipairs(redis.call('ZRANGE', dl, 0, -1)) do
+  local sep = string.find(m, '\0', 1, true)
+  if sep then
+    local forest, id = string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
+    local op = prefix .. 'op:' .. id
+    local state = redis.call('HGET', op, 'state')
+    if state and state ~= 'done' then
+      redis.call('HSET', op, 'state', 'done', 'outcome', ARGV[3], 'message', ARGV[4], 'done_at', now)
+      redis.call('RPUSH', prefix .. 'tl:' .. id, event('store-restored', ARGV[5], '',
+        'the store was restored from an older state (sequence ' .. store_seq .. ', ' .. seen ..
+        ' seen): whether this operation was applied is not known here'))
+      settle_entry(op, prefix .. 'q:' .. forest)
+      leave_user_queue(op)
+      settled = settled + 1
+    end
+  end
+  redis.call('ZREM', dl, m)
+end
+redis.call('SET', sq, seen)
+return {'recovered', settled, store_seq}
+"#,
+    )
+});
+
+impl RecoverRollback<'_> {
+    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Recovered> {
+        let key = keys::seq_key(self.tenant);
+        let (status, settled, store_seq): (String, u64, u64) = RECOVER_ROLLBACK
+            .key(&key)
+            .key(keys::deadlines_key(self.tenant))
+            .arg(self.tenant)
+            .arg(self.seen)
+            .arg(Outcome::TimedOut as i32)
+            .arg(super::TIMED_OUT_MESSAGE)
+            .arg(self.replica)
+            .invoke_async(conn)
+            .await?;
+        match status.as_str() {
+            "recovered" => Ok(Recovered::Recovered { store_seq, settled }),
+            "not-behind" => Ok(Recovered::NotBehind),
+            other => Err(corrupt("RECOVER_ROLLBACK", &key, other)),
         }
     }
 }
