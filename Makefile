@@ -55,7 +55,10 @@ test:
 	if [ $$rc -eq 0 ]; then finish "passed" 0; else finish "FAILED (tests)" $$rc; fi
 
 # The long form of the fault-injection suite (e2e/tests/faults.rs): 9 rounds of 6 faults
-# (Redis, agent and gateway kill -9, gateway SIGTERM, DC frozen, agent path blackholed) under
-# a steady stream of resets; prints the one-line verdict and the recovery figures.
+# (Redis kill -9; kill -9 of one gateway replica and SIGTERM of the other, and kill -9 of one
+# agent, alternating so that every replica and agent is killed; DC frozen; agent path
+# blackholed) under a steady stream of resets; restarted replicas and agents run with their wall
+# clocks skewed in rotation (replicas +4/-4/0 s, agents -3/+3/0 s, by libfaketime), each skewed
+# run counted as a clock-skew fault. Prints the one-line verdict and the recovery figures.
 soak:
 	@scripts/soak.sh

@@ -4,7 +4,9 @@
 # and the tests start their own Redis and Samba on their own addresses and ports, and a system
 # redis-server (127.0.0.1:6379) or samba-ad-dc (389/636 on every address) would get in the way.
 set -euo pipefail
-PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc prometheus)
+# faketime: libfaketime, which the fault suite (e2e/tests/faults.rs) preloads to skew the clocks
+# of gateway and agent processes.
+PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc prometheus faketime)
 # Debian's recommended packages are kept (samba-ad-provision and samba-dsdb-modules, needed by
 # `samba-tool domain provision`, are only Recommends of samba). prometheus is there for promtool
 # (scripts/k8s-check.sh: `promtool check rules` and `promtool test rules`); its server and the

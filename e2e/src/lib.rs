@@ -404,6 +404,84 @@ impl Sandbox {
         self.dir.path().to_owned()
     }
 
+    /// Writes the master key (64 hex digits, as `cloud-gateway serve` reads it) to
+    /// `master.key` in [`Sandbox::dir`] and returns its path.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_master_key(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("master.key");
+        std::fs::write(&path, hex::encode(self.master_key.expose()))
+            .with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The environment of a `cloud-gateway serve` process of this sandbox: replica `replica`
+    /// listening on `listen`, serving the sandbox's TLS certificate, on the sandbox's Redis,
+    /// with the master key in `master_key_file` (see [`Sandbox::write_master_key`]) and
+    /// canaries every [`Sandbox::canary_interval`] (zero: off). Callers add what their test
+    /// needs (metrics address, log format, `RUST_LOG`, …); a later pair overrides an earlier one.
+    pub fn gateway_env(
+        &self,
+        replica: &str,
+        listen: std::net::SocketAddr,
+        master_key_file: &Path,
+    ) -> Vec<(String, String)> {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        [
+            ("WRITEBACK_LISTEN", listen.to_string()),
+            ("WRITEBACK_TLS_CERT", path(&self.ca.cert_file())),
+            ("WRITEBACK_TLS_KEY", path(&self.ca.key_file())),
+            ("REDIS_URL", self.redis.url()),
+            ("WRITEBACK_MASTER_KEY_FILE", path(master_key_file)),
+            ("WRITEBACK_REPLICA_ID", replica.to_owned()),
+            (
+                "WRITEBACK_CANARY_INTERVAL_SECS",
+                self.canary_interval.as_secs().to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// The environment of an `onprem-agent run` process of the sandbox tenant's forest:
+    /// `agent_id`, dialling `gateway_url` (verified with the sandbox CA) with the secret in
+    /// `secret_file`, applying to the sandbox DC over LDAPS as the delegated service account
+    /// (its password written to `svc.password` in [`Sandbox::dir`]), its journal in
+    /// `state_dir`. Callers add what their test needs; a later pair overrides an earlier one.
+    ///
+    /// # Errors
+    /// When the service account's password file cannot be written.
+    pub fn agent_env(
+        &self,
+        agent_id: &str,
+        gateway_url: &str,
+        secret_file: &Path,
+        state_dir: &Path,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let bind_password = self.dir.path().join("svc.password");
+        std::fs::write(&bind_password, self.dc.svc_password())
+            .with_context(|| format!("write {}", bind_password.display()))?;
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        Ok([
+            ("AGENT_GATEWAY_URL", gateway_url.to_owned()),
+            ("AGENT_GATEWAY_CA", path(&self.ca.ca_file())),
+            ("AGENT_ID", agent_id.to_owned()),
+            ("AGENT_FOREST", self.forest.clone()),
+            ("AGENT_SECRET_FILE", path(secret_file)),
+            ("AGENT_LDAP_URLS", self.dc.ldaps_url()),
+            ("AGENT_LDAP_CA", path(&self.dc.ca_file())),
+            ("AGENT_BIND_DN", self.dc.svc_upn()),
+            ("AGENT_BIND_PASSWORD_FILE", path(&bind_password)),
+            ("AGENT_BASE_DN", self.dc.base_dn()),
+            ("AGENT_STATE_DIR", path(state_dir)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect())
+    }
+
     /// Stops agents, then gateways.
     ///
     /// # Panics

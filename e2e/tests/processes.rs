@@ -21,24 +21,18 @@ fn write_secret(dir: &std::path::Path, name: &str, value: &str) -> std::path::Pa
 async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm() {
     let sb = Sandbox::start(0).await.unwrap();
     let dir = sb.dir();
-    let master = write_secret(&dir, "master.key", &hex_encode(sb.master_key.expose()));
+    let master = sb.write_master_key().unwrap();
     let port = testkit::free_port().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gateway_metrics = format!("127.0.0.1:{}", testkit::free_port().unwrap());
     let agent_metrics = format!("127.0.0.1:{}", testkit::free_port().unwrap());
 
+    // Exact counts below: no canary traffic (the sandbox's canary interval is zero).
     let mut gateway = Process::spawn(
         Command::new(binary("cloud-gateway").unwrap())
             .arg("serve")
-            .env("WRITEBACK_LISTEN", addr.to_string())
-            .env("WRITEBACK_TLS_CERT", sb.ca.cert_file())
-            .env("WRITEBACK_TLS_KEY", sb.ca.key_file())
-            .env("REDIS_URL", sb.redis.url())
-            .env("WRITEBACK_MASTER_KEY_FILE", &master)
-            .env("WRITEBACK_REPLICA_ID", "gateway-proc")
+            .envs(sb.gateway_env("gateway-proc", addr, &master))
             .env("WRITEBACK_METRICS_LISTEN", &gateway_metrics)
-            // Exact counts below: no canary traffic.
-            .env("WRITEBACK_CANARY_INTERVAL_SECS", "0")
             .env("WRITEBACK_LOG_FORMAT", "json"),
         dir.join("gateway.log"),
     );
@@ -255,8 +249,7 @@ async fn no_secret_reaches_any_output_at_trace_level() {
     let sb = Sandbox::start(0).await.unwrap();
     let otlp = OtlpReceiver::start().await.unwrap();
     let dir = sb.dir();
-    let master_hex = hex_encode(sb.master_key.expose());
-    let master = write_secret(&dir, "master.key", &master_hex);
+    let master = sb.write_master_key().unwrap();
     let port = testkit::free_port().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gateway_metrics = format!("127.0.0.1:{}", testkit::free_port().unwrap());
@@ -271,14 +264,8 @@ async fn no_secret_reaches_any_output_at_trace_level() {
     let mut gw_cmd = Command::new(binary("cloud-gateway").unwrap());
     gw_cmd
         .arg("serve")
-        .env("WRITEBACK_LISTEN", addr.to_string())
-        .env("WRITEBACK_TLS_CERT", sb.ca.cert_file())
-        .env("WRITEBACK_TLS_KEY", sb.ca.key_file())
-        .env("REDIS_URL", sb.redis.url())
-        .env("WRITEBACK_MASTER_KEY_FILE", &master)
-        .env("WRITEBACK_REPLICA_ID", "gateway-traced")
+        .envs(sb.gateway_env("gateway-traced", addr, &master))
         .env("WRITEBACK_METRICS_LISTEN", &gateway_metrics)
-        .env("WRITEBACK_CANARY_INTERVAL_SECS", "0")
         .env("WRITEBACK_LOG_FORMAT", "json");
     traced(&mut gw_cmd);
     let mut gateway = Process::spawn(&mut gw_cmd, dir.join("gateway.log"));
