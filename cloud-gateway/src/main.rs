@@ -63,6 +63,22 @@ struct ServeArgs {
     /// Seconds to let agent sessions and waiting callers finish after SIGTERM.
     #[arg(long, env = "WRITEBACK_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     shutdown_grace_secs: u64,
+    /// Milliseconds between heartbeats with each agent; one silent for two gets no new work,
+    /// for three its stream is closed.
+    #[arg(long, env = "WRITEBACK_HEARTBEAT_MS", default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Milliseconds after an operation's deadline during which an agent's answer is still
+    /// recorded (and the operation still holds its user's queue); then `TIMED_OUT`.
+    #[arg(long, env = "WRITEBACK_ANSWER_GRACE_MS", default_value_t = 10_000)]
+    answer_grace_ms: u64,
+    /// Most unsettled operations one forest's queue holds before Submit answers
+    /// `RESOURCE_EXHAUSTED`.
+    #[arg(long, env = "WRITEBACK_FOREST_QUEUE_LIMIT", default_value_t = 10_000)]
+    forest_queue_limit: u64,
+    /// Most unsettled operations one tenant has over all its forests before Submit answers
+    /// `RESOURCE_EXHAUSTED`.
+    #[arg(long, env = "WRITEBACK_TENANT_QUEUE_LIMIT", default_value_t = 50_000)]
+    tenant_queue_limit: u64,
 }
 
 #[derive(clap::Args)]
@@ -239,6 +255,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
     config.canary_interval = Duration::from_secs(args.canary_interval_secs);
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(100));
+    config.ack_grace = Duration::from_millis(args.answer_grace_ms);
+    config.forest_queue_limit = args.forest_queue_limit;
+    config.tenant_queue_limit = args.tenant_queue_limit;
     config.tenant_rate = (args.tenant_rate > 0.0).then_some(cloud_gateway::limits::Rate {
         per_second: args.tenant_rate,
         burst: args.tenant_burst.max(1.0),
