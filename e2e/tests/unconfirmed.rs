@@ -4,8 +4,8 @@
 //!
 //! The fault is placed exactly on the write: a tracing layer sees the agent's
 //! `agent.ldap_write` span being created, just before the modify request goes out, and then
-//! breaks the path to the DC. The test runs on a current-thread runtime, so every task of the
-//! in-process gateway and agent runs on this thread, under the subscriber set here.
+//! breaks the path to the DC. The layer is the process's global subscriber, set before the
+//! sandbox would set its own (this test binary runs this one test).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,12 +80,13 @@ fn stages(op: &Operation) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "current_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconfirmed_write_is_read_back_from_ad() {
     let hook: Hook = Arc::default();
-    let _subscriber = tracing::subscriber::set_default(
+    tracing::subscriber::set_global_default(
         tracing_subscriber::registry().with(OnWrite(hook.clone())),
-    );
+    )
+    .expect("the first subscriber of this process");
     let mut sb = Sandbox::start(1).await.unwrap();
     let (t, f) = (sb.tenant.clone(), sb.forest.clone());
     // The agent reaches the DC through a proxy on the DC's own address (its certificate
@@ -114,7 +115,7 @@ async fn an_unconfirmed_write_is_read_back_from_ad() {
     let heard = sb.submit(0, req).await.unwrap();
     assert!(
         hook.lock().unwrap().is_none(),
-        "the write span was never created"
+        "the write span was never created; the caller heard {heard:?}"
     );
     let op = settled(&sb, "unconfirmed-lost-answer", Duration::from_secs(10)).await;
     assert_eq!(
