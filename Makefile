@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: up down test soak build fmt lint deps k8s-check
+.PHONY: up down test soak build fmt lint deps k8s-check package
 
 up:
 	@scripts/stack-up.sh
@@ -20,6 +20,11 @@ build:
 # schemas, promtool check + test the alerting rules (scripts/k8s-check.sh).
 k8s-check:
 	@scripts/k8s-check.sh
+
+# The agent's Debian package (release build): target/package/onprem-agent_<version>_<arch>.deb.
+package:
+	$(CARGO) build --release -p onprem-agent
+	@scripts/package-agent.sh --profile release
 
 fmt:
 	$(CARGO) fmt --all
