@@ -3,7 +3,7 @@
 #   scripts/package-agent.sh [--profile release|debug] [--out DIR]
 # Default: release (run `cargo build --release -p onprem-agent` first), into target/package/.
 # Prints the path of the .deb. The package holds the binary, the hardened systemd unit, an
-# example /etc/onprem-agent/agent.env and docs/install-agent.md; its postinst creates the
+# example /etc/onprem-agent/agent.toml and docs/install-agent.md; its postinst creates the
 # onprem-agent user and the owner-only state directory (packaging/agent/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 install -D -m 0755 "$bin" "$root/usr/bin/onprem-agent"
 install -D -m 0644 packaging/agent/onprem-agent.service "$root/lib/systemd/system/onprem-agent.service"
-install -D -m 0640 packaging/agent/agent.env.example "$root/etc/onprem-agent/agent.env"
+install -D -m 0640 packaging/agent/agent.toml.example "$root/etc/onprem-agent/agent.toml"
 install -D -m 0644 docs/install-agent.md "$root/usr/share/doc/onprem-agent/install-agent.md"
 install -d -m 0755 "$root/DEBIAN"
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" packaging/agent/debian/control >"$root/DEBIAN/control"

@@ -28,6 +28,10 @@ use crate::Gateway;
 
 /// Frames buffered towards one agent before the dispatcher waits (backpressure).
 const OUTBOUND_BUFFER: usize = 64;
+/// How long past the answer grace period recording an acknowledgment is retried while the
+/// store is away.
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// How long an agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one blocking stream read waits for new work.
@@ -432,9 +436,16 @@ impl Session {
             .await
     }
 
-    async fn on_frame(&self, f: AgentFrame) {
+    async fn on_frame(self: &Arc<Self>, f: AgentFrame) {
         match f.frame {
-            Some(agent_frame::Frame::Ack(ack)) => self.on_ack(ack).await,
+            Some(agent_frame::Frame::Ack(ack)) => {
+                // Recorded on its own task: a store that is briefly away delays this answer
+                // only, not the agent's other frames (its heartbeats keep the session live).
+                let session = self.clone();
+                self.gw
+                    .tasks
+                    .spawn(async move { session.on_ack(ack).await });
+            }
             Some(agent_frame::Frame::Heartbeat(_)) => {
                 // Liveness is judged in memory at every heartbeat; Redis presence (read by
                 // other replicas) needs refreshing only a few times per liveness window.
@@ -525,24 +536,42 @@ impl Session {
             detail
         );
         let policy = ack.policy.map(|p| p.encode_to_vec()).unwrap_or_default();
-        let recorded = self
-            .gw
-            .store
-            .complete(&Acknowledgment {
-                tenant: &self.identity.tenant,
-                forest: &self.identity.forest,
-                op: &ack.operation_id,
-                instance: &self.instance,
-                agent_id: &self.identity.agent_id,
-                replica: &self.gw.config.replica_id,
-                outcome,
-                violation,
-                message: &message,
-                detail: &detail,
-                event_detail: &event_detail,
-                result: &policy,
-            })
-            .await;
+        // The agent's answer is the truth about AD: a store that is away (restarting, failing
+        // over) must not lose it. Retried until the grace period after the deadline is well
+        // over (then the deadline rules have settled it and it is kept as a late answer).
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        let recorded = loop {
+            let result = self
+                .gw
+                .store
+                .complete(&Acknowledgment {
+                    tenant: &self.identity.tenant,
+                    forest: &self.identity.forest,
+                    op: &ack.operation_id,
+                    instance: &self.instance,
+                    agent_id: &self.identity.agent_id,
+                    replica: &self.gw.config.replica_id,
+                    outcome,
+                    violation,
+                    message: &message,
+                    detail: &detail,
+                    event_detail: &event_detail,
+                    result: &policy,
+                })
+                .await;
+            match result {
+                Err(e)
+                    if started.elapsed() < self.gw.config.ack_grace + RECORD_RETRY_FOR
+                        && !self.gw.shutdown.is_cancelled() =>
+                {
+                    tracing::warn!(event = "WB1024", operation_id = %ack.operation_id, error = %e, "could not record an acknowledgment yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => break other,
+            }
+        };
         match recorded {
             Ok(Completion::Recorded { caller_replica }) => {
                 tracing::info!(event = "WB1022",
@@ -577,7 +606,7 @@ impl Session {
             Err(e) => tracing::error!(event = "WB1024",
                 operation_id = %ack.operation_id,
                 error = %e,
-                "could not record an acknowledgment; the deadline rules will settle the operation"
+                "could not record an acknowledgment, retried past the grace period; the deadline rules settle the operation"
             ),
         }
     }

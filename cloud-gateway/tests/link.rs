@@ -787,6 +787,27 @@ async fn redis_going_away_and_coming_back() {
     env.shutdown.cancel();
 }
 
+/// An agent answers while Redis is away (killed, restarting): the answer is recorded once the
+/// store is back, and the caller hears it, instead of the operation timing out unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_while_the_store_is_away_is_recorded_when_it_is_back() {
+    let env = start_on(RedisServer::start_durable().unwrap(), |_| {}).await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
+    let (answer, ()) = tokio::join!(env.submit("while-away-1", 10_000), async {
+        let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+        env.redis.lock().unwrap().kill();
+        agent.ack(&w.operation_id, Outcome::Applied).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        env.redis.lock().unwrap().restart().unwrap();
+    });
+    assert_eq!(
+        Outcome::try_from(answer.unwrap().outcome).unwrap(),
+        Outcome::Applied,
+        "the answer given while the store was away reached the caller"
+    );
+    env.shutdown.cancel();
+}
+
 /// Redis restored from an older backup while the replica runs: the work it puts back to
 /// "queued" was applied since, so it is settled TIMED_OUT ("it may or may not have been
 /// applied"), never delivered again nor answered EXPIRED; then new work flows as before.

@@ -92,7 +92,7 @@ async fn the_agent_package_installs_checks_and_purges() {
         "state dir"
     );
     assert_eq!(mode("/etc/onprem-agent"), (0o750, 0, gid));
-    assert_eq!(mode("/etc/onprem-agent/agent.env"), (0o640, 0, gid));
+    assert_eq!(mode("/etc/onprem-agent/agent.toml"), (0o640, 0, gid));
     assert_eq!(mode("/usr/bin/onprem-agent").0, 0o755);
     let verify = Command::new("systemd-analyze")
         .args(["verify", "/lib/systemd/system/onprem-agent.service"])
@@ -125,30 +125,43 @@ async fn the_agent_package_installs_checks_and_purges() {
     );
     let gateway_ca = install_secret(&sb.ca.ca_file(), "gateway-ca.pem");
     let dc_ca = install_secret(&sb.dc.ca_file(), "dc-ca.pem");
-    let doctor = Command::new("runuser")
-        .args([
-            "-u",
-            "onprem-agent",
-            "--",
-            "/usr/bin/onprem-agent",
-            "doctor",
-        ])
-        .env(
-            "AGENT_GATEWAY_URL",
-            format!("https://{}", sb.gateways[0].addr),
-        )
-        .env("AGENT_GATEWAY_CA", &gateway_ca)
-        .env("AGENT_ID", "pkg-agent")
-        .env("AGENT_SECRET_FILE", &agent_secret)
-        .env("AGENT_FOREST", &f)
-        .env("AGENT_LDAP_URLS", sb.dc.ldaps_url())
-        .env("AGENT_LDAP_CA", &dc_ca)
-        .env("AGENT_BIND_DN", sb.dc.svc_upn())
-        .env("AGENT_BIND_PASSWORD_FILE", &password)
-        .env("AGENT_BASE_DN", sb.dc.base_dn())
-        .env("AGENT_STATE_DIR", "/var/lib/onprem-agent")
-        .output()
-        .unwrap();
+    // The settings file, as the admin fills it in (the package's own is the example).
+    let settings = format!(
+        "gateway_url = \"https://{gateway}\"\n\
+         gateway_ca = \"{gateway_ca}\"\n\
+         agent_id = \"pkg-agent\"\n\
+         forest = \"{f}\"\n\
+         agent_secret_file = \"{agent_secret}\"\n\
+         ldap_urls = [\"{ldap}\"]\n\
+         ldap_ca = \"{dc_ca}\"\n\
+         bind_dn = \"{bind}\"\n\
+         bind_password_file = \"{password}\"\n\
+         base_dn = \"{base}\"\n\
+         state_dir = \"/var/lib/onprem-agent\"\n",
+        gateway = sb.gateways[0].addr,
+        ldap = sb.dc.ldaps_url(),
+        bind = sb.dc.svc_upn(),
+        base = sb.dc.base_dn()
+    );
+    std::fs::write("/etc/onprem-agent/agent.toml", settings).unwrap();
+    let as_service = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", "onprem-agent", "--", "/usr/bin/onprem-agent"])
+            .args(args)
+            .args(["--config", "/etc/onprem-agent/agent.toml"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .unwrap()
+    };
+    let check = as_service(&["config", "check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains("configuration is valid"),
+        "{text}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let doctor = as_service(&["doctor"]);
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert_eq!(
         doctor.status.code(),

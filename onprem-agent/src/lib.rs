@@ -3,6 +3,7 @@
 //! over LDAPS as a delegated service account, and acknowledges the outcome. It listens on no
 //! port (SPEC invariant 5).
 
+pub mod config;
 pub mod directory;
 pub mod doctor;
 pub mod domains;
