@@ -5,8 +5,9 @@
 # redis-server (127.0.0.1:6379) or samba-ad-dc (389/636 on every address) would get in the way.
 set -euo pipefail
 # faketime: libfaketime, which the fault suite (e2e/tests/faults.rs) preloads to skew the clocks
-# of gateway and agent processes.
-PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc prometheus faketime)
+# of gateway and agent processes. umoci: unpacks the OCI image scripts/build-image.sh makes
+# (e2e/tests/image.rs).
+PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc prometheus faketime umoci)
 # Debian's recommended packages are kept (samba-ad-provision and samba-dsdb-modules, needed by
 # `samba-tool domain provision`, are only Recommends of samba). prometheus is there for promtool
 # (scripts/k8s-check.sh: `promtool check rules` and `promtool test rules`); its server and the
