@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: up down test soak build fmt lint deps k8s-check package
+.PHONY: up down test soak build fmt lint deps k8s-check package image
 
 up:
 	@scripts/stack-up.sh
@@ -25,6 +25,11 @@ k8s-check:
 package:
 	$(CARGO) build --release -p onprem-agent
 	@scripts/package-agent.sh --profile release
+
+# The container image as an OCI layout, without pulling a base image: target/image/oci.
+image:
+	$(CARGO) build --release --bins
+	@scripts/build-image.sh --profile release
 
 fmt:
 	$(CARGO) fmt --all
