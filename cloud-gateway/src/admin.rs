@@ -3,6 +3,7 @@
 
 use relay::secret::Secret;
 
+use crate::store::TenantId;
 use crate::tenants::{TenantError, Tenants};
 
 /// A fresh gateway master key (key-encryption key for tenant keys), as 64 hex digits.
@@ -37,7 +38,7 @@ pub fn parse_master_key(content: &str) -> Result<relay::envelope::KeyBytes, Stri
 /// On Redis errors.
 pub async fn create_tenant(
     tenants: &Tenants,
-    tenant: &str,
+    tenant: &TenantId,
     if_missing: bool,
 ) -> Result<Option<Secret>, TenantError> {
     if if_missing && tenants.exists(tenant).await? {

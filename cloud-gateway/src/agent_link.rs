@@ -22,7 +22,9 @@ use relay::proto::{
 };
 
 use crate::error::GatewayError;
-use crate::store::{self, Acknowledgment, Completion, Delivery, QueueEntry};
+use crate::store::{
+    self, Acknowledgment, Completion, Delivery, ForestId, OperationId, QueueEntry, TenantId,
+};
 use crate::tenants::AgentIdentity;
 use crate::Gateway;
 
@@ -86,8 +88,8 @@ impl AgentLinkService {
             tracing::info!(event = "WB1014", agent_id = %identity.agent_id, "connectivity probe answered");
             let (tx, rx) = mpsc::channel(1);
             let welcome = Welcome {
-                tenant_id: identity.tenant.clone(),
-                forest: identity.forest.clone(),
+                tenant_id: identity.tenant.to_string(),
+                forest: identity.forest.to_string(),
                 replica: gw.config.replica_id.clone(),
                 gateway_time_unix_ms: gw.clock.now_ms(),
                 ..Default::default()
@@ -101,7 +103,7 @@ impl AgentLinkService {
         }
         // The agent journals the highest store sequence it received: a store behind it was
         // restored from an older state; settle what that put back before any delivery.
-        if hello.store_high_water_tenant == identity.tenant {
+        if identity.tenant == hello.store_high_water_tenant {
             gw.store
                 .check_sequence(&identity.tenant, hello.store_high_water, "agent hello")
                 .await?;
@@ -119,8 +121,8 @@ impl AgentLinkService {
 
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let welcome = Welcome {
-            tenant_id: identity.tenant.clone(),
-            forest: identity.forest.clone(),
+            tenant_id: identity.tenant.to_string(),
+            forest: identity.forest.to_string(),
             replica: gw.config.replica_id.clone(),
             forest_key: forest_key.key_bytes().expose().to_vec(),
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
@@ -179,10 +181,12 @@ fn check_hello(identity: &AgentIdentity, hello: &Hello) -> Result<(), GatewayErr
             hello.agent_id
         )));
     }
-    if hello.forest != identity.forest {
+    if identity.forest != hello.forest {
         return Err(GatewayError::WrongTenant(format!(
             "agent {} is registered for forest {:?}, not {:?}",
-            identity.agent_id, identity.forest, hello.forest
+            identity.agent_id,
+            identity.forest.as_str(),
+            hello.forest
         )));
     }
     if hello.instance_id.is_empty() || hello.instance_id.len() > 64 {
@@ -220,13 +224,13 @@ struct InFlight {
 /// This replica's count of agent streams for one (tenant, forest) (where it runs canaries) and
 /// the connected-agents gauge, held for the life of a session and released on drop.
 struct Registration {
-    sessions: Arc<Mutex<HashMap<(String, String), usize>>>,
-    key: (String, String),
+    sessions: Arc<Mutex<HashMap<(TenantId, ForestId), usize>>>,
+    key: (TenantId, ForestId),
 }
 
 impl Registration {
-    fn new(gw: &Gateway, tenant: &str, forest: &str) -> Self {
-        let key = (tenant.to_owned(), forest.to_owned());
+    fn new(gw: &Gateway, tenant: &TenantId, forest: &ForestId) -> Self {
+        let key = (tenant.clone(), forest.clone());
         *gw.sessions
             .lock()
             .expect("sessions")
@@ -234,9 +238,11 @@ impl Registration {
             .or_default() += 1;
         let m = crate::metrics::get();
         m.connected_agents
-            .with_label_values(&[tenant, forest])
+            .with_label_values(&[tenant.as_str(), forest.as_str()])
             .inc();
-        m.agent_sessions.with_label_values(&[tenant, forest]).inc();
+        m.agent_sessions
+            .with_label_values(&[tenant.as_str(), forest.as_str()])
+            .inc();
         Self {
             sessions: gw.sessions.clone(),
             key,
@@ -299,7 +305,7 @@ struct Session {
     queue: String,
     max_in_flight: u32,
     permits: Arc<Semaphore>,
-    in_flight: Mutex<HashMap<String, InFlight>>,
+    in_flight: Mutex<HashMap<OperationId, InFlight>>,
     tx: FrameTx,
     /// When the agent last sent anything: work goes only to an agent heard from recently.
     last_heard: Mutex<Instant>,
@@ -488,7 +494,7 @@ impl Session {
             .in_flight
             .lock()
             .expect("in-flight map")
-            .remove(&ack.operation_id);
+            .remove(ack.operation_id.as_str());
         let mut outcome = Outcome::try_from(ack.outcome).unwrap_or(Outcome::Unspecified);
         // An agent reports what the directory did; gateway-side outcomes are not its to claim.
         if matches!(
@@ -536,6 +542,14 @@ impl Session {
             detail
         );
         let policy = ack.policy.map(|p| p.encode_to_vec()).unwrap_or_default();
+        // The agent names the operation: an id that breaks the rule names none of this forest's.
+        let Ok(op) = OperationId::new(ack.operation_id.as_str()) else {
+            tracing::warn!(event = "WB1023",
+                operation_id = %ack.operation_id,
+                "acknowledgment for an operation unknown in this forest; ignored"
+            );
+            return;
+        };
         // The agent's answer is the truth about AD: a store that is away (restarting, failing
         // over) must not lose it. Retried until the grace period after the deadline is well
         // over (then the deadline rules have settled it and it is kept as a late answer).
@@ -548,7 +562,7 @@ impl Session {
                 .complete(&Acknowledgment {
                     tenant: &self.identity.tenant,
                     forest: &self.identity.forest,
-                    op: &ack.operation_id,
+                    op: &op,
                     instance: &self.instance,
                     agent_id: &self.identity.agent_id,
                     replica: &self.gw.config.replica_id,
@@ -583,7 +597,7 @@ impl Session {
                 if let Err(e) = self
                     .gw
                     .store
-                    .notify_done(&caller_replica, &self.identity.tenant, &ack.operation_id)
+                    .notify_done(&caller_replica, &self.identity.tenant, &op)
                     .await
                 {
                     tracing::warn!(error = %e, "could not notify the caller's replica; it will poll");
@@ -856,9 +870,9 @@ impl Session {
         let work = Work {
             store_seq: self.gw.store.high_water(tenant),
             dispatch_traceparent,
-            operation_id: entry.operation_id.clone(),
-            tenant_id: tenant.clone(),
-            forest: self.identity.forest.clone(),
+            operation_id: entry.operation_id.to_string(),
+            tenant_id: tenant.to_string(),
+            forest: self.identity.forest.to_string(),
             deadline_unix_ms: entry.deadline_ms,
             remaining_ms: remaining,
             traceparent: entry.traceparent,

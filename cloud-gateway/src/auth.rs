@@ -13,12 +13,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use crate::error::GatewayError;
+use crate::store::TenantId;
 use crate::tenants::AgentIdentity;
 use crate::Gateway;
 
 /// The tenant a Writeback call's token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallerTenant(pub String);
+pub struct CallerTenant(pub TenantId);
 
 const WRITEBACK_PREFIX: &str = "/writeback.v1.Writeback/";
 const AGENT_LINK_PREFIX: &str = "/writeback.v1.AgentLink/";
@@ -140,10 +141,10 @@ where
 ///
 /// # Errors
 /// `UNAUTHENTICATED` when the call did not pass through [`AuthLayer`].
-pub fn caller_tenant<T>(req: &tonic::Request<T>) -> Result<&str, GatewayError> {
+pub fn caller_tenant<T>(req: &tonic::Request<T>) -> Result<&TenantId, GatewayError> {
     req.extensions()
         .get::<CallerTenant>()
-        .map(|t| t.0.as_str())
+        .map(|t| &t.0)
         .ok_or(GatewayError::Unauthenticated)
 }
 

@@ -3,7 +3,7 @@
 
 use tonic::{Code, Status};
 
-use crate::store::StoreError;
+use crate::store::{InvalidId, StoreError};
 use crate::tenants::TenantError;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,16 @@ impl GatewayError {
         Self::InvalidArgument {
             field,
             problem: problem.into(),
+        }
+    }
+}
+
+/// A refused id is `INVALID_ARGUMENT` naming its field.
+impl From<InvalidId> for GatewayError {
+    fn from(e: InvalidId) -> Self {
+        Self::InvalidArgument {
+            field: e.field,
+            problem: e.problem,
         }
     }
 }

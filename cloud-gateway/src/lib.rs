@@ -31,7 +31,7 @@ use relay::envelope::KeyBytes;
 use relay::proto::agent_link_server::AgentLinkServer;
 use relay::proto::writeback_server::WritebackServer;
 
-use crate::store::Store;
+use crate::store::{ForestId, Store, TenantId};
 use crate::tenants::Tenants;
 use crate::waiters::Waiters;
 
@@ -120,7 +120,7 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     /// Agent streams this replica holds, per (tenant, forest): where it runs canaries.
-    pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
+    pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<(TenantId, ForestId), usize>>>,
     pub limiter: Arc<limits::TenantLimiter>,
     /// The store's clock, by which deadlines are set.
     pub clock: Arc<clock::StoreClock>,

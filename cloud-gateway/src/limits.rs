@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::store::TenantId;
+
 /// Rate and burst of one tenant's bucket.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -23,7 +25,7 @@ struct Bucket {
 #[derive(Debug)]
 pub struct TenantLimiter {
     rate: Option<Rate>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<TenantId, Bucket>>,
 }
 
 impl TenantLimiter {
@@ -39,12 +41,12 @@ impl TenantLimiter {
     ///
     /// # Errors
     /// How long until a token is available.
-    pub fn try_acquire_at(&self, tenant: &str, now: Instant) -> Result<(), Duration> {
+    pub fn try_acquire_at(&self, tenant: &TenantId, now: Instant) -> Result<(), Duration> {
         let Some(rate) = self.rate else {
             return Ok(());
         };
         let mut buckets = self.buckets.lock().expect("limiter");
-        let bucket = buckets.entry(tenant.to_owned()).or_insert(Bucket {
+        let bucket = buckets.entry(tenant.clone()).or_insert(Bucket {
             tokens: rate.burst,
             at: now,
         });
@@ -65,7 +67,7 @@ impl TenantLimiter {
     ///
     /// # Errors
     /// How long until a token is available.
-    pub fn try_acquire(&self, tenant: &str) -> Result<(), Duration> {
+    pub fn try_acquire(&self, tenant: &TenantId) -> Result<(), Duration> {
         self.try_acquire_at(tenant, Instant::now())
     }
 }
@@ -80,29 +82,34 @@ mod tests {
             per_second: 2.0,
             burst: 3.0,
         }));
+        let (acme, globex) = (
+            TenantId::new("acme").unwrap(),
+            TenantId::new("globex").unwrap(),
+        );
         let t0 = Instant::now();
         for _ in 0..3 {
-            l.try_acquire_at("acme", t0).unwrap();
+            l.try_acquire_at(&acme, t0).unwrap();
         }
-        let wait = l.try_acquire_at("acme", t0).unwrap_err();
+        let wait = l.try_acquire_at(&acme, t0).unwrap_err();
         assert!(
             wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
             "{wait:?}"
         );
-        l.try_acquire_at("globex", t0)
+        l.try_acquire_at(&globex, t0)
             .expect("tenants have separate buckets");
-        l.try_acquire_at("acme", t0 + Duration::from_millis(500))
+        l.try_acquire_at(&acme, t0 + Duration::from_millis(500))
             .expect("refilled one token");
         assert!(l
-            .try_acquire_at("acme", t0 + Duration::from_millis(500))
+            .try_acquire_at(&acme, t0 + Duration::from_millis(500))
             .is_err());
     }
 
     #[test]
     fn off_means_unlimited() {
         let l = TenantLimiter::new(None);
+        let acme = TenantId::new("acme").unwrap();
         for _ in 0..10_000 {
-            l.try_acquire("acme").unwrap();
+            l.try_acquire(&acme).unwrap();
         }
     }
 }

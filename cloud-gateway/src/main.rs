@@ -7,8 +7,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use cloud_gateway::store::{ForestId, Store, TenantId};
 use cloud_gateway::tenants::{ForestSettingsChange, Tenants};
-use cloud_gateway::{admin, store::Store, GatewayConfig};
+use cloud_gateway::{admin, GatewayConfig};
 
 #[derive(Parser)]
 #[command(
@@ -156,8 +157,21 @@ async fn tenants(common: &Common) -> anyhow::Result<Tenants> {
     Ok(Tenants::new(store, key))
 }
 
-fn check_name(field: &str, v: &str) -> anyhow::Result<()> {
-    cloud_gateway::validate::tenant_id(v).map_err(|e| anyhow::anyhow!("--{field}: {e}"))
+/// `--tenant`, checked by the rule of a request's `tenant_id`.
+fn tenant_flag(v: &str) -> anyhow::Result<TenantId> {
+    TenantId::new(v).map_err(|e| anyhow::anyhow!("--tenant: {e}"))
+}
+
+/// `--forest`, checked by the rule of a request's `forest`.
+fn forest_flag(v: &str) -> anyhow::Result<ForestId> {
+    ForestId::new(v).map_err(|e| anyhow::anyhow!("--{e}"))
+}
+
+/// `--agent-id`, held to the rule of a tenant id.
+fn check_agent_id(v: &str) -> anyhow::Result<()> {
+    TenantId::new(v)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("--agent-id: {e}"))
 }
 
 #[tokio::main]
@@ -186,7 +200,7 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                 tenant,
                 if_missing,
             } => {
-                check_name("tenant", &tenant)?;
+                let tenant = tenant_flag(&tenant)?;
                 let t = tenants(&common).await?;
                 if let Some(token) = admin::create_tenant(&t, &tenant, if_missing).await? {
                     println!("{}", token.expose());
@@ -199,10 +213,9 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                 forest,
                 agent_id,
             } => {
-                check_name("tenant", &tenant)?;
-                check_name("agent-id", &agent_id)?;
-                cloud_gateway::validate::forest("forest", &forest)
-                    .map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let tenant = tenant_flag(&tenant)?;
+                check_agent_id(&agent_id)?;
+                let forest = forest_flag(&forest)?;
                 let t = tenants(&common).await?;
                 println!(
                     "{}",
@@ -220,6 +233,8 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                 unlock_enabled,
                 allow_protected_accounts,
             } => {
+                let tenant = tenant_flag(&tenant)?;
+                let forest = forest_flag(&forest)?;
                 let t = tenants(&common).await?;
                 let change = ForestSettingsChange {
                     writeback_enabled,

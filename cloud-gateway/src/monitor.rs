@@ -31,7 +31,7 @@ async fn canaries(gw: Gateway) {
             _ = gw.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let forests: Vec<(String, String)> = gw
+        let forests: Vec<(store::TenantId, store::ForestId)> = gw
             .sessions
             .lock()
             .expect("sessions")
@@ -63,15 +63,15 @@ async fn canaries(gw: Gateway) {
 }
 
 /// Runs one canary for (tenant, forest) and records the forest's health.
-pub async fn canary(gw: &Gateway, tenant: &str, forest: &str) {
+pub async fn canary(gw: &Gateway, tenant: &store::TenantId, forest: &store::ForestId) {
     use relay::proto::{
         sealed_operation::Action, Initiator, Outcome, QueryPolicy, SealedOperation, UserRef,
     };
     let service = crate::writeback::WritebackService::new(gw.clone());
-    let op = format!("canary-{}", uuid::Uuid::new_v4());
+    let op = store::OperationId::generate("canary-");
     let sealed = SealedOperation {
         user: Some(UserRef {
-            forest: forest.to_owned(),
+            forest: forest.to_string(),
             id: None,
         }),
         initiator: Initiator::Admin as i32,
@@ -134,7 +134,7 @@ pub async fn canary(gw: &Gateway, tenant: &str, forest: &str) {
     }
     crate::metrics::get()
         .forest_healthy
-        .with_label_values(&[tenant, forest])
+        .with_label_values(&[tenant.as_str(), forest.as_str()])
         .set(i64::from(healthy));
     if let Err(e) = gw
         .store

@@ -11,7 +11,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use relay::envelope::{self, ForestKey, KeyBytes, TenantKey};
 use relay::secret::Secret;
 
-use crate::store::{Store, StoreError};
+use crate::store::{ForestId, Store, StoreError, TenantId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
@@ -46,8 +46,8 @@ pub enum AgentRefusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentIdentity {
     pub agent_id: String,
-    pub tenant: String,
-    pub forest: String,
+    pub tenant: TenantId,
+    pub forest: ForestId,
 }
 
 /// Per-(tenant, forest) operator switches, as on the admin page of today's products.
@@ -109,7 +109,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Tenants {
     store: Store,
     kek: Arc<ForestKey>,
-    keys: Arc<Mutex<HashMap<String, TenantKey>>>,
+    keys: Arc<Mutex<HashMap<TenantId, TenantKey>>>,
 }
 
 impl Tenants {
@@ -127,12 +127,12 @@ impl Tenants {
     ///
     /// # Errors
     /// On Redis or crypto errors.
-    pub async fn create_tenant(&self, tenant: &str) -> Result<Secret, TenantError> {
+    pub async fn create_tenant(&self, tenant: &TenantId) -> Result<Secret, TenantError> {
         self.store.init_epoch().await?;
         let (existing, old_token) = self.store.tenant(tenant).await?;
         if existing.is_none() {
             let tk = TenantKey::new(KeyBytes::generate()?);
-            let wrapped = envelope::wrap_tenant_key(&self.kek, tenant, &tk)?;
+            let wrapped = envelope::wrap_tenant_key(&self.kek, tenant.as_str(), &tk)?;
             self.store.put_tenant_key(tenant, &wrapped).await?;
         }
         let token = random_secret("wbt_")?;
@@ -147,7 +147,7 @@ impl Tenants {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn exists(&self, tenant: &str) -> Result<bool, TenantError> {
+    pub async fn exists(&self, tenant: &TenantId) -> Result<bool, TenantError> {
         Ok(self.store.tenant_exists(tenant).await?)
     }
 
@@ -157,12 +157,12 @@ impl Tenants {
     /// When the tenant does not exist, or on Redis errors.
     pub async fn register_agent(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         agent_id: &str,
     ) -> Result<Secret, TenantError> {
         if !self.exists(tenant).await? {
-            return Err(TenantError::UnknownTenant(tenant.to_owned()));
+            return Err(TenantError::UnknownTenant(tenant.to_string()));
         }
         let secret = random_secret("wba_")?;
         self.store
@@ -182,8 +182,8 @@ impl Tenants {
     /// On Redis errors.
     pub async fn set_forest(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         change: &ForestSettingsChange,
     ) -> Result<ForestSettings, TenantError> {
         let fields: Vec<(&str, u8)> = [
@@ -206,7 +206,11 @@ impl Tenants {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn forest(&self, tenant: &str, forest: &str) -> Result<ForestSettings, TenantError> {
+    pub async fn forest(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<ForestSettings, TenantError> {
         let h = self.store.forest_switches(tenant, forest).await?;
         let d = ForestSettings::default();
         let flag = |name: &str, default: bool| h.get(name).map_or(default, |v| *v == 1);
@@ -221,7 +225,7 @@ impl Tenants {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn tenant_for_token(&self, token: &str) -> Result<Option<String>, TenantError> {
+    pub async fn tenant_for_token(&self, token: &str) -> Result<Option<TenantId>, TenantError> {
         let hash = sha256_hex(token.as_bytes());
         Ok(self.store.token_tenant(&hash).await?)
     }
@@ -249,10 +253,11 @@ impl Tenants {
         ) {
             return Ok(Err(AgentRefusal::WrongSecret(agent_id.to_owned())));
         }
+        // Written by `register_agent`, whose ids were checked.
         Ok(Ok(AgentIdentity {
             agent_id: agent_id.to_owned(),
-            tenant: tenant.clone(),
-            forest: forest.clone(),
+            tenant: TenantId::from_store(tenant.clone()),
+            forest: ForestId::from_store(forest.clone()),
         }))
     }
 
@@ -260,18 +265,18 @@ impl Tenants {
     ///
     /// # Errors
     /// When the tenant is unknown or its key does not unwrap.
-    pub async fn tenant_key(&self, tenant: &str) -> Result<TenantKey, TenantError> {
+    pub async fn tenant_key(&self, tenant: &TenantId) -> Result<TenantKey, TenantError> {
         if let Some(k) = self.keys.lock().expect("tenant key cache").get(tenant) {
             return Ok(k.clone());
         }
         let (wrapped, _) = self.store.tenant(tenant).await?;
-        let wrapped = wrapped.ok_or_else(|| TenantError::UnknownTenant(tenant.to_owned()))?;
-        let key = envelope::unwrap_tenant_key(&self.kek, tenant, &wrapped)
-            .map_err(|_| TenantError::KeyUnwrap(tenant.to_owned()))?;
+        let wrapped = wrapped.ok_or_else(|| TenantError::UnknownTenant(tenant.to_string()))?;
+        let key = envelope::unwrap_tenant_key(&self.kek, tenant.as_str(), &wrapped)
+            .map_err(|_| TenantError::KeyUnwrap(tenant.to_string()))?;
         self.keys
             .lock()
             .expect("tenant key cache")
-            .insert(tenant.to_owned(), key.clone());
+            .insert(tenant.clone(), key.clone());
         Ok(key)
     }
 
@@ -279,8 +284,15 @@ impl Tenants {
     ///
     /// # Errors
     /// As [`Tenants::tenant_key`].
-    pub async fn forest_key(&self, tenant: &str, forest: &str) -> Result<ForestKey, TenantError> {
-        Ok(self.tenant_key(tenant).await?.forest_key(tenant, forest))
+    pub async fn forest_key(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<ForestKey, TenantError> {
+        Ok(self
+            .tenant_key(tenant)
+            .await?
+            .forest_key(tenant.as_str(), forest.as_str()))
     }
 }
 

@@ -1,89 +1,56 @@
 //! Input validation for `Writeback` requests: every rejection names the field and the problem,
-//! and never echoes a password.
+//! and never echoes a password. The rules for tenant ids, forests and operation ids are those
+//! of their types (`store/ids.rs`); here they become `INVALID_ARGUMENT` and the typed ids the
+//! request is served with.
 
 use relay::proto::{submit_request::Action, user_ref, Initiator, SubmitRequest, UserRef};
 
 use crate::error::GatewayError;
+use crate::store::{ForestId, OperationId, TenantId};
 
 /// Longest password AD accepts in `unicodePwd` (characters).
 pub const MAX_PASSWORD_CHARS: usize = 256;
 
-fn check_id(field: &'static str, v: &str, max: usize) -> Result<(), GatewayError> {
-    if v.is_empty() {
-        return Err(GatewayError::invalid(field, "must not be empty"));
-    }
-    if v.len() > max {
-        return Err(GatewayError::invalid(
-            field,
-            format!("must be at most {max} characters"),
-        ));
-    }
-    if !v
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-    {
-        return Err(GatewayError::invalid(
-            field,
-            "may contain only ASCII letters, digits and - _ . :",
-        ));
-    }
-    Ok(())
-}
-
-/// A tenant id: 1–64 of `[A-Za-z0-9._:-]`.
+/// A tenant id (the rule is [`TenantId::new`]'s).
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming `tenant_id`.
-pub fn tenant_id(v: &str) -> Result<(), GatewayError> {
-    check_id("tenant_id", v, 64)
+pub fn tenant_id(v: &str) -> Result<TenantId, GatewayError> {
+    Ok(TenantId::new(v)?)
 }
 
-/// An operation id: 1–128 of `[A-Za-z0-9._:-]`.
+/// An operation id (the rule is [`OperationId::new`]'s).
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming `operation_id`.
-pub fn operation_id(v: &str) -> Result<(), GatewayError> {
-    check_id("operation_id", v, 128)
+pub fn operation_id(v: &str) -> Result<OperationId, GatewayError> {
+    Ok(OperationId::new(v)?)
 }
 
-/// A forest name: a DNS name.
+/// A forest name that came in `field` (the rule is [`ForestId::new`]'s: a DNS name).
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming `field`.
-pub fn forest(field: &'static str, v: &str) -> Result<(), GatewayError> {
-    if v.is_empty() {
-        return Err(GatewayError::invalid(field, "must not be empty"));
-    }
-    let ok = v.len() <= 253
-        && v.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
-    if !ok {
-        return Err(GatewayError::invalid(
-            field,
-            "must be a DNS name such as corp.example.com",
-        ));
-    }
-    Ok(())
+pub fn forest(field: &'static str, v: &str) -> Result<ForestId, GatewayError> {
+    ForestId::new(v).map_err(|e| e.in_field(field).into())
 }
 
 pub use relay::proto::is_canonical_guid;
 
-/// Validates a user reference and returns it.
+/// Validates a user reference and returns it with its forest.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming the offending field.
-pub fn user_ref(u: Option<&UserRef>) -> Result<&UserRef, GatewayError> {
-    user(u)?;
-    Ok(u.expect("checked by user()"))
+pub fn user_ref(u: Option<&UserRef>) -> Result<(&UserRef, ForestId), GatewayError> {
+    let forest = user(u)?;
+    Ok((u.expect("checked by user()"), forest))
 }
 
-fn user(u: Option<&UserRef>) -> Result<(), GatewayError> {
+/// Validates a user reference; returns its forest.
+fn user(u: Option<&UserRef>) -> Result<ForestId, GatewayError> {
     let u = u.ok_or_else(|| GatewayError::invalid("user", "is required"))?;
-    forest("user.forest", &u.forest)?;
-    match &u.id {
+    let forest = forest("user.forest", &u.forest)?;
+    let checked = match &u.id {
         None => Err(GatewayError::invalid(
             "user",
             "one of object_guid, user_principal_name or sam_account_name is required",
@@ -125,7 +92,8 @@ fn user(u: Option<&UserRef>) -> Result<(), GatewayError> {
             }
         }
         Some(_) => Ok(()),
-    }
+    };
+    checked.map(|()| forest)
 }
 
 fn password(field: &'static str, p: &str) -> Result<(), GatewayError> {
@@ -147,16 +115,29 @@ fn password(field: &'static str, p: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Validates a `SubmitRequest` (the operation id may be empty: the gateway assigns one).
+/// The ids of a valid `SubmitRequest`, typed (its tenant is the caller's, from
+/// [`crate::auth::caller_tenant`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitIds {
+    /// `None` when the request came without one: the gateway assigns one.
+    pub operation_id: Option<OperationId>,
+    /// The user's forest.
+    pub forest: ForestId,
+}
+
+/// Validates a `SubmitRequest` (the operation id may be empty: the gateway assigns one) and
+/// returns its ids.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming the first offending field.
-pub fn submit(req: &SubmitRequest) -> Result<(), GatewayError> {
+pub fn submit(req: &SubmitRequest) -> Result<SubmitIds, GatewayError> {
     tenant_id(&req.tenant_id)?;
-    if !req.operation_id.is_empty() {
-        operation_id(&req.operation_id)?;
-    }
-    user(req.user.as_ref())?;
+    let operation_id = if req.operation_id.is_empty() {
+        None
+    } else {
+        Some(operation_id(&req.operation_id)?)
+    };
+    let forest = user(req.user.as_ref())?;
     match Initiator::try_from(req.initiator) {
         Ok(Initiator::EndUser | Initiator::Admin) => {}
         _ => {
@@ -177,7 +158,11 @@ pub fn submit(req: &SubmitRequest) -> Result<(), GatewayError> {
             password("change.new_password", &c.new_password)
         }
         Some(Action::Unlock(_) | Action::ClearForcedChange(_)) => Ok(()),
-    }
+    }?;
+    Ok(SubmitIds {
+        operation_id,
+        forest,
+    })
 }
 
 #[cfg(test)]
@@ -211,11 +196,13 @@ mod tests {
 
     #[test]
     fn accepts_valid_requests() {
-        submit(&base()).unwrap();
+        let ids = submit(&base()).unwrap();
+        assert_eq!(ids.operation_id.unwrap(), "op-1");
+        assert_eq!(ids.forest, "corp.acme.test");
         let mut r = base();
         r.operation_id.clear();
         r.action = Some(Action::Unlock(UnlockAccount {}));
-        submit(&r).unwrap();
+        assert_eq!(submit(&r).unwrap().operation_id, None);
         r.user.as_mut().unwrap().id = Some(user_ref::Id::ObjectGuid(
             "99b3a1d2-17db-4c4a-9c27-0123456789ab".into(),
         ));

@@ -42,7 +42,7 @@ impl Drop for Waiter {
 
 impl Waiters {
     /// Registers interest in one operation's outcome.
-    pub fn register(&self, tenant: &str, op: &str) -> Waiter {
+    pub fn register(&self, tenant: &store::TenantId, op: &store::OperationId) -> Waiter {
         let key = store::op_ref(tenant, op);
         let mut map = self.inner.lock().expect("waiters");
         let entry = map
@@ -111,13 +111,15 @@ mod tests {
     #[tokio::test]
     async fn wakes_registered_waiters_and_cleans_up() {
         let w = Waiters::default();
-        let a = w.register("t", "op");
-        let b = w.register("t", "op");
+        let t = store::TenantId::new("t").unwrap();
+        let op = store::OperationId::new("op").unwrap();
+        let a = w.register(&t, &op);
+        let b = w.register(&t, &op);
         let notify = a.notify.clone();
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        w.wake(&store::op_ref("t", "op"));
+        w.wake(&store::op_ref(&t, &op));
         tokio::time::timeout(Duration::from_secs(1), notified)
             .await
             .unwrap();

@@ -20,7 +20,8 @@ use relay::trace::TraceParent;
 
 use crate::error::GatewayError;
 use crate::store::{
-    self, Created, Finalized, NewOperation, OpRecord, OpState, QueueLimits, TimelineEvent,
+    self, Created, Finalized, ForestId, NewOperation, OpRecord, OpState, OperationId, QueueLimits,
+    TenantId, TimelineEvent,
 };
 use crate::{validate, Gateway};
 
@@ -65,8 +66,9 @@ impl WritebackService {
         Self { gw }
     }
 
-    /// Checks that the tenant the auth layer found for the token is `tenant_id`.
-    fn authorize<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<(), GatewayError> {
+    /// Checks that the tenant the auth layer found for the token is `tenant_id`, and returns
+    /// it typed: the request's tenant from here on (it was checked when it was created).
+    fn authorize<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<TenantId, GatewayError> {
         let owner = crate::auth::caller_tenant(req)?;
         if tenant_id.is_empty() {
             validate::tenant_id(tenant_id)?;
@@ -75,7 +77,7 @@ impl WritebackService {
             tracing::warn!(event = "WB1013", token_tenant = %owner, requested_tenant = %tenant_id, "token used for another tenant");
             return Err(GatewayError::WrongTenant(tenant_id.to_owned()));
         }
-        Ok(())
+        Ok(owner.clone())
     }
 
     fn timeout(&self, timeout_ms: u32) -> Duration {
@@ -98,18 +100,18 @@ impl WritebackService {
             .filter(|v| TraceParent::parse(v).is_some())
             .map(str::to_owned);
         // Authenticate first, so an anonymous caller learns nothing about the request.
-        self.authorize(&request, &request.get_ref().tenant_id)?;
-        if let Err(wait) = self.gw.limiter.try_acquire(&request.get_ref().tenant_id) {
-            tracing::warn!(event = "WB1007", tenant = %request.get_ref().tenant_id, "tenant over its rate; RESOURCE_EXHAUSTED");
+        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        if let Err(wait) = self.gw.limiter.try_acquire(&tenant) {
+            tracing::warn!(event = "WB1007", %tenant, "tenant over its rate; RESOURCE_EXHAUSTED");
             return Err(GatewayError::RateLimited {
-                tenant: request.get_ref().tenant_id.clone(),
+                tenant: tenant.to_string(),
                 retry_ms: wait.as_millis() as u64 + 1,
             });
         }
         let started = std::time::Instant::now();
         let mut req = request.into_inner();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or("none");
-        let result = self.submit_validated(&mut req, traceparent).await;
+        let result = self.submit_validated(&tenant, &mut req, traceparent).await;
         if let Some(action) = req.action.as_mut() {
             action.zeroize();
         }
@@ -119,7 +121,7 @@ impl WritebackService {
                 .unwrap_or_default()
                 .as_str_name();
             m.submits
-                .with_label_values(&[req.tenant_id.as_str(), kind, outcome])
+                .with_label_values(&[tenant.as_str(), kind, outcome])
                 .inc();
             m.stage_seconds
                 .with_label_values(&["submit"])
@@ -130,65 +132,67 @@ impl WritebackService {
 
     async fn submit_validated(
         &self,
+        tenant: &TenantId,
         req: &mut SubmitRequest,
         parent: Option<String>,
     ) -> Result<SubmitResponse, GatewayError> {
-        validate::submit(req)?;
-        if req.operation_id.is_empty() {
-            req.operation_id = uuid::Uuid::new_v4().to_string();
-        }
+        let ids = validate::submit(req)?;
+        let operation_id = ids
+            .operation_id
+            .unwrap_or_else(|| OperationId::generate(""));
         let span = tracing::info_span!(
             "writeback.submit",
             otel.kind = "server",
-            tenant = %req.tenant_id,
-            forest = req.user.as_ref().map(|u| u.forest.as_str()).unwrap_or_default(),
-            operation_id = %req.operation_id,
+            %tenant,
+            forest = ids.forest.as_str(),
+            %operation_id,
             kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default(),
             outcome = tracing::field::Empty,
         );
         if let Some(tp) = &parent {
             relay::telemetry::set_parent(&span, tp);
         }
-        self.accept(req).instrument(span).await
+        self.accept(tenant, &ids.forest, operation_id, req)
+            .instrument(span)
+            .await
     }
 
     /// Accepts a validated request: answers a resubmission from its record, refuses at once
     /// when no agent is live, otherwise seals, queues and waits.
-    async fn accept(&self, req: &mut SubmitRequest) -> Result<SubmitResponse, GatewayError> {
+    async fn accept(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        operation_id: OperationId,
+        req: &mut SubmitRequest,
+    ) -> Result<SubmitResponse, GatewayError> {
         let gw = &self.gw;
-        let tenant = req.tenant_id.clone();
-        let forest = req
-            .user
-            .as_ref()
-            .map(|u| u.forest.clone())
-            .unwrap_or_default();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default();
-        let operation_id = req.operation_id.clone();
 
         // A resubmitted operation id: answer with the first submission's outcome.
-        if let Some(rec) = gw.store.operation(&tenant, &operation_id).await? {
+        if let Some(rec) = gw.store.operation(tenant, &operation_id).await? {
             let user = req
                 .user
                 .as_ref()
                 .and_then(|u| u.id.as_ref())
                 .map(store::user_label)
                 .unwrap_or_default();
-            if rec.forest != forest
+            if rec.forest != *forest
                 || rec.kind != kind
                 || (!rec.user.is_empty() && rec.user != user)
             {
-                return Err(GatewayError::Conflict(operation_id));
+                return Err(GatewayError::Conflict(operation_id.into_string()));
             }
             tracing::info!(
                 event = "WB1005",
                 "resubmitted operation; returning its outcome"
             );
             return self
-                .wait_for_outcome(&tenant, &operation_id, self.timeout(req.timeout_ms))
+                .wait_for_outcome(tenant, &operation_id, self.timeout(req.timeout_ms))
                 .await;
         }
 
-        let settings = gw.tenants.forest(&tenant, &forest).await?;
+        let settings = gw.tenants.forest(tenant, forest).await?;
         let refusal = if !settings.writeback_enabled {
             Some(WRITEBACK_DISABLED_MESSAGE)
         } else if kind == "unlock" && !settings.unlock_enabled {
@@ -202,7 +206,7 @@ impl WritebackService {
                 "switched off for this forest; refused at once, nothing queued"
             );
             return Ok(SubmitResponse {
-                operation_id,
+                operation_id: operation_id.into_string(),
                 outcome: Outcome::NotEnabled as i32,
                 policy_violation: PolicyViolation::Unspecified as i32,
                 message: message.to_owned(),
@@ -212,7 +216,7 @@ impl WritebackService {
 
         if gw
             .store
-            .live_agents(&tenant, &forest, gw.config.agent_liveness)
+            .live_agents(tenant, forest, gw.config.agent_liveness)
             .await?
             == 0
         {
@@ -221,7 +225,7 @@ impl WritebackService {
                 "no live agent for forest; answered at once, nothing queued"
             );
             return Ok(SubmitResponse {
-                operation_id,
+                operation_id: operation_id.into_string(),
                 outcome: Outcome::AgentUnavailable as i32,
                 policy_violation: PolicyViolation::Unspecified as i32,
                 message: AGENT_UNAVAILABLE_MESSAGE.to_owned(),
@@ -236,15 +240,15 @@ impl WritebackService {
             action: req.action.take().map(Into::into),
         };
         self.enqueue(
-            &tenant,
-            &forest,
+            tenant,
+            forest,
             &operation_id,
             sealed,
             timeout,
             self.gw.config.record_ttl,
         )
         .await?;
-        self.wait_for_outcome(&tenant, &operation_id, timeout + FIRST_WAIT_SLACK)
+        self.wait_for_outcome(tenant, &operation_id, timeout + FIRST_WAIT_SLACK)
             .await
     }
 
@@ -252,16 +256,20 @@ impl WritebackService {
     /// record, unless the operation id already exists. The plaintext is wiped.
     pub(crate) async fn enqueue(
         &self,
-        tenant: &str,
-        forest: &str,
-        operation_id: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
+        operation_id: &OperationId,
         sealed: SealedOperation,
         timeout: Duration,
         ttl: Duration,
     ) -> Result<(), GatewayError> {
         // The trace context queued with the operation (and bound to its envelope) is this
         // span's: the dequeue on whichever replica and the agent continue the trace from it.
-        let span = tracing::info_span!("writeback.enqueue", operation_id, forest);
+        let span = tracing::info_span!(
+            "writeback.enqueue",
+            operation_id = operation_id.as_str(),
+            forest = forest.as_str()
+        );
         let traceparent = relay::telemetry::traceparent(&span);
         let trace = TraceParent::parse(&traceparent).unwrap_or_else(TraceParent::new_root);
         let lifetime = Lifetime { timeout, ttl };
@@ -272,9 +280,9 @@ impl WritebackService {
 
     async fn seal_and_queue(
         &self,
-        tenant: &str,
-        forest: &str,
-        operation_id: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
+        operation_id: &OperationId,
         sealed: SealedOperation,
         Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
@@ -297,9 +305,9 @@ impl WritebackService {
             let mut plaintext = sealed.encode_to_vec();
             drop(sealed);
             let binding = Binding {
-                tenant_id: tenant,
-                forest,
-                operation_id,
+                tenant_id: tenant.as_str(),
+                forest: forest.as_str(),
+                operation_id: operation_id.as_str(),
                 deadline_unix_ms: deadline_ms,
                 traceparent: &traceparent,
             };
@@ -356,12 +364,12 @@ impl WritebackService {
                     event = "WB1006",
                     "operation id raced with a concurrent submission for another user, forest or kind; ALREADY_EXISTS"
                 );
-                Err(GatewayError::Conflict(operation_id.to_owned()))
+                Err(GatewayError::Conflict(operation_id.to_string()))
             }
             Created::QueueFull => {
                 tracing::warn!(event = "WB1008", %forest, "forest queue full; RESOURCE_EXHAUSTED, nothing queued");
                 Err(GatewayError::QueueFull {
-                    forest: forest.to_owned(),
+                    forest: forest.to_string(),
                     limit: gw.config.forest_queue_limit,
                 })
             }
@@ -382,18 +390,17 @@ impl WritebackService {
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<PasswordPolicy, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
-        validate::forest("forest", &req.forest)?;
+        let forest = validate::forest("forest", &req.forest)?;
         let user = match req.user {
             Some(u) => {
-                let mut u = validate::user_ref(Some(&u))?.clone();
+                let mut u = validate::user_ref(Some(&u))?.0.clone();
                 u.forest.clone_from(&req.forest);
                 Some(u)
             }
             None => None,
         };
-        let (tenant, forest) = (req.tenant_id, req.forest);
         let user_key = match user.as_ref().and_then(|u| u.id.as_ref()) {
             None => "-".to_owned(),
             Some(id) => format!("{id:?}"),
@@ -412,13 +419,14 @@ impl WritebackService {
             == 0
         {
             return Err(GatewayError::Unavailable(format!(
-                "no live agent for forest {forest:?}; its password policy cannot be read now"
+                "no live agent for forest {:?}; its password policy cannot be read now",
+                forest.as_str()
             )));
         }
-        let operation_id = format!("policy-{}", uuid::Uuid::new_v4());
+        let operation_id = OperationId::generate("policy-");
         let sealed = SealedOperation {
             user: Some(user.unwrap_or(relay::proto::UserRef {
-                forest: forest.clone(),
+                forest: forest.to_string(),
                 id: None,
             })),
             initiator: relay::proto::Initiator::Admin as i32,
@@ -439,7 +447,7 @@ impl WritebackService {
             .store
             .operation(&tenant, &operation_id)
             .await?
-            .ok_or_else(|| GatewayError::NotFound(operation_id.clone()))?;
+            .ok_or_else(|| GatewayError::NotFound(operation_id.to_string()))?;
         match rec.outcome {
             Outcome::Applied => {
                 let policy = PasswordPolicy::decode(rec.result.as_slice())
@@ -464,8 +472,8 @@ impl WritebackService {
     /// own deadline) ends, then answers and records the answer on the timeline.
     pub(crate) async fn wait_for_outcome(
         &self,
-        tenant: &str,
-        operation_id: &str,
+        tenant: &TenantId,
+        operation_id: &OperationId,
         wait: Duration,
     ) -> Result<SubmitResponse, GatewayError> {
         let gw = &self.gw;
@@ -478,7 +486,7 @@ impl WritebackService {
 
             let rec = match gw.store.operation(tenant, operation_id).await {
                 Ok(Some(rec)) => rec,
-                Ok(None) => return Err(GatewayError::NotFound(operation_id.to_owned())),
+                Ok(None) => return Err(GatewayError::NotFound(operation_id.to_string())),
                 // Redis away for a moment: the operation is accepted and may be applied, so
                 // the caller keeps waiting for its truth rather than hearing an error.
                 Err(e) if tokio::time::Instant::now() < give_up => {
@@ -528,7 +536,7 @@ impl WritebackService {
                         continue;
                     }
                     Finalized::Missing => {
-                        return Err(GatewayError::NotFound(operation_id.to_owned()))
+                        return Err(GatewayError::NotFound(operation_id.to_string()))
                     }
                 }
             }
@@ -595,7 +603,7 @@ impl WritebackService {
             "answered"
         );
         Ok(SubmitResponse {
-            operation_id: rec.operation_id.clone(),
+            operation_id: rec.operation_id.to_string(),
             outcome: outcome as i32,
             policy_violation: violation as i32,
             message,
@@ -607,9 +615,9 @@ impl WritebackService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<ListOperationsResponse, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
-        let user = validate::user_ref(req.user.as_ref())?;
+        let (user, forest) = validate::user_ref(req.user.as_ref())?;
         let id = user.id.as_ref().expect("validated");
         let since = if req.since_unix_ms > 0 {
             req.since_unix_ms
@@ -620,11 +628,11 @@ impl WritebackService {
             0 => 50,
             n => n.min(500),
         } as isize;
-        let key = store::user_index_key(&req.tenant_id, &user.forest, id);
+        let key = store::user_index_key(&tenant, &forest, id);
         let ids = self.gw.store.user_operations(&key, since, limit).await?;
         let mut operations = Vec::with_capacity(ids.len());
         for op in ids {
-            if let Some(rec) = self.gw.store.operation(&req.tenant_id, &op).await? {
+            if let Some(rec) = self.gw.store.operation(&tenant, &op).await? {
                 operations.push(operation_message(rec, Vec::new()));
             }
         }
@@ -635,21 +643,20 @@ impl WritebackService {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<ListAgentsResponse, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
         let req = request.into_inner();
         let gw = &self.gw;
         let forests = if req.forest.is_empty() {
-            gw.store.forests(&req.tenant_id).await?
+            gw.store.forests(&tenant).await?
         } else {
-            validate::forest("forest", &req.forest)?;
-            vec![req.forest.clone()]
+            vec![validate::forest("forest", &req.forest)?]
         };
         let now = relay::now_unix_ms();
         let live_after = now - gw.config.agent_liveness.as_millis() as i64;
         let mut out = Vec::new();
         for forest in forests {
             let mut agents = Vec::new();
-            for (seen, info) in gw.store.agents(&req.tenant_id, &forest).await? {
+            for (seen, info) in gw.store.agents(&tenant, &forest).await? {
                 let num = |k: &str| info.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
                 let text = |k: &str| info.get(k).cloned().unwrap_or_default();
                 agents.push(relay::proto::AgentInfo {
@@ -664,7 +671,7 @@ impl WritebackService {
                     live: seen >= live_after,
                 });
             }
-            let health = gw.store.health(&req.tenant_id, &forest).await?;
+            let health = gw.store.health(&tenant, &forest).await?;
             let checked = health
                 .get("checked")
                 .and_then(|v| v.parse::<i64>().ok())
@@ -689,7 +696,7 @@ impl WritebackService {
                 (canary_ok, health.get("reason").cloned().unwrap_or_default())
             };
             out.push(relay::proto::ForestHealth {
-                forest,
+                forest: forest.into_string(),
                 healthy,
                 reason,
                 checked_unix_ms: checked,
@@ -707,21 +714,15 @@ impl WritebackService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Operation, GatewayError> {
-        self.authorize(&request, &request.get_ref().tenant_id)?;
-        let req = request.into_inner();
-        validate::tenant_id(&req.tenant_id)?;
-        validate::operation_id(&req.operation_id)?;
+        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let operation_id = validate::operation_id(&request.get_ref().operation_id)?;
         let rec = self
             .gw
             .store
-            .operation(&req.tenant_id, &req.operation_id)
+            .operation(&tenant, &operation_id)
             .await?
-            .ok_or_else(|| GatewayError::NotFound(req.operation_id.clone()))?;
-        let timeline = self
-            .gw
-            .store
-            .timeline(&req.tenant_id, &req.operation_id)
-            .await?;
+            .ok_or_else(|| GatewayError::NotFound(operation_id.to_string()))?;
+        let timeline = self.gw.store.timeline(&tenant, &operation_id).await?;
         Ok(operation_message(rec, timeline))
     }
 }
@@ -729,9 +730,9 @@ impl WritebackService {
 /// The API view of an operation record.
 fn operation_message(rec: OpRecord, timeline: Vec<store::TimelineEvent>) -> Operation {
     Operation {
-        operation_id: rec.operation_id,
-        tenant_id: rec.tenant,
-        forest: rec.forest,
+        operation_id: rec.operation_id.into_string(),
+        tenant_id: rec.tenant.into_string(),
+        forest: rec.forest.into_string(),
         kind: rec.kind,
         state: match rec.state {
             OpState::Queued => OperationState::Queued,

@@ -2,6 +2,7 @@
 //! agent speaking `AgentLink` directly, so each rule can be driven precisely.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -10,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Streaming};
 
-use cloud_gateway::store::{OpState, Store};
+use cloud_gateway::store::{ForestId, OpState, OperationId, Store, TenantId};
 use cloud_gateway::tenants::Tenants;
 use cloud_gateway::GatewayConfig;
 use relay::envelope::KeyBytes;
@@ -24,6 +25,12 @@ use relay::secret::Secret;
 use testkit::{RedisServer, TestCa};
 
 const FOREST: &str = "corp.example.test";
+static ACME: LazyLock<TenantId> = LazyLock::new(|| TenantId::new("acme").unwrap());
+static FOREST_ID: LazyLock<ForestId> = LazyLock::new(|| ForestId::new(FOREST).unwrap());
+
+fn op(id: &str) -> OperationId {
+    OperationId::new(id).unwrap()
+}
 const LIMITS: cloud_gateway::store::QueueLimits = cloud_gateway::store::QueueLimits {
     forest: 100,
     tenant: 100,
@@ -71,7 +78,7 @@ async fn start_on(redis: RedisServer, configure: impl FnOnce(&mut GatewayConfig)
     tokio::spawn(cloud_gateway::run(config, listener, shutdown.clone()));
     let store = Store::connect(&redis.url()).await.unwrap();
     let tenants = Tenants::new(store.clone(), key);
-    let token = tenants.create_tenant("acme").await.unwrap();
+    let token = tenants.create_tenant(&ACME).await.unwrap();
     let env = Env {
         redis: std::sync::Mutex::new(redis),
         ca,
@@ -160,7 +167,11 @@ fn reset_of(sam: &str, op_id: &str, timeout_ms: u32) -> SubmitRequest {
 /// Tenant globex, created now, is answered as usual (AGENT_UNAVAILABLE: it has no agent), not
 /// held up by what limits acme.
 async fn another_tenant_is_served(env: &Env) {
-    let globex = env.tenants.create_tenant("globex").await.unwrap();
+    let globex = env
+        .tenants
+        .create_tenant(&TenantId::new("globex").unwrap())
+        .await
+        .unwrap();
     let r = env
         .submit_as("globex", globex.expose(), "other-tenant", 1000)
         .await
@@ -290,7 +301,7 @@ async fn connected_agent(
 ) -> (ScriptedAgent, relay::secret::Secret) {
     let secret = env
         .tenants
-        .register_agent("acme", FOREST, "a1")
+        .register_agent(&ACME, &FOREST_ID, "a1")
         .await
         .unwrap();
     let agent = ScriptedAgent::connect(env, "a1", secret.expose(), FOREST, instance, max_in_flight)
@@ -304,7 +315,7 @@ async fn wait_live(env: &Env) {
     for _ in 0..50 {
         if env
             .store
-            .live_agents("acme", FOREST, Duration::from_secs(2))
+            .live_agents(&ACME, &FOREST_ID, Duration::from_secs(2))
             .await
             .unwrap()
             > 0
@@ -321,7 +332,7 @@ async fn agents_must_authenticate_for_their_own_forest() {
     let env = start().await;
     let secret = env
         .tenants
-        .register_agent("acme", FOREST, "a1")
+        .register_agent(&ACME, &FOREST_ID, "a1")
         .await
         .unwrap();
     let err = ScriptedAgent::connect(&env, "a1", "wrong-secret", FOREST, "i1", 1)
@@ -375,7 +386,7 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     );
     let rec = env
         .store
-        .operation("acme", "slow-1")
+        .operation(&ACME, &op("slow-1"))
         .await
         .unwrap()
         .unwrap();
@@ -390,7 +401,7 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     for _ in 0..50 {
         if env
             .store
-            .operation("acme", "slow-1")
+            .operation(&ACME, &op("slow-1"))
             .await
             .unwrap()
             .unwrap()
@@ -403,7 +414,7 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     }
     let rec = env
         .store
-        .operation("acme", "slow-1")
+        .operation(&ACME, &op("slow-1"))
         .await
         .unwrap()
         .unwrap();
@@ -418,7 +429,7 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     let _ = agent.next_work(Duration::from_millis(100)).await;
     let mut rec = None;
     for _ in 0..100 {
-        rec = env.store.operation("acme", "silent-1").await.unwrap();
+        rec = env.store.operation(&ACME, &op("silent-1")).await.unwrap();
         if rec.as_ref().is_some_and(|r| r.state == OpState::Done) {
             break;
         }
@@ -434,7 +445,7 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     agent.ack("silent-1", Outcome::Applied).await;
     let mut tl = Vec::new();
     for _ in 0..100 {
-        tl = env.store.timeline("acme", "silent-1").await.unwrap();
+        tl = env.store.timeline(&ACME, &op("silent-1")).await.unwrap();
         if tl.iter().any(|e| e.stage == "late-acknowledgment") {
             break;
         }
@@ -446,7 +457,7 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     );
     let rec = env
         .store
-        .operation("acme", "silent-1")
+        .operation(&ACME, &op("silent-1"))
         .await
         .unwrap()
         .unwrap();
@@ -476,7 +487,7 @@ async fn work_nobody_takes_expires_and_is_never_delivered_late() {
         );
         let rec = env
             .store
-            .operation("acme", "queued-1")
+            .operation(&ACME, &op("queued-1"))
             .await
             .unwrap()
             .unwrap();
@@ -490,7 +501,7 @@ async fn work_nobody_takes_expires_and_is_never_delivered_late() {
         Outcome::Applied
     );
     assert!(work.is_none(), "expired work was delivered: {work:?}");
-    let tl = env.store.timeline("acme", "queued-1").await.unwrap();
+    let tl = env.store.timeline(&ACME, &op("queued-1")).await.unwrap();
     assert!(tl.iter().all(|e| e.stage != "delivered"), "{tl:?}");
     env.shutdown.cancel();
 }
@@ -541,12 +552,12 @@ async fn redelivery_goes_to_the_same_instance_only() {
     );
     let rec = env
         .store
-        .operation("acme", "redeliver-1")
+        .operation(&ACME, &op("redeliver-1"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!((rec.sends, rec.agent_instance.as_str()), (2, "instance-1"));
-    let tl = env.store.timeline("acme", "redeliver-1").await.unwrap();
+    let tl = env.store.timeline(&ACME, &op("redeliver-1")).await.unwrap();
     let stages: Vec<&str> = tl
         .iter()
         .map(|e| e.stage.as_str())
@@ -622,7 +633,7 @@ async fn the_same_id_submitted_twice_at_once_is_one_operation() {
         );
     }
     for id in &ids {
-        let rec = env.store.operation("acme", id).await.unwrap().unwrap();
+        let rec = env.store.operation(&ACME, &op(id)).await.unwrap().unwrap();
         assert_eq!(rec.sends, 1, "{id}");
     }
     env.shutdown.cancel();
@@ -667,10 +678,11 @@ async fn an_id_reused_for_other_work_is_already_exists() {
 
     // The script decides, not an earlier read: a direct second create for another user.
     let now = env.store.now_ms().await.unwrap();
+    let direct = op("direct-1");
     let new = |user: &'static str| cloud_gateway::store::NewOperation {
-        tenant: "acme",
-        operation_id: "direct-1",
-        forest: FOREST,
+        tenant: &ACME,
+        operation_id: &direct,
+        forest: &FOREST_ID,
         kind: "reset",
         initiator: 1,
         trace_id: "",
@@ -739,7 +751,12 @@ async fn redis_going_away_and_coming_back() {
         // it): never delivered, so EXPIRED.
         let mut rec = None;
         for _ in 0..100 {
-            rec = env.store.operation("acme", "orphan-1").await.ok().flatten();
+            rec = env
+                .store
+                .operation(&ACME, &op("orphan-1"))
+                .await
+                .ok()
+                .flatten();
             if rec.as_ref().is_some_and(|r| r.state == OpState::Done) {
                 break;
             }
@@ -847,25 +864,25 @@ async fn a_store_restored_from_an_older_state_is_caught() {
         agent.next_work(Duration::from_secs(4)).await.is_none(),
         "restored work was delivered again"
     );
-    for op in ["hold-2", "later-2"] {
+    for id in ["hold-2", "later-2"] {
         // The test's own connection may need a command to notice Redis restarted.
-        let mut rec = env.store.operation("acme", op).await;
+        let mut rec = env.store.operation(&ACME, &op(id)).await;
         for _ in 0..50 {
             if rec.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            rec = env.store.operation("acme", op).await;
+            rec = env.store.operation(&ACME, &op(id)).await;
         }
         let rec = rec.unwrap().unwrap();
         assert_eq!(
             (rec.state, rec.outcome),
             (OpState::Done, Outcome::TimedOut),
-            "{op}: unknown, never EXPIRED"
+            "{id}: unknown, never EXPIRED"
         );
         let stages: Vec<String> = env
             .store
-            .timeline("acme", op)
+            .timeline(&ACME, &op(id))
             .await
             .unwrap()
             .into_iter()
@@ -874,7 +891,7 @@ async fn a_store_restored_from_an_older_state_is_caught() {
         assert_eq!(
             stages.last().map(String::as_str),
             Some("store-restored"),
-            "{op}: {stages:?}"
+            "{id}: {stages:?}"
         );
     }
     assert_eq!(
@@ -914,7 +931,7 @@ async fn acknowledgments_count_only_from_the_instance_given_the_work() {
         intruder.ack(&w.operation_id, Outcome::Applied).await;
         let mut tl = Vec::new();
         for _ in 0..100 {
-            tl = env.store.timeline("acme", "owned-1").await.unwrap();
+            tl = env.store.timeline(&ACME, &op("owned-1")).await.unwrap();
             if tl.iter().any(|e| e.stage == "refused-acknowledgment") {
                 break;
             }
@@ -926,7 +943,7 @@ async fn acknowledgments_count_only_from_the_instance_given_the_work() {
         );
         let rec = env
             .store
-            .operation("acme", "owned-1")
+            .operation(&ACME, &op("owned-1"))
             .await
             .unwrap()
             .unwrap();
@@ -947,7 +964,7 @@ async fn consumers(url: &str) -> Vec<String> {
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let reply: redis::Value = redis::cmd("XINFO")
         .arg("CONSUMERS")
-        .arg(cloud_gateway::store::queue_key("acme", FOREST))
+        .arg(cloud_gateway::store::queue_key(&ACME, &FOREST_ID))
         .arg(cloud_gateway::store::GROUP)
         .query_async(&mut c)
         .await
@@ -972,7 +989,7 @@ async fn consumers(url: &str) -> Vec<String> {
 async fn settled_work_leaves_no_sealed_payload_and_no_dead_consumer() {
     let env = start().await;
     let url = env.redis.lock().unwrap().url();
-    let depth = || async { env.store.queue_stats("acme", FOREST).await.unwrap().0 };
+    let depth = || async { env.store.queue_stats(&ACME, &FOREST_ID).await.unwrap().0 };
     let (mut agent, _secret) = connected_agent(&env, "i1", 1).await;
     // Applied.
     let (r, _) = tokio::join!(env.submit("applied-1", 5000), async {
@@ -1003,7 +1020,7 @@ async fn settled_work_leaves_no_sealed_payload_and_no_dead_consumer() {
         n = depth().await;
         let rec = env
             .store
-            .operation("acme", "silent-2")
+            .operation(&ACME, &op("silent-2"))
             .await
             .unwrap()
             .unwrap();
@@ -1071,7 +1088,7 @@ async fn a_full_forest_queue_is_resource_exhausted() {
     assert!(err.message().contains(FOREST), "{}", err.message());
     assert!(env
         .store
-        .operation("acme", "over-1")
+        .operation(&ACME, &op("over-1"))
         .await
         .unwrap()
         .is_none());
@@ -1117,7 +1134,7 @@ async fn a_store_that_lost_its_data_is_unavailable_not_unauthenticated() {
     let env = start().await;
     let secret = env
         .tenants
-        .register_agent("acme", FOREST, "a1")
+        .register_agent(&ACME, &FOREST_ID, "a1")
         .await
         .unwrap();
     let unknown = ScriptedAgent::connect(&env, "nobody", "x", FOREST, "i1", 1)
@@ -1199,7 +1216,7 @@ async fn one_users_operations_run_one_at_a_time_in_order() {
     });
     while env
         .store
-        .operation("acme", "first")
+        .operation(&ACME, &op("first"))
         .await
         .unwrap()
         .is_none()
@@ -1221,7 +1238,7 @@ async fn one_users_operations_run_one_at_a_time_in_order() {
         );
         let holder_is_one = env
             .store
-            .operation("acme", "first")
+            .operation(&ACME, &op("first"))
             .await
             .unwrap()
             .unwrap()
@@ -1237,7 +1254,7 @@ async fn one_users_operations_run_one_at_a_time_in_order() {
         if got.len() == 1 {
             let rec = env
                 .store
-                .operation("acme", "second")
+                .operation(&ACME, &op("second"))
                 .await
                 .unwrap()
                 .unwrap();
@@ -1268,7 +1285,7 @@ async fn one_users_operations_run_one_at_a_time_in_order() {
     );
     let acked_first = env
         .store
-        .timeline("acme", "first")
+        .timeline(&ACME, &op("first"))
         .await
         .unwrap()
         .into_iter()
@@ -1277,7 +1294,7 @@ async fn one_users_operations_run_one_at_a_time_in_order() {
         .at;
     let delivered_second = env
         .store
-        .timeline("acme", "second")
+        .timeline(&ACME, &op("second"))
         .await
         .unwrap()
         .into_iter()
@@ -1293,7 +1310,12 @@ async fn one_users_operations_run_one_at_a_time_in_order() {
         );
         let w: Vec<Work> = w1.into_iter().chain(w2).collect();
         assert_eq!(w.len(), 1);
-        let rec = env.store.operation("acme", "bob-1").await.unwrap().unwrap();
+        let rec = env
+            .store
+            .operation(&ACME, &op("bob-1"))
+            .await
+            .unwrap()
+            .unwrap();
         let agent = if rec.agent_instance == "one" {
             &one
         } else {

@@ -1,37 +1,42 @@
 //! Each Lua script of the operation lifecycle (`store/scripts.rs`) on a real Redis, one reply
 //! at a time: every state a script can meet and the typed answer it gives.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use cloud_gateway::store::{
-    Acknowledgment, Completion, Created, Delivery, Finalized, NewOperation, OpState, QueueLimits,
-    Recipient, Store,
+    Acknowledgment, Completion, Created, Delivery, Finalized, ForestId, NewOperation, OpState,
+    OperationId, QueueLimits, Recipient, Store, TenantId,
 };
 use relay::proto::{Outcome, PolicyViolation};
 use testkit::RedisServer;
 
-const T: &str = "acme";
-const F: &str = "corp.example.test";
+static T: LazyLock<TenantId> = LazyLock::new(|| TenantId::new("acme").unwrap());
+static F: LazyLock<ForestId> = LazyLock::new(|| ForestId::new("corp.example.test").unwrap());
+
+fn op(id: &str) -> OperationId {
+    OperationId::new(id).unwrap()
+}
 
 async fn store() -> (RedisServer, Store) {
     let redis = RedisServer::start().unwrap();
     let store = Store::connect(&redis.url()).await.unwrap();
     store
-        .ensure_group(&cloud_gateway::store::queue_key(T, F))
+        .ensure_group(&cloud_gateway::store::queue_key(&T, &F))
         .await
         .unwrap();
     (redis, store)
 }
 
 /// Queues `op` for `user`, due `in_ms` from now by the store's clock.
-async fn create(store: &Store, op: &str, user: &str, in_ms: i64, limit: u64) -> Created {
+async fn create(store: &Store, id: &str, user: &str, in_ms: i64, limit: u64) -> Created {
     let now = store.now_ms().await.unwrap();
     store
         .create_operation(
             &NewOperation {
-                tenant: T,
-                operation_id: op,
-                forest: F,
+                tenant: &T,
+                operation_id: &op(id),
+                forest: &F,
                 kind: "reset",
                 initiator: 1,
                 trace_id: "",
@@ -53,12 +58,12 @@ async fn create(store: &Store, op: &str, user: &str, in_ms: i64, limit: u64) -> 
         .unwrap()
 }
 
-async fn deliver(store: &Store, op: &str, instance: &str) -> Delivery {
+async fn deliver(store: &Store, id: &str, instance: &str) -> Delivery {
     store
         .mark_delivered(
-            T,
-            F,
-            op,
+            &T,
+            &F,
+            &op(id),
             &Recipient {
                 agent_id: "a1",
                 instance,
@@ -69,12 +74,12 @@ async fn deliver(store: &Store, op: &str, instance: &str) -> Delivery {
         .unwrap()
 }
 
-async fn ack(store: &Store, op: &str, instance: &str, outcome: Outcome) -> Completion {
+async fn ack(store: &Store, id: &str, instance: &str, outcome: Outcome) -> Completion {
     store
         .complete(&Acknowledgment {
-            tenant: T,
-            forest: F,
-            op,
+            tenant: &T,
+            forest: &F,
+            op: &op(id),
             instance,
             agent_id: "a1",
             replica: "gw",
@@ -89,9 +94,9 @@ async fn ack(store: &Store, op: &str, instance: &str, outcome: Outcome) -> Compl
         .unwrap()
 }
 
-async fn finalize(store: &Store, op: &str, grace_ms: u64) -> Finalized {
+async fn finalize(store: &Store, id: &str, grace_ms: u64) -> Finalized {
     store
-        .finalize(T, F, op, "gw", Duration::from_millis(grace_ms))
+        .finalize(&T, &F, &op(id), "gw", Duration::from_millis(grace_ms))
         .await
         .unwrap()
 }
@@ -106,14 +111,14 @@ async fn create_op() {
         create(&s, "o2", "sam:a", -1, 2).await,
         Created::PastDeadline
     );
-    assert!(s.operation(T, "o2").await.unwrap().is_none());
+    assert!(s.operation(&T, &op("o2")).await.unwrap().is_none());
     assert_eq!(create(&s, "o3", "sam:a", 5000, 2).await, Created::New);
     assert_eq!(create(&s, "o4", "sam:a", 5000, 2).await, Created::QueueFull);
-    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 2);
-    let rec = s.operation(T, "o1").await.unwrap().unwrap();
+    assert_eq!(s.queue_stats(&T, &F).await.unwrap().0, 2);
+    let rec = s.operation(&T, &op("o1")).await.unwrap().unwrap();
     assert_eq!((rec.state, rec.sends), (OpState::Queued, 0));
     let stages: Vec<String> = s
-        .timeline(T, "o1")
+        .timeline(&T, &op("o1"))
         .await
         .unwrap()
         .into_iter()
@@ -139,16 +144,20 @@ async fn mark_delivered() {
         deliver(&s, "o1", "i2").await,
         Delivery::AlreadyDelivered("i1".into())
     );
-    let rec = s.operation(T, "o1").await.unwrap().unwrap();
+    let rec = s.operation(&T, &op("o1")).await.unwrap().unwrap();
     assert_eq!((rec.state, rec.sends), (OpState::Delivered, 2));
     ack(&s, "o1", "i1", Outcome::Applied).await;
     assert_eq!(deliver(&s, "o1", "i1").await, Delivery::Done);
     create(&s, "o2", "sam:a", 50, 10).await;
     tokio::time::sleep(Duration::from_millis(80)).await;
     assert_eq!(deliver(&s, "o2", "i1").await, Delivery::Expired);
-    let rec = s.operation(T, "o2").await.unwrap().unwrap();
+    let rec = s.operation(&T, &op("o2")).await.unwrap().unwrap();
     assert_eq!((rec.state, rec.outcome), (OpState::Done, Outcome::Expired));
-    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 0, "both entries gone");
+    assert_eq!(
+        s.queue_stats(&T, &F).await.unwrap().0,
+        0,
+        "both entries gone"
+    );
 }
 
 #[tokio::test]
@@ -180,10 +189,10 @@ async fn complete() {
         Completion::AlreadyFinal,
         "the first outcome wins"
     );
-    let rec = s.operation(T, "o1").await.unwrap().unwrap();
+    let rec = s.operation(&T, &op("o1")).await.unwrap().unwrap();
     assert_eq!(rec.outcome, Outcome::WrongOldPassword);
-    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 0);
-    assert!(s.due_deadlines(T, 10).await.unwrap().is_empty());
+    assert_eq!(s.queue_stats(&T, &F).await.unwrap().0, 0);
+    assert!(s.due_deadlines(&T, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -201,7 +210,7 @@ async fn finalize_rules() {
     create(&s, "taken", "sam:b", 30, 10).await;
     deliver(&s, "taken", "i1").await;
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let due = s.due_deadlines(T, 10).await.unwrap();
+    let due = s.due_deadlines(&T, 10).await.unwrap();
     assert_eq!(due.len(), 2, "{due:?}");
     assert_eq!(
         finalize(&s, "queued", 0).await,
@@ -219,14 +228,19 @@ async fn finalize_rules() {
         Finalized::Terminal(Outcome::TimedOut)
     );
     assert_eq!(
-        s.queue_stats(T, F).await.unwrap().0,
+        s.queue_stats(&T, &F).await.unwrap().0,
         1,
         "only `early` is left"
     );
-    assert!(s.due_deadlines(T, 10).await.unwrap().is_empty());
+    assert!(s.due_deadlines(&T, 10).await.unwrap().is_empty());
 }
 
-fn new_op<'a>(tenant: &'a str, forest: &'a str, op: &'a str, now: i64) -> NewOperation<'a> {
+fn new_op<'a>(
+    tenant: &'a TenantId,
+    forest: &'a ForestId,
+    op: &'a OperationId,
+    now: i64,
+) -> NewOperation<'a> {
     NewOperation {
         tenant,
         operation_id: op,
@@ -253,24 +267,28 @@ async fn tenant_queue_limit() {
         forest: 10,
         tenant: 2,
     };
-    let create = |tenant: &'static str, forest: &'static str, op: &'static str| {
+    let create = |tenant: &'static str, forest: &'static str, id: &'static str| {
         let s = s.clone();
         async move {
-            s.create_operation(&new_op(tenant, forest, op, now), limits)
+            let (tenant, forest) = (
+                TenantId::new(tenant).unwrap(),
+                ForestId::new(forest).unwrap(),
+            );
+            s.create_operation(&new_op(&tenant, &forest, &op(id), now), limits)
                 .await
                 .unwrap()
         }
     };
-    assert!(create(T, F, "o1").await == Created::New);
-    assert_eq!(create(T, "other.forest", "o2").await, Created::New);
+    assert!(create("acme", "corp.example.test", "o1").await == Created::New);
+    assert_eq!(create("acme", "other.forest", "o2").await, Created::New);
     assert_eq!(
-        create(T, "third.forest", "o3").await,
+        create("acme", "third.forest", "o3").await,
         Created::TenantFull,
         "the limit counts every forest of the tenant"
     );
-    assert!(s.operation(T, "o3").await.unwrap().is_none());
+    assert!(s.operation(&T, &op("o3")).await.unwrap().is_none());
     assert!(
-        create("globex", F, "o1").await == Created::New,
+        create("globex", "corp.example.test", "o1").await == Created::New,
         "another tenant is served"
     );
     // Settling one makes room.
@@ -280,7 +298,7 @@ async fn tenant_queue_limit() {
     );
     deliver(&s, "o1", "i1").await;
     ack(&s, "o1", "i1", Outcome::Applied).await;
-    assert_eq!(create(T, "third.forest", "o3").await, Created::New);
+    assert_eq!(create("acme", "third.forest", "o3").await, Created::New);
 }
 
 /// A store restored from an older state: its sequence is behind what this store handle saw.
@@ -296,7 +314,7 @@ async fn a_store_behind_what_was_seen_is_recovered_first() {
         deliver(&s, "o1", "i1").await,
         Delivery::Deliver { .. }
     ));
-    let seen = s.high_water(T);
+    let seen = s.high_water(&T);
     assert_eq!(seen, 3, "two creations and a delivery");
     let client = redis::Client::open(redis.url()).unwrap();
     let c = client.get_multiplexed_async_connection().await.unwrap();
@@ -304,7 +322,7 @@ async fn a_store_behind_what_was_seen_is_recovered_first() {
         let mut c = c.clone();
         async move {
             let _: () = redis::cmd("SET")
-                .arg(cloud_gateway::store::seq_key(T))
+                .arg(cloud_gateway::store::seq_key(&T))
                 .arg(n)
                 .query_async(&mut c)
                 .await
@@ -314,10 +332,10 @@ async fn a_store_behind_what_was_seen_is_recovered_first() {
     // As if restored to just after o2 was accepted.
     set_seq(2).await;
     assert_eq!(create(&s, "o3", "sam:c", 5000, 10).await, Created::New);
-    let settled = |s: Store, op: &'static str| async move {
-        let rec = s.operation(T, op).await.unwrap().unwrap();
+    let settled = |s: Store, id: &'static str| async move {
+        let rec = s.operation(&T, &op(id)).await.unwrap().unwrap();
         let stages: Vec<String> = s
-            .timeline(T, op)
+            .timeline(&T, &op(id))
             .await
             .unwrap()
             .into_iter()
@@ -341,21 +359,25 @@ async fn a_store_behind_what_was_seen_is_recovered_first() {
         Delivery::Done,
         "never delivered again"
     );
-    assert_eq!(s.queue_stats(T, F).await.unwrap().0, 1, "only o3 is queued");
-    assert!(s.high_water(T) > seen);
+    assert_eq!(
+        s.queue_stats(&T, &F).await.unwrap().0,
+        1,
+        "only o3 is queued"
+    );
+    assert!(s.high_water(&T) > seen);
 
     // A fresh handle (a restarted replica) knows nothing; an agent reports what it saw.
     let fresh = Store::connect(&redis.url()).await.unwrap();
-    let reported = s.high_water(T);
+    let reported = s.high_water(&T);
     set_seq(1).await;
-    fresh.check_sequence(T, 0, "test").await.unwrap();
+    fresh.check_sequence(&T, 0, "test").await.unwrap();
     assert_eq!(
         settled(fresh.clone(), "o3").await.0,
         OpState::Queued,
         "nothing to compare with: untouched"
     );
     fresh
-        .check_sequence(T, reported, "agent hello")
+        .check_sequence(&T, reported, "agent hello")
         .await
         .unwrap();
     assert_eq!(

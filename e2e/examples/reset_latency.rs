@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{request, reset, Sandbox};
+use e2e::{forest_id, operation_id, request, reset, tenant_id, Sandbox};
 use relay::proto::Outcome;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -57,7 +57,10 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         latencies.push(started.elapsed());
         anyhow::ensure!(r.outcome == Outcome::Applied as i32, "reset {i}: {r:?}");
-        let tl = sb.store.timeline(&t, &r.operation_id).await?;
+        let tl = sb
+            .store
+            .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
+            .await?;
         let at = |s: &str| tl.iter().find(|e| e.stage == s).map(|e| e.at);
         if let (Some(d), Some(a)) = (at("delivered"), at("acknowledged")) {
             agent_write.push(Duration::from_millis((a - d).max(0) as u64));
@@ -94,7 +97,9 @@ async fn main() -> anyhow::Result<()> {
         writeback_enabled: Some(true),
         ..Default::default()
     };
-    sb.tenants.set_forest(&t, &f, &off).await?;
+    sb.tenants
+        .set_forest(&tenant_id(&t), &forest_id(&f), &off)
+        .await?;
     let mut not_enabled = Vec::new();
     for i in 0..sequential {
         let started = Instant::now();
@@ -107,7 +112,9 @@ async fn main() -> anyhow::Result<()> {
         not_enabled.push(started.elapsed());
         anyhow::ensure!(r.outcome == Outcome::NotEnabled as i32, "{r:?}");
     }
-    sb.tenants.set_forest(&t, &f, &on).await?;
+    sb.tenants
+        .set_forest(&tenant_id(&t), &forest_id(&f), &on)
+        .await?;
     report("submit -> AGENT_UNAVAILABLE", unavailable);
     report("submit -> NOT_ENABLED", not_enabled);
 

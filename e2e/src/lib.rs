@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use cloud_gateway::store::Store;
+use cloud_gateway::store::{ForestId, OperationId, Store, TenantId};
 use cloud_gateway::tenants::Tenants;
 use cloud_gateway::GatewayConfig;
 use onprem_agent::directory::DirectoryConfig;
@@ -125,6 +125,21 @@ pub struct Sandbox {
     dir: tempfile::TempDir,
 }
 
+/// A tenant id for the store API (panics on an id that breaks the rule: a test's mistake).
+pub fn tenant_id(id: &str) -> TenantId {
+    TenantId::new(id).expect("a valid tenant id")
+}
+
+/// A forest for the store API (panics on a name that breaks the rule).
+pub fn forest_id(name: &str) -> ForestId {
+    ForestId::new(name).expect("a valid forest name")
+}
+
+/// An operation id for the store API (panics on an id that breaks the rule).
+pub fn operation_id(id: &str) -> OperationId {
+    OperationId::new(id).expect("a valid operation id")
+}
+
 /// The forest name agents of the sandbox's DC serve.
 pub fn forest_of(dc: &SambaDc) -> String {
     dc.realm().to_ascii_lowercase()
@@ -162,7 +177,7 @@ impl Sandbox {
         let store = Store::connect(&redis.url()).await?;
         let tenants = Tenants::new(store.clone(), master_key.clone());
         let tenant = "acme".to_owned();
-        let token = tenants.create_tenant(&tenant).await?;
+        let token = tenants.create_tenant(&tenant_id(&tenant)).await?;
         let forest = forest_of(&dc);
         let mut sb = Self {
             redis,
@@ -283,7 +298,7 @@ impl Sandbox {
     ) -> anyhow::Result<AgentConfig> {
         let secret = self
             .tenants
-            .register_agent(tenant, forest, agent_id)
+            .register_agent(&tenant_id(tenant), &forest_id(forest), agent_id)
             .await?;
         Ok(AgentConfig {
             gateway_url: format!("https://{}", self.gateways[gateway].addr),
@@ -337,7 +352,11 @@ impl Sandbox {
         for _ in 0..200 {
             if self
                 .store
-                .live_agents(tenant, forest, Duration::from_secs(3))
+                .live_agents(
+                    &tenant_id(tenant),
+                    &forest_id(forest),
+                    Duration::from_secs(3),
+                )
                 .await?
                 >= n
             {

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use e2e::{binary, directory_config, Sandbox};
+use e2e::{binary, directory_config, forest_id, tenant_id, Sandbox};
 use onprem_agent::doctor::{self, DoctorOptions, Status};
 use onprem_agent::AgentConfig;
 use relay::secret::Secret;
@@ -13,7 +13,7 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
     let sb = Sandbox::start(1).await.unwrap();
     let secret = sb
         .tenants
-        .register_agent(&sb.tenant, &sb.forest, "doc-agent")
+        .register_agent(&tenant_id(&sb.tenant), &forest_id(&sb.forest), "doc-agent")
         .await
         .unwrap();
     let mut config = AgentConfig {
@@ -37,7 +37,11 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
     // A probe takes no work and leaves no presence behind.
     assert_eq!(
         sb.store
-            .live_agents(&sb.tenant, &sb.forest, std::time::Duration::from_secs(60))
+            .live_agents(
+                &tenant_id(&sb.tenant),
+                &forest_id(&sb.forest),
+                std::time::Duration::from_secs(60)
+            )
             .await
             .unwrap(),
         0

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Mutex;
 
 use e2e::proxy::Proxy;
-use e2e::{authorized, binary, request, reset, Process, Sandbox};
+use e2e::{authorized, binary, forest_id, request, reset, tenant_id, Process, Sandbox};
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{GetOperationRequest, OperationState, Outcome};
 
@@ -430,7 +430,11 @@ async fn every_answer_is_true_whatever_fails() {
         ("agent-1", format!("https://{}", proxy.addr())),
         ("agent-2", format!("https://{}", addrs[1])),
     ] {
-        let secret = sb.tenants.register_agent(&t, &f, name).await.unwrap();
+        let secret = sb
+            .tenants
+            .register_agent(&tenant_id(&t), &forest_id(&f), name)
+            .await
+            .unwrap();
         let secret_file = write_secret(&dir, &format!("{name}.secret"), secret.expose());
         let state = dir.join(format!("{name}-state"));
         let mut env = sb.agent_env(name, &url, &secret_file, &state).unwrap();

@@ -4,7 +4,10 @@
 use std::time::{Duration, Instant};
 
 use cloud_gateway::tenants::ForestSettingsChange;
-use e2e::{directory_config, dump_redis, request, reset, unlock, Sandbox};
+use e2e::{
+    directory_config, dump_redis, forest_id, operation_id, request, reset, tenant_id, unlock,
+    Sandbox,
+};
 use onprem_agent::domains::DomainConfig;
 use relay::proto::Outcome;
 use testkit::SambaDc;
@@ -26,7 +29,10 @@ async fn switches_refuse_at_once_and_queue_nothing() {
         writeback_enabled: Some(false),
         ..Default::default()
     };
-    sb.tenants.set_forest(&t, &f, &off).await.unwrap();
+    sb.tenants
+        .set_forest(&tenant_id(&t), &forest_id(&f), &off)
+        .await
+        .unwrap();
     let req = request(&t, &f, "kim", reset("Not-Enabled#1"));
     let deadline = Duration::from_millis(req.timeout_ms.into());
     let started = Instant::now();
@@ -38,7 +44,7 @@ async fn switches_refuse_at_once_and_queue_nothing() {
     // queue entry, and the answer came before the request's deadline.
     assert!(
         sb.store
-            .operation(&t, &r.operation_id)
+            .operation(&tenant_id(&t), &operation_id(&r.operation_id))
             .await
             .unwrap()
             .is_none(),
@@ -46,7 +52,7 @@ async fn switches_refuse_at_once_and_queue_nothing() {
     );
     assert!(
         sb.store
-            .timeline(&t, &r.operation_id)
+            .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
             .await
             .unwrap()
             .is_empty(),
@@ -72,7 +78,11 @@ async fn switches_refuse_at_once_and_queue_nothing() {
         unlock_enabled: Some(false),
         ..Default::default()
     };
-    let now = sb.tenants.set_forest(&t, &f, &change).await.unwrap();
+    let now = sb
+        .tenants
+        .set_forest(&tenant_id(&t), &forest_id(&f), &change)
+        .await
+        .unwrap();
     assert!(now.writeback_enabled && !now.unlock_enabled && !now.allow_protected_accounts);
     let r = sb
         .submit(0, request(&t, &f, "kim", unlock()))
@@ -95,7 +105,10 @@ async fn switches_refuse_at_once_and_queue_nothing() {
         allow_protected_accounts: Some(true),
         ..Default::default()
     };
-    sb.tenants.set_forest(&t, &f, &allow).await.unwrap();
+    sb.tenants
+        .set_forest(&tenant_id(&t), &forest_id(&f), &allow)
+        .await
+        .unwrap();
     // The switch reaches agents when they (re)connect: restart ours.
     let a = sb.agents.pop().unwrap();
     a.stop(e2e::STOP_WITHIN).await.unwrap();
@@ -153,7 +166,11 @@ async fn operations_route_only_to_their_forests_agents() {
         sb.dc.can_bind(&format!("lee@{corp}"), "Initial#Pass1"),
         "corp's lee untouched"
     );
-    let tl = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+    let tl = sb
+        .store
+        .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
+        .await
+        .unwrap();
     let agent = tl
         .iter()
         .find(|e| e.stage == "delivered")
@@ -171,7 +188,11 @@ async fn operations_route_only_to_their_forests_agents() {
             .await
             .unwrap();
         assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
-        let tl = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+        let tl = sb
+            .store
+            .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
+            .await
+            .unwrap();
         let agent = tl
             .iter()
             .find(|e| e.stage == "delivered")
@@ -249,7 +270,11 @@ async fn an_agent_finds_the_users_domain() {
         .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
     assert!(child.can_bind(&east_upn("eve"), "Child-Guid#Pass3"));
-    let tl = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+    let tl = sb
+        .store
+        .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
+        .await
+        .unwrap();
     let ack = tl.iter().find(|e| e.stage == "acknowledged").unwrap();
     assert!(
         ack.detail.contains(&child.ldaps_url()),

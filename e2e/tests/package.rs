@@ -110,7 +110,7 @@ async fn the_agent_package_installs_checks_and_purges() {
     let (t, f) = (sb.tenant.clone(), sb.forest.clone());
     let secret = sb
         .tenants
-        .register_agent(&t, &f, "pkg-agent")
+        .register_agent(&e2e::tenant_id(&t), &e2e::forest_id(&f), "pkg-agent")
         .await
         .unwrap();
     let write = |name: &str, v: &str| {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::otlp::OtlpReceiver;
-use e2e::{binary, listening_sockets, Process, Sandbox};
+use e2e::{binary, forest_id, listening_sockets, tenant_id, Process, Sandbox};
 
 fn write_secret(dir: &std::path::Path, name: &str, value: &str) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -38,7 +38,7 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
     );
     let secret = sb
         .tenants
-        .register_agent(&sb.tenant, &sb.forest, "agent-proc")
+        .register_agent(&tenant_id(&sb.tenant), &forest_id(&sb.forest), "agent-proc")
         .await
         .unwrap();
     let agent_secret = write_secret(&dir, "agent.secret", secret.expose());
@@ -271,7 +271,11 @@ async fn no_secret_reaches_any_output_at_trace_level() {
     let mut gateway = Process::spawn(&mut gw_cmd, dir.join("gateway.log"));
     let secret = sb
         .tenants
-        .register_agent(&sb.tenant, &sb.forest, "agent-traced")
+        .register_agent(
+            &tenant_id(&sb.tenant),
+            &forest_id(&sb.forest),
+            "agent-traced",
+        )
         .await
         .unwrap();
     let agent_secret = write_secret(&dir, "agent.secret", secret.expose());
@@ -444,8 +448,12 @@ async fn no_secret_reaches_any_output_at_trace_level() {
     outputs.push(("agent stdout".into(), agent.stdout().into_bytes()));
     outputs.push(("exported spans".into(), otlp.raw()));
 
-    let tenant_key = sb.tenants.tenant_key(&sb.tenant).await.unwrap();
-    let forest_key = sb.tenants.forest_key(&sb.tenant, &sb.forest).await.unwrap();
+    let tenant_key = sb.tenants.tenant_key(&tenant_id(&sb.tenant)).await.unwrap();
+    let forest_key = sb
+        .tenants
+        .forest_key(&tenant_id(&sb.tenant), &forest_id(&sb.forest))
+        .await
+        .unwrap();
     let mut secrets: Vec<(String, String)> = [
         ("initial password", initial),
         ("reset password", reset_to),

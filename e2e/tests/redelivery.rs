@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::proxy::Proxy;
-use e2e::{authorized, request, reset, Sandbox};
+use e2e::{authorized, forest_id, operation_id, request, reset, tenant_id, Sandbox};
 use relay::proto::{GetOperationRequest, Outcome};
 
 /// A frozen process (SIGSTOP), thawed (SIGCONT) by [`Frozen::thaw`] or at the latest on drop,
@@ -116,7 +116,7 @@ async fn a_stream_cut_mid_write_is_answered_from_memory_and_written_once() {
     // in-flight gauge), stuck on the frozen DC.
     wait_until("delivered", Duration::from_secs(10), || async {
         sb.store
-            .timeline(&t, op_id)
+            .timeline(&tenant_id(&t), &operation_id(op_id))
             .await
             .unwrap()
             .iter()
@@ -136,7 +136,7 @@ async fn a_stream_cut_mid_write_is_answered_from_memory_and_written_once() {
         Duration::from_secs(10),
         || async {
             sb.store
-                .live_agents(&t, &f, Duration::from_secs(3))
+                .live_agents(&tenant_id(&t), &forest_id(&f), Duration::from_secs(3))
                 .await
                 .unwrap()
                 == 0

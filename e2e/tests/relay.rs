@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{change, contains_secret, dump_redis, request, reset, unlock, Sandbox};
+use e2e::{
+    change, contains_secret, dump_redis, forest_id, operation_id, request, reset, tenant_id,
+    unlock, Sandbox,
+};
 use relay::proto::{GetOperationRequest, Outcome, PolicyViolation};
 use tonic::Code;
 
@@ -179,7 +182,11 @@ async fn outcome_crosses_replicas() {
         .unwrap();
     assert_eq!(outcome(&r), Outcome::Applied, "{r:?}");
     assert!(sb.dc.can_bind(&format!("carol@{f}"), "Cross-Replica#9"));
-    let op = sb.store.timeline(&t, &r.operation_id).await.unwrap();
+    let op = sb
+        .store
+        .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
+        .await
+        .unwrap();
     let replica_of = |stage: &str| {
         op.iter()
             .find(|e| e.stage == stage)
@@ -211,7 +218,7 @@ async fn no_agent_answers_at_once_and_queues_nothing() {
     );
     assert!(
         sb.store
-            .operation(&t, "op-unavailable")
+            .operation(&tenant_id(&t), &operation_id("op-unavailable"))
             .await
             .unwrap()
             .is_none(),
@@ -219,7 +226,7 @@ async fn no_agent_answers_at_once_and_queues_nothing() {
     );
     assert!(
         sb.store
-            .timeline(&t, "op-unavailable")
+            .timeline(&tenant_id(&t), &operation_id("op-unavailable"))
             .await
             .unwrap()
             .is_empty(),
@@ -283,7 +290,11 @@ async fn resubmitted_operation_is_applied_once() {
         err.message()
     );
     assert_eq!(sb.dc.password_writes(&dn).unwrap(), writes_before + 1);
-    let tl = sb.store.timeline(&t, "reset-dave-1").await.unwrap();
+    let tl = sb
+        .store
+        .timeline(&tenant_id(&t), &operation_id("reset-dave-1"))
+        .await
+        .unwrap();
     assert_eq!(
         tl.iter().filter(|e| e.stage == "answered").count(),
         2,
@@ -312,7 +323,11 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
-    let other_token = sb.tenants.create_tenant("globex").await.unwrap();
+    let other_token = sb
+        .tenants
+        .create_tenant(&tenant_id("globex"))
+        .await
+        .unwrap();
     let err = client
         .submit(e2e::authorized(req.clone(), other_token.expose()))
         .await
@@ -348,7 +363,11 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
         (t.as_str(), "other.writeback.test", "moved-forest"),
     ] {
         let planted = "Planted-Pass#42";
-        let key = sb.tenants.forest_key(&t, &f).await.unwrap();
+        let key = sb
+            .tenants
+            .forest_key(&tenant_id(&t), &forest_id(&f))
+            .await
+            .unwrap();
         let deadline = relay::now_unix_ms() + 20_000;
         let tp = relay::trace::TraceParent::new_root().to_string();
         let sealed = relay::proto::SealedOperation {
@@ -368,15 +387,17 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
                 &prost::Message::encode_to_vec(&sealed),
             )
             .unwrap();
-        let queue = cloud_gateway::store::queue_key(victim_tenant, victim_forest);
+        let (victim_tenant, victim_forest) = (tenant_id(victim_tenant), forest_id(victim_forest));
+        let op_id = operation_id(op);
+        let queue = cloud_gateway::store::queue_key(&victim_tenant, &victim_forest);
         sb.store.ensure_group(&queue).await.unwrap();
         let created = sb
             .store
             .create_operation(
                 &cloud_gateway::store::NewOperation {
-                    tenant: victim_tenant,
-                    operation_id: op,
-                    forest: victim_forest,
+                    tenant: &victim_tenant,
+                    operation_id: &op_id,
+                    forest: &victim_forest,
                     kind: "reset",
                     initiator: 1,
                     trace_id: "",
@@ -399,7 +420,7 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
         assert_eq!(created, cloud_gateway::store::Created::New);
         let mut rec = None;
         for _ in 0..100 {
-            rec = sb.store.operation(victim_tenant, op).await.unwrap();
+            rec = sb.store.operation(&victim_tenant, &op_id).await.unwrap();
             if rec
                 .as_ref()
                 .is_some_and(|r| r.state == cloud_gateway::store::OpState::Done)

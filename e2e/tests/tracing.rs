@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 use e2e::otlp::OtlpReceiver;
-use e2e::{authorized, binary, request, reset, Process, Sandbox};
+use e2e::{authorized, binary, forest_id, request, reset, tenant_id, Process, Sandbox};
 use relay::proto::Outcome;
 
 #[derive(Debug, Clone)]
@@ -86,7 +86,11 @@ async fn one_reset_is_one_trace_across_gateway_and_agent() {
     let mut gateway = Process::spawn(&mut gw_cmd, dir.join("gateway.log"));
     let secret = sb
         .tenants
-        .register_agent(&sb.tenant, &sb.forest, "agent-traced")
+        .register_agent(
+            &tenant_id(&sb.tenant),
+            &forest_id(&sb.forest),
+            "agent-traced",
+        )
         .await
         .unwrap();
     let mut agent_cmd = Command::new(binary("onprem-agent").unwrap());

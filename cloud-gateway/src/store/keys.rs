@@ -28,10 +28,12 @@
 //! | `wb:{T}:uq:<forest>:<kind>:<id>` | list | a user's unsettled operation ids, oldest first (per-user order; built inside the scripts) |
 //! | channel `wb:done:<replica>` | pub/sub | `T\0op` when an outcome is recorded |
 
+use super::ids::{ForestId, OperationId, TenantId};
+
 pub const META_KEY: &str = "wb:meta";
 pub const TENANTS_KEY: &str = "wb:tenants";
 
-pub fn tenant_key(tenant: &str) -> String {
+pub fn tenant_key(tenant: &TenantId) -> String {
     format!("wb:tenant:{{{tenant}}}")
 }
 pub fn token_key(token_sha256_hex: &str) -> String {
@@ -40,40 +42,40 @@ pub fn token_key(token_sha256_hex: &str) -> String {
 pub fn agent_cred_key(agent_id: &str) -> String {
     format!("wb:agentcred:{agent_id}")
 }
-pub fn forest_key(tenant: &str, forest: &str) -> String {
+pub fn forest_key(tenant: &TenantId, forest: &ForestId) -> String {
     format!("wb:{{{tenant}}}:forest:{forest}")
 }
-pub fn op_key(tenant: &str, op: &str) -> String {
+pub fn op_key(tenant: &TenantId, op: &OperationId) -> String {
     format!("wb:{{{tenant}}}:op:{op}")
 }
-pub fn timeline_key(tenant: &str, op: &str) -> String {
+pub fn timeline_key(tenant: &TenantId, op: &OperationId) -> String {
     format!("wb:{{{tenant}}}:tl:{op}")
 }
-pub fn queue_key(tenant: &str, forest: &str) -> String {
+pub fn queue_key(tenant: &TenantId, forest: &ForestId) -> String {
     format!("wb:{{{tenant}}}:q:{forest}")
 }
-pub fn deadlines_key(tenant: &str) -> String {
+pub fn deadlines_key(tenant: &TenantId) -> String {
     format!("wb:{{{tenant}}}:deadlines")
 }
-pub fn seq_key(tenant: &str) -> String {
+pub fn seq_key(tenant: &TenantId) -> String {
     format!("wb:{{{tenant}}}:seq")
 }
-pub fn policy_cache_key(tenant: &str, forest: &str, user: &str) -> String {
+pub fn policy_cache_key(tenant: &TenantId, forest: &ForestId, user: &str) -> String {
     format!("wb:{{{tenant}}}:policy:{forest}:{user}")
 }
-pub fn forests_key(tenant: &str) -> String {
+pub fn forests_key(tenant: &TenantId) -> String {
     format!("wb:{{{tenant}}}:forests")
 }
-pub fn agent_info_key(tenant: &str, forest: &str, member: &str) -> String {
+pub fn agent_info_key(tenant: &TenantId, forest: &ForestId, member: &str) -> String {
     format!("wb:{{{tenant}}}:agent:{forest}:{member}")
 }
-pub fn health_key(tenant: &str, forest: &str) -> String {
+pub fn health_key(tenant: &TenantId, forest: &ForestId) -> String {
     format!("wb:{{{tenant}}}:health:{forest}")
 }
-pub fn canary_key(tenant: &str, forest: &str) -> String {
+pub fn canary_key(tenant: &TenantId, forest: &ForestId) -> String {
     format!("wb:{{{tenant}}}:canary:{forest}")
 }
-pub fn agents_key(tenant: &str, forest: &str) -> String {
+pub fn agents_key(tenant: &TenantId, forest: &ForestId) -> String {
     format!("wb:{{{tenant}}}:agents:{forest}")
 }
 pub fn done_channel(replica: &str) -> String {
@@ -91,7 +93,11 @@ pub fn user_label(user: &relay::proto::user_ref::Id) -> String {
 }
 
 /// Operations of one user, scored by acceptance time.
-pub fn user_index_key(tenant: &str, forest: &str, user: &relay::proto::user_ref::Id) -> String {
+pub fn user_index_key(
+    tenant: &TenantId,
+    forest: &ForestId,
+    user: &relay::proto::user_ref::Id,
+) -> String {
     format!("wb:{{{tenant}}}:user:{forest}:{}", user_label(user))
 }
 
@@ -103,7 +109,7 @@ pub fn parse_queue_key(key: &str) -> Option<(&str, &str)> {
 }
 
 /// Payload of a done notification: `tenant\0op`.
-pub fn op_ref(tenant: &str, op: &str) -> String {
+pub fn op_ref(tenant: &TenantId, op: &OperationId) -> String {
     format!("{tenant}\0{op}")
 }
 /// `(tenant, op)` of an [`op_ref`].
@@ -111,7 +117,7 @@ pub fn parse_op_ref(s: &str) -> Option<(&str, &str)> {
     s.split_once('\0')
 }
 /// Member of a tenant's [`deadlines_key`]: `forest\0op`.
-pub fn deadline_member(forest: &str, op: &str) -> String {
+pub fn deadline_member(forest: &ForestId, op: &OperationId) -> String {
     format!("{forest}\0{op}")
 }
 
@@ -129,26 +135,29 @@ mod tests {
     #[test]
     fn every_key_of_one_tenant_shares_its_slot() {
         let user = relay::proto::user_ref::Id::SamAccountName("alice".into());
+        let acme = TenantId::new("acme").unwrap();
+        let forest = ForestId::new("corp.example").unwrap();
+        let op = OperationId::new("op-1").unwrap();
         let keys = [
-            tenant_key("acme"),
-            forest_key("acme", "corp.example"),
-            op_key("acme", "op-1"),
-            timeline_key("acme", "op-1"),
-            queue_key("acme", "corp.example"),
-            deadlines_key("acme"),
-            policy_cache_key("acme", "corp.example", "-"),
-            forests_key("acme"),
-            agent_info_key("acme", "corp.example", "a|i|r"),
-            health_key("acme", "corp.example"),
-            canary_key("acme", "corp.example"),
-            agents_key("acme", "corp.example"),
-            user_index_key("acme", "corp.example", &user),
+            tenant_key(&acme),
+            forest_key(&acme, &forest),
+            op_key(&acme, &op),
+            timeline_key(&acme, &op),
+            queue_key(&acme, &forest),
+            deadlines_key(&acme),
+            policy_cache_key(&acme, &forest, "-"),
+            forests_key(&acme),
+            agent_info_key(&acme, &forest, "a|i|r"),
+            health_key(&acme, &forest),
+            canary_key(&acme, &forest),
+            agents_key(&acme, &forest),
+            user_index_key(&acme, &forest, &user),
         ];
         for k in keys {
             assert_eq!(hash_tag(&k), Some("acme"), "{k}");
         }
         assert_eq!(
-            parse_queue_key(&queue_key("acme", "corp.example")),
+            parse_queue_key(&queue_key(&acme, &forest)),
             Some(("acme", "corp.example"))
         );
     }

@@ -1,8 +1,10 @@
 //! Everything the gateway keeps in Redis, and the only code that talks to it: the operation
 //! record and its timeline, the per-(tenant, forest) work stream, agent presence, tenants and
 //! credentials, and the Lua scripts that move an operation through its states atomically
-//! ([`scripts`]). Key names live in [`keys`]; no other module holds a Redis connection.
+//! ([`scripts`]). Key names live in [`keys`], the typed ids they are made of in [`ids`]; no
+//! other module holds a Redis connection.
 
+mod ids;
 mod keys;
 mod scripts;
 mod sequence;
@@ -16,6 +18,10 @@ use std::time::Duration;
 
 use relay::proto::{Outcome, PolicyViolation};
 
+pub use ids::{
+    ForestId, InvalidId, OperationId, TenantId, MAX_FOREST_CHARS, MAX_FOREST_LABEL_CHARS,
+    MAX_OPERATION_ID_CHARS, MAX_TENANT_ID_CHARS,
+};
 pub use keys::*;
 pub use scripts::{Acknowledgment, Completion, Created, Delivery, Finalized};
 pub use sequence::HighWater;
@@ -83,9 +89,9 @@ pub enum OpState {
 /// The operation record as stored (no secret is ever part of it).
 #[derive(Debug, Clone)]
 pub struct OpRecord {
-    pub tenant: String,
-    pub operation_id: String,
-    pub forest: String,
+    pub tenant: TenantId,
+    pub operation_id: OperationId,
+    pub forest: ForestId,
     pub kind: String,
     pub initiator: i32,
     pub state: OpState,
@@ -148,9 +154,9 @@ impl OpRecord {
             )));
         }
         Ok(Some(Self {
-            tenant: get("tenant"),
-            operation_id: get("op"),
-            forest: get("forest"),
+            tenant: TenantId::from_store(get("tenant")),
+            operation_id: OperationId::from_store(get("op")),
+            forest: ForestId::from_store(get("forest")),
             kind: get("kind"),
             initiator: code("initiator")?,
             state,
@@ -173,9 +179,9 @@ impl OpRecord {
 /// Everything needed to accept one sealed operation.
 #[derive(Debug)]
 pub struct NewOperation<'a> {
-    pub tenant: &'a str,
-    pub operation_id: &'a str,
-    pub forest: &'a str,
+    pub tenant: &'a TenantId,
+    pub operation_id: &'a OperationId,
+    pub forest: &'a ForestId,
     pub kind: &'a str,
     pub initiator: i32,
     pub trace_id: &'a str,
@@ -205,7 +211,7 @@ pub const TIMED_OUT_MESSAGE: &str =
 #[derive(Debug, Clone)]
 pub struct QueueEntry {
     pub id: String,
-    pub operation_id: String,
+    pub operation_id: OperationId,
     pub deadline_ms: i64,
     pub traceparent: String,
     pub key_version: u32,
@@ -388,7 +394,7 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors or a corrupt record.
-    pub async fn operation(&self, tenant: &str, op: &str) -> Result<Option<OpRecord>> {
+    pub async fn operation(&self, tenant: &TenantId, op: &OperationId) -> Result<Option<OpRecord>> {
         let key = op_key(tenant, op);
         let mut h: HashMap<String, Vec<u8>> = self.conn().hgetall(&key).await?;
         let result = h.remove("result").unwrap_or_default();
@@ -426,7 +432,11 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors or a corrupt event.
-    pub async fn timeline(&self, tenant: &str, op: &str) -> Result<Vec<TimelineEvent>> {
+    pub async fn timeline(
+        &self,
+        tenant: &TenantId,
+        op: &OperationId,
+    ) -> Result<Vec<TimelineEvent>> {
         let key = timeline_key(tenant, op);
         let raw: Vec<String> = self.conn().lrange(&key, 0, -1).await?;
         raw.iter()
@@ -443,7 +453,12 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn push_event(&self, tenant: &str, op: &str, ev: &TimelineEvent) -> Result<()> {
+    pub async fn push_event(
+        &self,
+        tenant: &TenantId,
+        op: &OperationId,
+        ev: &TimelineEvent,
+    ) -> Result<()> {
         let _: i64 = self
             .conn()
             .rpush(timeline_key(tenant, op), ev.to_json())
@@ -457,9 +472,9 @@ impl Store {
     /// On Redis errors.
     pub async fn mark_delivered(
         &self,
-        tenant: &str,
-        forest: &str,
-        op: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
+        op: &OperationId,
         to: &Recipient<'_>,
     ) -> Result<Delivery> {
         self.guarded(tenant, |high_water, mut conn| async move {
@@ -495,9 +510,9 @@ impl Store {
     /// On Redis errors.
     pub async fn finalize(
         &self,
-        tenant: &str,
-        forest: &str,
-        op: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
+        op: &OperationId,
         replica: &str,
         ack_grace: Duration,
     ) -> Result<Finalized> {
@@ -520,7 +535,12 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn notify_done(&self, caller_replica: &str, tenant: &str, op: &str) -> Result<()> {
+    pub async fn notify_done(
+        &self,
+        caller_replica: &str,
+        tenant: &TenantId,
+        op: &OperationId,
+    ) -> Result<()> {
         let _: i64 = self
             .conn()
             .publish(done_channel(caller_replica), op_ref(tenant, op))
@@ -532,7 +552,12 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn live_agents(&self, tenant: &str, forest: &str, liveness: Duration) -> Result<u64> {
+    pub async fn live_agents(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        liveness: Duration,
+    ) -> Result<u64> {
         let min = relay::now_unix_ms() - liveness.as_millis() as i64;
         let n: u64 = self
             .conn()
@@ -545,7 +570,12 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn agent_seen(&self, tenant: &str, forest: &str, member: &str) -> Result<()> {
+    pub async fn agent_seen(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        member: &str,
+    ) -> Result<()> {
         let _: i64 = self
             .conn()
             .zadd(agents_key(tenant, forest), member, relay::now_unix_ms())
@@ -559,8 +589,8 @@ impl Store {
     /// On Redis errors.
     pub async fn agent_info(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         member: &str,
         fields: &[(&str, String)],
         ttl: Duration,
@@ -583,8 +613,8 @@ impl Store {
     /// On Redis errors.
     pub async fn agents(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
     ) -> Result<Vec<(i64, HashMap<String, String>)>> {
         let mut c = self.conn();
         let members: Vec<(String, f64)> = c
@@ -603,20 +633,20 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn forests(&self, tenant: &str) -> Result<Vec<String>> {
+    pub async fn forests(&self, tenant: &TenantId) -> Result<Vec<ForestId>> {
         let mut f: Vec<String> = self.conn().smembers(forests_key(tenant)).await?;
         f.sort();
-        Ok(f)
+        Ok(f.into_iter().map(ForestId::from_store).collect())
     }
 
     /// Every tenant id.
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn tenant_ids(&self) -> Result<Vec<String>> {
+    pub async fn tenant_ids(&self) -> Result<Vec<TenantId>> {
         let mut t: Vec<String> = self.conn().smembers(TENANTS_KEY).await?;
         t.sort();
-        Ok(t)
+        Ok(t.into_iter().map(TenantId::from_store).collect())
     }
 
     /// Depth of a forest's work stream (entries not yet settled) and the acceptance time of
@@ -624,7 +654,11 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn queue_stats(&self, tenant: &str, forest: &str) -> Result<(i64, Option<i64>)> {
+    pub async fn queue_stats(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<(i64, Option<i64>)> {
         let key = queue_key(tenant, forest);
         let mut c = self.conn();
         let depth: i64 = redis::cmd("XLEN").arg(&key).query_async(&mut c).await?;
@@ -648,8 +682,8 @@ impl Store {
     /// On Redis errors.
     pub async fn set_health(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         healthy: bool,
         reason: &str,
         canary_ms: u64,
@@ -673,7 +707,11 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn health(&self, tenant: &str, forest: &str) -> Result<HashMap<String, String>> {
+    pub async fn health(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<HashMap<String, String>> {
         Ok(self.conn().hgetall(health_key(tenant, forest)).await?)
     }
 
@@ -683,8 +721,8 @@ impl Store {
     /// On Redis errors.
     pub async fn canary_turn(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         replica: &str,
         every: Duration,
     ) -> Result<bool> {
@@ -706,7 +744,7 @@ impl Store {
     pub async fn index_user_operation(
         &self,
         key: &str,
-        op: &str,
+        op: &OperationId,
         accepted_ms: i64,
         ttl: Duration,
     ) -> Result<()> {
@@ -728,11 +766,12 @@ impl Store {
         key: &str,
         since_ms: i64,
         limit: isize,
-    ) -> Result<Vec<String>> {
-        Ok(self
+    ) -> Result<Vec<OperationId>> {
+        let ids: Vec<String> = self
             .conn()
             .zrevrangebyscore_limit(key, "+inf", since_ms, 0, limit)
-            .await?)
+            .await?;
+        Ok(ids.into_iter().map(OperationId::from_store).collect())
     }
 
     /// Removes an agent instance's presence (on disconnect), and its consumer in the forest's
@@ -742,8 +781,8 @@ impl Store {
     /// On Redis errors.
     pub async fn agent_gone(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         member: &str,
         instance: &str,
     ) -> Result<()> {
@@ -791,7 +830,11 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors or a malformed member.
-    pub async fn due_deadlines(&self, tenant: &str, limit: isize) -> Result<Vec<(String, String)>> {
+    pub async fn due_deadlines(
+        &self,
+        tenant: &TenantId,
+        limit: isize,
+    ) -> Result<Vec<(ForestId, OperationId)>> {
         let now = self.now_ms().await?;
         let key = deadlines_key(tenant);
         let members: Vec<String> = self
@@ -802,7 +845,7 @@ impl Store {
             .iter()
             .map(|m| {
                 m.split_once('\0')
-                    .map(|(f, o)| (f.to_owned(), o.to_owned()))
+                    .map(|(f, o)| (ForestId::from_store(f), OperationId::from_store(o)))
                     .ok_or_else(|| StoreError::Corrupt {
                         key: key.clone(),
                         detail: "deadline member without forest".to_owned(),
@@ -817,7 +860,7 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn tenant(&self, tenant: &str) -> Result<(Option<Vec<u8>>, Option<String>)> {
+    pub async fn tenant(&self, tenant: &TenantId) -> Result<(Option<Vec<u8>>, Option<String>)> {
         let (wrapped, token): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
             .arg(tenant_key(tenant))
             .arg("wrapped_key")
@@ -831,7 +874,7 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn put_tenant_key(&self, tenant: &str, wrapped: &[u8]) -> Result<()> {
+    pub async fn put_tenant_key(&self, tenant: &TenantId, wrapped: &[u8]) -> Result<()> {
         let key = tenant_key(tenant);
         let mut pipe = redis::pipe();
         pipe.hset_nx(&key, "wrapped_key", wrapped)
@@ -850,7 +893,7 @@ impl Store {
     /// On Redis errors.
     pub async fn set_tenant_token(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         hash: &str,
         old: Option<&str>,
     ) -> Result<()> {
@@ -872,15 +915,16 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn token_tenant(&self, hash: &str) -> Result<Option<String>> {
-        Ok(self.conn().get(token_key(hash)).await?)
+    pub async fn token_tenant(&self, hash: &str) -> Result<Option<TenantId>> {
+        let tenant: Option<String> = self.conn().get(token_key(hash)).await?;
+        Ok(tenant.map(TenantId::from_store))
     }
 
     /// Whether the tenant exists.
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn tenant_exists(&self, tenant: &str) -> Result<bool> {
+    pub async fn tenant_exists(&self, tenant: &TenantId) -> Result<bool> {
         Ok(self.conn().exists(tenant_key(tenant)).await?)
     }
 
@@ -891,8 +935,8 @@ impl Store {
     pub async fn put_agent_credential(
         &self,
         agent_id: &str,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         secret_sha256: &str,
     ) -> Result<()> {
         let mut pipe = redis::pipe();
@@ -901,8 +945,8 @@ impl Store {
             .hset_multiple(
                 agent_cred_key(agent_id),
                 &[
-                    ("tenant", tenant),
-                    ("forest", forest),
+                    ("tenant", tenant.as_str()),
+                    ("forest", forest.as_str()),
                     ("secret_sha256", secret_sha256),
                 ],
             );
@@ -924,8 +968,8 @@ impl Store {
     /// On Redis errors.
     pub async fn set_forest_switches(
         &self,
-        tenant: &str,
-        forest: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
         fields: &[(&str, u8)],
     ) -> Result<()> {
         let _: () = self
@@ -939,7 +983,11 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn forest_switches(&self, tenant: &str, forest: &str) -> Result<HashMap<String, u8>> {
+    pub async fn forest_switches(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<HashMap<String, u8>> {
         Ok(self.conn().hgetall(forest_key(tenant, forest)).await?)
     }
 }
@@ -1047,7 +1095,7 @@ fn parse_entry(queue: &str, id: redis::streams::StreamId) -> Result<QueueEntry> 
             .ok_or_else(|| corrupt(&format!("missing field {f}")))
     };
     Ok(QueueEntry {
-        operation_id: text("op")?,
+        operation_id: OperationId::from_store(text("op")?),
         deadline_ms: text("deadline")?
             .parse()
             .map_err(|_| corrupt("deadline is not an integer"))?,

@@ -18,6 +18,7 @@ use redis::Script;
 
 use relay::proto::{Outcome, PolicyViolation};
 
+use super::ids::{ForestId, OperationId, TenantId};
 use super::keys;
 use super::{Result, StoreError};
 
@@ -211,9 +212,9 @@ impl CreateOp<'_> {
 /// Marks an operation delivered to one agent instance, if it is still queued and before its
 /// deadline; settles it as `EXPIRED` if the deadline passed first.
 pub(super) struct MarkDelivered<'a> {
-    pub tenant: &'a str,
-    pub forest: &'a str,
-    pub op: &'a str,
+    pub tenant: &'a TenantId,
+    pub forest: &'a ForestId,
+    pub op: &'a OperationId,
     pub agent_id: &'a str,
     pub instance: &'a str,
     pub replica: &'a str,
@@ -236,7 +237,7 @@ pub enum Delivery {
     AlreadyDelivered(String),
     /// An older operation of the same user (this id) is not settled yet: try again later
     /// (per-user order).
-    Wait(String),
+    Wait(OperationId),
 }
 
 static MARK_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
@@ -320,7 +321,9 @@ impl MarkDelivered<'_> {
             "other" => Ok(Delivery::AlreadyDelivered(redis::from_redis_value(
                 value.clone(),
             )?)),
-            "wait" => Ok(Delivery::Wait(redis::from_redis_value(value.clone())?)),
+            "wait" => Ok(Delivery::Wait(OperationId::from_store(
+                redis::from_redis_value::<String>(value.clone())?,
+            ))),
             other => Err(corrupt("MARK_DELIVERED", &key, other)),
         })
     }
@@ -329,9 +332,9 @@ impl MarkDelivered<'_> {
 /// An agent instance's acknowledgment, as [`Complete`] records it.
 #[derive(Debug)]
 pub struct Acknowledgment<'a> {
-    pub tenant: &'a str,
-    pub forest: &'a str,
-    pub op: &'a str,
+    pub tenant: &'a TenantId,
+    pub forest: &'a ForestId,
+    pub op: &'a OperationId,
     pub instance: &'a str,
     pub agent_id: &'a str,
     pub replica: &'a str,
@@ -434,9 +437,9 @@ impl Complete<'_> {
 /// becomes `EXPIRED` (guaranteed not applied); one delivered but unacknowledged becomes
 /// `TIMED_OUT` once the acknowledgment grace period has also passed.
 pub(super) struct Finalize<'a> {
-    pub tenant: &'a str,
-    pub forest: &'a str,
-    pub op: &'a str,
+    pub tenant: &'a TenantId,
+    pub forest: &'a ForestId,
+    pub op: &'a OperationId,
     pub replica: &'a str,
     pub ack_grace_ms: u64,
     /// As in [`CreateOp`].
@@ -536,7 +539,7 @@ impl Finalize<'_> {
 /// sequence moves past `seen`. Does nothing when the sequence is not behind (another replica
 /// recovered first).
 pub(super) struct RecoverRollback<'a> {
-    pub tenant: &'a str,
+    pub tenant: &'a TenantId,
     pub seen: u64,
     pub replica: &'a str,
 }

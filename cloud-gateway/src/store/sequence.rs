@@ -26,16 +26,17 @@ use std::sync::Mutex;
 
 use redis::aio::ConnectionManager;
 
+use super::ids::TenantId;
 use super::scripts::{Guarded, RecoverRollback, Recovered};
 use super::{Result, Store, StoreError};
 
 /// The highest store sequence seen, per tenant.
 #[derive(Default)]
-pub struct HighWater(Mutex<HashMap<String, u64>>);
+pub struct HighWater(Mutex<HashMap<TenantId, u64>>);
 
 impl HighWater {
     /// Notes that `tenant`'s store reached `seq`.
-    pub fn observe(&self, tenant: &str, seq: u64) {
+    pub fn observe(&self, tenant: &TenantId, seq: u64) {
         if seq == 0 {
             return;
         }
@@ -43,13 +44,13 @@ impl HighWater {
         match m.get_mut(tenant) {
             Some(hw) => *hw = (*hw).max(seq),
             None => {
-                m.insert(tenant.to_owned(), seq);
+                m.insert(tenant.clone(), seq);
             }
         }
     }
 
     /// The highest sequence of `tenant` seen (0: none).
-    pub fn get(&self, tenant: &str) -> u64 {
+    pub fn get(&self, tenant: &TenantId) -> u64 {
         self.0
             .lock()
             .expect("high water")
@@ -62,7 +63,7 @@ impl HighWater {
 impl Store {
     /// Runs a guarded script with the tenant's high water; when the store is behind it,
     /// recovers (once) and runs it again.
-    pub(super) async fn guarded<T, F, Fut>(&self, tenant: &str, run: F) -> Result<T>
+    pub(super) async fn guarded<T, F, Fut>(&self, tenant: &TenantId, run: F) -> Result<T>
     where
         F: Fn(u64, ConnectionManager) -> Fut,
         Fut: Future<Output = Result<Guarded<T>>>,
@@ -90,7 +91,7 @@ impl Store {
     }
 
     /// The highest store sequence of `tenant` this replica has seen.
-    pub fn high_water(&self, tenant: &str) -> u64 {
+    pub fn high_water(&self, tenant: &TenantId) -> u64 {
         self.high_water.get(tenant)
     }
 
@@ -100,7 +101,7 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn check_sequence(&self, tenant: &str, reported: u64, by: &str) -> Result<()> {
+    pub async fn check_sequence(&self, tenant: &TenantId, reported: u64, by: &str) -> Result<()> {
         self.high_water.observe(tenant, reported);
         let seen = self.high_water.get(tenant);
         if seen == 0 {
@@ -115,7 +116,7 @@ impl Store {
         Ok(())
     }
 
-    async fn recover(&self, tenant: &str, seen: u64, store_seq: u64, by: &str) -> Result<()> {
+    async fn recover(&self, tenant: &TenantId, seen: u64, store_seq: u64, by: &str) -> Result<()> {
         let recovered = RecoverRollback {
             tenant,
             seen,
