@@ -125,6 +125,15 @@ step "tenant $TENANT and agent credentials"
 admin() { timeout 30 "$BIN/cloud-gateway" admin "$1" --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" "${@:2}"; }
 [ -s "$TOKEN_FILE" ] || [ ! -s "$SECRETS/tenant.token" ] || mv "$SECRETS/tenant.token" "$TOKEN_FILE"   # older layout
 new_tenant=
+# Records format 2: token and agent-credential records carry a MAC under the master key; a stack
+# made before holds records the gateway now refuses: re-issue the token and the agent secrets.
+if [ "$(cat "$S/records-format" 2>/dev/null)" != 2 ]; then
+  rm -f "$TOKEN_FILE" "$SECRETS"/agent-*.secret
+  for a in agent-1 agent-2; do
+    if alive "$a"; then kill -TERM "$(cat "$PIDS/$a.pid")" 2>/dev/null || true; fi
+  done
+  for a in agent-1 agent-2; do for _ in $(seq 100); do alive "$a" || break; sleep 0.1; done; done
+fi
 token=$(admin create-tenant --tenant "$TENANT" --if-missing) || fail "cloud-gateway admin create-tenant failed"
 if [ -n "$token" ]; then
   # a new tenant (first run, or Redis lost its data): keep its token; agent secrets are re-issued below
@@ -145,6 +154,7 @@ for a in agent-1 agent-2; do
       || fail "cloud-gateway admin register-agent $a failed"
   fi
 done
+echo 2 >"$S/records-format"
 
 start_gateway() { # name addr metrics-addr
   if alive "$1"; then echo "$1 running (pid $(cat "$PIDS/$1.pid"))"; return 0; fi

@@ -40,6 +40,8 @@ pub enum AgentRefusal {
     UnknownAgent(String),
     #[error("wrong secret for agent {0:?}: the credential was rotated or mistyped")]
     WrongSecret(String),
+    #[error("unknown agent {0:?}: its credential record was not written by this gateway (register it again with `cloud-gateway admin register-agent`)")]
+    Unsealed(String),
 }
 
 /// What an authenticated agent may do.
@@ -105,20 +107,53 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Looks up and caches tenants' keys; creates tenants and credentials for the admin commands.
+///
+/// Redis is storage, not a trust root: the records that admit a caller or an agent (a token's
+/// tenant, an agent's tenant, forest and secret hash) carry a MAC under a key derived from the
+/// master key, and a record whose MAC does not verify (written by someone with access to
+/// Redis only, or moved to another key) admits nobody (event WB1093).
 #[derive(Clone)]
 pub struct Tenants {
     store: Store,
     kek: Arc<ForestKey>,
+    records: Arc<ring::hmac::Key>,
     keys: Arc<Mutex<HashMap<TenantId, TenantKey>>>,
 }
 
+/// Which record a MAC seals (domain separation).
+const TOKEN_RECORD: &str = "writeback.v1 token record";
+const AGENT_RECORD: &str = "writeback.v1 agent credential record";
+
 impl Tenants {
     pub fn new(store: Store, master_key: KeyBytes) -> Self {
+        // The record key is the master key's HMAC of a fixed label: independent of the key
+        // that wraps tenant keys, and never stored.
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master_key.expose());
+        let record_key = ring::hmac::sign(&derive, b"writeback.v1 record mac key");
         Self {
             store,
             kek: Arc::new(ForestKey::from_bytes(master_key)),
+            records: Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                record_key.as_ref(),
+            )),
             keys: Arc::default(),
         }
+    }
+
+    /// The MAC of a record: its kind and its fields, NUL-separated (no field holds a NUL).
+    fn seal(&self, kind: &str, fields: &[&str]) -> String {
+        let mut ctx = ring::hmac::Context::with_key(&self.records);
+        ctx.update(kind.as_bytes());
+        for f in fields {
+            ctx.update(b"\0");
+            ctx.update(f.as_bytes());
+        }
+        hex::encode(ctx.sign().as_ref())
+    }
+
+    fn sealed(&self, kind: &str, fields: &[&str], mac: &str) -> bool {
+        ct_eq(self.seal(kind, fields).as_bytes(), mac.as_bytes())
     }
 
     /// Creates a tenant (or rotates its token when it exists) and returns the new bearer token.
@@ -137,8 +172,9 @@ impl Tenants {
         }
         let token = random_secret("wbt_")?;
         let hash = sha256_hex(token.expose().as_bytes());
+        let mac = self.seal(TOKEN_RECORD, &[&hash, tenant.as_str()]);
         self.store
-            .set_tenant_token(tenant, &hash, old_token.as_deref())
+            .set_tenant_token(tenant, &hash, &mac, old_token.as_deref())
             .await?;
         Ok(token)
     }
@@ -165,13 +201,13 @@ impl Tenants {
             return Err(TenantError::UnknownTenant(tenant.to_string()));
         }
         let secret = random_secret("wba_")?;
+        let hash = sha256_hex(secret.expose().as_bytes());
+        let mac = self.seal(
+            AGENT_RECORD,
+            &[agent_id, tenant.as_str(), forest.as_str(), &hash],
+        );
         self.store
-            .put_agent_credential(
-                agent_id,
-                tenant,
-                forest,
-                &sha256_hex(secret.expose().as_bytes()),
-            )
+            .put_agent_credential(agent_id, tenant, forest, &hash, &mac)
             .await?;
         Ok(secret)
     }
@@ -227,7 +263,14 @@ impl Tenants {
     /// On Redis errors.
     pub async fn tenant_for_token(&self, token: &str) -> Result<Option<TenantId>, TenantError> {
         let hash = sha256_hex(token.as_bytes());
-        Ok(self.store.token_tenant(&hash).await?)
+        let Some((tenant, mac)) = self.store.token_tenant(&hash).await? else {
+            return Ok(None);
+        };
+        if !self.sealed(TOKEN_RECORD, &[&hash, tenant.as_str()], &mac) {
+            tracing::error!(event = "WB1093", %tenant, record = "token", "a token record whose MAC does not verify (not written by a gateway with this master key): refused");
+            return Ok(None);
+        }
+        Ok(Some(tenant))
     }
 
     /// Verifies `<agent_id>.<secret>`; returns who the agent is, or why it is refused.
@@ -247,6 +290,11 @@ impl Tenants {
         else {
             return Ok(Err(AgentRefusal::UnknownAgent(agent_id.to_owned())));
         };
+        let mac = h.get("mac").map_or("", String::as_str);
+        if !self.sealed(AGENT_RECORD, &[agent_id, tenant, forest, expected], mac) {
+            tracing::error!(event = "WB1093", %agent_id, %tenant, %forest, record = "agent credential", "an agent credential record whose MAC does not verify (not written by a gateway with this master key): refused");
+            return Ok(Err(AgentRefusal::Unsealed(agent_id.to_owned())));
+        }
         if !ct_eq(
             sha256_hex(secret.as_bytes()).as_bytes(),
             expected.as_bytes(),

@@ -356,6 +356,81 @@ async fn agents_must_authenticate_for_their_own_forest() {
     env.shutdown.cancel();
 }
 
+/// Redis is storage, not a trust root: token and agent-credential records written by someone
+/// with access to Redis only (or copied to another key) admit nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_token_and_credential_records_are_refused() {
+    let env = start().await;
+    let secret = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "a1")
+        .await
+        .unwrap();
+    let sha = |s: &str| hex::encode(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()));
+    let client = redis::Client::open(env.redis.lock().unwrap().url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let token_record = |hash: &str| format!("wb:token:{hash}");
+    // The real token works (no agent yet: AGENT_UNAVAILABLE, not UNAUTHENTICATED).
+    let ok = env.submit("sealed-1", 500).await.unwrap();
+    assert_eq!(
+        Outcome::try_from(ok.outcome).unwrap(),
+        Outcome::AgentUnavailable
+    );
+    let real: String = redis::cmd("GET")
+        .arg(token_record(&sha(env.token.expose())))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let real_mac = real.split_once(' ').unwrap().1.to_owned();
+    for planted in ["acme".to_owned(), format!("acme {real_mac}")] {
+        let _: () = redis::cmd("SET")
+            .arg(token_record(&sha("wbt_planted")))
+            .arg(&planted)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let err = env
+            .submit_as("acme", "wbt_planted", "planted-1", 500)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{planted}: {err:?}");
+    }
+
+    // An agent credential planted from scratch, and a real one copied to another id.
+    let real: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("wb:agentcred:a1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for (id, mac) in [("evil", ""), ("evil2", real["mac"].as_str())] {
+        let _: () = redis::cmd("HSET")
+            .arg(format!("wb:agentcred:{id}"))
+            .arg(&[
+                ("tenant", "acme"),
+                ("forest", FOREST),
+                ("secret_sha256", &sha("wba_planted")),
+                ("mac", mac),
+            ])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let err = ScriptedAgent::connect(&env, id, "wba_planted", FOREST, "i1", 1)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Code::Unauthenticated, "{id}: {err:?}");
+        assert!(
+            err.message().contains("not written by this gateway"),
+            "{}",
+            err.message()
+        );
+    }
+    ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
+        .await
+        .unwrap();
+    env.shutdown.cancel();
+}
+
 /// An agent that takes the work and never answers: the caller hears TIMED_OUT at its deadline,
 /// a late acknowledgment within the grace period still records the real outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -895,13 +895,14 @@ impl Store {
         &self,
         tenant: &TenantId,
         hash: &str,
+        mac: &str,
         old: Option<&str>,
     ) -> Result<()> {
         let mut pipe = redis::pipe();
         if let Some(old) = old {
             pipe.del(token_key(old)).ignore();
         }
-        pipe.set(token_key(hash), tenant)
+        pipe.set(token_key(hash), format!("{tenant} {mac}"))
             .ignore()
             .hset(tenant_key(tenant), "token_sha256", hash)
             .ignore()
@@ -911,13 +912,16 @@ impl Store {
         Ok(())
     }
 
-    /// The tenant a token hash belongs to.
+    /// The tenant a token hash belongs to, with the record's MAC (empty when it has none).
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn token_tenant(&self, hash: &str) -> Result<Option<TenantId>> {
-        let tenant: Option<String> = self.conn().get(token_key(hash)).await?;
-        Ok(tenant.map(TenantId::from_store))
+    pub async fn token_tenant(&self, hash: &str) -> Result<Option<(TenantId, String)>> {
+        let record: Option<String> = self.conn().get(token_key(hash)).await?;
+        Ok(record.map(|r| {
+            let (tenant, mac) = r.split_once(' ').unwrap_or((r.as_str(), ""));
+            (TenantId::from_store(tenant.to_owned()), mac.to_owned())
+        }))
     }
 
     /// Whether the tenant exists.
@@ -938,6 +942,7 @@ impl Store {
         tenant: &TenantId,
         forest: &ForestId,
         secret_sha256: &str,
+        mac: &str,
     ) -> Result<()> {
         let mut pipe = redis::pipe();
         pipe.sadd(forests_key(tenant), forest)
@@ -948,6 +953,7 @@ impl Store {
                     ("tenant", tenant.as_str()),
                     ("forest", forest.as_str()),
                     ("secret_sha256", secret_sha256),
+                    ("mac", mac),
                 ],
             );
         let _: () = pipe.ignore().query_async(&mut self.conn()).await?;
