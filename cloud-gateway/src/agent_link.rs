@@ -159,6 +159,7 @@ impl AgentLinkService {
             last_heard: Mutex::new(Instant::now()),
             last_presence: Mutex::new(Instant::now()),
             cancel: gw.shutdown.child_token(),
+            stream: gw.agent_streams.new_stream_id(),
         });
         tracing::info!(event = "WB1010",
             agent_id = %session.identity.agent_id,
@@ -226,10 +227,124 @@ struct InFlight {
 struct Registration {
     sessions: Arc<Mutex<HashMap<(TenantId, ForestId), usize>>>,
     key: (TenantId, ForestId),
+    streams: Arc<AgentStreams>,
+    agent_id: String,
+    stream: u64,
+}
+
+/// The agent streams a replica holds, by agent id, each with what closes it. One agent
+/// identity has one live stream: a newer one (on any replica) closes the others, with an
+/// alert (WB1016); a revocation or a rotated secret closes them all (WB1017).
+#[derive(Default)]
+pub struct AgentStreams {
+    next: std::sync::atomic::AtomicU64,
+    by_agent: Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
+}
+
+impl AgentStreams {
+    /// A stream id unique across replicas and restarts.
+    fn new_stream_id(&self) -> u64 {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (rand_u32() as u64) << 32 | (n & 0xffff_ffff)
+    }
+
+    fn add(&self, agent_id: &str, stream: u64, cancel: CancellationToken) {
+        self.by_agent
+            .lock()
+            .expect("agent streams")
+            .entry(agent_id.to_owned())
+            .or_default()
+            .push((stream, cancel));
+    }
+
+    fn remove(&self, agent_id: &str, stream: u64) {
+        let mut m = self.by_agent.lock().expect("agent streams");
+        if let Some(v) = m.get_mut(agent_id) {
+            v.retain(|(s, _)| *s != stream);
+            if v.is_empty() {
+                m.remove(agent_id);
+            }
+        }
+    }
+
+    /// Closes the agent's streams here, but `keep`; returns how many.
+    fn close(&self, agent_id: &str, keep: Option<u64>) -> usize {
+        let m = self.by_agent.lock().expect("agent streams");
+        let mut n = 0;
+        for (s, cancel) in m.get(agent_id).into_iter().flatten() {
+            if Some(*s) != keep {
+                cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Listens on [`store::AGENTS_CHANNEL`] until shutdown (reconnecting): closes this replica's
+/// streams of revoked agents, and of agents that opened a newer stream elsewhere.
+pub async fn listen_agent_events(gw: Gateway) {
+    let mut backoff =
+        relay::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let listen = async {
+            let mut pubsub = gw.store.subscribe(store::AGENTS_CHANNEL).await?;
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = futures::StreamExt::next(&mut messages).await {
+                let Ok(payload) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let mut parts = payload.split('\0');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some("revoke"), Some(agent_id), None) => {
+                        let n = gw.agent_streams.close(agent_id, None);
+                        if n > 0 {
+                            tracing::warn!(event = "WB1017", %agent_id, streams = n, "agent revoked or its secret rotated: its streams on this replica are closed");
+                        }
+                    }
+                    (Some("connect"), Some(agent_id), Some(stream)) => {
+                        let keep = stream.parse().ok();
+                        let n = gw.agent_streams.close(agent_id, keep);
+                        if n > 0 {
+                            tracing::warn!(event = "WB1016", %agent_id, streams = n, "the agent opened a newer stream: its older one on this replica is closed (one stream per agent identity; a credential used from two hosts shows up here)");
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(payload = %payload.escape_debug(), "unknown agent event; ignored")
+                    }
+                }
+            }
+            Ok::<_, store::StoreError>(())
+        };
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            r = listen => {
+                if let Err(e) = r {
+                    tracing::warn!(event = "WB1090", error = %e, "agent event listener lost redis; reconnecting");
+                }
+            }
+        }
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
 }
 
 impl Registration {
-    fn new(gw: &Gateway, tenant: &TenantId, forest: &ForestId) -> Self {
+    fn new(gw: &Gateway, session: &Session) -> Self {
+        let (tenant, forest) = (&session.identity.tenant, &session.identity.forest);
+        gw.agent_streams.add(
+            &session.identity.agent_id,
+            session.stream,
+            session.cancel.clone(),
+        );
         let key = (tenant.clone(), forest.clone());
         *gw.sessions
             .lock()
@@ -246,12 +361,16 @@ impl Registration {
         Self {
             sessions: gw.sessions.clone(),
             key,
+            streams: gw.agent_streams.clone(),
+            agent_id: session.identity.agent_id.clone(),
+            stream: session.stream,
         }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.streams.remove(&self.agent_id, self.stream);
         crate::metrics::get()
             .connected_agents
             .with_label_values(&[self.key.0.as_str(), self.key.1.as_str()])
@@ -311,8 +430,10 @@ struct Session {
     last_heard: Mutex<Instant>,
     /// When this session last refreshed the agent's presence in Redis.
     last_presence: Mutex<Instant>,
-    /// Ends the session (agent gone, heartbeat lost, or gateway shutdown).
+    /// Ends the session (agent gone, heartbeat lost, revoked, replaced, or gateway shutdown).
     cancel: CancellationToken,
+    /// This stream's id among the agent's streams ([`AgentStreams`]).
+    stream: u64,
 }
 
 /// What became of one entry handed to [`Session::dispatch`].
@@ -337,7 +458,18 @@ impl Session {
         if let Err(e) = self.seen().await {
             tracing::warn!(error = %e, "could not record agent presence");
         }
-        let registration = Registration::new(gw, &self.identity.tenant, &self.identity.forest);
+        let registration = Registration::new(gw, &self);
+        // One stream per agent identity: the others (here or on another replica) close.
+        if let Err(e) = gw
+            .store
+            .publish_agent_event(&format!(
+                "connect\0{}\0{}",
+                self.identity.agent_id, self.stream
+            ))
+            .await
+        {
+            tracing::warn!(error = %e, "could not announce the agent's stream to the other replicas");
+        }
         let dispatcher = tokio::spawn(self.clone().dispatch_loop());
         let heartbeats = tokio::spawn(self.clone().heartbeat_loop());
         let mut last_heard = Instant::now();
@@ -466,6 +598,17 @@ impl Session {
                 if due {
                     if let Err(e) = self.seen().await {
                         tracing::warn!(error = %e, "could not record agent presence");
+                    }
+                    // A revocation whose message was missed (Redis away) still bites here.
+                    match self.gw.tenants.credential_current(&self.identity).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(event = "WB1017", agent_id = %self.identity.agent_id, "the agent's credential was revoked or rotated: its stream is closed");
+                            self.cancel.cancel();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not check the agent's credential")
+                        }
                     }
                 }
             }

@@ -121,6 +121,9 @@ pub struct Gateway {
     pub tasks: TaskTracker,
     /// Agent streams this replica holds, per (tenant, forest): where it runs canaries.
     pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<(TenantId, ForestId), usize>>>,
+    /// Agent streams this replica holds, per agent id: what a revocation or a newer stream of
+    /// the same agent closes (`agent_link::AgentStreams`).
+    pub agent_streams: Arc<agent_link::AgentStreams>,
     pub limiter: Arc<limits::TenantLimiter>,
     /// The store's clock, by which deadlines are set.
     pub clock: Arc<clock::StoreClock>,
@@ -174,6 +177,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
         sessions: Arc::default(),
+        agent_streams: Arc::default(),
         limiter: Arc::new(limits::TenantLimiter::new(tenant_rate)),
         clock: Arc::default(),
         epoch: Arc::default(),
@@ -194,6 +198,9 @@ pub async fn run(
         gateway.config.replica_id.clone(),
         shutdown.clone(),
     ));
+    gateway
+        .tasks
+        .spawn(agent_link::listen_agent_events(gateway.clone()));
     gateway.tasks.spawn(sweeper::run(gateway.clone()));
     gateway.tasks.spawn(monitor::run(gateway.clone()));
     if let Some(addr) = &gateway.config.metrics_listen {

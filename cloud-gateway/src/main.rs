@@ -123,6 +123,23 @@ enum AdminCommand {
         #[arg(long)]
         agent_id: String,
     },
+    /// Revoke an agent: its credential admits nobody from now on (it is told it was revoked)
+    /// and its open streams close on every replica within a second.
+    RevokeAgent {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        agent_id: String,
+    },
+    /// List a tenant's agents: forest, active or revoked, and live instances.
+    ListAgents {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+    },
     /// Set a forest's switches (those not given stay as they are) and print them all.
     SetForest {
         #[command(flatten)]
@@ -223,6 +240,40 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                         .await?
                         .expose()
                 );
+                Ok(())
+            }
+            AdminCommand::RevokeAgent {
+                common,
+                tenant,
+                agent_id,
+            } => {
+                let tenant = tenant_flag(&tenant)?;
+                check_agent_id(&agent_id)?;
+                tenants(&common)
+                    .await?
+                    .revoke_agent(&tenant, &agent_id)
+                    .await?;
+                println!("revoked {agent_id}");
+                Ok(())
+            }
+            AdminCommand::ListAgents { common, tenant } => {
+                let tenant = tenant_flag(&tenant)?;
+                let agents = tenants(&common)
+                    .await?
+                    .list_agents(&tenant, std::time::Duration::from_secs(15))
+                    .await?;
+                for a in agents {
+                    let state = match a.revoked_at_unix_ms {
+                        Some(at) => format!("revoked at {at}"),
+                        None => "active".into(),
+                    };
+                    let live = if a.live.is_empty() {
+                        "no live instance".into()
+                    } else {
+                        format!("live: {}", a.live.join(", "))
+                    };
+                    println!("{}\t{}\t{state}\t{live}", a.agent_id, a.forest);
+                }
                 Ok(())
             }
             AdminCommand::SetForest {

@@ -19,6 +19,8 @@ pub enum TenantError {
     Store(#[from] StoreError),
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
+    #[error("no agent {0:?} is registered for this tenant")]
+    UnknownAgent(String),
     #[error("tenant key of {0:?} does not unwrap with this gateway's master key")]
     KeyUnwrap(String),
     #[error("{0}")]
@@ -42,6 +44,22 @@ pub enum AgentRefusal {
     WrongSecret(String),
     #[error("unknown agent {0:?}: its credential record was not written by this gateway (register it again with `cloud-gateway admin register-agent`)")]
     Unsealed(String),
+    #[error("agent {agent_id:?} was revoked (at {revoked_at_unix_ms} Unix ms): it may not connect; register it again with `cloud-gateway admin register-agent` if that was a mistake")]
+    Revoked {
+        agent_id: String,
+        revoked_at_unix_ms: i64,
+    },
+}
+
+/// One registered agent, for `admin list-agents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredAgent {
+    pub agent_id: String,
+    pub forest: String,
+    /// When it was revoked, if it was.
+    pub revoked_at_unix_ms: Option<i64>,
+    /// Its instances heard from recently (`instance|replica`).
+    pub live: Vec<String>,
 }
 
 /// What an authenticated agent may do.
@@ -50,6 +68,9 @@ pub struct AgentIdentity {
     pub agent_id: String,
     pub tenant: TenantId,
     pub forest: ForestId,
+    /// The hash of the secret it authenticated with: its streams close when the credential
+    /// no longer has it (revoked or rotated).
+    pub secret_sha256: String,
 }
 
 /// Per-(tenant, forest) operator switches, as on the admin page of today's products.
@@ -209,7 +230,85 @@ impl Tenants {
         self.store
             .put_agent_credential(agent_id, tenant, forest, &hash, &mac)
             .await?;
+        // A rotation cuts off whoever holds the old secret, at once, on every replica.
+        if let Err(e) = self
+            .store
+            .publish_agent_event(&format!("revoke\0{agent_id}"))
+            .await
+        {
+            tracing::warn!(error = %e, %agent_id, "could not tell the replicas to close the agent's streams; each closes them at its next credential check");
+        }
         Ok(secret)
+    }
+
+    /// Revokes an agent of `tenant`: its credential admits nobody (it is told it was
+    /// revoked), and its open streams close on every replica within a second.
+    ///
+    /// # Errors
+    /// When no agent of that id belongs to the tenant, or on Redis errors.
+    pub async fn revoke_agent(&self, tenant: &TenantId, agent_id: &str) -> Result<(), TenantError> {
+        let h = self.store.agent_credential(agent_id).await?;
+        let (Some(owner), Some(forest)) = (h.get("tenant"), h.get("forest")) else {
+            return Err(TenantError::UnknownAgent(agent_id.to_owned()));
+        };
+        if owner != tenant.as_str() {
+            return Err(TenantError::UnknownAgent(agent_id.to_owned()));
+        }
+        self.store
+            .revoke_agent_credential(agent_id, tenant, &ForestId::from_store(forest.clone()))
+            .await?;
+        self.store
+            .publish_agent_event(&format!("revoke\0{agent_id}"))
+            .await?;
+        tracing::warn!(event = "WB1017", %tenant, %agent_id, "agent revoked");
+        Ok(())
+    }
+
+    /// The agents registered for `tenant`, with their state and live instances.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn list_agents(
+        &self,
+        tenant: &TenantId,
+        liveness: std::time::Duration,
+    ) -> Result<Vec<RegisteredAgent>, TenantError> {
+        let mut out = Vec::new();
+        for agent_id in self.store.agent_ids(tenant).await? {
+            let h = self.store.agent_credential(&agent_id).await?;
+            let Some(forest) = h
+                .get("forest")
+                .filter(|_| h.get("tenant").map(String::as_str) == Some(tenant.as_str()))
+            else {
+                continue;
+            };
+            let forest_id = ForestId::from_store(forest.clone());
+            let live = self
+                .store
+                .live_agent_members(tenant, &forest_id, liveness)
+                .await?
+                .into_iter()
+                .filter_map(|m| m.strip_prefix(&format!("{agent_id}|")).map(str::to_owned))
+                .collect();
+            out.push(RegisteredAgent {
+                agent_id,
+                forest: forest.clone(),
+                revoked_at_unix_ms: h.get("revoked_at").and_then(|t| t.parse().ok()),
+                live,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether `identity`'s credential still stands as it authenticated (not revoked, not
+    /// rotated).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn credential_current(&self, identity: &AgentIdentity) -> Result<bool, TenantError> {
+        let h = self.store.agent_credential(&identity.agent_id).await?;
+        Ok(!h.contains_key("revoked_at")
+            && h.get("secret_sha256").map(String::as_str) == Some(identity.secret_sha256.as_str()))
     }
 
     /// Changes some of a forest's operator switches; returns them all afterwards.
@@ -285,6 +384,12 @@ impl Tenants {
             return Ok(Err(AgentRefusal::Malformed));
         };
         let h = self.store.agent_credential(agent_id).await?;
+        if let Some(at) = h.get("revoked_at") {
+            return Ok(Err(AgentRefusal::Revoked {
+                agent_id: agent_id.to_owned(),
+                revoked_at_unix_ms: at.parse().unwrap_or(0),
+            }));
+        }
         let (Some(tenant), Some(forest), Some(expected)) =
             (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
         else {
@@ -306,6 +411,7 @@ impl Tenants {
             agent_id: agent_id.to_owned(),
             tenant: TenantId::from_store(tenant.clone()),
             forest: ForestId::from_store(forest.clone()),
+            secret_sha256: expected.clone(),
         }))
     }
 

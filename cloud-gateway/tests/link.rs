@@ -39,6 +39,7 @@ const LIMITS: cloud_gateway::store::QueueLimits = cloud_gateway::store::QueueLim
 struct Env {
     redis: std::sync::Mutex<RedisServer>,
     ca: TestCa,
+    key: KeyBytes,
     addr: std::net::SocketAddr,
     store: Store,
     tenants: Tenants,
@@ -77,11 +78,12 @@ async fn start_on(redis: RedisServer, configure: impl FnOnce(&mut GatewayConfig)
     let shutdown = CancellationToken::new();
     tokio::spawn(cloud_gateway::run(config, listener, shutdown.clone()));
     let store = Store::connect(&redis.url()).await.unwrap();
-    let tenants = Tenants::new(store.clone(), key);
+    let tenants = Tenants::new(store.clone(), key.clone());
     let token = tenants.create_tenant(&ACME).await.unwrap();
     let env = Env {
         redis: std::sync::Mutex::new(redis),
         ca,
+        key,
         addr,
         store,
         tenants,
@@ -99,13 +101,41 @@ async fn start_on(redis: RedisServer, configure: impl FnOnce(&mut GatewayConfig)
 
 impl Env {
     async fn channel(&self) -> anyhow::Result<Channel> {
+        self.channel_to(self.addr).await
+    }
+
+    async fn channel_to(&self, addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(std::fs::read(self.ca.ca_file())?))
             .domain_name("127.0.0.1");
-        Ok(Endpoint::from_shared(format!("https://{}", self.addr))?
+        Ok(Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(tls)?
             .connect()
             .await?)
+    }
+
+    /// Starts another replica on the same store and master key (stopped with the first).
+    async fn start_replica(&self, name: &str) -> std::net::SocketAddr {
+        let mut config = GatewayConfig::new(
+            name,
+            self.redis.lock().unwrap().url(),
+            self.key.clone(),
+            self.ca.cert_file(),
+            self.ca.key_file(),
+        );
+        config.heartbeat_interval = Duration::from_millis(300);
+        config.agent_liveness = Duration::from_secs(2);
+        config.canary_interval = Duration::ZERO;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(cloud_gateway::run(config, listener, self.shutdown.clone()));
+        for _ in 0..100 {
+            if self.channel_to(addr).await.is_ok() {
+                return addr;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("replica {name} did not answer on {addr} within 5 s");
     }
 
     async fn submit(&self, op_id: &str, timeout_ms: u32) -> Result<SubmitResponse, tonic::Status> {
@@ -205,6 +235,28 @@ impl ScriptedAgent {
         instance: &str,
         max_in_flight: u32,
     ) -> Result<Self, tonic::Status> {
+        Self::connect_via(
+            env,
+            env.addr,
+            agent_id,
+            secret,
+            forest,
+            instance,
+            max_in_flight,
+        )
+        .await
+    }
+
+    /// [`ScriptedAgent::connect`] to the replica at `addr`.
+    async fn connect_via(
+        env: &Env,
+        addr: std::net::SocketAddr,
+        agent_id: &str,
+        secret: &str,
+        forest: &str,
+        instance: &str,
+        max_in_flight: u32,
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(AgentFrame {
             frame: Some(agent_frame::Frame::Hello(Hello {
@@ -225,7 +277,7 @@ impl ScriptedAgent {
             "authorization",
             format!("Bearer {agent_id}.{secret}").parse().unwrap(),
         );
-        let mut client = AgentLinkClient::new(env.channel().await.unwrap());
+        let mut client = AgentLinkClient::new(env.channel_to(addr).await.unwrap());
         let mut inbound = client.connect(req).await?.into_inner();
         match inbound.message().await? {
             Some(GatewayFrame {
@@ -262,6 +314,18 @@ impl ScriptedAgent {
     /// # Panics
     /// When the gateway ends the stream or it fails: "nothing delivered" must not pass because
     /// the gateway dropped the agent.
+    /// How long until the gateway ends this stream (`None`: still open after `within`).
+    async fn closed_within(&mut self, within: Duration) -> Option<Duration> {
+        let start = tokio::time::Instant::now();
+        loop {
+            match tokio::time::timeout_at(start + within, self.rx.message()).await {
+                Err(_) => return None,
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None) | Err(_)) => return Some(start.elapsed()),
+            }
+        }
+    }
+
     async fn next_work(&mut self, within: Duration) -> Option<Work> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -353,6 +417,97 @@ async fn agents_must_authenticate_for_their_own_forest() {
     ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
         .await
         .unwrap();
+    env.shutdown.cancel();
+}
+
+/// Revocation bites at once: the agent's stream on another replica closes within a second,
+/// it cannot reconnect (told it was revoked), and `list-agents` shows it revoked. A rotated
+/// secret cuts off the old one the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_or_rotated_agent_is_cut_off_within_a_second_on_every_replica() {
+    let env = start().await;
+    let other = env.start_replica("gw-2").await;
+    let secret = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "a1")
+        .await
+        .unwrap();
+    let mut agent = ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i1", 1)
+        .await
+        .unwrap();
+    // Rotation: the old secret's stream closes, the old secret is refused, the new one works.
+    let rotated = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "a1")
+        .await
+        .unwrap();
+    let took = agent.closed_within(Duration::from_secs(3)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(1)),
+        "the rotated-out stream closed after {took:?}"
+    );
+    let err = ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i1", 1)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut agent =
+        ScriptedAgent::connect_via(&env, other, "a1", rotated.expose(), FOREST, "i1", 1)
+            .await
+            .unwrap();
+
+    env.tenants.revoke_agent(&ACME, "a1").await.unwrap();
+    let took = agent.closed_within(Duration::from_secs(3)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(1)),
+        "the revoked agent's stream closed after {took:?}"
+    );
+    for addr in [env.addr, other] {
+        let err = ScriptedAgent::connect_via(&env, addr, "a1", rotated.expose(), FOREST, "i1", 1)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(err.message().contains("was revoked"), "{}", err.message());
+    }
+    let listed = env
+        .tenants
+        .list_agents(&ACME, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].revoked_at_unix_ms.is_some(), "{listed:?}");
+    assert!(
+        env.tenants
+            .revoke_agent(&TenantId::new("globex").unwrap(), "a1")
+            .await
+            .is_err(),
+        "another tenant cannot revoke it"
+    );
+    env.shutdown.cancel();
+}
+
+/// One stream per agent identity: a second instance connecting (here on another replica)
+/// closes the first within a second; the second keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_stream_of_one_agent_closes_the_older_one() {
+    let env = start().await;
+    let other = env.start_replica("gw-2").await;
+    let (mut first, secret) = connected_agent(&env, "i1", 1).await;
+    let mut second =
+        ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i2", 1)
+            .await
+            .unwrap();
+    let took = first.closed_within(Duration::from_secs(3)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(1)),
+        "the older stream closed after {took:?}"
+    );
+    assert_eq!(
+        second.closed_within(Duration::from_millis(1500)).await,
+        None,
+        "the newer stream stays"
+    );
     env.shutdown.cancel();
 }
 
@@ -991,16 +1146,23 @@ async fn a_store_restored_from_an_older_state_is_caught() {
     env.shutdown.cancel();
 }
 
-/// Only the instance an operation was delivered to can settle it: another instance of the same
-/// agent (a copied credential, or a confused agent) is refused and the refusal is on the
+/// Only the instance an operation was delivered to can settle it: another agent of the forest
+/// (a forged answer, or a confused agent) is refused and the refusal is on the
 /// timeline; the owner's acknowledgment then counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgments_count_only_from_the_instance_given_the_work() {
     let env = start().await;
-    let (mut owner, secret) = connected_agent(&env, "owner", 4).await;
+    let (mut owner, _secret) = connected_agent(&env, "owner", 4).await;
+    // Another agent of the same forest (one identity has one stream: a second instance of
+    // the owner's identity would close the owner's stream instead).
+    let other = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "a2")
+        .await
+        .unwrap();
     let (answer, _) = tokio::join!(env.submit("owned-1", 5000), async {
         let w = owner.next_work(Duration::from_secs(3)).await.expect("work");
-        let intruder = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "other", 4)
+        let intruder = ScriptedAgent::connect(&env, "a2", other.expose(), FOREST, "other", 4)
             .await
             .unwrap();
         intruder.ack(&w.operation_id, Outcome::Applied).await;
@@ -1273,8 +1435,13 @@ async fn a_store_that_lost_its_data_is_unavailable_not_unauthenticated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_users_operations_run_one_at_a_time_in_order() {
     let env = start().await;
-    let (mut one, secret) = connected_agent(&env, "one", 4).await;
-    let mut two = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "two", 4)
+    let (mut one, _secret) = connected_agent(&env, "one", 4).await;
+    let second_agent = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "a2")
+        .await
+        .unwrap();
+    let mut two = ScriptedAgent::connect(&env, "a2", second_agent.expose(), FOREST, "two", 4)
         .await
         .unwrap();
     let first = tokio::spawn({

@@ -11,7 +11,8 @@
 //! | `wb:tenants` | set | every tenant id (the sweeper and queue monitor walk it; no SCAN) |
 //! | `wb:tenant:{T}` | hash | wrapped tenant key, token hash |
 //! | `wb:token:<sha256>` | string | tenant id for a bearer token hash |
-//! | `wb:agentcred:<agent id>` | hash | tenant, forest, secret hash |
+//! | `wb:agentcred:<agent id>` | hash | tenant, forest, secret hash, MAC; or tenant, forest, `revoked_at` once revoked |
+//! | `wb:{T}:agent-ids` | set | the agent ids registered for the tenant |
 //! | `wb:{T}:forest:<forest>` | hash | per-forest operator switches |
 //! | `wb:{T}:op:<op id>` | hash | operation record (never a password) |
 //! | `wb:{T}:tl:<op id>` | list | timeline events (JSON) |
@@ -27,6 +28,7 @@
 //! | `wb:{T}:user:<forest>:<kind>:<id>` | zset | a user's operation ids by acceptance time |
 //! | `wb:{T}:uq:<forest>:<kind>:<id>` | list | a user's unsettled operation ids, oldest first (per-user order; built inside the scripts) |
 //! | channel `wb:done:<replica>` | pub/sub | `T\0op` when an outcome is recorded |
+//! | channel `wb:agents` | pub/sub | agent revocations and new streams (each replica closes what it must) |
 
 use super::ids::{ForestId, OperationId, TenantId};
 
@@ -66,6 +68,13 @@ pub fn policy_cache_key(tenant: &TenantId, forest: &ForestId, user: &str) -> Str
 pub fn forests_key(tenant: &TenantId) -> String {
     format!("wb:{{{tenant}}}:forests")
 }
+/// The agent ids registered for a tenant (`admin list-agents`).
+pub fn agent_ids_key(tenant: &TenantId) -> String {
+    format!("wb:{{{tenant}}}:agent-ids")
+}
+/// Pub/sub: `revoke\0<agent id>` (close every stream of the agent) and
+/// `connect\0<agent id>\0<session>` (close its other streams: one per agent identity).
+pub const AGENTS_CHANNEL: &str = "wb:agents";
 pub fn agent_info_key(tenant: &TenantId, forest: &ForestId, member: &str) -> String {
     format!("wb:{{{tenant}}}:agent:{forest}:{member}")
 }

@@ -566,6 +566,24 @@ impl Store {
         Ok(n)
     }
 
+    /// The agent instances (`agent|instance|replica`) of (tenant, forest) seen within
+    /// `liveness`.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn live_agent_members(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        liveness: Duration,
+    ) -> Result<Vec<String>> {
+        let min = relay::now_unix_ms() - liveness.as_millis() as i64;
+        Ok(self
+            .conn()
+            .zrangebyscore(agents_key(tenant, forest), min, "+inf")
+            .await?)
+    }
+
     /// Records that an agent instance is alive now.
     ///
     /// # Errors
@@ -947,6 +965,10 @@ impl Store {
         let mut pipe = redis::pipe();
         pipe.sadd(forests_key(tenant), forest)
             .ignore()
+            .sadd(agent_ids_key(tenant), agent_id)
+            .ignore()
+            .del(agent_cred_key(agent_id))
+            .ignore()
             .hset_multiple(
                 agent_cred_key(agent_id),
                 &[
@@ -957,6 +979,54 @@ impl Store {
                 ],
             );
         let _: () = pipe.ignore().query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Replaces an agent's credential by a tombstone (`tenant`, `forest`, `revoked_at`): it
+    /// admits nobody, and says why.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn revoke_agent_credential(
+        &self,
+        agent_id: &str,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<()> {
+        let key = agent_cred_key(agent_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(&key)
+            .ignore()
+            .hset_multiple(
+                &key,
+                &[
+                    ("tenant", tenant.as_str()),
+                    ("forest", forest.as_str()),
+                    ("revoked_at", &relay::now_unix_ms().to_string()),
+                ],
+            )
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// The agent ids registered for `tenant`.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_ids(&self, tenant: &TenantId) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self.conn().smembers(agent_ids_key(tenant)).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Tells every replica about an agent (see [`AGENTS_CHANNEL`]).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn publish_agent_event(&self, event: &str) -> Result<()> {
+        let _: i64 = self.conn().publish(AGENTS_CHANNEL, event).await?;
         Ok(())
     }
 
