@@ -46,6 +46,10 @@ const MAX_IN_FLIGHT: u32 = 256;
 const DRAIN: Duration = Duration::from_secs(5);
 /// Longest user-facing message accepted from an agent.
 const MAX_MESSAGE: usize = 1024;
+/// Longest agent version string.
+const MAX_VERSION: usize = 64;
+/// Most domains an agent may list.
+const MAX_DOMAINS: usize = 64;
 /// Most entries one read takes from the stream.
 const READ_BATCH: usize = 32;
 /// How soon work waiting for an older operation of its user is tried again.
@@ -194,6 +198,25 @@ fn check_hello(identity: &AgentIdentity, hello: &Hello) -> Result<(), GatewayErr
         return Err(GatewayError::invalid(
             "hello.instance_id",
             "must be 1 to 64 characters",
+        ));
+    }
+    // Everything an agent says is bounded: it is stored, logged and shown to operators.
+    if hello.version.len() > MAX_VERSION {
+        return Err(GatewayError::invalid(
+            "hello.version",
+            format!("must be at most {MAX_VERSION} characters"),
+        ));
+    }
+    if hello.domains.len() > MAX_DOMAINS || hello.domains.iter().any(|d| d.len() > 253) {
+        return Err(GatewayError::invalid(
+            "hello.domains",
+            format!("at most {MAX_DOMAINS} DNS names of at most 253 characters"),
+        ));
+    }
+    if hello.store_high_water_tenant.len() > 64 {
+        return Err(GatewayError::invalid(
+            "hello.store_high_water_tenant",
+            "must be at most 64 characters",
         ));
     }
     Ok(())
@@ -653,6 +676,7 @@ impl Session {
         };
         let message: String = ack.message.chars().take(MAX_MESSAGE).collect();
         let detail: String = ack.detail.chars().take(MAX_MESSAGE).collect();
+        let directory: String = ack.directory.chars().take(256).collect();
         let m = crate::metrics::get();
         m.acknowledgments
             .with_label_values(&[
@@ -672,10 +696,10 @@ impl Session {
         let event_detail = format!(
             "{} via {}; lookup {} ms, write {} ms, agent total {} ms, round trip {} ms{}{}",
             outcome.as_str_name(),
-            if ack.directory.is_empty() {
+            if directory.is_empty() {
                 "-"
             } else {
-                &ack.directory
+                &directory
             },
             ack.lookup_ms,
             ack.write_ms,

@@ -132,6 +132,13 @@ pub struct Gateway {
     pub epoch: Arc<std::sync::OnceLock<String>>,
 }
 
+/// Largest request message (a Submit, an agent frame) the gateway decodes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest response message it sends (a long operation listing, a Work frame).
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// Concurrent gRPC streams per HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// Errors that stop the gateway from starting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -249,14 +256,21 @@ pub async fn run(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Deliberate limits: streams per connection (a caller's connection, or one agent's),
+        // and message sizes (a Submit is a few hundred bytes; an agent's frames a few KB).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(WritebackServer::new(writeback::WritebackService::new(
-            gateway.clone(),
-        )))
-        .add_service(AgentLinkServer::new(agent_link::AgentLinkService::new(
-            gateway.clone(),
-        )))
+        .add_service(
+            WritebackServer::new(writeback::WritebackService::new(gateway.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        )
+        .add_service(
+            AgentLinkServer::new(agent_link::AgentLinkService::new(gateway.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             serve_shutdown.cancelled().await;
             health_reporter

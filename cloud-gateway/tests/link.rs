@@ -511,6 +511,62 @@ async fn a_newer_stream_of_one_agent_closes_the_older_one() {
     env.shutdown.cancel();
 }
 
+/// What an agent or a caller sends is bounded: an agent's overlong version string is refused
+/// naming the field (it would be stored on every heartbeat), and an oversized request is
+/// refused before it is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_agent_fields_and_requests_are_refused() {
+    let env = start().await;
+    let secret = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "a1")
+        .await
+        .unwrap();
+    let hello = |version: String| Hello {
+        agent_id: "a1".into(),
+        forest: FOREST.into(),
+        version,
+        max_in_flight: 1,
+        instance_id: "i1".into(),
+        ..Default::default()
+    };
+    let open = |h: Hello| {
+        let env = &env;
+        let secret = secret.expose().to_owned();
+        async move {
+            let (tx, rx) = mpsc::channel(1);
+            tx.send(AgentFrame {
+                frame: Some(agent_frame::Frame::Hello(h)),
+            })
+            .await
+            .unwrap();
+            let mut req = tonic::Request::new(ReceiverStream::new(rx));
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer a1.{secret}").parse().unwrap(),
+            );
+            let mut client = AgentLinkClient::new(env.channel().await.unwrap());
+            let mut inbound = client.connect(req).await?.into_inner();
+            inbound.message().await.map(|_| ())
+        }
+    };
+    let err = open(hello("v".repeat(1000))).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hello.version"), "{}", err.message());
+    let err = open(hello("v".repeat(200_000))).await.unwrap_err();
+    assert!(err.message().contains("too large"), "{err:?}");
+    let mut huge = reset_of(&"x".repeat(100_000), "huge-1", 1000);
+    huge.tenant_id = "acme".into();
+    let err = env.send(huge, env.token.expose()).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    // A normal one still goes through.
+    open(hello("0.1.0".into())).await.unwrap();
+    env.shutdown.cancel();
+}
+
 /// Redis is storage, not a trust root: token and agent-credential records written by someone
 /// with access to Redis only (or copied to another key) admit nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
