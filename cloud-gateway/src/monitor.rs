@@ -76,6 +76,7 @@ pub async fn canary(gw: &Gateway, tenant: &store::TenantId, forest: &store::Fore
         }),
         initiator: Initiator::Admin as i32,
         action: Some(Action::QueryPolicy(QueryPolicy {})),
+        switches: None,
     };
     let started = std::time::Instant::now();
     let result = async {

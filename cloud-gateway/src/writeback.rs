@@ -238,6 +238,7 @@ impl WritebackService {
             user: req.user.clone(),
             initiator: req.initiator,
             action: req.action.take().map(Into::into),
+            switches: None,
         };
         self.enqueue(
             tenant,
@@ -283,11 +284,17 @@ impl WritebackService {
         tenant: &TenantId,
         forest: &ForestId,
         operation_id: &OperationId,
-        sealed: SealedOperation,
+        mut sealed: SealedOperation,
         Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
     ) -> Result<(), GatewayError> {
         let gw = &self.gw;
+        // The forest's switches as of now travel sealed with the operation.
+        let settings = gw.tenants.forest(tenant, forest).await?;
+        sealed.switches = Some(relay::proto::ForestSwitches {
+            allow_protected_accounts: settings.allow_protected_accounts,
+            unlock_enabled: settings.unlock_enabled,
+        });
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
         let user_id = sealed.user.as_ref().and_then(|u| u.id.as_ref());
         let user_label = user_id.map(store::user_label).unwrap_or_default();
@@ -431,6 +438,7 @@ impl WritebackService {
             })),
             initiator: relay::proto::Initiator::Admin as i32,
             action: Some(sealed_operation::Action::QueryPolicy(QueryPolicy {})),
+            switches: None,
         };
         self.enqueue(
             &tenant,

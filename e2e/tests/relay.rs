@@ -374,6 +374,7 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
             user: request(&t, &f, "erin", reset(planted)).user,
             initiator: 1,
             action: Some(reset(planted).into()),
+            switches: None,
         };
         let envelope = key
             .seal(

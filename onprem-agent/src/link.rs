@@ -637,11 +637,35 @@ impl Session {
                 None,
             );
         }
+        // The switches sealed with the operation are the forest's as it was accepted; the
+        // Welcome's only stand in for a gateway that does not seal them.
+        let (allow_protected, unlock_enabled) = op
+            .switches
+            .as_ref()
+            .map_or((self.allow_protected, true), |s| {
+                (s.allow_protected_accounts, s.unlock_enabled)
+            });
+        if !unlock_enabled
+            && matches!(
+                op.action,
+                Some(relay::proto::sealed_operation::Action::Unlock(_))
+            )
+        {
+            return (
+                refusal(
+                    op_id,
+                    trace,
+                    Outcome::NotEnabled,
+                    "unlock is switched off for this forest; nothing was changed",
+                ),
+                None,
+            );
+        }
         let started = Instant::now();
         let result: ApplyResult = self
             .agent
             .domains
-            .apply(&op, deadline, self.allow_protected, &|mark| {
+            .apply(&op, deadline, allow_protected, &|mark| {
                 if let Err(e) = self.agent.journal.mark(op_id, mark) {
                     tracing::warn!(event = "WB2015", error = %e, "cannot journal the user's state before a write; after a crash its outcome stays unknown");
                 }

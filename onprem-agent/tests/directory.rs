@@ -45,6 +45,7 @@ fn op(id: user_ref::Id, action: Action) -> SealedOperation {
         }),
         initiator: Initiator::EndUser as i32,
         action: Some(action),
+        switches: None,
     }
 }
 

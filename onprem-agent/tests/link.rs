@@ -549,6 +549,7 @@ fn reset_of(forest: &str, sam: &str, password: &str) -> SealedOperation {
         }),
         initiator: Initiator::EndUser as i32,
         action: Some(reset(password)),
+        switches: None,
     }
 }
 
@@ -1053,5 +1054,81 @@ async fn a_stale_frame_from_a_gateway_with_another_clock_is_not_applied_late() {
     assert_eq!(outcome(&stream.ack().await), Outcome::Applied);
     assert_eq!(AdWrites::read(&dc, &dn), before.plus_password());
     agent.stop(&mut stream).await;
+    gateway.stop().await;
+}
+
+/// Marks `dn` protected (adminCount=1, as AD's SDProp does for members of protected groups).
+fn protect(dc: &SambaDc, dn: &str) {
+    let ldif = format!("dn: {dn}\nchangetype: modify\nreplace: adminCount\nadminCount: 1\n");
+    let mut child = std::process::Command::new("ldapmodify")
+        .args(["-H", &dc.ldaps_url(), "-x", "-D", &dc.admin_dn(), "-w"])
+        .arg(dc.admin_password())
+        .env("LDAPTLS_CACERT", dc.ca_file())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ldapmodify");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ldif.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "ldapmodify adminCount");
+}
+
+/// The forest's switches sealed with each operation decide, not the ones the Welcome carried
+/// when the agent connected: an operator's change applies to the next operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switches_sealed_with_the_operation_decide() {
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let dn = dc.create_user("pam", "Initial#Pass1").unwrap();
+    protect(&dc, &dn);
+    let mut gateway = Gateway::start(&forest).await;
+    let agent = RunningAgent::start(&gateway, &dc, 4, 2);
+    let mut stream = gateway.accepted().await;
+    let before = AdWrites::read(&dc, &dn);
+
+    // The Welcome said "no protected accounts"; this operation was accepted after the switch
+    // went on.
+    let mut op = reset_of(&forest, "pam", "Switched#On1");
+    op.switches = Some(relay::proto::ForestSwitches {
+        allow_protected_accounts: true,
+        unlock_enabled: true,
+    });
+    stream
+        .send(gateway.work("protected-allowed", &op, Duration::from_secs(30)))
+        .await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+    assert_eq!(AdWrites::read(&dc, &dn), before.plus_password());
+
+    // Switched off again: refused, AD untouched.
+    let written = AdWrites::read(&dc, &dn);
+    let mut op = reset_of(&forest, "pam", "Switched#Off2");
+    op.switches = Some(relay::proto::ForestSwitches {
+        allow_protected_accounts: false,
+        unlock_enabled: false,
+    });
+    stream
+        .send(gateway.work("protected-refused", &op, Duration::from_secs(30)))
+        .await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::ProtectedAccount, "{ack:?}");
+    let mut unlock = reset_of(&forest, "pam", "unused");
+    unlock.action = Some(relay::proto::sealed_operation::Action::Unlock(
+        relay::proto::UnlockAccount::default(),
+    ));
+    unlock.switches = op.switches;
+    stream
+        .send(gateway.work("unlock-off", &unlock, Duration::from_secs(30)))
+        .await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::NotEnabled, "{ack:?}");
+    assert_untouched(&dc, &dn, written, "pam", "Switched#On1");
+
+    assert!(agent.stop(&mut stream).await.is_empty());
     gateway.stop().await;
 }

@@ -44,6 +44,7 @@ async fn apply_as(d: &Directory, user: &str, initiator: Initiator, action: Actio
         }),
         initiator: initiator as i32,
         action: Some(action),
+        switches: None,
     };
     d.apply(&op, Instant::now() + Duration::from_secs(15), false)
         .await
