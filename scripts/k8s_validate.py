@@ -116,7 +116,8 @@ def check_invariants(objs, external_secrets, errors):
                for p in by_kind.get("PodDisruptionBudget", {}).values()):
         errors.append("no PodDisruptionBudget selects the %s pods" % GATEWAY)
     for probe in ("readinessProbe", "livenessProbe"):
-        if "grpc_health_probe" not in " ".join(gw.get(probe, {}).get("exec", {}).get("command", [])):
+        command = gw.get(probe, {}).get("exec", {}).get("command", [])
+        if command[:2] != ["/usr/local/bin/cloud-gateway", "health"]:
             errors.append("%s of %s is not a grpc.health.v1 check" % (probe, GATEWAY))
 
     # Metrics: the address the gateway listens on, the container port named "metrics", the

@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Serve Writeback, AgentLink, health and reflection over TLS.
     Serve(ServeArgs),
+    /// Ask a gateway's grpc.health.v1 over TLS, as Kubernetes probes do (the image has no
+    /// other tool): exit 0 when the service is SERVING, 1 otherwise.
+    Health(HealthArgs),
     /// Manage tenants and agent credentials.
     Admin(AdminArgs),
 }
@@ -80,6 +83,57 @@ struct ServeArgs {
     /// `RESOURCE_EXHAUSTED`.
     #[arg(long, env = "WRITEBACK_TENANT_QUEUE_LIMIT", default_value_t = 50_000)]
     tenant_queue_limit: u64,
+}
+
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// The gateway to ask.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    addr: String,
+    /// PEM CA that signed the gateway's certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// A name the certificate has (e.g. the Service's, `cloud-gateway`).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// The service to ask about (empty: the server as a whole).
+    #[arg(long, default_value = "writeback.v1.Writeback")]
+    service: String,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+}
+
+/// `health`: one grpc.health.v1 check; the status on stdout, the exit code says SERVING.
+async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    relay::tls::install_crypto_provider();
+    let ca = std::fs::read(&args.ca).with_context(|| format!("--ca {}", args.ca.display()))?;
+    let within = Duration::from_millis(args.timeout_ms);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", args.addr))?
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name(&args.tls_name),
+        )?
+        .connect_timeout(within)
+        .timeout(within);
+    let status = tokio::time::timeout(within, async {
+        let mut client = HealthClient::new(endpoint.connect().await?);
+        let r = client
+            .check(HealthCheckRequest {
+                service: args.service.clone(),
+            })
+            .await?;
+        anyhow::Ok(r.into_inner().status())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer from {} within {within:?}", args.addr))??;
+    println!("{}", status.as_str_name());
+    if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -201,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
             result
         }
         Command::Admin(AdminArgs { command }) => admin_command(command).await,
+        Command::Health(args) => health(args).await,
     }
 }
 

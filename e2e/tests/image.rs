@@ -86,6 +86,7 @@ async fn the_image_runs_the_gateway_from_its_own_root_filesystem() {
     std::fs::write(secrets.join("master.key"), hex).unwrap();
     std::fs::copy(ca.cert_file(), secrets.join("tls.crt")).unwrap();
     std::fs::copy(ca.key_file(), secrets.join("tls.key")).unwrap();
+    std::fs::copy(ca.ca_file(), secrets.join("ca.crt")).unwrap();
     run(Command::new("chown")
         .args(["-R", &format!("{uid}:{gid}")])
         .arg(&secrets));
@@ -141,6 +142,20 @@ async fn the_image_runs_the_gateway_from_its_own_root_filesystem() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(status, ServingStatus::Serving as i32, "{}", gateway.log());
+    // The probe the manifests run, from inside the image (which has no other tool).
+    let probe = Command::new("/usr/sbin/chroot")
+        .arg(format!("--userspec={uid}:{gid}"))
+        .arg(&rootfs)
+        .args(["/usr/local/bin/cloud-gateway", "health", "--addr"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--ca", "/etc/writeback/ca.crt", "--tls-name", "127.0.0.1"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success() && String::from_utf8_lossy(&probe.stdout).contains("SERVING"),
+        "the health probe from the image: {probe:?}"
+    );
     // It runs as the image's user, not as root.
     let pid = gateway.child.id();
     let uid_now = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
