@@ -242,6 +242,8 @@ impl AgentLink for AgentLinkService {
 /// permits: dropping the entry (acknowledged, or the session ended) gives the permit back.
 struct InFlight {
     sent: Instant,
+    /// The operation's kind, for the end user's message.
+    kind: String,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -674,7 +676,6 @@ impl Session {
         } else {
             PolicyViolation::Unspecified
         };
-        let message: String = ack.message.chars().take(MAX_MESSAGE).collect();
         let detail: String = ack.detail.chars().take(MAX_MESSAGE).collect();
         let directory: String = ack.directory.chars().take(256).collect();
         let m = crate::metrics::get();
@@ -691,6 +692,7 @@ impl Session {
                 .observe(t.sent.elapsed().as_secs_f64());
         }
         let round_trip = tracked
+            .as_ref()
             .map(|t| t.sent.elapsed().as_millis())
             .unwrap_or_default();
         let event_detail = format!(
@@ -708,7 +710,11 @@ impl Session {
             if detail.is_empty() { "" } else { "; " },
             detail
         );
-        let policy = ack.policy.map(|p| p.encode_to_vec()).unwrap_or_default();
+        let policy = ack
+            .policy
+            .as_ref()
+            .map(Message::encode_to_vec)
+            .unwrap_or_default();
         // The agent names the operation: an id that breaks the rule names none of this forest's.
         let Ok(op) = OperationId::new(ack.operation_id.as_str()) else {
             tracing::warn!(event = "WB1023",
@@ -717,6 +723,25 @@ impl Session {
             );
             return;
         };
+        // The end user's message is the gateway's, from the outcome, the rule and the policy's
+        // numbers: an agent's own text (it could say anything) never reaches a caller.
+        let kind = match tracked
+            .as_ref()
+            .map(|t| t.kind.clone())
+            .filter(|k| !k.is_empty())
+        {
+            Some(k) => k,
+            None => self
+                .gw
+                .store
+                .operation(&self.identity.tenant, &op)
+                .await
+                .ok()
+                .flatten()
+                .map(|r| r.kind)
+                .unwrap_or_default(),
+        };
+        let message = relay::messages::end_user(&kind, outcome, violation, ack.policy.as_ref());
         // The agent's answer is the truth about AD: a store that is away (restarting, failing
         // over) must not lose it. Retried until the grace period after the deadline is well
         // over (then the deadline rules have settled it and it is kept as a late answer).
@@ -1050,6 +1075,7 @@ impl Session {
             entry.operation_id.clone(),
             InFlight {
                 sent: marked,
+                kind: entry.kind.clone(),
                 _permit: permit,
             },
         );

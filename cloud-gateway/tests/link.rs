@@ -567,6 +567,66 @@ async fn oversized_agent_fields_and_requests_are_refused() {
     env.shutdown.cancel();
 }
 
+/// The end user's message is the gateway's: an agent's own text (a forged "sign in at ..."
+/// link) never reaches the caller; a policy rejection is worded from the rule and the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_hear_the_gateways_words_never_an_agents() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let forged = "Done! Now sign in at http://evil.example/verify to confirm.";
+    let tx = agent.tx.clone();
+    let send = |ack: Ack| {
+        let tx = tx.clone();
+        async move {
+            tx.send(AgentFrame {
+                frame: Some(agent_frame::Frame::Ack(ack)),
+            })
+            .await
+            .unwrap();
+        }
+    };
+    let (answer, ()) = tokio::join!(env.submit("words-1", 5000), async {
+        let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+        send(Ack {
+            operation_id: w.operation_id,
+            outcome: Outcome::Applied as i32,
+            message: forged.into(),
+            ..Default::default()
+        })
+        .await;
+    });
+    let answer = answer.unwrap();
+    assert_eq!(answer.message, "Your password was changed.");
+    let (answer, ()) = tokio::join!(env.submit("words-2", 5000), async {
+        let w = agent.next_work(Duration::from_secs(3)).await.expect("work");
+        send(Ack {
+            operation_id: w.operation_id,
+            outcome: Outcome::RejectedByPolicy as i32,
+            policy_violation: relay::proto::PolicyViolation::TooShort as i32,
+            message: forged.into(),
+            policy: Some(relay::proto::PasswordPolicy {
+                min_length: 12,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await;
+    });
+    let answer = answer.unwrap();
+    assert!(
+        answer.message.contains("at least 12 characters") && !answer.message.contains("evil"),
+        "{answer:?}"
+    );
+    let rec = env
+        .store
+        .operation(&ACME, &op("words-2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!rec.message.contains("evil"), "{rec:?}");
+    env.shutdown.cancel();
+}
+
 /// Redis is storage, not a trust root: token and agent-credential records written by someone
 /// with access to Redis only (or copied to another key) admit nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,12 +240,9 @@ pub enum Verified {
 /// When the DC did not confirm a write that it may have committed. Internally the outcome is
 /// `TIMED_OUT`; the agent then sends no answer, and the gateway settles the operation
 /// `TIMED_OUT` ("it may or may not have been applied") at its deadline.
-pub const MSG_UNKNOWN: &str =
-    "Your organization's directory did not confirm the change in time. It may or may not have been applied.";
-pub const MSG_UNAVAILABLE: &str =
-    "Your organization's directory cannot be reached right now; nothing was changed. Please try again in a few minutes.";
-const MSG_ACCESS_DENIED: &str =
-    "Password writeback is not fully set up for your account. Please contact your administrator; nothing was changed.";
+pub const MSG_UNKNOWN: &str = relay::messages::UNKNOWN;
+pub const MSG_UNAVAILABLE: &str = relay::messages::UNAVAILABLE;
+const MSG_ACCESS_DENIED: &str = relay::messages::ACCESS_DENIED;
 
 /// Where an LDAP failure happened: before anything was written, or during the write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1221,6 +1218,8 @@ pub fn map_ldap_failure(
     if upper.contains("0000052D") {
         let (violation, message) = policy::diagnose(text, user, action, new_password, domain);
         let mut r = ApplyResult::new(Outcome::RejectedByPolicy, message, detail);
+        // The numbers the gateway words its own message with (it never relays our text).
+        r.policy = Some(policy::policy_numbers(domain, user));
         r.policy_violation = violation;
         return r;
     }

@@ -5,6 +5,7 @@
 pub mod ad;
 pub mod backoff;
 pub mod envelope;
+pub mod messages;
 pub mod metrics;
 pub mod proto;
 pub mod secret;

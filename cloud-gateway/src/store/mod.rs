@@ -201,11 +201,9 @@ pub struct NewOperation<'a> {
 pub const EXPIRED_MESSAGE: &str =
     "The request expired before it reached your organization's directory; nothing was changed. Please try again.";
 /// A message when a resubmission's wait ended while the operation can still be applied.
-pub const IN_PROGRESS_MESSAGE: &str =
-    "Your request is still being processed by your organization's directory. Check again shortly.";
+pub const IN_PROGRESS_MESSAGE: &str = relay::messages::IN_PROGRESS;
 /// A message when an agent took the work but never answered.
-pub const TIMED_OUT_MESSAGE: &str =
-    "Your organization's directory did not confirm the change in time. It may or may not have been applied.";
+pub const TIMED_OUT_MESSAGE: &str = relay::messages::UNKNOWN;
 
 /// One entry read from a work stream.
 #[derive(Debug, Clone)]
@@ -216,6 +214,8 @@ pub struct QueueEntry {
     pub traceparent: String,
     pub key_version: u32,
     pub envelope: Vec<u8>,
+    /// `reset`, `change`, `unlock`, … (empty for entries queued before it was recorded).
+    pub kind: String,
 }
 
 /// Who an operation is delivered to ([`Store::mark_delivered`]).
@@ -1182,6 +1182,7 @@ fn parse_entry(queue: &str, id: redis::streams::StreamId) -> Result<QueueEntry> 
         envelope: id
             .get::<Vec<u8>>("env")
             .ok_or_else(|| corrupt("missing field env"))?,
+        kind: id.get::<String>("kind").unwrap_or_default(),
         id: id.id.clone(),
     })
 }

@@ -155,7 +155,7 @@ redis.call('RPUSH', tl, event('accepted', ARGV[8], '', ''),
   event('queued', ARGV[8], '', 'queue ' .. q))
 redis.call('PEXPIRE', tl, ttl)
 local id = redis.call('XADD', q, '*', 'op', ARGV[2], 'deadline', ARGV[7], 'tp', ARGV[9],
-  'kv', ARGV[11], 'env', ARGV[12])
+  'kv', ARGV[11], 'env', ARGV[12], 'kind', ARGV[4])
 redis.call('HSET', op, 'entry', id)
 redis.call('ZADD', dl, ARGV[7], ARGV[3] .. '\0' .. ARGV[2])
 local uq = user_queue(op)

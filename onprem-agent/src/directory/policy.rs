@@ -228,44 +228,31 @@ pub fn filetime_to_unix_secs(ft: i64) -> i64 {
     ft / 10_000_000 - 11_644_473_600
 }
 
-fn format_utc(unix_secs: i64) -> String {
-    let (h, m) = (
-        (unix_secs / 3600).rem_euclid(24),
-        (unix_secs / 60).rem_euclid(60),
-    );
-    let days = unix_secs.div_euclid(86_400);
-    // civil-from-days (Howard Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02} UTC")
+fn message(v: PolicyViolation, domain: Option<&DomainPolicy>, user: &UserEntry) -> String {
+    relay::messages::policy(v, &policy_numbers(domain, user))
 }
 
-fn message(v: PolicyViolation, domain: Option<&DomainPolicy>, user: &UserEntry) -> String {
-    match v {
-        PolicyViolation::TooShort => match domain.map(|d| d.min_length).filter(|n| *n > 0) {
-            Some(n) => format!("The new password must be at least {n} characters long."),
-            None => "The new password is too short for your organization's policy.".to_owned(),
+/// What the end user is told about a rejection needs of the policy: its numbers, and when
+/// this user may change the password again.
+pub fn policy_numbers(
+    domain: Option<&DomainPolicy>,
+    user: &UserEntry,
+) -> relay::proto::PasswordPolicy {
+    let Some(d) = domain else {
+        return relay::proto::PasswordPolicy::default();
+    };
+    relay::proto::PasswordPolicy {
+        min_length: d.min_length,
+        complexity: d.complexity,
+        history_length: d.history_length,
+        min_age_seconds: d.min_age_secs,
+        max_age_seconds: d.max_age_secs,
+        next_change_allowed_unix_ms: if d.min_age_secs > 0 && user.pwd_last_set > 0 {
+            (filetime_to_unix_secs(user.pwd_last_set) + d.min_age_secs as i64) * 1000
+        } else {
+            0
         },
-        PolicyViolation::Complexity => "The new password must use at least three of: uppercase letters, lowercase letters, digits and symbols, and must not contain your account name or parts of your full name.".to_owned(),
-        PolicyViolation::History => match domain.map(|d| d.history_length).filter(|n| *n > 0) {
-            Some(n) => format!("The new password matches one of your last {n} passwords; choose one you have not used before."),
-            None => "The new password was used recently; choose one you have not used before.".to_owned(),
-        },
-        PolicyViolation::MinAge => match domain.filter(|d| d.min_age_secs > 0 && user.pwd_last_set > 0) {
-            Some(d) => format!(
-                "Your password was changed too recently; it can be changed again after {}.",
-                format_utc(filetime_to_unix_secs(user.pwd_last_set) + d.min_age_secs as i64)
-            ),
-            None => "Your password was changed too recently; please try again later.".to_owned(),
-        },
-        _ => "The new password does not meet your organization's password policy.".to_owned(),
+        ..Default::default()
     }
 }
 
