@@ -430,7 +430,7 @@ impl Sandbox {
     /// When the file cannot be written.
     pub fn write_master_key(&self) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join("master.key");
-        std::fs::write(&path, hex::encode(self.master_key.expose()))
+        relay::secret::write_private(&path, &hex::encode(self.master_key.expose()))
             .with_context(|| format!("write {}", path.display()))?;
         Ok(path)
     }
@@ -480,7 +480,7 @@ impl Sandbox {
         state_dir: &Path,
     ) -> anyhow::Result<Vec<(String, String)>> {
         let bind_password = self.dir.path().join("svc.password");
-        std::fs::write(&bind_password, self.dc.svc_password())
+        relay::secret::write_private(&bind_password, &self.dc.svc_password())
             .with_context(|| format!("write {}", bind_password.display()))?;
         let path = |p: &Path| p.to_string_lossy().into_owned();
         Ok([
@@ -558,6 +558,17 @@ pub fn directory_config(dc: &SambaDc) -> DirectoryConfig {
         connect_timeout: Duration::from_secs(5),
         use_dc_reason_text: true,
     }
+}
+
+/// Writes a secret file `dir/name` owner-only (0600), as secret files must be; returns its path.
+///
+/// # Panics
+/// When it cannot be written.
+pub fn write_secret(dir: &Path, name: &str, value: &str) -> PathBuf {
+    let path = dir.join(name);
+    relay::secret::write_private(&path, value)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
 }
 
 /// Adds `authorization: Bearer <token>`.

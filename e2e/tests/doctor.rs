@@ -58,11 +58,7 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
 
     // The binary: exit 0 when ready, 1 when writeback would fail (a wrong bind password).
     let dir = sb.dir();
-    let write = |name: &str, v: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, v).unwrap();
-        p
-    };
+    let write = |name: &str, v: &str| e2e::write_secret(&dir, name, v);
     let agent_secret = write("agent.secret", secret.expose());
     let good = write("good.password", &sb.dc.svc_password());
     let bad = write("bad.password", "not-the-password");

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Mutex;
 
 use e2e::proxy::Proxy;
-use e2e::{authorized, binary, forest_id, request, reset, tenant_id, Process, Sandbox};
+use e2e::{
+    authorized, binary, forest_id, request, reset, tenant_id, write_secret, Process, Sandbox,
+};
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{GetOperationRequest, OperationState, Outcome};
 
@@ -41,12 +43,6 @@ const OP_TIMEOUT_MS: u32 = 6000;
 /// starts run unskewed.
 const GATEWAY_SKEWS: [i64; 3] = [4, -4, 0];
 const AGENT_SKEWS: [i64; 3] = [-3, 3, 0];
-
-fn write_secret(dir: &Path, name: &str, value: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, value).unwrap();
-    path
-}
 
 fn signal(sig: &str, pid: u32) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();

@@ -83,7 +83,7 @@ async fn the_image_runs_the_gateway_from_its_own_root_filesystem() {
     std::fs::create_dir_all(&secrets).unwrap();
     let key = KeyBytes::generate().unwrap();
     let hex: String = key.expose().iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(secrets.join("master.key"), hex).unwrap();
+    e2e::write_secret(&secrets, "master.key", &hex);
     std::fs::copy(ca.cert_file(), secrets.join("tls.crt")).unwrap();
     std::fs::copy(ca.key_file(), secrets.join("tls.key")).unwrap();
     std::fs::copy(ca.ca_file(), secrets.join("ca.crt")).unwrap();

@@ -113,11 +113,7 @@ async fn the_agent_package_installs_checks_and_purges() {
         .register_agent(&e2e::tenant_id(&t), &e2e::forest_id(&f), "pkg-agent")
         .await
         .unwrap();
-    let write = |name: &str, v: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, v).unwrap();
-        p
-    };
+    let write = |name: &str, v: &str| e2e::write_secret(&dir, name, v);
     let agent_secret = install_secret(&write("agent.secret", secret.expose()), "agent.secret");
     let password = install_secret(
         &write("bind.password", &sb.dc.svc_password()),

@@ -9,13 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::otlp::OtlpReceiver;
-use e2e::{binary, forest_id, listening_sockets, tenant_id, Process, Sandbox};
-
-fn write_secret(dir: &std::path::Path, name: &str, value: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, value).unwrap();
-    path
-}
+use e2e::{binary, forest_id, listening_sockets, tenant_id, write_secret, Process, Sandbox};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm() {

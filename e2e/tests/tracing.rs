@@ -53,11 +53,7 @@ async fn one_reset_is_one_trace_across_gateway_and_agent() {
     let otlp = receiver.endpoint().to_owned();
 
     let dir = sb.dir();
-    let write = |name: &str, v: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, v).unwrap();
-        p
-    };
+    let write = |name: &str, v: &str| e2e::write_secret(&dir, name, v);
     let master = write("master.key", &hex::encode(sb.master_key.expose()));
     let port = testkit::free_port().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -436,7 +436,7 @@ ldap_urls = ["ldaps://emea-dc"]
 "#,
         );
         let secret = dir.path().join("s");
-        std::fs::write(&secret, "x").unwrap();
+        relay::secret::write_private(&secret, "x").unwrap();
         let given = Settings {
             agent_id: Some("flag-agent".into()),
             gateway_ca: Some("/ca.pem".into()),
