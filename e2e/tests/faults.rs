@@ -367,6 +367,9 @@ struct Verdict {
     applied_after_deadline: usize,
     untrue_answer: usize,
     out_of_order: usize,
+    /// Operations whose record could not be read back at all (a gateway that does not
+    /// answer): the suite cannot judge them, so it fails rather than waits forever.
+    unread: usize,
     problems: Vec<String>,
 }
 
@@ -656,17 +659,23 @@ async fn every_answer_is_true_whatever_fails() {
     let mut client = client.expect("gateway-a answers after the faults");
     let mut finals: HashMap<String, (Option<Outcome>, i64)> = HashMap::new();
     let settle_by = Instant::now() + Duration::from_secs(40);
+    // Every read is bounded, and so is the whole wait: a call stuck on a broken connection is
+    // retried on a new one, and an operation still unreadable a minute after the settle
+    // deadline fails the suite instead of hanging it.
+    let give_up = settle_by + Duration::from_secs(60);
     for op in &ops {
         loop {
-            let got = client
-                .get_operation(authorized(
-                    GetOperationRequest {
-                        tenant_id: t.clone(),
-                        operation_id: op.id.clone(),
-                    },
-                    sb.token.expose(),
-                ))
-                .await;
+            let call = client.get_operation(authorized(
+                GetOperationRequest {
+                    tenant_id: t.clone(),
+                    operation_id: op.id.clone(),
+                },
+                sb.token.expose(),
+            ));
+            let got = match tokio::time::timeout(Duration::from_secs(5), call).await {
+                Ok(r) => r,
+                Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 5 s")),
+            };
             match got {
                 Ok(rec) => {
                     let rec = rec.into_inner();
@@ -692,7 +701,18 @@ async fn every_answer_is_true_whatever_fails() {
                     }
                     break;
                 }
-                Err(_) => {}
+                Err(e) => {
+                    if Instant::now() > give_up {
+                        verdict.unread += 1;
+                        verdict
+                            .problems
+                            .push(format!("{}: could not be read back: {e}", op.id));
+                        break;
+                    }
+                    if let Ok(channel) = sb.channel_to(addrs[0]).await {
+                        client = WritebackClient::new(channel);
+                    }
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -839,6 +859,7 @@ async fn every_answer_is_true_whatever_fails() {
     }
     assert!(
         verdict.lost
+            + verdict.unread
             + verdict.applied_twice
             + verdict.applied_after_deadline
             + verdict.untrue_answer
