@@ -238,7 +238,11 @@ impl WritebackService {
             user: req.user.clone(),
             initiator: req.initiator,
             action: req.action.take().map(Into::into),
-            switches: None,
+            // The forest's switches as read above travel sealed with the operation.
+            switches: Some(relay::proto::ForestSwitches {
+                allow_protected_accounts: settings.allow_protected_accounts,
+                unlock_enabled: settings.unlock_enabled,
+            }),
         };
         self.enqueue(
             tenant,
@@ -284,17 +288,11 @@ impl WritebackService {
         tenant: &TenantId,
         forest: &ForestId,
         operation_id: &OperationId,
-        mut sealed: SealedOperation,
+        sealed: SealedOperation,
         Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
     ) -> Result<(), GatewayError> {
         let gw = &self.gw;
-        // The forest's switches as of now travel sealed with the operation.
-        let settings = gw.tenants.forest(tenant, forest).await?;
-        sealed.switches = Some(relay::proto::ForestSwitches {
-            allow_protected_accounts: settings.allow_protected_accounts,
-            unlock_enabled: settings.unlock_enabled,
-        });
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
         let user_id = sealed.user.as_ref().and_then(|u| u.id.as_ref());
         let user_label = user_id.map(store::user_label).unwrap_or_default();
