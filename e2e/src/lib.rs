@@ -560,6 +560,20 @@ pub fn directory_config(dc: &SambaDc) -> DirectoryConfig {
     }
 }
 
+/// Runs `cmd` and returns its output, panicking with its status, stdout and stderr when it
+/// fails (for the tools the packaging tests drive: dpkg, umoci, the build scripts).
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Writes a secret file `dir/name` owner-only (0600), as secret files must be; returns its path.
 ///
 /// # Panics

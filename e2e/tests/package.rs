@@ -11,15 +11,7 @@ use std::process::{Command, Output};
 use e2e::{binary, Sandbox};
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    e2e::run_ok(cmd)
 }
 
 fn id_of(kind: &str, name: &str) -> Option<u32> {
