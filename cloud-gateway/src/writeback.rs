@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroize;
 
-use relay::envelope::{Binding, KEY_VERSION};
+use relay::envelope::{AgentPublicKey, Binding, KEY_VERSION};
 use relay::proto::writeback_server::Writeback;
 use relay::proto::{
     sealed_operation, GetOperationRequest, GetPasswordPolicyRequest, ListAgentsRequest,
@@ -55,6 +55,12 @@ const UNLOCK_DISABLED_MESSAGE: &str =
 struct Lifetime {
     timeout: Duration,
     ttl: Duration,
+}
+
+/// An operation and the agent keys it is to be sealed to.
+pub(crate) struct Sealing<'a> {
+    pub operation: SealedOperation,
+    pub recipients: &'a [AgentPublicKey],
 }
 
 pub struct WritebackService {
@@ -214,12 +220,10 @@ impl WritebackService {
             });
         }
 
-        if gw
-            .store
-            .live_agents(tenant, forest, gw.config.agent_liveness)
-            .await?
-            == 0
-        {
+        // Sealed to every live agent of the forest: any of them can apply it, nobody else
+        // (the gateway included) can open it once sealed.
+        let recipients = self.recipients(tenant, forest).await?;
+        if recipients.is_empty() {
             tracing::warn!(
                 event = "WB1002",
                 "no live agent for forest; answered at once, nothing queued"
@@ -248,7 +252,10 @@ impl WritebackService {
             tenant,
             forest,
             &operation_id,
-            sealed,
+            Sealing {
+                operation: sealed,
+                recipients: &recipients,
+            },
             timeout,
             self.gw.config.record_ttl,
         )
@@ -257,14 +264,31 @@ impl WritebackService {
             .await
     }
 
-    /// Seals `sealed` for (tenant, forest, operation id, deadline, trace) and queues it with its
-    /// record, unless the operation id already exists. The plaintext is wiped.
+    /// The sealing keys of the forest's live agents (empty: no agent can take work now).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub(crate) async fn recipients(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<Vec<AgentPublicKey>, GatewayError> {
+        Ok(self
+            .gw
+            .tenants
+            .recipients(tenant, forest, self.gw.config.agent_liveness)
+            .await?)
+    }
+
+    /// Seals the operation to its recipients for (tenant, forest, operation id, deadline,
+    /// trace) and queues it with its record, unless the operation id already exists. The
+    /// plaintext is wiped.
     pub(crate) async fn enqueue(
         &self,
         tenant: &TenantId,
         forest: &ForestId,
         operation_id: &OperationId,
-        sealed: SealedOperation,
+        sealed: Sealing<'_>,
         timeout: Duration,
         ttl: Duration,
     ) -> Result<(), GatewayError> {
@@ -288,7 +312,10 @@ impl WritebackService {
         tenant: &TenantId,
         forest: &ForestId,
         operation_id: &OperationId,
-        sealed: SealedOperation,
+        Sealing {
+            operation: sealed,
+            recipients,
+        }: Sealing<'_>,
         Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
     ) -> Result<(), GatewayError> {
@@ -305,21 +332,22 @@ impl WritebackService {
         let accepted_ms = gw.clock.now_ms();
         let deadline_ms = accepted_ms + timeout.as_millis() as i64;
 
-        let forest_key = gw.tenants.forest_key(tenant, forest).await?;
-        let envelope = tracing::info_span!("writeback.seal").in_scope(|| {
-            let mut plaintext = sealed.encode_to_vec();
-            drop(sealed);
-            let binding = Binding {
-                tenant_id: tenant.as_str(),
-                forest: forest.as_str(),
-                operation_id: operation_id.as_str(),
-                deadline_unix_ms: deadline_ms,
-                traceparent: &traceparent,
-            };
-            let envelope = forest_key.seal(&binding, &plaintext);
-            plaintext.zeroize();
-            envelope
-        });
+        let envelope = tracing::info_span!("writeback.seal", recipients = recipients.len())
+            .in_scope(|| {
+                let mut plaintext = sealed.encode_to_vec();
+                drop(sealed);
+                let binding = Binding {
+                    tenant_id: tenant.as_str(),
+                    forest: forest.as_str(),
+                    operation_id: operation_id.as_str(),
+                    deadline_unix_ms: deadline_ms,
+                    traceparent: &traceparent,
+                };
+                let envelope =
+                    relay::envelope::seal_to(recipients, gw.tenants.signer(), &binding, &plaintext);
+                plaintext.zeroize();
+                envelope
+            });
         let envelope = envelope.map_err(|e| GatewayError::Internal(e.to_string()))?;
 
         gw.store
@@ -417,12 +445,8 @@ impl WritebackService {
                 return Ok(p);
             }
         }
-        if gw
-            .store
-            .live_agents(&tenant, &forest, gw.config.agent_liveness)
-            .await?
-            == 0
-        {
+        let recipients = self.recipients(&tenant, &forest).await?;
+        if recipients.is_empty() {
             return Err(GatewayError::Unavailable(format!(
                 "no live agent for forest {:?}; its password policy cannot be read now",
                 forest.as_str()
@@ -442,7 +466,10 @@ impl WritebackService {
             &tenant,
             &forest,
             &operation_id,
-            sealed,
+            Sealing {
+                operation: sealed,
+                recipients: &recipients,
+            },
             POLICY_TIMEOUT,
             POLICY_RECORD_TTL,
         )

@@ -14,7 +14,7 @@ use tonic::{Code, Streaming};
 use cloud_gateway::store::{ForestId, OpState, OperationId, Store, TenantId};
 use cloud_gateway::tenants::Tenants;
 use cloud_gateway::GatewayConfig;
-use relay::envelope::KeyBytes;
+use relay::envelope::{AgentKey, AgentKeyring, KeyBytes};
 use relay::proto::agent_link_client::AgentLinkClient;
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
@@ -212,9 +212,18 @@ async fn another_tenant_is_served(env: &Env) {
     );
 }
 
+/// A scripted agent instance's sealing key: derived from its name, so a reconnecting instance
+/// announces the same key (as a real agent reads it from its state directory).
+fn instance_key(instance: &str) -> AgentKey {
+    let seed = ring::digest::digest(&ring::digest::SHA256, instance.as_bytes());
+    AgentKey::from_secret(&KeyBytes::from_slice(seed.as_ref()).unwrap()).unwrap()
+}
+
 /// An agent under the test's control. Dropping it ends its stream (its heartbeats stop and
 /// its sender goes), as an agent process exiting would.
 struct ScriptedAgent {
+    /// Its sealing keys (the same for every connection of one instance name).
+    keys: AgentKeyring,
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<GatewayFrame>,
     heartbeats: tokio::task::JoinHandle<()>,
@@ -258,6 +267,8 @@ impl ScriptedAgent {
         max_in_flight: u32,
     ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
+        let key = instance_key(instance);
+        let key_id = key.public().id().to_owned();
         tx.send(AgentFrame {
             frame: Some(agent_frame::Frame::Hello(Hello {
                 agent_id: agent_id.into(),
@@ -267,6 +278,7 @@ impl ScriptedAgent {
                 max_in_flight,
                 instance_id: instance.into(),
                 probe: false,
+                sealing_key: key.public().as_bytes().to_vec(),
                 ..Default::default()
             })),
         })
@@ -283,7 +295,7 @@ impl ScriptedAgent {
             Some(GatewayFrame {
                 frame: Some(gateway_frame::Frame::Welcome(w)),
             }) => {
-                assert_eq!(w.forest_key.len(), 32);
+                assert_eq!(w.sealing_key_id, key_id);
                 assert_eq!(w.tenant_id, "acme");
             }
             other => panic!("expected welcome, got {other:?}"),
@@ -302,6 +314,7 @@ impl ScriptedAgent {
             }
         });
         Ok(Self {
+            keys: AgentKeyring::new(key, Vec::new()),
             tx,
             rx: inbound,
             heartbeats,
@@ -457,6 +470,16 @@ async fn a_revoked_or_rotated_agent_is_cut_off_within_a_second_on_every_replica(
             .unwrap();
 
     env.tenants.revoke_agent(&ACME, "a1").await.unwrap();
+    // Nothing is sealed to it from the moment revoke returns, before its stream closes.
+    let keys = env
+        .tenants
+        .recipients(&ACME, &FOREST_ID, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        keys.is_empty(),
+        "a revoked agent is still sealed to: {keys:?}"
+    );
     let took = agent.closed_within(Duration::from_secs(3)).await;
     assert!(
         took.is_some_and(|t| t < Duration::from_secs(1)),
@@ -528,6 +551,7 @@ async fn oversized_agent_fields_and_requests_are_refused() {
         version,
         max_in_flight: 1,
         instance_id: "i1".into(),
+        sealing_key: instance_key("i1").public().as_bytes().to_vec(),
         ..Default::default()
     };
     let open = |h: Hello| {
@@ -1399,6 +1423,134 @@ async fn settled_work_leaves_no_sealed_payload_and_no_dead_consumer() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(left.is_empty(), "dead consumers stay: {left:?}");
+    env.shutdown.cancel();
+}
+
+/// Passwords only the on-prem side can open. With a reset queued (its agent took it and has
+/// not answered), everything the cloud side holds opens nothing: the password is nowhere in
+/// Redis, and no key the cloud side has (the master key, anything derived from it, every
+/// 32-byte value or hex string Redis holds) is the private half of a key the envelope is
+/// sealed to. The agent's own key opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_dump_and_the_master_key_open_no_queued_password() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let url = env.redis.lock().unwrap().url();
+    let (r, (work, dump)) = tokio::join!(env.submit("sealed-1", 2500), async {
+        let w = agent.next_work(Duration::from_secs(5)).await;
+        (w, testkit::redis_dump::dump_redis(&url).await.unwrap())
+    });
+    let work = work.expect("work delivered");
+    assert_eq!(
+        Outcome::try_from(r.unwrap().outcome).unwrap(),
+        Outcome::TimedOut
+    );
+    let all: Vec<u8> = dump
+        .iter()
+        .flat_map(|(k, v)| [k.as_bytes(), v].concat())
+        .collect();
+    assert!(
+        all.windows(work.envelope.len())
+            .any(|w| w == work.envelope.as_slice()),
+        "the queued envelope is in the dump"
+    );
+    assert!(
+        !testkit::redis_dump::contains_secret(&all, "Scripted#Pass1"),
+        "the password is in Redis"
+    );
+    let sealed_to = relay::envelope::recipient_ids(&work.envelope).unwrap();
+    assert_eq!(
+        sealed_to,
+        vec![agent.keys.current().public().id().to_owned()]
+    );
+
+    // Every candidate private key the cloud side could try.
+    let mut candidates = vec![env.key.expose().to_vec()];
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, env.key.expose());
+    for label in [
+        &b"writeback.v1 record mac key"[..],
+        b"writeback.v2 operation signing key",
+    ] {
+        candidates.push(ring::hmac::sign(&derive, label).as_ref()[..32].to_vec());
+    }
+    for piece in all.split(|b| *b == 0) {
+        if piece.len() == 32 {
+            candidates.push(piece.to_vec());
+        }
+        for word in piece.split(|b| !b.is_ascii_hexdigit()) {
+            if word.len() == 64 {
+                candidates.push(hex::decode(word).unwrap());
+            }
+        }
+    }
+    assert!(candidates.len() > 5, "{} candidates", candidates.len());
+    for c in &candidates {
+        let key = AgentKey::from_secret(&KeyBytes::from_slice(c).unwrap()).unwrap();
+        assert!(
+            !sealed_to.iter().any(|id| id == key.public().id()),
+            "a value the cloud side holds is an agent's private key"
+        );
+    }
+    // The positive control: the agent's key opens the very bytes Redis holds.
+    let binding = relay::envelope::Binding {
+        tenant_id: "acme",
+        forest: FOREST,
+        operation_id: "sealed-1",
+        deadline_unix_ms: work.deadline_unix_ms,
+        traceparent: &work.traceparent,
+    };
+    let plain = agent
+        .keys
+        .open(
+            &env.tenants.signer().public_key(),
+            &binding,
+            work.key_version,
+            &work.envelope,
+        )
+        .unwrap();
+    assert!(testkit::redis_dump::contains_secret(
+        &plain,
+        "Scripted#Pass1"
+    ));
+    env.shutdown.cancel();
+}
+
+/// Only keys the gateway recorded are sealed to: a sealing-key record planted in Redis (a fake
+/// live instance with the attacker's key and no valid MAC) is skipped, so work is sealed to the
+/// real agent alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_sealing_key_is_never_sealed_to() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let attacker = AgentKey::generate().unwrap();
+    let member = "a1|evil|gw-1";
+    let client = redis::Client::open(env.redis.lock().unwrap().url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let now = relay::now_unix_ms() + 60_000;
+    let _: () = redis::pipe()
+        .zadd(format!("wb:{{acme}}:agents:{FOREST}"), member, now)
+        .hset_multiple(
+            format!("wb:{{acme}}:agent:{FOREST}:{member}"),
+            &[
+                ("seal_key", hex::encode(attacker.public().as_bytes())),
+                ("seal_mac", "00".repeat(32)),
+            ],
+        )
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let keys = env
+        .tenants
+        .recipients(&ACME, &FOREST_ID, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(keys, vec![agent.keys.current().public().clone()]);
+    let (_, work) = tokio::join!(
+        env.submit("planted-1", 1500),
+        agent.next_work(Duration::from_secs(5))
+    );
+    let ids = relay::envelope::recipient_ids(&work.expect("work delivered").envelope).unwrap();
+    assert_eq!(ids, vec![agent.keys.current().public().id().to_owned()]);
     env.shutdown.cancel();
 }
 

@@ -625,6 +625,32 @@ impl Store {
         Ok(())
     }
 
+    /// The sealing-key records (`seal_key` hex, `seal_mac`) of agent instances, in the order
+    /// of `members` (`None` where an instance has none), in one round trip.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_sealing_keys(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        members: &[String],
+    ) -> Result<Vec<Option<(String, String)>>> {
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for m in members {
+            pipe.cmd("HMGET")
+                .arg(agent_info_key(tenant, forest, m))
+                .arg("seal_key")
+                .arg("seal_mac");
+        }
+        let rows: Vec<(Option<String>, Option<String>)> =
+            pipe.query_async(&mut self.conn()).await?;
+        Ok(rows.into_iter().map(|(k, m)| k.zip(m)).collect())
+    }
+
     /// Every agent instance of (tenant, forest) with its details and last-seen time.
     ///
     /// # Errors
@@ -874,30 +900,21 @@ impl Store {
 
     // --- tenants and credentials (see `tenants.rs`; only hashes and wrapped keys) ---
 
-    /// A tenant's wrapped key and token hash.
+    /// A tenant's current token hash.
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn tenant(&self, tenant: &TenantId) -> Result<(Option<Vec<u8>>, Option<String>)> {
-        let (wrapped, token): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
-            .arg(tenant_key(tenant))
-            .arg("wrapped_key")
-            .arg("token_sha256")
-            .query_async(&mut self.conn())
-            .await?;
-        Ok((wrapped, token))
+    pub async fn tenant_token(&self, tenant: &TenantId) -> Result<Option<String>> {
+        Ok(self.conn().hget(tenant_key(tenant), "token_sha256").await?)
     }
 
-    /// Stores a tenant's wrapped key unless it has one; registers the tenant id.
+    /// Registers the tenant id (its record's `created` time is set once).
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn put_tenant_key(&self, tenant: &TenantId, wrapped: &[u8]) -> Result<()> {
-        let key = tenant_key(tenant);
+    pub async fn register_tenant(&self, tenant: &TenantId) -> Result<()> {
         let mut pipe = redis::pipe();
-        pipe.hset_nx(&key, "wrapped_key", wrapped)
-            .ignore()
-            .hset_nx(&key, "created", relay::now_unix_ms())
+        pipe.hset_nx(tenant_key(tenant), "created", relay::now_unix_ms())
             .ignore()
             .sadd(TENANTS_KEY, tenant)
             .ignore();
@@ -1008,6 +1025,20 @@ impl Store {
             )
             .ignore();
         let _: () = pipe.query_async(&mut self.conn()).await?;
+        // Its instances stop being sealed to at once, before their streams close (each replica closes them within a second).
+        let members: Vec<String> = self
+            .conn()
+            .zrange(agents_key(tenant, forest), 0, -1)
+            .await?;
+        let prefix = format!("{agent_id}|");
+        let mut gone = redis::pipe();
+        for m in members.iter().filter(|m| m.starts_with(&prefix)) {
+            gone.zrem(agents_key(tenant, forest), m)
+                .ignore()
+                .del(agent_info_key(tenant, forest, m))
+                .ignore();
+        }
+        let _: () = gone.query_async(&mut self.conn()).await?;
         Ok(())
     }
 
