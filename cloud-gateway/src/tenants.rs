@@ -83,6 +83,25 @@ pub struct ForestSettings {
     pub allow_protected_accounts: bool,
 }
 
+/// The stored names of [`ForestSettings`]' switches, in MAC order.
+const FOREST_SWITCHES: [&str; 3] = [
+    "writeback_enabled",
+    "unlock_enabled",
+    "allow_protected_accounts",
+];
+
+impl ForestSettings {
+    /// The switches as stored ("0"/"1"), in [`FOREST_SWITCHES`] order.
+    fn flags(&self) -> [&'static str; 3] {
+        let f = |b: bool| if b { "1" } else { "0" };
+        [
+            f(self.writeback_enabled),
+            f(self.unlock_enabled),
+            f(self.allow_protected_accounts),
+        ]
+    }
+}
+
 impl Default for ForestSettings {
     /// A forest with registered agents writes back; protected accounts stay refused.
     fn default() -> Self {
@@ -142,6 +161,7 @@ pub struct Tenants {
 const TOKEN_RECORD: &str = "writeback.v1 token record";
 const AGENT_RECORD: &str = "writeback.v1 agent credential record";
 const SEALING_KEY_RECORD: &str = "writeback.v2 agent sealing key record";
+const FOREST_RECORD: &str = "writeback.v2 forest switches record";
 
 impl Tenants {
     pub fn new(store: Store, master_key: KeyBytes) -> Self {
@@ -303,7 +323,8 @@ impl Tenants {
             && h.get("secret_sha256").map(String::as_str) == Some(identity.secret_sha256.as_str()))
     }
 
-    /// Changes some of a forest's operator switches; returns them all afterwards.
+    /// Changes some of a forest's operator switches; returns them all afterwards. The record
+    /// is MACed, so a switch flipped in Redis by someone without the master key is not obeyed.
     ///
     /// # Errors
     /// On Redis errors.
@@ -313,15 +334,27 @@ impl Tenants {
         forest: &ForestId,
         change: &ForestSettingsChange,
     ) -> Result<ForestSettings, TenantError> {
-        let fields: Vec<(&str, u8)> = [
-            ("writeback_enabled", change.writeback_enabled),
-            ("unlock_enabled", change.unlock_enabled),
-            ("allow_protected_accounts", change.allow_protected_accounts),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, u8::from(v))))
-        .collect();
-        if !fields.is_empty() {
+        // A record that does not verify is replaced, starting from the defaults.
+        let now = self
+            .stored_forest(tenant, forest)
+            .await?
+            .unwrap_or_default();
+        let next = ForestSettings {
+            writeback_enabled: change.writeback_enabled.unwrap_or(now.writeback_enabled),
+            unlock_enabled: change.unlock_enabled.unwrap_or(now.unlock_enabled),
+            allow_protected_accounts: change
+                .allow_protected_accounts
+                .unwrap_or(now.allow_protected_accounts),
+        };
+        if *change != ForestSettingsChange::default() {
+            let flags = next.flags();
+            let mac = self.forest_mac(tenant, forest, &flags);
+            let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
+                .iter()
+                .zip(flags)
+                .map(|(k, v)| (*k, v.to_owned()))
+                .collect();
+            fields.push(("mac", mac));
             self.store
                 .set_forest_switches(tenant, forest, &fields)
                 .await?;
@@ -329,7 +362,22 @@ impl Tenants {
         self.forest(tenant, forest).await
     }
 
-    /// Reads a forest's operator switches (defaults for those never set).
+    fn forest_mac(&self, tenant: &TenantId, forest: &ForestId, flags: &[&str; 3]) -> String {
+        self.seal(
+            FOREST_RECORD,
+            &[
+                tenant.as_str(),
+                forest.as_str(),
+                flags[0],
+                flags[1],
+                flags[2],
+            ],
+        )
+    }
+
+    /// Reads a forest's operator switches (defaults when never set). A record whose MAC does
+    /// not verify (written in Redis by someone without the master key) is not obeyed: the
+    /// forest is treated as switched off (WB1093) until an admin sets it again.
     ///
     /// # Errors
     /// On Redis errors.
@@ -338,14 +386,45 @@ impl Tenants {
         tenant: &TenantId,
         forest: &ForestId,
     ) -> Result<ForestSettings, TenantError> {
+        Ok(self
+            .stored_forest(tenant, forest)
+            .await?
+            .unwrap_or(ForestSettings {
+                writeback_enabled: false,
+                unlock_enabled: false,
+                allow_protected_accounts: false,
+            }))
+    }
+
+    /// The forest's switches as stored; `None` when the record's MAC does not verify.
+    async fn stored_forest(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<Option<ForestSettings>, TenantError> {
         let h = self.store.forest_switches(tenant, forest).await?;
-        let d = ForestSettings::default();
-        let flag = |name: &str, default: bool| h.get(name).map_or(default, |v| *v == 1);
-        Ok(ForestSettings {
-            writeback_enabled: flag("writeback_enabled", d.writeback_enabled),
-            unlock_enabled: flag("unlock_enabled", d.unlock_enabled),
-            allow_protected_accounts: flag("allow_protected_accounts", d.allow_protected_accounts),
-        })
+        if h.is_empty() {
+            return Ok(Some(ForestSettings::default()));
+        }
+        let flag = |name: &str| h.get(name).map(String::as_str);
+        let stored = [
+            flag(FOREST_SWITCHES[0]).unwrap_or(""),
+            flag(FOREST_SWITCHES[1]).unwrap_or(""),
+            flag(FOREST_SWITCHES[2]).unwrap_or(""),
+        ];
+        let mac = flag("mac").unwrap_or("");
+        if !ct_eq(
+            self.forest_mac(tenant, forest, &stored).as_bytes(),
+            mac.as_bytes(),
+        ) {
+            tracing::error!(event = "WB1093", %tenant, %forest, record = "forest switches", "a forest-switch record whose MAC does not verify (not written by a gateway with this master key): writeback treated as switched off for this forest; set it again with `admin set-forest`");
+            return Ok(None);
+        }
+        Ok(Some(ForestSettings {
+            writeback_enabled: stored[0] == "1",
+            unlock_enabled: stored[1] == "1",
+            allow_protected_accounts: stored[2] == "1",
+        }))
     }
 
     /// The tenant a bearer token belongs to, if any.

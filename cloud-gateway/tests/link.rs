@@ -652,7 +652,8 @@ async fn callers_hear_the_gateways_words_never_an_agents() {
 }
 
 /// Redis is storage, not a trust root: token and agent-credential records written by someone
-/// with access to Redis only (or copied to another key) admit nobody.
+/// with access to Redis only (or copied to another key) admit nobody, and a forest switch
+/// flipped there is not obeyed (the forest is off until an admin sets it again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_token_and_credential_records_are_refused() {
     let env = start().await;
@@ -720,9 +721,72 @@ async fn planted_token_and_credential_records_are_refused() {
             err.message()
         );
     }
-    ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
+    let mut agent = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
         .await
         .unwrap();
+    wait_live(&env).await;
+
+    // A forest switch flipped in Redis (protected accounts on) is not obeyed: the forest is
+    // treated as switched off until an admin sets it again, and nothing is delivered.
+    let forest_record = format!("wb:{{acme}}:forest:{FOREST}");
+    let _: () = redis::cmd("HSET")
+        .arg(&forest_record)
+        .arg("allow_protected_accounts")
+        .arg("1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let flipped = env.submit("flipped-1", 1000).await.unwrap();
+    assert_eq!(
+        Outcome::try_from(flipped.outcome).unwrap(),
+        Outcome::NotEnabled,
+        "{flipped:?}"
+    );
+    assert!(agent.next_work(Duration::from_millis(300)).await.is_none());
+    let set = env
+        .tenants
+        .set_forest(
+            &ACME,
+            &FOREST_ID,
+            &cloud_gateway::tenants::ForestSettingsChange {
+                allow_protected_accounts: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        set.writeback_enabled && set.allow_protected_accounts,
+        "{set:?}"
+    );
+    // Set by an admin (MACed) it is obeyed, and travels sealed with the operation.
+    let (r, work) = tokio::join!(
+        env.submit("set-1", 1500),
+        agent.next_work(Duration::from_secs(5))
+    );
+    let work = work.expect("work delivered once the switch was set by an admin");
+    let binding = relay::envelope::Binding {
+        tenant_id: "acme",
+        forest: FOREST,
+        operation_id: "set-1",
+        deadline_unix_ms: work.deadline_unix_ms,
+        traceparent: &work.traceparent,
+    };
+    let plain = agent
+        .keys
+        .open(
+            &env.tenants.signer().public_key(),
+            &binding,
+            work.key_version,
+            &work.envelope,
+        )
+        .unwrap();
+    let op = <relay::proto::SealedOperation as prost::Message>::decode(plain.as_slice()).unwrap();
+    assert!(op.switches.unwrap().allow_protected_accounts);
+    assert_eq!(
+        Outcome::try_from(r.unwrap().outcome).unwrap(),
+        Outcome::TimedOut
+    );
     env.shutdown.cancel();
 }
 

@@ -1077,7 +1077,7 @@ impl Store {
         &self,
         tenant: &TenantId,
         forest: &ForestId,
-        fields: &[(&str, u8)],
+        fields: &[(&str, String)],
     ) -> Result<()> {
         let _: () = self
             .conn()
@@ -1094,7 +1094,7 @@ impl Store {
         &self,
         tenant: &TenantId,
         forest: &ForestId,
-    ) -> Result<HashMap<String, u8>> {
+    ) -> Result<HashMap<String, String>> {
         Ok(self.conn().hgetall(forest_key(tenant, forest)).await?)
     }
 }
