@@ -821,6 +821,20 @@ impl Session {
                 {
                     tracing::warn!(error = %e, "could not notify the caller's replica; it will poll");
                 }
+                if kind == "change" {
+                    if let Ok(Some(rec)) = self.gw.store.operation(&self.identity.tenant, &op).await
+                    {
+                        crate::limits::settled(
+                            &self.gw,
+                            &self.identity.tenant,
+                            &self.identity.forest,
+                            &kind,
+                            &rec.user,
+                            outcome,
+                        )
+                        .await;
+                    }
+                }
             }
             Ok(Completion::AlreadyFinal) => tracing::info!(event = "WB1023",
                 operation_id = %ack.operation_id,

@@ -86,6 +86,13 @@ impl WritebackService {
         Ok(owner.clone())
     }
 
+    /// [`WritebackService::authorize`], then the tenant's shared rate (every RPC counts).
+    async fn admit<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<TenantId, GatewayError> {
+        let tenant = self.authorize(req, tenant_id)?;
+        crate::limits::admit(&self.gw, &tenant).await?;
+        Ok(tenant)
+    }
+
     fn timeout(&self, timeout_ms: u32) -> Duration {
         if timeout_ms == 0 {
             self.gw.config.default_timeout
@@ -106,14 +113,7 @@ impl WritebackService {
             .filter(|v| TraceParent::parse(v).is_some())
             .map(str::to_owned);
         // Authenticate first, so an anonymous caller learns nothing about the request.
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
-        if let Err(wait) = self.gw.limiter.try_acquire(&tenant) {
-            tracing::warn!(event = "WB1007", %tenant, "tenant over its rate; RESOURCE_EXHAUSTED");
-            return Err(GatewayError::RateLimited {
-                tenant: tenant.to_string(),
-                retry_ms: wait.as_millis() as u64 + 1,
-            });
-        }
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let started = std::time::Instant::now();
         let mut req = request.into_inner();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or("none");
@@ -248,18 +248,33 @@ impl WritebackService {
                 unlock_enabled: settings.unlock_enabled,
             }),
         };
-        self.enqueue(
-            tenant,
-            forest,
-            &operation_id,
-            Sealing {
-                operation: sealed,
-                recipients: &recipients,
-            },
-            timeout,
-            self.gw.config.record_ttl,
-        )
-        .await?;
+        // The user's guess or unlock budget, shared by every replica (`limits.rs`).
+        let user_label = req
+            .user
+            .as_ref()
+            .and_then(|u| u.id.as_ref())
+            .map(store::user_label)
+            .unwrap_or_default();
+        let taken = crate::limits::take_user(gw, tenant, forest, kind, &user_label).await?;
+        let queued = self
+            .enqueue(
+                tenant,
+                forest,
+                &operation_id,
+                Sealing {
+                    operation: sealed,
+                    recipients: &recipients,
+                },
+                timeout,
+                self.gw.config.record_ttl,
+            )
+            .await;
+        if let Err(e) = queued {
+            if let Some(t) = taken {
+                t.refund(gw).await;
+            }
+            return Err(e);
+        }
         self.wait_for_outcome(tenant, &operation_id, timeout + FIRST_WAIT_SLACK)
             .await
     }
@@ -423,7 +438,7 @@ impl WritebackService {
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<PasswordPolicy, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let req = request.into_inner();
         let forest = validate::forest("forest", &req.forest)?;
         let user = match req.user {
@@ -434,6 +449,19 @@ impl WritebackService {
             }
             None => None,
         };
+        self.policy(&tenant, &forest, user).await
+    }
+
+    /// The effective policy for `user` of `forest` (the forest's when `None`). An unknown user
+    /// gets the forest's policy, so the answer never tells whether a user exists.
+    async fn policy(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        user: Option<relay::proto::UserRef>,
+    ) -> Result<PasswordPolicy, GatewayError> {
+        let (tenant, forest) = (tenant.clone(), forest.clone());
+        let named = user.as_ref().is_some_and(|u| u.id.is_some());
         let user_key = match user.as_ref().and_then(|u| u.id.as_ref()) {
             None => "-".to_owned(),
             Some(id) => format!("{id:?}"),
@@ -490,9 +518,15 @@ impl WritebackService {
                     .await?;
                 Ok(policy)
             }
-            Outcome::UserNotFound => Err(GatewayError::NotFound(format!(
-                "user {user_key} in forest {forest}"
-            ))),
+            Outcome::UserNotFound if named => {
+                let policy = Box::pin(self.policy(&tenant, &forest, None)).await?;
+                // Cached under the unknown name too: asked again, it answers as fast as a
+                // known user's.
+                gw.store
+                    .cache(&cache_key, &policy.encode_to_vec(), POLICY_CACHE_TTL)
+                    .await?;
+                Ok(policy)
+            }
             other => Err(GatewayError::Unavailable(format!(
                 "the agent could not read the policy ({}): {}",
                 other.as_str_name(),
@@ -648,7 +682,7 @@ impl WritebackService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<ListOperationsResponse, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let req = request.into_inner();
         let (user, forest) = validate::user_ref(req.user.as_ref())?;
         let id = user.id.as_ref().expect("validated");
@@ -676,7 +710,7 @@ impl WritebackService {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<ListAgentsResponse, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let req = request.into_inner();
         let gw = &self.gw;
         let forests = if req.forest.is_empty() {
@@ -747,7 +781,7 @@ impl WritebackService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Operation, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let operation_id = validate::operation_id(&request.get_ref().operation_id)?;
         let rec = self
             .gw

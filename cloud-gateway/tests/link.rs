@@ -116,6 +116,15 @@ impl Env {
 
     /// Starts another replica on the same store and master key (stopped with the first).
     async fn start_replica(&self, name: &str) -> std::net::SocketAddr {
+        self.start_replica_with(name, |_| {}).await
+    }
+
+    /// [`Env::start_replica`], configured further by `configure`.
+    async fn start_replica_with(
+        &self,
+        name: &str,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> std::net::SocketAddr {
         let mut config = GatewayConfig::new(
             name,
             self.redis.lock().unwrap().url(),
@@ -126,6 +135,7 @@ impl Env {
         config.heartbeat_interval = Duration::from_millis(300);
         config.agent_liveness = Duration::from_secs(2);
         config.canary_interval = Duration::ZERO;
+        configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(cloud_gateway::run(config, listener, self.shutdown.clone()));
@@ -168,7 +178,17 @@ impl Env {
 
     /// Submits `req` with `token`.
     async fn send(&self, req: SubmitRequest, token: &str) -> Result<SubmitResponse, tonic::Status> {
-        let mut c = WritebackClient::new(self.channel().await.unwrap());
+        self.send_to(self.addr, req, token).await
+    }
+
+    /// Submits `req` with `token` to the replica at `addr`.
+    async fn send_to(
+        &self,
+        addr: std::net::SocketAddr,
+        req: SubmitRequest,
+        token: &str,
+    ) -> Result<SubmitResponse, tonic::Status> {
+        let mut c = WritebackClient::new(self.channel_to(addr).await.unwrap());
         let mut req = tonic::Request::new(req);
         req.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -1020,15 +1040,157 @@ async fn tenants_over_their_rate_are_told_to_slow_down() {
             Outcome::AgentUnavailable
         );
     }
-    let err = env.submit("burst-2", 1000).await.unwrap_err();
+    // The third call, on another replica, finds the burst spent: the rate is the tenant's,
+    // not each replica's.
+    let other = env
+        .start_replica_with("gw-2", |c| {
+            c.tenant_rate = Some(cloud_gateway::limits::Rate {
+                per_second: 0.5,
+                burst: 2.0,
+            })
+        })
+        .await;
+    let err = env
+        .send_to(
+            other,
+            reset_of("alice", "burst-2", 1000),
+            env.token.expose(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
         err.message().contains("\"acme\"") && err.message().contains("retry"),
         "{}",
         err.message()
     );
+    let pushback: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("a retry hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pushback > 0 && pushback <= 2001, "{pushback}");
+    // Every RPC counts, reads too.
+    let mut c = WritebackClient::new(env.channel().await.unwrap());
+    let mut get = tonic::Request::new(relay::proto::GetOperationRequest {
+        tenant_id: "acme".into(),
+        operation_id: "burst-0".into(),
+    });
+    get.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", env.token.expose()).parse().unwrap(),
+    );
+    let err = c.get_operation(get).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 
     another_tenant_is_served(&env).await;
+    env.shutdown.cancel();
+}
+
+/// The relay is no guessing oracle: per user, changes that end WRONG_OLD_PASSWORD (or are still
+/// unanswered) are limited across replicas, changes with the right old password give their
+/// unit back, unlocks are limited too (each resets AD's lockout counter), and other users are
+/// not held up. A refused change is never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_through_change_is_stopped_per_user_across_replicas() {
+    let limits = cloud_gateway::limits::UserLimits {
+        guesses: 2,
+        unlocks: 2,
+        window: Duration::from_secs(60),
+    };
+    let env = start_configured(|c| c.user_limits = limits).await;
+    let other = env
+        .start_replica_with("gw-2", |c| c.user_limits = limits)
+        .await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let change = |sam: &str, op: &str, guess: &str| {
+        let mut r = reset_of(sam, op, 3000);
+        r.action = Some(Action::Change(relay::proto::ChangePassword {
+            old_password: guess.into(),
+            new_password: "Next#Pass12345".into(),
+        }));
+        r
+    };
+    let token = env.token.expose();
+    // Two wrong guesses for mallory, one on each replica.
+    for (i, addr) in [env.addr, other].into_iter().enumerate() {
+        let op = format!("guess-{i}");
+        let (r, work) = tokio::join!(
+            env.send_to(addr, change("mallory", &op, &format!("Guess#{i}")), token),
+            async {
+                let w = agent.next_work(Duration::from_secs(5)).await;
+                agent.ack(&op, Outcome::WrongOldPassword).await;
+                w
+            }
+        );
+        assert!(work.is_some(), "guess {i} delivered");
+        assert_eq!(
+            Outcome::try_from(r.unwrap().outcome).unwrap(),
+            Outcome::WrongOldPassword
+        );
+    }
+    // The third is refused on either replica, with the limit and the wait; nothing delivered.
+    for addr in [env.addr, other] {
+        let err = env
+            .send_to(addr, change("mallory", "guess-3", "Guess#3"), token)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("limit of 2") && err.message().contains("retry in"),
+            "{}",
+            err.message()
+        );
+        assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    }
+    assert!(agent.next_work(Duration::from_millis(300)).await.is_none());
+
+    // Another user is served; changes with the right old password cost nothing.
+    for i in 0..3 {
+        let op = format!("right-{i}");
+        let (r, _) = tokio::join!(env.send(change("bob", &op, "Right#Pass1"), token), async {
+            agent
+                .next_work(Duration::from_secs(5))
+                .await
+                .expect("delivered");
+            agent.ack(&op, Outcome::Applied).await;
+        });
+        assert_eq!(
+            Outcome::try_from(r.unwrap().outcome).unwrap(),
+            Outcome::Applied,
+            "bob's change {i}"
+        );
+    }
+
+    // Unlocks: two, then refused.
+    let unlock = |op: &str| {
+        let mut r = reset_of("carol", op, 3000);
+        r.action = Some(Action::Unlock(relay::proto::UnlockAccount {}));
+        r
+    };
+    for i in 0..2 {
+        let op = format!("unlock-{i}");
+        let (r, _) = tokio::join!(env.send(unlock(&op), token), async {
+            agent
+                .next_work(Duration::from_secs(5))
+                .await
+                .expect("delivered");
+            agent.ack(&op, Outcome::Applied).await;
+        });
+        assert_eq!(
+            Outcome::try_from(r.unwrap().outcome).unwrap(),
+            Outcome::Applied
+        );
+    }
+    let err = env
+        .send_to(other, unlock("unlock-2"), token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("unlock"), "{}", err.message());
     env.shutdown.cancel();
 }
 

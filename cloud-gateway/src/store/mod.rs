@@ -6,6 +6,7 @@
 
 mod ids;
 mod keys;
+mod limits;
 mod scripts;
 mod sequence;
 
@@ -23,6 +24,7 @@ pub use ids::{
     MAX_OPERATION_ID_CHARS, MAX_TENANT_ID_CHARS,
 };
 pub use keys::*;
+pub use limits::{budget_key, rate_key, Budget};
 pub use scripts::{Acknowledgment, Completion, Created, Delivery, Finalized};
 pub use sequence::HighWater;
 
