@@ -1090,6 +1090,26 @@ async fn tenants_over_their_rate_are_told_to_slow_down() {
     env.shutdown.cancel();
 }
 
+/// Submits `req` to `addr`; `agent` takes it and answers `outcome`; returns what the caller
+/// heard.
+async fn answered(
+    env: &Env,
+    agent: &mut ScriptedAgent,
+    addr: std::net::SocketAddr,
+    req: SubmitRequest,
+    outcome: Outcome,
+) -> Outcome {
+    let op = req.operation_id.clone();
+    let (r, _) = tokio::join!(env.send_to(addr, req, env.token.expose()), async {
+        agent
+            .next_work(Duration::from_secs(5))
+            .await
+            .expect("delivered");
+        agent.ack(&op, outcome).await;
+    });
+    Outcome::try_from(r.unwrap().outcome).unwrap()
+}
+
 /// The relay is no guessing oracle: per user, changes that end WRONG_OLD_PASSWORD (or are still
 /// unanswered) are limited across replicas, changes with the right old password give their
 /// unit back, unlocks are limited too (each resets AD's lockout counter), and other users are
@@ -1118,19 +1138,9 @@ async fn guessing_through_change_is_stopped_per_user_across_replicas() {
     // Two wrong guesses for mallory, one on each replica.
     for (i, addr) in [env.addr, other].into_iter().enumerate() {
         let op = format!("guess-{i}");
-        let (r, work) = tokio::join!(
-            env.send_to(addr, change("mallory", &op, &format!("Guess#{i}")), token),
-            async {
-                let w = agent.next_work(Duration::from_secs(5)).await;
-                agent.ack(&op, Outcome::WrongOldPassword).await;
-                w
-            }
-        );
-        assert!(work.is_some(), "guess {i} delivered");
-        assert_eq!(
-            Outcome::try_from(r.unwrap().outcome).unwrap(),
-            Outcome::WrongOldPassword
-        );
+        let req = change("mallory", &op, &format!("Guess#{i}"));
+        let outcome = answered(&env, &mut agent, addr, req, Outcome::WrongOldPassword).await;
+        assert_eq!(outcome, Outcome::WrongOldPassword);
     }
     // The third is refused on either replica, with the limit and the wait; nothing delivered.
     for addr in [env.addr, other] {
@@ -1151,18 +1161,9 @@ async fn guessing_through_change_is_stopped_per_user_across_replicas() {
     // Another user is served; changes with the right old password cost nothing.
     for i in 0..3 {
         let op = format!("right-{i}");
-        let (r, _) = tokio::join!(env.send(change("bob", &op, "Right#Pass1"), token), async {
-            agent
-                .next_work(Duration::from_secs(5))
-                .await
-                .expect("delivered");
-            agent.ack(&op, Outcome::Applied).await;
-        });
-        assert_eq!(
-            Outcome::try_from(r.unwrap().outcome).unwrap(),
-            Outcome::Applied,
-            "bob's change {i}"
-        );
+        let req = change("bob", &op, "Right#Pass1");
+        let outcome = answered(&env, &mut agent, env.addr, req, Outcome::Applied).await;
+        assert_eq!(outcome, Outcome::Applied, "bob's change {i}");
     }
 
     // Unlocks: two, then refused.
@@ -1173,17 +1174,8 @@ async fn guessing_through_change_is_stopped_per_user_across_replicas() {
     };
     for i in 0..2 {
         let op = format!("unlock-{i}");
-        let (r, _) = tokio::join!(env.send(unlock(&op), token), async {
-            agent
-                .next_work(Duration::from_secs(5))
-                .await
-                .expect("delivered");
-            agent.ack(&op, Outcome::Applied).await;
-        });
-        assert_eq!(
-            Outcome::try_from(r.unwrap().outcome).unwrap(),
-            Outcome::Applied
-        );
+        let outcome = answered(&env, &mut agent, env.addr, unlock(&op), Outcome::Applied).await;
+        assert_eq!(outcome, Outcome::Applied, "unlock {i}");
     }
     let err = env
         .send_to(other, unlock("unlock-2"), token)
