@@ -7,6 +7,7 @@ pub mod admin;
 pub mod agent_link;
 pub mod auth;
 pub mod clock;
+pub mod enroll;
 pub mod error;
 pub mod limits;
 pub mod metrics;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use relay::envelope::KeyBytes;
+use relay::proto::agent_enrollment_server::AgentEnrollmentServer;
 use relay::proto::agent_link_server::AgentLinkServer;
 use relay::proto::writeback_server::WritebackServer;
 
@@ -41,7 +43,8 @@ pub struct GatewayConfig {
     /// Name of this replica (pod name); callers' outcomes are routed to it.
     pub replica_id: String,
     pub redis_url: String,
-    /// Key-encryption key for tenant keys at rest.
+    /// MACs the records that admit callers and agents; derives the key that signs every
+    /// operation. Opens no password.
     pub master_key: KeyBytes,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -72,6 +75,9 @@ pub struct GatewayConfig {
     pub tenant_rate: Option<limits::Rate>,
     /// Per-user budgets of wrong old passwords and unlocks, over all replicas.
     pub user_limits: limits::UserLimits,
+    /// The agent CA: with it, agents enroll (`AgentEnrollment`) and authenticate by client
+    /// certificate (mutual TLS); without it, only by registered secrets.
+    pub agent_ca: Option<Arc<enroll::AgentCa>>,
     /// Most operations one forest's queue holds before Submit answers `RESOURCE_EXHAUSTED`.
     pub forest_queue_limit: u64,
     /// Most unsettled operations one tenant may have over all its forests before Submit
@@ -110,6 +116,7 @@ impl GatewayConfig {
             forest_queue_limit: 10_000,
             tenant_queue_limit: 50_000,
             user_limits: limits::UserLimits::default(),
+            agent_ca: None,
         }
     }
 }
@@ -244,6 +251,18 @@ pub async fn run(
             })
         })?;
 
+    // Callers have no client certificate; enrolled agents present one from the agent CA.
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &gateway.config.agent_ca {
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+            .client_auth_optional(true);
+    }
+    let enrollment = gateway.config.agent_ca.clone().map(|ca| {
+        AgentEnrollmentServer::new(enroll::EnrollmentService::new(gateway.clone(), ca))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    });
     tracing::info!(event = "WB1030",
         replica = %gateway.config.replica_id,
         addr = ?listener.local_addr().ok(),
@@ -253,7 +272,7 @@ pub async fn run(
     let serve_shutdown = shutdown.clone();
     let result = Server::builder()
         .layer(auth::AuthLayer::new(gateway.clone()))
-        .tls_config(ServerTlsConfig::new().identity(identity))?
+        .tls_config(tls)?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -272,6 +291,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
         )
+        .add_optional_service(enrollment)
         .serve_with_incoming_shutdown(incoming, async move {
             serve_shutdown.cancelled().await;
             health_reporter

@@ -71,6 +71,24 @@ struct ServeArgs {
     /// The per-user window, in seconds.
     #[arg(long, env = "WRITEBACK_USER_LIMIT_WINDOW_SECS", default_value_t = 900)]
     user_limit_window_secs: u64,
+    /// The agent CA's certificate (PEM; `admin init-agent-ca` makes one): with it agents
+    /// enroll and authenticate by client certificate.
+    #[arg(
+        long,
+        env = "WRITEBACK_AGENT_CA_CERT_FILE",
+        requires = "agent_ca_key_file"
+    )]
+    agent_ca_cert_file: Option<PathBuf>,
+    /// The agent CA's private key (PEM, a private file).
+    #[arg(
+        long,
+        env = "WRITEBACK_AGENT_CA_KEY_FILE",
+        requires = "agent_ca_cert_file"
+    )]
+    agent_ca_key_file: Option<PathBuf>,
+    /// Lifetime of the agent certificates it issues, in seconds (agents renew at half).
+    #[arg(long, env = "WRITEBACK_AGENT_CERT_TTL_SECS", default_value_t = 86_400)]
+    agent_cert_ttl_secs: u64,
     /// Seconds between end-to-end canaries per forest (0 turns them off).
     #[arg(long, env = "WRITEBACK_CANARY_INTERVAL_SECS", default_value_t = 30)]
     canary_interval_secs: u64,
@@ -186,6 +204,30 @@ enum AdminCommand {
         forest: String,
         #[arg(long)]
         agent_id: String,
+    },
+    /// Write a new agent CA (certificate and private key, PEM) for `serve
+    /// --agent-ca-cert-file/--agent-ca-key-file`.
+    InitAgentCa {
+        #[arg(long)]
+        cert_out: PathBuf,
+        #[arg(long)]
+        key_out: PathBuf,
+    },
+    /// Print a one-time enrollment token for an agent of a tenant's forest; `onprem-agent
+    /// enroll` trades it for a client certificate. Enrolling again replaces the agent's
+    /// earlier certificate or secret.
+    EnrollAgent {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        forest: String,
+        #[arg(long)]
+        agent_id: String,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
     },
     /// Revoke an agent: its credential admits nobody from now on (it is told it was revoked)
     /// and its open streams close on every replica within a second.
@@ -307,6 +349,45 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            AdminCommand::InitAgentCa { cert_out, key_out } => {
+                anyhow::ensure!(
+                    !key_out.exists(),
+                    "{} exists: remove it first (a new CA cuts off every enrolled agent)",
+                    key_out.display()
+                );
+                let (cert, key) =
+                    cloud_gateway::enroll::AgentCa::generate().map_err(|e| anyhow::anyhow!(e))?;
+                relay::secret::write_private(&key_out, &key)?;
+                std::fs::write(&cert_out, cert)?;
+                println!(
+                    "agent CA: certificate {}, private key {} (0600)",
+                    cert_out.display(),
+                    key_out.display()
+                );
+                Ok(())
+            }
+            AdminCommand::EnrollAgent {
+                common,
+                tenant,
+                forest,
+                agent_id,
+                ttl_secs,
+            } => {
+                let tenant = tenant_flag(&tenant)?;
+                check_agent_id(&agent_id)?;
+                let forest = forest_flag(&forest)?;
+                let t = tenants(&common).await?;
+                let token = t
+                    .create_enrollment(
+                        &tenant,
+                        &forest,
+                        &agent_id,
+                        Duration::from_secs(ttl_secs.clamp(60, 7 * 86_400)),
+                    )
+                    .await?;
+                println!("{}", token.expose());
+                Ok(())
+            }
             AdminCommand::RevokeAgent {
                 common,
                 tenant,
@@ -399,6 +480,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         unlocks: args.user_unlock_limit,
         window: Duration::from_secs(args.user_limit_window_secs.max(1)),
     };
+    if let (Some(cert), Some(key)) = (&args.agent_ca_cert_file, &args.agent_ca_key_file) {
+        let cert_pem = std::fs::read_to_string(cert)
+            .with_context(|| format!("--agent-ca-cert-file {}", cert.display()))?;
+        let key_pem = relay::secret::Secret::from_file(key)?;
+        let ca = cloud_gateway::enroll::AgentCa::from_pem(
+            &cert_pem,
+            key_pem.expose(),
+            Duration::from_secs(args.agent_cert_ttl_secs.max(60)),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.agent_ca = Some(std::sync::Arc::new(ca));
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -20,6 +20,8 @@ pub enum TenantError {
     UnknownTenant(String),
     #[error("no agent {0:?} is registered for this tenant")]
     UnknownAgent(String),
+    #[error("agent id {0:?} belongs to another tenant: choose another id")]
+    AgentIdTaken(String),
     #[error("{0}")]
     Crypto(#[from] envelope::EnvelopeError),
 }
@@ -162,6 +164,7 @@ const TOKEN_RECORD: &str = "writeback.v1 token record";
 const AGENT_RECORD: &str = "writeback.v1 agent credential record";
 const SEALING_KEY_RECORD: &str = "writeback.v2 agent sealing key record";
 const FOREST_RECORD: &str = "writeback.v2 forest switches record";
+const ENROLLMENT_RECORD: &str = "writeback.v2 enrollment token record";
 
 impl Tenants {
     pub fn new(store: Store, master_key: KeyBytes) -> Self {
@@ -230,17 +233,29 @@ impl Tenants {
         forest: &ForestId,
         agent_id: &str,
     ) -> Result<Secret, TenantError> {
-        if !self.exists(tenant).await? {
-            return Err(TenantError::UnknownTenant(tenant.to_string()));
-        }
         let secret = random_secret("wba_")?;
         let hash = sha256_hex(secret.expose().as_bytes());
+        self.put_credential(tenant, forest, agent_id, &hash).await?;
+        Ok(secret)
+    }
+
+    /// Writes an agent's credential record (`credential`: its secret's hash, or
+    /// `cert:<enrollment>`), replacing the agent's earlier one, and closes the streams that
+    /// authenticated with that one, on every replica. An id another tenant holds is refused.
+    async fn put_credential(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        agent_id: &str,
+        credential: &str,
+    ) -> Result<(), TenantError> {
+        self.may_hold(tenant, agent_id).await?;
         let mac = self.seal(
             AGENT_RECORD,
-            &[agent_id, tenant.as_str(), forest.as_str(), &hash],
+            &[agent_id, tenant.as_str(), forest.as_str(), credential],
         );
         self.store
-            .put_agent_credential(agent_id, tenant, forest, &hash, &mac)
+            .put_agent_credential(agent_id, tenant, forest, credential, &mac)
             .await?;
         // A rotation cuts off whoever holds the old secret, at once, on every replica.
         if let Err(e) = self
@@ -250,7 +265,115 @@ impl Tenants {
         {
             tracing::warn!(error = %e, %agent_id, "could not tell the replicas to close the agent's streams; each closes them at its next credential check");
         }
-        Ok(secret)
+        Ok(())
+    }
+
+    /// Whether `tenant` exists and may hold `agent_id` (no other tenant holds it).
+    async fn may_hold(&self, tenant: &TenantId, agent_id: &str) -> Result<(), TenantError> {
+        if !self.exists(tenant).await? {
+            return Err(TenantError::UnknownTenant(tenant.to_string()));
+        }
+        let existing = self.store.agent_credential(agent_id).await?;
+        if existing
+            .get("tenant")
+            .is_some_and(|owner| owner != tenant.as_str())
+        {
+            return Err(TenantError::AgentIdTaken(agent_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// A one-time enrollment token for `agent_id` of (tenant, forest), valid for `ttl`
+    /// (`admin enroll-agent`). The agent trades it for a client certificate.
+    ///
+    /// # Errors
+    /// When the tenant does not exist, the id is another tenant's, or on Redis errors.
+    pub async fn create_enrollment(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        agent_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Secret, TenantError> {
+        self.may_hold(tenant, agent_id).await?;
+        let token = random_secret("wbe_")?;
+        let hash = sha256_hex(token.expose().as_bytes());
+        let expires = (relay::now_unix_ms() + ttl.as_millis() as i64).to_string();
+        let fields = [tenant.as_str(), forest.as_str(), agent_id, &expires];
+        let mac = self.seal(ENROLLMENT_RECORD, &[&[hash.as_str()][..], &fields].concat());
+        let record = [&fields[..], &[mac.as_str()]].concat().join(" ");
+        self.store.put_enrollment(&hash, &record, ttl).await?;
+        Ok(token)
+    }
+
+    /// Takes an enrollment token (it works once): who it enrolls, or `None` when it is
+    /// unknown, used, expired or its record was not written by this gateway.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn redeem_enrollment(
+        &self,
+        token: &str,
+    ) -> Result<Option<(TenantId, ForestId, String)>, TenantError> {
+        let hash = sha256_hex(token.as_bytes());
+        let Some(record) = self.store.take_enrollment(&hash).await? else {
+            return Ok(None);
+        };
+        let parts: Vec<&str> = record.split(' ').collect();
+        let [tenant, forest, agent_id, expires, mac] = parts[..] else {
+            return Ok(None);
+        };
+        if !self.sealed(
+            ENROLLMENT_RECORD,
+            &[&hash, tenant, forest, agent_id, expires],
+            mac,
+        ) {
+            tracing::error!(event = "WB1093", %tenant, %agent_id, record = "enrollment token", "an enrollment token record whose MAC does not verify: refused");
+            return Ok(None);
+        }
+        if expires.parse::<i64>().unwrap_or(0) < relay::now_unix_ms() {
+            return Ok(None);
+        }
+        // Written by `create_enrollment` from checked ids.
+        Ok(Some((
+            TenantId::from_store(tenant.to_owned()),
+            ForestId::from_store(forest.to_owned()),
+            agent_id.to_owned(),
+        )))
+    }
+
+    /// Records an agent's enrollment: its credential becomes the certificate naming
+    /// `who.enrollment` (an earlier secret or certificate stops working at once).
+    ///
+    /// # Errors
+    /// When the id is another tenant's, or on Redis errors.
+    pub async fn put_enrolled_agent(
+        &self,
+        who: &crate::enroll::EnrolledName,
+    ) -> Result<(), TenantError> {
+        self.put_credential(&who.tenant, &who.forest, &who.agent_id, &who.credential())
+            .await
+    }
+
+    /// The identity of an agent presenting an enrolled certificate naming `who`, or why it
+    /// is refused (revoked, enrolled again since, another tenant's record).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn authenticate_enrolled(
+        &self,
+        who: &crate::enroll::EnrolledName,
+    ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
+        let identity = self
+            .check_credential(&who.agent_id, &who.credential())
+            .await?;
+        Ok(identity.and_then(|id| {
+            if id.tenant == who.tenant && id.forest == who.forest {
+                Ok(id)
+            } else {
+                Err(AgentRefusal::WrongSecret(who.agent_id.clone()))
+            }
+        }))
     }
 
     /// Revokes an agent of `tenant`: its credential admits nobody (it is told it was
@@ -454,6 +577,17 @@ impl Tenants {
         let Some((agent_id, secret)) = credential.split_once('.') else {
             return Ok(Err(AgentRefusal::Malformed));
         };
+        self.check_credential(agent_id, &sha256_hex(secret.as_bytes()))
+            .await
+    }
+
+    /// Checks `presented` (a secret's hash, or `cert:<enrollment>`) against the agent's
+    /// credential record.
+    async fn check_credential(
+        &self,
+        agent_id: &str,
+        presented: &str,
+    ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
         let h = self.store.agent_credential(agent_id).await?;
         if let Some(at) = h.get("revoked_at") {
             return Ok(Err(AgentRefusal::Revoked {
@@ -471,10 +605,7 @@ impl Tenants {
             tracing::error!(event = "WB1093", %agent_id, %tenant, %forest, record = "agent credential", "an agent credential record whose MAC does not verify (not written by a gateway with this master key): refused");
             return Ok(Err(AgentRefusal::Unsealed(agent_id.to_owned())));
         }
-        if !ct_eq(
-            sha256_hex(secret.as_bytes()).as_bytes(),
-            expected.as_bytes(),
-        ) {
+        if !ct_eq(presented.as_bytes(), expected.as_bytes()) {
             return Ok(Err(AgentRefusal::WrongSecret(agent_id.to_owned())));
         }
         // Written by `register_agent`, whose ids were checked.

@@ -114,6 +114,22 @@ impl Env {
             .await?)
     }
 
+    /// A channel to `addr` presenting a client certificate.
+    async fn channel_with_identity(
+        &self,
+        addr: std::net::SocketAddr,
+        (cert, key): &(String, String),
+    ) -> anyhow::Result<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(self.ca.ca_file())?))
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .domain_name("127.0.0.1");
+        Ok(Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
     /// Starts another replica on the same store and master key (stopped with the first).
     async fn start_replica(&self, name: &str) -> std::net::SocketAddr {
         self.start_replica_with(name, |_| {}).await
@@ -286,6 +302,40 @@ impl ScriptedAgent {
         instance: &str,
         max_in_flight: u32,
     ) -> Result<Self, tonic::Status> {
+        let channel = env.channel_to(addr).await.unwrap();
+        Self::connect_on(
+            channel,
+            Some(secret),
+            agent_id,
+            forest,
+            instance,
+            max_in_flight,
+        )
+        .await
+    }
+
+    /// Connects with a client certificate (`cert_pem`, `key_pem`) and no bearer secret.
+    async fn connect_enrolled(
+        env: &Env,
+        identity: &(String, String),
+        agent_id: &str,
+        instance: &str,
+    ) -> Result<Self, tonic::Status> {
+        let channel = env
+            .channel_with_identity(env.addr, identity)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+        Self::connect_on(channel, None, agent_id, FOREST, instance, 4).await
+    }
+
+    async fn connect_on(
+        channel: Channel,
+        secret: Option<&str>,
+        agent_id: &str,
+        forest: &str,
+        instance: &str,
+        max_in_flight: u32,
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let key = instance_key(instance);
         let key_id = key.public().id().to_owned();
@@ -305,11 +355,13 @@ impl ScriptedAgent {
         .await
         .unwrap();
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {agent_id}.{secret}").parse().unwrap(),
-        );
-        let mut client = AgentLinkClient::new(env.channel_to(addr).await.unwrap());
+        if let Some(secret) = secret {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {agent_id}.{secret}").parse().unwrap(),
+            );
+        }
+        let mut client = AgentLinkClient::new(channel);
         let mut inbound = client.connect(req).await?.into_inner();
         match inbound.message().await? {
             Some(GatewayFrame {
@@ -1769,6 +1821,187 @@ async fn a_planted_sealing_key_is_never_sealed_to() {
     );
     let ids = relay::envelope::recipient_ids(&work.expect("work delivered").envelope).unwrap();
     assert_eq!(ids, vec![agent.keys.current().public().id().to_owned()]);
+    env.shutdown.cancel();
+}
+
+/// A CSR for a fresh key pair: `(csr_pem, key_pem)`.
+fn csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (csr, key.serialize_pem())
+}
+
+async fn enroll(
+    env: &Env,
+    token: &str,
+    csr_pem: &str,
+) -> Result<relay::proto::EnrollResponse, tonic::Status> {
+    let mut c = relay::proto::agent_enrollment_client::AgentEnrollmentClient::new(
+        env.channel().await.unwrap(),
+    );
+    c.enroll(relay::proto::EnrollRequest {
+        token: token.into(),
+        csr_pem: csr_pem.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Enrollment: a one-time token buys one client certificate naming the tenant, forest and
+/// agent id; from then on the agent authenticates by that certificate alone (no secret), a
+/// used, expired or unknown token buys nothing, a certificate from another CA is refused, the
+/// certificate renews over the stream, and revocation cuts the certificate off within a second
+/// (no reconnect, no renewal). Enrolling again replaces the earlier certificate. An id
+/// another tenant holds cannot be taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
+    let (ca_cert, ca_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
+    let env = start_configured(|c| {
+        c.agent_ca = Some(std::sync::Arc::new(
+            cloud_gateway::enroll::AgentCa::from_pem(&ca_cert, &ca_key, Duration::from_secs(3600))
+                .unwrap(),
+        ))
+    })
+    .await;
+    let token = env
+        .tenants
+        .create_enrollment(&ACME, &FOREST_ID, "e1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (csr_pem, key_pem) = csr();
+    let enrolled = enroll(&env, token.expose(), &csr_pem).await.unwrap();
+    assert_eq!(
+        (
+            enrolled.tenant_id.as_str(),
+            enrolled.forest.as_str(),
+            enrolled.agent_id.as_str()
+        ),
+        ("acme", FOREST, "e1")
+    );
+    let left = enrolled.not_after_unix_ms - relay::now_unix_ms();
+    assert!(left > 3_500_000 && left <= 3_600_000, "{left}");
+    // Once only.
+    let err = enroll(&env, token.expose(), &csr().0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("used already"), "{}", err.message());
+    let err = enroll(&env, "wbe_made-up", &csr().0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Expired.
+    let short = env
+        .tenants
+        .create_enrollment(&ACME, &FOREST_ID, "e2", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(enroll(&env, short.expose(), &csr().0).await.is_err());
+    // Another tenant's id.
+    env.tenants
+        .create_tenant(&TenantId::new("globex").unwrap())
+        .await
+        .unwrap();
+    let taken = env
+        .tenants
+        .create_enrollment(
+            &TenantId::new("globex").unwrap(),
+            &FOREST_ID,
+            "e1",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(
+            taken,
+            Err(cloud_gateway::tenants::TenantError::AgentIdTaken(_))
+        ),
+        "{taken:?}"
+    );
+
+    // The certificate alone authenticates; the tenant and forest are the certificate's.
+    let identity = (enrolled.certificate_pem.clone(), key_pem);
+    let mut agent = ScriptedAgent::connect_enrolled(&env, &identity, "e1", "i1")
+        .await
+        .unwrap();
+    // The same key under a certificate from another CA is refused at the TLS handshake or
+    // by the gateway.
+    let (other_cert, other_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
+    let other_ca = cloud_gateway::enroll::AgentCa::from_pem(
+        &other_cert,
+        &other_key,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let forged = other_ca
+        .issue(
+            &csr_pem,
+            &cloud_gateway::enroll::EnrolledName {
+                tenant: ACME.clone(),
+                forest: FOREST_ID.clone(),
+                agent_id: "e1".into(),
+                enrollment: "forged".into(),
+            },
+        )
+        .unwrap()
+        .0;
+    assert!(
+        ScriptedAgent::connect_enrolled(&env, &(forged, identity.1.clone()), "e1", "i2")
+            .await
+            .is_err(),
+        "a certificate from another CA was accepted"
+    );
+
+    // Renewal over the stream: a new certificate for a new key, the same name.
+    let (csr2, key2) = csr();
+    agent
+        .tx
+        .send(AgentFrame {
+            frame: Some(agent_frame::Frame::Renew(relay::proto::Renew {
+                csr_pem: csr2,
+            })),
+        })
+        .await
+        .unwrap();
+    let renewed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), agent.rx.message())
+            .await
+            .expect("renewed within 5 s")
+            .unwrap()
+            .unwrap()
+            .frame
+        {
+            Some(gateway_frame::Frame::Renewed(r)) => break r,
+            _ => continue,
+        }
+    };
+    let renewed_identity = (renewed.certificate_pem, key2);
+    let der = x509_parser::pem::parse_x509_pem(renewed_identity.0.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let name = cloud_gateway::enroll::EnrolledName::from_certificate(&der).unwrap();
+    assert_eq!(
+        (name.tenant.as_str(), name.agent_id.as_str()),
+        ("acme", "e1")
+    );
+
+    // Revoked: the stream closes within a second, neither certificate reconnects.
+    env.tenants.revoke_agent(&ACME, "e1").await.unwrap();
+    let took = agent.closed_within(Duration::from_secs(3)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(1)),
+        "the revoked agent's stream closed after {took:?}"
+    );
+    for id in [&identity, &renewed_identity] {
+        let err = ScriptedAgent::connect_enrolled(&env, id, "e1", "i1")
+            .await
+            .err()
+            .expect("a revoked agent's certificate was accepted");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains("was revoked"), "{}", err.message());
+    }
     env.shutdown.cancel();
 }
 

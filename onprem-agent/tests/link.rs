@@ -498,7 +498,7 @@ impl RunningAgent {
             gateway_ca: gateway.ca.ca_file(),
             gateway_tls_name: None,
             agent_id: AGENT_ID.into(),
-            agent_secret: Secret::new(AGENT_SECRET),
+            agent_secret: Some(Secret::new(AGENT_SECRET)),
             forest: gateway.forest.clone(),
             extra_domains: Vec::new(),
             max_in_flight,

@@ -4,6 +4,7 @@
 //! ([`scripts`]). Key names live in [`keys`], the typed ids they are made of in [`ids`]; no
 //! other module holds a Redis connection.
 
+mod enrollment;
 mod ids;
 mod keys;
 mod limits;
