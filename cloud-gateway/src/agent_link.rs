@@ -130,6 +130,10 @@ impl AgentLinkService {
             replica: gw.config.replica_id.clone(),
             sealing_key_id: sealing_key.id().to_owned(),
             operation_signing_key: gw.tenants.signer().public_key().to_vec(),
+            previous_signing_keys: gw.tenants.signing_keys()[1..]
+                .iter()
+                .map(|k| k.to_vec())
+                .collect(),
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
             allow_protected_accounts: settings.allow_protected_accounts,
             gateway_time_unix_ms: gw.clock.now_ms(),

@@ -46,6 +46,9 @@ pub struct GatewayConfig {
     /// MACs the records that admit callers and agents; derives the key that signs every
     /// operation. Opens no password.
     pub master_key: KeyBytes,
+    /// During a master-key rotation, the previous master key: records MACed and work signed
+    /// under it are still accepted (`admin rotate-master-key` re-MACs the records).
+    pub previous_master_key: Option<KeyBytes>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     /// Wait used when a request has `timeout_ms = 0`.
@@ -98,6 +101,7 @@ impl GatewayConfig {
             replica_id: replica_id.into(),
             redis_url: redis_url.into(),
             master_key,
+            previous_master_key: None,
             tls_cert,
             tls_key,
             default_timeout: Duration::from_secs(30),
@@ -184,7 +188,11 @@ pub async fn run(
     let store = Store::connect(&config.redis_url)
         .await?
         .for_replica(&config.replica_id);
-    let tenants = Tenants::new(store.clone(), config.master_key.clone());
+    let tenants = Tenants::rotating(
+        store.clone(),
+        config.master_key.clone(),
+        config.previous_master_key.clone(),
+    );
     let gateway = Gateway {
         config: Arc::new(config),
         store: store.clone(),

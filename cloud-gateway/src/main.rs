@@ -172,6 +172,19 @@ struct Common {
     /// File holding the gateway master key (64 hex digits; `admin gen-master-key` makes one).
     #[arg(long, env = "WRITEBACK_MASTER_KEY_FILE")]
     master_key_file: PathBuf,
+    /// During a master-key rotation, the previous master key: records MACed and work signed
+    /// under it are still accepted (see `admin rotate-master-key`).
+    #[arg(long, env = "WRITEBACK_PREVIOUS_MASTER_KEY_FILE")]
+    previous_master_key_file: Option<PathBuf>,
+}
+
+impl Common {
+    fn previous_master_key(&self) -> anyhow::Result<Option<relay::envelope::KeyBytes>> {
+        self.previous_master_key_file
+            .as_deref()
+            .map(load_master_key)
+            .transpose()
+    }
 }
 
 #[derive(clap::Args)]
@@ -229,6 +242,15 @@ enum AdminCommand {
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
     },
+    /// Re-MAC every record (tokens, agent credentials, forest switches) under
+    /// --master-key-file, accepting those under --previous-master-key-file. Rotation: (1) run
+    /// every replica with the new key as --master-key-file and the old one as
+    /// --previous-master-key-file; (2) run this; (3) after the longest operation deadline plus
+    /// its answer grace, drop --previous-master-key-file. Nothing in flight is lost.
+    RotateMasterKey {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Revoke an agent: its credential admits nobody from now on (it is told it was revoked)
     /// and its open streams close on every replica within a second.
     RevokeAgent {
@@ -274,10 +296,11 @@ fn load_master_key(path: &std::path::Path) -> anyhow::Result<relay::envelope::Ke
 
 async fn tenants(common: &Common) -> anyhow::Result<Tenants> {
     let key = load_master_key(&common.master_key_file)?;
+    let previous = common.previous_master_key()?;
     let store = Store::connect(&common.redis_url)
         .await
         .context("cannot connect to redis")?;
-    Ok(Tenants::new(store, key))
+    Ok(Tenants::rotating(store, key, previous))
 }
 
 /// `--tenant`, checked by the rule of a request's `tenant_id`.
@@ -388,6 +411,18 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                 println!("{}", token.expose());
                 Ok(())
             }
+            AdminCommand::RotateMasterKey { common } => {
+                anyhow::ensure!(
+                    common.previous_master_key_file.is_some(),
+                    "--previous-master-key-file is required: the key the records are MACed under now"
+                );
+                let done = tenants(&common).await?.remac_all().await?;
+                println!(
+                    "re-MACed {} records under the new master key; {} verified under neither key and were left as they are (they admit nobody)",
+                    done.records, done.unverified
+                );
+                Ok(())
+            }
             AdminCommand::RevokeAgent {
                 common,
                 tenant,
@@ -457,6 +492,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .filter(|h| !h.is_empty())
             .context("--replica-id (WRITEBACK_REPLICA_ID) is required when HOSTNAME is not set")?,
     };
+    let previous = args.common.previous_master_key()?;
     let mut config = GatewayConfig::new(
         replica_id,
         args.common.redis_url,
@@ -464,6 +500,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.tls_cert,
         args.tls_key,
     );
+    config.previous_master_key = previous;
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
     config.canary_interval = Duration::from_secs(args.canary_interval_secs);

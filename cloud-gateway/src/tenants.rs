@@ -50,6 +50,15 @@ pub enum AgentRefusal {
     },
 }
 
+/// What [`Tenants::remac_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remacked {
+    /// Records now MACed under the current master key.
+    pub records: usize,
+    /// Records that verified under neither key (left as they were: they admit nobody).
+    pub unverified: usize,
+}
+
 /// One registered agent, for `admin list-agents`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisteredAgent {
@@ -83,6 +92,21 @@ pub struct ForestSettings {
     pub unlock_enabled: bool,
     /// Apply operations to members of protected groups (adminCount=1).
     pub allow_protected_accounts: bool,
+}
+
+/// What a forest-switch record's MAC covers.
+fn forest_fields<'a>(
+    tenant: &'a TenantId,
+    forest: &'a ForestId,
+    flags: &[&'a str; 3],
+) -> [&'a str; 5] {
+    [
+        tenant.as_str(),
+        forest.as_str(),
+        flags[0],
+        flags[1],
+        flags[2],
+    ]
 }
 
 /// The stored names of [`ForestSettings`]' switches, in MAC order.
@@ -140,6 +164,16 @@ fn random_secret(prefix: &str) -> Result<Secret, TenantError> {
     Ok(s)
 }
 
+fn mac_with(key: &ring::hmac::Key, kind: &str, fields: &[&str]) -> String {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(kind.as_bytes());
+    for f in fields {
+        ctx.update(b"\0");
+        ctx.update(f.as_bytes());
+    }
+    hex::encode(ctx.sign().as_ref())
+}
+
 /// Constant-time equality of two byte strings of public length.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -155,8 +189,18 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Clone)]
 pub struct Tenants {
     store: Store,
-    records: Arc<ring::hmac::Key>,
-    signer: Arc<OperationSigner>,
+    /// The record MAC key of the master key, then of the previous one during a rotation.
+    records: Arc<Vec<ring::hmac::Key>>,
+    /// Signs with the current master key's signer; agents also accept the previous one's
+    /// during a rotation (work queued before it).
+    signers: Arc<Vec<OperationSigner>>,
+}
+
+fn record_key(master_key: &KeyBytes) -> ring::hmac::Key {
+    // The master key's HMAC of a fixed label, never stored.
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master_key.expose());
+    let key = ring::hmac::sign(&derive, b"writeback.v1 record mac key");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref())
 }
 
 /// Which record a MAC seals (domain separation).
@@ -167,34 +211,42 @@ const FOREST_RECORD: &str = "writeback.v2 forest switches record";
 const ENROLLMENT_RECORD: &str = "writeback.v2 enrollment token record";
 
 impl Tenants {
+    /// Records and operations under `master_key`. The master key opens no password:
+    /// operations are sealed to the agents' own keys.
     pub fn new(store: Store, master_key: KeyBytes) -> Self {
-        // The record key is the master key's HMAC of a fixed label, never stored. The master
-        // key opens no password: operations are sealed to the agents' own keys.
-        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master_key.expose());
-        let record_key = ring::hmac::sign(&derive, b"writeback.v1 record mac key");
+        Self::rotating(store, master_key, None)
+    }
+
+    /// As [`Tenants::new`], during a master-key rotation: records MACed under `previous` are
+    /// still accepted (and re-MACed by `admin rotate-master-key`), work signed under it still
+    /// opens at the agents; everything new is MACed and signed under `master_key`.
+    pub fn rotating(store: Store, master_key: KeyBytes, previous: Option<KeyBytes>) -> Self {
+        let keys: Vec<&KeyBytes> = std::iter::once(&master_key)
+            .chain(previous.as_ref())
+            .collect();
         Self {
             store,
-            records: Arc::new(ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                record_key.as_ref(),
-            )),
-            signer: Arc::new(OperationSigner::from_master_key(&master_key)),
+            records: Arc::new(keys.iter().map(|k| record_key(k)).collect()),
+            signers: Arc::new(
+                keys.iter()
+                    .map(|k| OperationSigner::from_master_key(k))
+                    .collect(),
+            ),
         }
     }
 
-    /// The MAC of a record: its kind and its fields, NUL-separated (no field holds a NUL).
+    /// The MAC of a record under the current master key: its kind and its fields,
+    /// NUL-separated (no field holds a NUL).
     fn seal(&self, kind: &str, fields: &[&str]) -> String {
-        let mut ctx = ring::hmac::Context::with_key(&self.records);
-        ctx.update(kind.as_bytes());
-        for f in fields {
-            ctx.update(b"\0");
-            ctx.update(f.as_bytes());
-        }
-        hex::encode(ctx.sign().as_ref())
+        mac_with(&self.records[0], kind, fields)
     }
 
+    /// Whether `mac` is the record's MAC under the current master key or, during a rotation,
+    /// the previous one.
     fn sealed(&self, kind: &str, fields: &[&str], mac: &str) -> bool {
-        ct_eq(self.seal(kind, fields).as_bytes(), mac.as_bytes())
+        self.records
+            .iter()
+            .any(|k| ct_eq(mac_with(k, kind, fields).as_bytes(), mac.as_bytes()))
     }
 
     /// Creates a tenant (or rotates its token when it exists) and returns the new bearer token.
@@ -486,16 +538,7 @@ impl Tenants {
     }
 
     fn forest_mac(&self, tenant: &TenantId, forest: &ForestId, flags: &[&str; 3]) -> String {
-        self.seal(
-            FOREST_RECORD,
-            &[
-                tenant.as_str(),
-                forest.as_str(),
-                flags[0],
-                flags[1],
-                flags[2],
-            ],
-        )
+        self.seal(FOREST_RECORD, &forest_fields(tenant, forest, flags))
     }
 
     /// Reads a forest's operator switches (defaults when never set). A record whose MAC does
@@ -536,10 +579,7 @@ impl Tenants {
             flag(FOREST_SWITCHES[2]).unwrap_or(""),
         ];
         let mac = flag("mac").unwrap_or("");
-        if !ct_eq(
-            self.forest_mac(tenant, forest, &stored).as_bytes(),
-            mac.as_bytes(),
-        ) {
+        if !self.sealed(FOREST_RECORD, &forest_fields(tenant, forest, &stored), mac) {
             tracing::error!(event = "WB1093", %tenant, %forest, record = "forest switches", "a forest-switch record whose MAC does not verify (not written by a gateway with this master key): writeback treated as switched off for this forest; set it again with `admin set-forest`");
             return Ok(None);
         }
@@ -619,7 +659,103 @@ impl Tenants {
 
     /// What signs every envelope (agents refuse one it did not sign).
     pub fn signer(&self) -> &OperationSigner {
-        &self.signer
+        &self.signers[0]
+    }
+
+    /// The public keys agents accept envelopes from: the current signer's, then the previous
+    /// master key's during a rotation.
+    pub fn signing_keys(&self) -> Vec<[u8; 32]> {
+        self.signers
+            .iter()
+            .map(OperationSigner::public_key)
+            .collect()
+    }
+
+    /// Re-MACs every record that admits someone (tokens, agent credentials, forest switches)
+    /// under the current master key (`admin rotate-master-key`). A record that verifies under
+    /// neither key is left as it is and counted. Sealing-key records are rewritten by their
+    /// sessions within a third of the liveness window; enrollment tokens expire (issue new
+    /// ones after a rotation).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn remac_all(&self) -> Result<Remacked, TenantError> {
+        let mut done = Remacked::default();
+        for tenant in self.store.tenant_ids().await? {
+            if let Some(hash) = self.store.tenant_token(&tenant).await? {
+                match self.store.token_tenant(&hash).await? {
+                    Some((owner, mac))
+                        if owner == tenant
+                            && self.sealed(TOKEN_RECORD, &[&hash, tenant.as_str()], &mac) =>
+                    {
+                        let mac = self.seal(TOKEN_RECORD, &[&hash, tenant.as_str()]);
+                        self.store
+                            .set_tenant_token(&tenant, &hash, &mac, None)
+                            .await?;
+                        done.records += 1;
+                    }
+                    _ => done.unverified += 1,
+                }
+            }
+            for agent_id in self.store.agent_ids(&tenant).await? {
+                let h = self.store.agent_credential(&agent_id).await?;
+                let (Some(owner), Some(forest), Some(credential)) =
+                    (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
+                else {
+                    continue; // revoked: a tombstone admits nobody, MAC or not
+                };
+                if owner != tenant.as_str() {
+                    continue;
+                }
+                let fields = [agent_id.as_str(), owner, forest, credential];
+                if self.sealed(
+                    AGENT_RECORD,
+                    &fields,
+                    h.get("mac").map_or("", String::as_str),
+                ) {
+                    let mac = self.seal(AGENT_RECORD, &fields);
+                    self.store
+                        .put_agent_credential(
+                            &agent_id,
+                            &tenant,
+                            &ForestId::from_store(forest.clone()),
+                            credential,
+                            &mac,
+                        )
+                        .await?;
+                    done.records += 1;
+                } else {
+                    done.unverified += 1;
+                }
+            }
+            for forest in self.store.forests(&tenant).await? {
+                if self
+                    .store
+                    .forest_switches(&tenant, &forest)
+                    .await?
+                    .is_empty()
+                {
+                    continue;
+                }
+                match self.stored_forest(&tenant, &forest).await? {
+                    Some(settings) => {
+                        let flags = settings.flags();
+                        let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
+                            .iter()
+                            .zip(flags)
+                            .map(|(k, v)| (*k, v.to_owned()))
+                            .collect();
+                        fields.push(("mac", self.forest_mac(&tenant, &forest, &flags)));
+                        self.store
+                            .set_forest_switches(&tenant, &forest, &fields)
+                            .await?;
+                        done.records += 1;
+                    }
+                    None => done.unverified += 1,
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// The MAC of an agent instance's sealing-key record: a key planted in Redis by someone
@@ -631,14 +767,10 @@ impl Tenants {
         member: &str,
         key: &AgentPublicKey,
     ) -> String {
+        let key_hex = hex::encode(key.as_bytes());
         self.seal(
             SEALING_KEY_RECORD,
-            &[
-                tenant.as_str(),
-                forest.as_str(),
-                member,
-                &hex::encode(key.as_bytes()),
-            ],
+            &[tenant.as_str(), forest.as_str(), member, &key_hex],
         )
     }
 
@@ -672,10 +804,10 @@ impl Tenants {
                 .and_then(|b| AgentPublicKey::from_bytes(&b).ok());
             match key {
                 Some(key)
-                    if ct_eq(
-                        self.sealing_key_mac(tenant, forest, member, &key)
-                            .as_bytes(),
-                        mac.as_bytes(),
+                    if self.sealed(
+                        SEALING_KEY_RECORD,
+                        &[tenant.as_str(), forest.as_str(), member, &key_hex],
+                        &mac,
                     ) =>
                 {
                     if !keys.contains(&key) {

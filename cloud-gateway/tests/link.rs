@@ -260,6 +260,8 @@ fn instance_key(instance: &str) -> AgentKey {
 struct ScriptedAgent {
     /// Its sealing keys (the same for every connection of one instance name).
     keys: AgentKeyring,
+    /// The gateway's signing keys, as its Welcome gave them.
+    signing_keys: Vec<Vec<u8>>,
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<GatewayFrame>,
     heartbeats: tokio::task::JoinHandle<()>,
@@ -363,15 +365,18 @@ impl ScriptedAgent {
         }
         let mut client = AgentLinkClient::new(channel);
         let mut inbound = client.connect(req).await?.into_inner();
-        match inbound.message().await? {
+        let signing_keys = match inbound.message().await? {
             Some(GatewayFrame {
                 frame: Some(gateway_frame::Frame::Welcome(w)),
             }) => {
                 assert_eq!(w.sealing_key_id, key_id);
                 assert_eq!(w.tenant_id, "acme");
+                std::iter::once(w.operation_signing_key)
+                    .chain(w.previous_signing_keys)
+                    .collect()
             }
             other => panic!("expected welcome, got {other:?}"),
-        }
+        };
         // keep presence fresh
         let hb = tx.clone();
         let heartbeats = tokio::spawn(async move {
@@ -387,6 +392,7 @@ impl ScriptedAgent {
         });
         Ok(Self {
             keys: AgentKeyring::new(key, Vec::new()),
+            signing_keys,
             tx,
             rx: inbound,
             heartbeats,
@@ -424,6 +430,25 @@ impl ScriptedAgent {
                 return Some(w);
             }
         }
+    }
+
+    /// Opens work as the agent does: with the Welcome's signing keys and its own key.
+    fn open(&self, work: &Work) -> Result<Vec<u8>, relay::envelope::EnvelopeError> {
+        let binding = relay::envelope::Binding {
+            tenant_id: &work.tenant_id,
+            forest: &work.forest,
+            operation_id: &work.operation_id,
+            deadline_unix_ms: work.deadline_unix_ms,
+            traceparent: &work.traceparent,
+        };
+        self.keys
+            .open(
+                &self.signing_keys,
+                &binding,
+                work.key_version,
+                &work.envelope,
+            )
+            .map(|p| p.to_vec())
     }
 
     async fn ack(&self, op: &str, outcome: Outcome) {
@@ -847,7 +872,7 @@ async fn planted_token_and_credential_records_are_refused() {
     let plain = agent
         .keys
         .open(
-            &env.tenants.signer().public_key(),
+            &[env.tenants.signer().public_key()],
             &binding,
             work.key_version,
             &work.envelope,
@@ -1772,7 +1797,7 @@ async fn a_redis_dump_and_the_master_key_open_no_queued_password() {
     let plain = agent
         .keys
         .open(
-            &env.tenants.signer().public_key(),
+            &[env.tenants.signer().public_key()],
             &binding,
             work.key_version,
             &work.envelope,
@@ -2002,6 +2027,128 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
         assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
         assert!(err.message().contains("was revoked"), "{}", err.message());
     }
+    env.shutdown.cancel();
+}
+
+/// Master-key rotation loses nothing in flight: with replicas on the new key (the old one as
+/// previous), `rotate-master-key` re-MACs every record; a token, an agent credential and a
+/// forest switch then verify under the new key alone; work signed under the old key before the
+/// rotation still opens at the agent (the Welcome names both signing keys) and its answer
+/// reaches the caller; new work is signed under the new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_rotation_loses_nothing_in_flight() {
+    let env = start().await;
+    let (agent, secret) = connected_agent(&env, "i1", 4).await;
+    env.tenants
+        .set_forest(
+            &ACME,
+            &FOREST_ID,
+            &cloud_gateway::tenants::ForestSettingsChange {
+                allow_protected_accounts: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut agent = agent;
+    let caller = {
+        let token = env.token.expose().to_owned();
+        let channel = env.channel().await.unwrap();
+        tokio::spawn(async move {
+            let mut c = WritebackClient::new(channel);
+            let mut req = tonic::Request::new(reset_of("alice", "rot-1", 10_000));
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            c.submit(req).await.map(tonic::Response::into_inner)
+        })
+    };
+    let before = agent
+        .next_work(Duration::from_secs(5))
+        .await
+        .expect("delivered");
+    agent.open(&before).expect("opens under the old key");
+
+    let new_key = KeyBytes::generate().unwrap();
+    let old_key = env.key.clone();
+    let other = env
+        .start_replica_with("gw-2", |c| {
+            c.master_key = new_key.clone();
+            c.previous_master_key = Some(old_key.clone());
+        })
+        .await;
+    let rotating = Tenants::rotating(env.store.clone(), new_key.clone(), Some(env.key.clone()));
+    let done = rotating.remac_all().await.unwrap();
+    assert_eq!(done.unverified, 0, "{done:?}");
+    assert!(
+        done.records >= 3,
+        "token, agent credential, forest switches: {done:?}"
+    );
+    let only_new = Tenants::new(env.store.clone(), new_key.clone());
+    assert_eq!(
+        only_new.tenant_for_token(env.token.expose()).await.unwrap(),
+        Some(ACME.clone())
+    );
+    assert!(only_new
+        .authenticate_agent(&format!("a1.{}", secret.expose()))
+        .await
+        .unwrap()
+        .is_ok());
+    assert!(
+        only_new
+            .forest(&ACME, &FOREST_ID)
+            .await
+            .unwrap()
+            .allow_protected_accounts
+    );
+
+    // The agent moves to the new replica: the unanswered work comes again and still opens.
+    drop(agent);
+    let mut agent = ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i1", 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        agent.signing_keys.len(),
+        2,
+        "the Welcome names both signing keys"
+    );
+    let again = agent
+        .next_work(Duration::from_secs(5))
+        .await
+        .expect("redelivered");
+    assert_eq!(again.operation_id, "rot-1");
+    agent
+        .open(&again)
+        .expect("work signed before the rotation still opens");
+    agent.ack("rot-1", Outcome::Applied).await;
+    let r = caller.await.unwrap().unwrap();
+    assert_eq!(
+        Outcome::try_from(r.outcome).unwrap(),
+        Outcome::Applied,
+        "{r:?}"
+    );
+
+    // New work is signed under the new key.
+    let (_, work) = tokio::join!(
+        env.send_to(other, reset_of("bob", "rot-2", 1500), env.token.expose()),
+        agent.next_work(Duration::from_secs(5))
+    );
+    let work = work.expect("delivered");
+    let binding = relay::envelope::Binding {
+        tenant_id: &work.tenant_id,
+        forest: &work.forest,
+        operation_id: &work.operation_id,
+        deadline_unix_ms: work.deadline_unix_ms,
+        traceparent: &work.traceparent,
+    };
+    agent
+        .keys
+        .open(
+            &[only_new.signer().public_key()],
+            &binding,
+            work.key_version,
+            &work.envelope,
+        )
+        .expect("signed under the new key");
     env.shutdown.cancel();
 }
 

@@ -382,7 +382,9 @@ impl Agent {
             forest: w.forest,
             replica: w.replica,
             keys,
-            gateway_signing_key: w.operation_signing_key,
+            gateway_signing_keys: std::iter::once(w.operation_signing_key)
+                .chain(w.previous_signing_keys)
+                .collect(),
             allow_protected: w.allow_protected_accounts,
             answer_grace: Duration::from_millis(u64::from(w.answer_grace_ms)),
             heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(500))),
@@ -402,8 +404,8 @@ struct Session {
     replica: String,
     /// The keys work is opened with (the current one is what this session announced).
     keys: Arc<AgentKeyring>,
-    /// The gateway's Ed25519 key (from the Welcome): work it did not sign is refused.
-    gateway_signing_key: Vec<u8>,
+    /// The gateway's Ed25519 keys (from the Welcome): work none of them signed is refused.
+    gateway_signing_keys: Vec<Vec<u8>>,
     allow_protected: bool,
     /// How long after a deadline the gateway still records an answer.
     answer_grace: Duration,
@@ -690,7 +692,7 @@ impl Session {
         };
         let opened = tracing::info_span!("agent.open").in_scope(|| {
             self.keys.open(
-                &self.gateway_signing_key,
+                &self.gateway_signing_keys,
                 &binding,
                 work.key_version,
                 &work.envelope,

@@ -263,6 +263,7 @@ impl AgentLink for ScriptedLink {
             allow_protected_accounts: false,
             gateway_time_unix_ms: relay::now_unix_ms() + self.clock_ahead.load(Ordering::SeqCst),
             answer_grace_ms: 1000,
+            previous_signing_keys: Vec::new(),
         };
         tx.send(Ok(GatewayFrame {
             frame: Some(gateway_frame::Frame::Welcome(welcome)),
