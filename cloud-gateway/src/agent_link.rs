@@ -861,6 +861,26 @@ impl Session {
         };
         match recorded {
             Ok(Completion::Recorded { caller_replica }) => {
+                self.gw.config.audit.record(&crate::audit::Record {
+                    record: "outcome",
+                    at_unix_ms: relay::now_unix_ms(),
+                    actor: format!("agent:{}", self.identity.agent_id),
+                    tenant: self.identity.tenant.as_str(),
+                    forest: self.identity.forest.as_str(),
+                    operation_id: op.as_str(),
+                    action: &kind,
+                    outcome: outcome.as_str_name(),
+                    detail: if violation == PolicyViolation::Unspecified {
+                        String::new()
+                    } else {
+                        violation.as_str_name().to_owned()
+                    },
+                    agent_id: &self.identity.agent_id,
+                    agent_instance: &self.instance,
+                    replica: &self.gw.config.replica_id,
+                    took_ms: Some(u64::from(ack.total_ms)),
+                    ..Default::default()
+                });
                 tracing::info!(event = "WB1022",
                     operation_id = %ack.operation_id,
                     agent_id = %self.identity.agent_id,

@@ -83,9 +83,10 @@ impl From<TenantError> for GatewayError {
     }
 }
 
-impl From<GatewayError> for Status {
-    fn from(e: GatewayError) -> Self {
-        let code = match &e {
+impl GatewayError {
+    /// The gRPC code callers get for it.
+    pub fn code(&self) -> Code {
+        match self {
             GatewayError::Unauthenticated
             | GatewayError::UnknownToken
             | GatewayError::AgentRefused(_)
@@ -102,7 +103,13 @@ impl From<GatewayError> for Status {
             | GatewayError::QueueFull { .. }
             | GatewayError::TenantQueueFull { .. } => Code::ResourceExhausted,
             GatewayError::Internal(_) => Code::Internal,
-        };
+        }
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Self {
+        let code = e.code();
         match &e {
             GatewayError::Store(inner) => {
                 crate::metrics::get().redis_errors.inc();

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agent_link;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod enroll;
@@ -81,6 +82,8 @@ pub struct GatewayConfig {
     /// The agent CA: with it, agents enroll (`AgentEnrollment`) and authenticate by client
     /// certificate (mutual TLS); without it, only by registered secrets.
     pub agent_ca: Option<Arc<enroll::AgentCa>>,
+    /// Where audit records go (`audit.rs`; off unless set, `serve` defaults to stdout).
+    pub audit: Arc<audit::Audit>,
     /// Most operations one forest's queue holds before Submit answers `RESOURCE_EXHAUSTED`.
     pub forest_queue_limit: u64,
     /// Most unsettled operations one tenant may have over all its forests before Submit
@@ -121,6 +124,7 @@ impl GatewayConfig {
             tenant_queue_limit: 50_000,
             user_limits: limits::UserLimits::default(),
             agent_ca: None,
+            audit: Arc::new(audit::Audit::Off),
         }
     }
 }

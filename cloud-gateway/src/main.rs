@@ -86,6 +86,10 @@ struct ServeArgs {
         requires = "agent_ca_cert_file"
     )]
     agent_ca_key_file: Option<PathBuf>,
+    /// Where audit records go: `-` (stdout, apart from the logs on stderr), `stderr`, `off`,
+    /// or a file appended to (created 0600).
+    #[arg(long, env = "WRITEBACK_AUDIT_LOG", default_value = "-")]
+    audit_log: String,
     /// Lifetime of the agent certificates it issues, in seconds (agents renew at half).
     #[arg(long, env = "WRITEBACK_AGENT_CERT_TTL_SECS", default_value_t = 86_400)]
     agent_cert_ttl_secs: u64,
@@ -191,6 +195,15 @@ impl Common {
 struct AdminArgs {
     #[command(subcommand)]
     command: AdminCommand,
+    /// Where the audit record of the command goes: `stderr` (stdout carries what the command
+    /// prints), `off`, or a file appended to (created 0600), e.g. the gateway's.
+    #[arg(
+        long,
+        global = true,
+        env = "WRITEBACK_ADMIN_AUDIT_LOG",
+        default_value = "stderr"
+    )]
+    audit_log: String,
 }
 
 #[derive(Subcommand)]
@@ -329,13 +342,98 @@ async fn main() -> anyhow::Result<()> {
             telemetry.shutdown();
             result
         }
-        Command::Admin(AdminArgs { command }) => admin_command(command).await,
+        Command::Admin(AdminArgs { command, audit_log }) => {
+            admin_command(command, &audit_log).await
+        }
         Command::Health(args) => health(args).await,
     }
 }
 
-async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
+/// What an admin command acts on, for its audit record.
+struct AuditTarget {
+    action: &'static str,
+    tenant: String,
+    forest: String,
+    agent_id: String,
+}
+
+impl AdminCommand {
+    fn audit_target(&self) -> Option<AuditTarget> {
+        let t = |_: &Common, action, tenant: &str, forest: &str, agent_id: &str| {
+            Some(AuditTarget {
+                action,
+                tenant: tenant.to_owned(),
+                forest: forest.to_owned(),
+                agent_id: agent_id.to_owned(),
+            })
+        };
+        match self {
+            Self::GenMasterKey | Self::InitAgentCa { .. } | Self::ListAgents { .. } => None,
+            Self::CreateTenant { common, tenant, .. } => t(common, "create-tenant", tenant, "", ""),
+            Self::RegisterAgent {
+                common,
+                tenant,
+                forest,
+                agent_id,
+            } => t(common, "register-agent", tenant, forest, agent_id),
+            Self::EnrollAgent {
+                common,
+                tenant,
+                forest,
+                agent_id,
+                ..
+            } => t(common, "enroll-agent", tenant, forest, agent_id),
+            Self::RotateMasterKey { common } => t(common, "rotate-master-key", "", "", ""),
+            Self::RevokeAgent {
+                common,
+                tenant,
+                agent_id,
+            } => t(common, "revoke-agent", tenant, "", agent_id),
+            Self::SetForest {
+                common,
+                tenant,
+                forest,
+                ..
+            } => t(common, "set-forest", tenant, forest, ""),
+        }
+    }
+}
+
+/// Runs an admin command and writes its audit record (also when it failed).
+async fn admin_command(command: AdminCommand, audit_log: &str) -> anyhow::Result<()> {
     relay::telemetry::init_logging();
+    let target = command.audit_target();
+    let started = std::time::Instant::now();
+    let result = admin_command_run(command).await;
+    if let Some(t) = target {
+        let audit = cloud_gateway::audit::Audit::open(audit_log)?;
+        audit.record(&cloud_gateway::audit::Record {
+            record: "admin",
+            at_unix_ms: relay::now_unix_ms(),
+            actor: format!(
+                "admin:{}",
+                std::env::var("SUDO_USER")
+                    .or_else(|_| std::env::var("USER"))
+                    .unwrap_or_else(|_| "unknown".into())
+            ),
+            tenant: &t.tenant,
+            forest: &t.forest,
+            agent_id: &t.agent_id,
+            action: t.action,
+            outcome: if result.is_ok() { "OK" } else { "FAILED" },
+            detail: result
+                .as_ref()
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default(),
+            took_ms: Some(started.elapsed().as_millis() as u64),
+            ..Default::default()
+        });
+    }
+    result
+}
+
+async fn admin_command_run(command: AdminCommand) -> anyhow::Result<()> {
     {
         match command {
             AdminCommand::GenMasterKey => {
@@ -501,6 +599,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.tls_key,
     );
     config.previous_master_key = previous;
+    config.audit = std::sync::Arc::new(cloud_gateway::audit::Audit::open(&args.audit_log)?);
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
     config.canary_interval = Duration::from_secs(args.canary_interval_secs);

@@ -121,6 +121,7 @@ impl WritebackService {
         if let Some(action) = req.action.as_mut() {
             action.zeroize();
         }
+        self.audit_submit(&tenant, &req, kind, &result, started.elapsed());
         if let Ok(resp) = &result {
             let m = crate::metrics::get();
             let outcome = Outcome::try_from(resp.outcome)
@@ -134,6 +135,58 @@ impl WritebackService {
                 .observe(started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// One audit record per Submit: who asked what for whom, and what they were answered.
+    fn audit_submit(
+        &self,
+        tenant: &TenantId,
+        req: &SubmitRequest,
+        kind: &str,
+        result: &Result<SubmitResponse, GatewayError>,
+        took: Duration,
+    ) {
+        let user = req
+            .user
+            .as_ref()
+            .and_then(|u| u.id.as_ref())
+            .map(store::user_label)
+            .unwrap_or_default();
+        let (operation_id, outcome, detail, trace_id) = match result {
+            Ok(r) => (
+                r.operation_id.as_str(),
+                Outcome::try_from(r.outcome)
+                    .unwrap_or_default()
+                    .as_str_name(),
+                String::new(),
+                r.trace_id.as_str(),
+            ),
+            Err(e) => (
+                req.operation_id.as_str(),
+                e.code().description(),
+                e.to_string(),
+                "",
+            ),
+        };
+        self.gw.config.audit.record(&crate::audit::Record {
+            record: "operation",
+            at_unix_ms: relay::now_unix_ms(),
+            actor: format!("tenant:{tenant}"),
+            tenant: tenant.as_str(),
+            forest: req.user.as_ref().map_or("", |u| u.forest.as_str()),
+            user: &user,
+            operation_id,
+            action: kind,
+            initiator: relay::proto::Initiator::try_from(req.initiator)
+                .unwrap_or_default()
+                .as_str_name(),
+            outcome,
+            detail,
+            replica: &self.gw.config.replica_id,
+            took_ms: Some(took.as_millis() as u64),
+            trace_id,
+            ..Default::default()
+        });
     }
 
     async fn submit_validated(

@@ -2152,6 +2152,64 @@ async fn a_master_key_rotation_loses_nothing_in_flight() {
     env.shutdown.cancel();
 }
 
+/// The audit trail: one record per Submit (who, what, for whom, the answer; refusals too) and
+/// one per outcome an agent reported (which agent), in a private file apart from the logs, with
+/// no password or token in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_and_outcome_is_audited_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let audit =
+        std::sync::Arc::new(cloud_gateway::audit::Audit::open(path.to_str().unwrap()).unwrap());
+    let env = start_configured(|c| c.audit = audit).await;
+    let (mut agent, secret) = connected_agent(&env, "i1", 4).await;
+    let (r, _) = tokio::join!(env.submit("audited-1", 3000), async {
+        agent
+            .next_work(Duration::from_secs(5))
+            .await
+            .expect("delivered");
+        agent.ack("audited-1", Outcome::Applied).await;
+    });
+    assert_eq!(
+        Outcome::try_from(r.unwrap().outcome).unwrap(),
+        Outcome::Applied
+    );
+    let mut bad = reset_of("alice", "audited-2", 1000);
+    bad.user.as_mut().unwrap().forest = "other.example.test".into();
+    let refused = env.send(bad, env.token.expose()).await.unwrap();
+    assert_eq!(
+        Outcome::try_from(refused.outcome).unwrap(),
+        Outcome::AgentUnavailable
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |kind: &str, op: &str| {
+        records
+            .iter()
+            .find(|r| r["record"] == kind && r["operation_id"] == op)
+            .unwrap_or_else(|| panic!("no {kind} record for {op}: {text}"))
+    };
+    let asked = find("operation", "audited-1");
+    assert_eq!(asked["actor"], "tenant:acme");
+    assert_eq!(asked["user"], "sam:alice");
+    assert_eq!(asked["action"], "reset");
+    assert_eq!(asked["outcome"], "APPLIED");
+    let done = find("outcome", "audited-1");
+    assert_eq!(done["agent_id"], "a1");
+    assert_eq!(done["agent_instance"], "i1");
+    assert_eq!(
+        find("operation", "audited-2")["outcome"],
+        "AGENT_UNAVAILABLE"
+    );
+    for secret in ["Scripted#Pass1", env.token.expose(), secret.expose()] {
+        assert!(!text.contains(secret), "a secret in the audit log");
+    }
+    env.shutdown.cancel();
+}
+
 /// Every value of every stream in Redis, concatenated.
 async fn e2e_free_dump(url: &str) -> Vec<u8> {
     let client = redis::Client::open(url).unwrap();
