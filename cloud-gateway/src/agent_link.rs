@@ -571,6 +571,17 @@ impl Session {
         let _ = dispatcher.await;
         let _ = heartbeats.await;
         let in_flight = self.in_flight_count();
+        if gw.shutdown.is_cancelled() {
+            // Draining: the agent moves to another replica at once instead of backing off.
+            let moving = relay::proto::Moving {
+                replica: gw.config.replica_id.clone(),
+            };
+            let _ = self
+                .tx
+                .send(Outbound::Frame(frame(gateway_frame::Frame::Moving(moving))))
+                .await;
+            tracing::info!(event = "WB1033", agent_id = %self.identity.agent_id, in_flight, "replica draining: agent told to move");
+        }
         // Unacknowledged work stays pending for this instance: it is sent again when the
         // instance reconnects, or settled by the deadline rules. Its permits go with the map.
         self.in_flight.lock().expect("in-flight map").clear();

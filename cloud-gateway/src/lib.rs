@@ -282,6 +282,7 @@ pub async fn run(
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let serve_shutdown = shutdown.clone();
+    let serve_replica = gateway.config.replica_id.clone();
     let result = Server::builder()
         .layer(auth::AuthLayer::new(gateway.clone()))
         .tls_config(tls)?
@@ -306,6 +307,12 @@ pub async fn run(
         .add_optional_service(enrollment)
         .serve_with_incoming_shutdown(incoming, async move {
             serve_shutdown.cancelled().await;
+            // Readiness first: load balancers send new callers and agents elsewhere.
+            health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health_reporter
+                .set_not_serving::<AgentLinkServer<agent_link::AgentLinkService>>()
+                .await;
+            tracing::info!(event = "WB1034", replica = %serve_replica, "draining: readiness NOT_SERVING; agents are told to move once their work is answered");
             health_reporter
                 .set_not_serving::<WritebackServer<writeback::WritebackService>>()
                 .await;

@@ -73,6 +73,8 @@ pub struct Agent {
     /// This agent's sealing keys (read again at each connection, so a rotation made by
     /// `onprem-agent rotate-key` is announced at the next one).
     keys: Mutex<Arc<AgentKeyring>>,
+    /// Set when the last session ended because its replica was draining.
+    moving: std::sync::atomic::AtomicBool,
     /// The stream of the live session, where acknowledgments go, also those of work started
     /// on a session that has ended since (the gateway re-sent it on the new one).
     current: Mutex<Option<mpsc::Sender<AgentFrame>>>,
@@ -96,6 +98,7 @@ impl Agent {
             instance_id,
             journal,
             keys: Mutex::new(Arc::new(keys)),
+            moving: std::sync::atomic::AtomicBool::new(false),
             current: Mutex::new(None),
         }))
     }
@@ -153,7 +156,12 @@ impl Agent {
             if started.elapsed() > Duration::from_secs(30) {
                 backoff.reset();
             }
-            let delay = backoff.next_delay();
+            let delay = if self.moving.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                backoff.reset();
+                Duration::ZERO
+            } else {
+                backoff.next_delay()
+            };
             match result {
                 Ok(()) => tracing::info!(
                     event = "WB2002",
@@ -247,6 +255,8 @@ impl Agent {
         // (which keeps the certificate it started with) asks no more.
         let mut renewing: Option<Secret> = None;
         let mut renewed = false;
+        // Told by a draining replica to move: reconnect without backing off.
+        let mut moving = false;
         let mut tick = tokio::time::interval(heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -275,6 +285,10 @@ impl Agent {
                             Some(gateway_frame::Frame::Renewed(r)) => {
                                 renewed = self.renewed(&r, renewing.take());
                             }
+                            Some(gateway_frame::Frame::Moving(m)) => {
+                                tracing::info!(event = "WB2005", replica = %m.replica, "gateway replica draining: reconnecting at once");
+                                moving = true;
+                            }
                             Some(gateway_frame::Frame::Welcome(_)) | None => {
                                 tracing::warn!("unexpected frame from gateway; ignored");
                             }
@@ -286,6 +300,8 @@ impl Agent {
             }
         };
         m.connected.set(0);
+        self.moving
+            .store(moving, std::sync::atomic::Ordering::SeqCst);
         self.current.lock().expect("current stream").take();
         // Let operations already started finish and send their acknowledgments (bounded).
         session.tasks.close();
