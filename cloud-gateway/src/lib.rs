@@ -41,6 +41,8 @@ pub struct GatewayConfig {
     /// Name of this replica (pod name); callers' outcomes are routed to it.
     pub replica_id: String,
     pub redis_url: String,
+    /// TLS files, password file and replica acknowledgments for Redis.
+    pub redis: store::RedisOptions,
     /// Key-encryption key for tenant keys at rest.
     pub master_key: KeyBytes,
     pub tls_cert: PathBuf,
@@ -88,6 +90,7 @@ impl GatewayConfig {
         Self {
             replica_id: replica_id.into(),
             redis_url: redis_url.into(),
+            redis: store::RedisOptions::default(),
             master_key,
             tls_cert,
             tls_key,
@@ -171,7 +174,7 @@ pub async fn run(
     let key = relay::tls::read_key_pem(&config.tls_key)?;
     let identity = Identity::from_pem(cert, key.as_slice());
 
-    let store = Store::connect(&config.redis_url)
+    let store = Store::connect_with(&config.redis_url, &config.redis)
         .await?
         .for_replica(&config.replica_id);
     let tenants = Tenants::new(store.clone(), config.master_key.clone());

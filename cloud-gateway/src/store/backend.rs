@@ -345,7 +345,12 @@ fn tls_files(opts: &RedisOptions, tls: bool) -> Result<Option<TlsCertificates>> 
 fn hint(e: &RedisError, tls: bool) -> &'static str {
     let text = e.to_string();
     let lower = text.to_ascii_lowercase();
-    if e.code() == Some("WRONGPASS") || e.code() == Some("NOAUTH") || lower.contains("wrongpass") {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || e.code() == Some("WRONGPASS")
+        || e.code() == Some("NOAUTH")
+        || lower.contains("wrongpass")
+        || lower.contains("noauth")
+    {
         " (the ACL user or its password is wrong, or the user is disabled: check the URL's user and --redis-password-file)"
     } else if lower.contains("certificate") || lower.contains("unknownissuer") {
         " (the server's certificate does not verify: check --redis-ca-file and that the certificate names the host in --redis-url)"
@@ -419,14 +424,24 @@ fn client_for(info: ConnectionInfo, certs: Option<&TlsCertificates>) -> RedisRes
 /// made from.
 pub(super) async fn connect(url: &str, opts: &RedisOptions) -> Result<(Backend, Conn)> {
     let target = Target::parse(url, opts)?;
+    let (backend, mut conn) = connect_target(&target).await?;
+    // A connection without credentials is made even where they are needed: ask once.
+    redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| connect_error(&target, e))?;
+    Ok((backend, conn))
+}
+
+async fn connect_target(target: &Target) -> Result<(Backend, Conn)> {
     match &target.topology {
         Topology::Single => {
             let client = client_for(target.nodes[0].clone(), target.certs.as_ref())
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             let conn = client
                 .get_connection_manager_with_config(manager_config())
                 .await
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             Ok((Backend::Single { client }, Conn::Single(conn)))
         }
         Topology::Cluster => {
@@ -452,19 +467,19 @@ pub(super) async fn connect(url: &str, opts: &RedisOptions) -> Result<(Backend, 
                 }
                 b.build()
             };
-            let main = builder(RESPONSE_TIMEOUT).map_err(|e| connect_error(&target, e))?;
+            let main = builder(RESPONSE_TIMEOUT).map_err(|e| connect_error(target, e))?;
             let blocking = builder(RESPONSE_TIMEOUT + super::MAX_BLOCK)
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             let conn = main
                 .get_async_connection()
                 .await
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             let nodes = target
                 .nodes
                 .iter()
                 .map(|n| client_for(n.clone(), target.certs.as_ref()))
                 .collect::<RedisResult<Vec<_>>>()
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             Ok((
                 Backend::Cluster {
                     blocking: Box::new(blocking),
@@ -477,7 +492,7 @@ pub(super) async fn connect(url: &str, opts: &RedisOptions) -> Result<(Backend, 
         Topology::Sentinel { master } => {
             let addrs = target.nodes.iter().map(|n| n.addr().clone());
             let mut b = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             if target.tls {
                 b = b
                     .set_client_to_redis_tls_mode(TlsMode::Secure)
@@ -494,7 +509,7 @@ pub(super) async fn connect(url: &str, opts: &RedisOptions) -> Result<(Backend, 
             if let Some(p) = &target.password {
                 b = b.set_client_to_redis_password(p.expose());
             }
-            let client = b.build().map_err(|e| connect_error(&target, e))?;
+            let client = b.build().map_err(|e| connect_error(target, e))?;
             let sentinel = Arc::new(SentinelMaster {
                 client: tokio::sync::Mutex::new(client),
                 current: Mutex::new(None),
@@ -502,7 +517,7 @@ pub(super) async fn connect(url: &str, opts: &RedisOptions) -> Result<(Backend, 
             sentinel
                 .manager()
                 .await
-                .map_err(|e| connect_error(&target, e))?;
+                .map_err(|e| connect_error(target, e))?;
             Ok((
                 Backend::Sentinel(sentinel.clone()),
                 Conn::Sentinel(sentinel),

@@ -1,0 +1,598 @@
+//! Redis as production runs it: a TLS server with an ACL user ([`TlsRedis`]), a Redis Cluster
+//! of masters with replicas ([`RedisCluster`]) and a master with a replica watched by Redis
+//! Sentinel ([`RedisSentinel`]), all on free loopback ports, every process in a directory under
+//! `target/testkit/redis` (so `scripts/check-leftovers.sh` sees one left behind) and killed on
+//! drop. Every wait is bounded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{free_port, redis_cli, redis_dir, RedisServer, TestCa};
+
+/// Polls `check` every 50 ms until it gives `Some`, for at most `within`.
+fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if start.elapsed() > within {
+            bail!("{what}: not within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `field:value` lines of an `INFO` or `CLUSTER INFO` reply.
+fn info_field(info: &str, field: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{field}:")))
+        .map(str::to_owned)
+}
+
+/// A Redis server speaking only TLS (certificate of a [`TestCa`] for 127.0.0.1), with the
+/// default user disabled and one ACL user allowed everything.
+pub struct TlsRedis {
+    pub server: RedisServer,
+    pub ca: TestCa,
+    pub user: String,
+    pub password: String,
+}
+
+impl TlsRedis {
+    /// # Errors
+    /// When `redis-server` (built with TLS) is missing or does not come up.
+    pub fn start(user: &str, password: &str) -> anyhow::Result<Self> {
+        let ca = TestCa::new(&["127.0.0.1", "localhost"])?;
+        let (cert, key, cafile) = (
+            ca.cert_file().display().to_string(),
+            ca.key_file().display().to_string(),
+            ca.ca_file().display().to_string(),
+        );
+        let server = RedisServer::start_custom(false, |port| {
+            let mut args: Vec<String> = vec![
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                cert.clone(),
+                "--tls-key-file".into(),
+                key.clone(),
+                "--tls-ca-cert-file".into(),
+                cafile.clone(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ];
+            args.extend(acl_args(user, password));
+            let cli = vec![
+                "--tls".into(),
+                "--cacert".into(),
+                cafile.clone(),
+                "--user".into(),
+                user.into(),
+                "--pass".into(),
+                password.into(),
+                "--no-auth-warning".into(),
+            ];
+            (args, cli)
+        })?;
+        Ok(Self {
+            server,
+            ca,
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    /// `rediss://<user>@127.0.0.1:<port>` (no password: give it in a file).
+    pub fn url(&self) -> String {
+        format!("rediss://{}@127.0.0.1:{}", self.user, self.server.port())
+    }
+}
+
+/// Arguments that disable the default user and add `user` with every right.
+fn acl_args(user: &str, password: &str) -> Vec<String> {
+    vec![
+        "--user".into(),
+        "default".into(),
+        "off".into(),
+        "--user".into(),
+        user.into(),
+        "on".into(),
+        format!(">{password}"),
+        "~*".into(),
+        "&*".into(),
+        "+@all".into(),
+    ]
+}
+
+/// One node of a [`RedisCluster`].
+struct Node {
+    port: u16,
+    bus: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-port", &self.bus.to_string()])
+            .args(["--cluster-node-timeout", "1000"])
+            // A replica may take over however long it was cut off from its master.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--save", "", "--protected-mode", "no"])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (run scripts/install-deps.sh)")?;
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("cluster node answers PING", Duration::from_secs(5), || {
+            cli(port, &["PING"]).ok().filter(|o| o.trim() == "PONG")
+        })?;
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
+    redis_cli(port, &[], args)
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+struct NodeLine {
+    id: String,
+    port: u16,
+    master: bool,
+    failed: bool,
+    master_id: String,
+    has_slots: bool,
+}
+
+fn parse_nodes(out: &str) -> Vec<NodeLine> {
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            Some(NodeLine {
+                id: f[0].to_owned(),
+                port,
+                master: f[2].contains("master"),
+                failed: f[2].contains("fail"),
+                master_id: f[3].to_owned(),
+                has_slots: f.len() > 8,
+            })
+        })
+        .collect()
+}
+
+/// A Redis Cluster on loopback: `masters` masters with `replicas_per_master` replicas each,
+/// durable (append-only, fsynced), node timeout 1 s.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster (`redis-cli --cluster create`) and waits until
+    /// every node says the cluster is ok and every replica is in sync.
+    ///
+    /// # Errors
+    /// When a node does not come up or the cluster does not form.
+    pub fn start(masters: usize, replicas_per_master: usize) -> anyhow::Result<Self> {
+        let mut cluster = Self { nodes: Vec::new() };
+        for _ in 0..masters * (1 + replicas_per_master) {
+            let mut node = Node {
+                port: free_port()?,
+                bus: free_port()?,
+                dir: redis_dir()?,
+                child: None,
+            };
+            node.spawn()?;
+            cluster.nodes.push(node);
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("timeout")
+            .arg("30")
+            .arg("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas_per_master.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .output()
+            .context("redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        cluster.wait_healthy(masters, Duration::from_secs(20))?;
+        Ok(cluster)
+    }
+
+    /// `redis+cluster://127.0.0.1:<port>,…` with every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// The cluster as a live node sees it.
+    fn view(&self) -> anyhow::Result<Vec<NodeLine>> {
+        let mut last = None;
+        for port in self.live_ports() {
+            match cli(port, &["CLUSTER", "NODES"]) {
+                Ok(out) => return Ok(parse_nodes(&out)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no live node")))
+    }
+
+    /// Ports of the masters serving slots (not failed).
+    ///
+    /// # Errors
+    /// When no node answers.
+    pub fn masters(&self) -> anyhow::Result<Vec<u16>> {
+        let mut m: Vec<u16> = self
+            .view()?
+            .into_iter()
+            .filter(|n| n.master && !n.failed && n.has_slots)
+            .map(|n| n.port)
+            .collect();
+        m.sort_unstable();
+        Ok(m)
+    }
+
+    /// The port of a live replica of the master on `master`.
+    ///
+    /// # Errors
+    /// When no node answers or the master has no live replica.
+    pub fn replica_of(&self, master: u16) -> anyhow::Result<u16> {
+        let view = self.view()?;
+        let id = view
+            .iter()
+            .find(|n| n.port == master)
+            .map(|n| n.id.clone())
+            .context("no such master")?;
+        view.iter()
+            .find(|n| !n.master && !n.failed && n.master_id == id)
+            .map(|n| n.port)
+            .with_context(|| format!("master {master} has no live replica"))
+    }
+
+    /// Keys matching `pattern` on the node at `port` (`SCAN`).
+    ///
+    /// # Errors
+    /// When the node does not answer.
+    pub fn keys_on(&self, port: u16, pattern: &str) -> anyhow::Result<usize> {
+        let out = cli(port, &["--scan", "--pattern", pattern])?;
+        Ok(out.lines().filter(|l| !l.is_empty()).count())
+    }
+
+    /// A manual failover: `CLUSTER FAILOVER` on a replica of `master`, which becomes master
+    /// (nothing acknowledged is lost: the replica catches up first). Returns the new master.
+    ///
+    /// # Errors
+    /// When it does not complete within 15 s.
+    pub fn failover(&self, master: u16) -> anyhow::Result<u16> {
+        let replica = self.replica_of(master)?;
+        let out = cli(replica, &["CLUSTER", "FAILOVER"])?;
+        if !out.contains("OK") {
+            bail!("CLUSTER FAILOVER on {replica}: {out}");
+        }
+        self.wait_took_over(replica, Duration::from_secs(15))
+    }
+
+    /// Kills the node at `port` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.kill();
+        }
+    }
+
+    /// Kills the master at `master` with SIGKILL and waits until its replica took over and
+    /// the cluster is ok again. Returns the new master.
+    ///
+    /// # Errors
+    /// When no replica takes over within 20 s.
+    pub fn kill_master(&mut self, master: u16) -> anyhow::Result<u16> {
+        let replica = self.replica_of(master)?;
+        self.kill(master);
+        self.wait_took_over(replica, Duration::from_secs(20))
+    }
+
+    /// Starts a killed node again (same port and files): it rejoins as a replica of the node
+    /// that took over. Waits until it is in sync.
+    ///
+    /// # Errors
+    /// When it does not come back in sync within 20 s.
+    pub fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .context("no such node")?;
+        node.kill();
+        node.spawn()?;
+        wait_for("the restarted node syncs", Duration::from_secs(20), || {
+            let info = cli(port, &["INFO", "replication"]).ok()?;
+            (info_field(&info, "role").as_deref() == Some("slave")
+                && info_field(&info, "master_link_status").as_deref() == Some("up"))
+            .then_some(())
+        })?;
+        self.wait_ok(Duration::from_secs(20))
+    }
+
+    /// Waits until `replica` says it is master and the cluster is ok; returns it.
+    fn wait_took_over(&self, replica: u16, within: Duration) -> anyhow::Result<u16> {
+        wait_for("the replica takes over", within, || {
+            cli(replica, &["ROLE"])
+                .ok()
+                .filter(|r| r.starts_with("master"))
+        })?;
+        self.wait_ok(within)?;
+        Ok(replica)
+    }
+
+    /// Every live node says `cluster_state:ok`.
+    fn wait_ok(&self, within: Duration) -> anyhow::Result<()> {
+        wait_for("cluster_state:ok on every live node", within, || {
+            self.live_ports()
+                .iter()
+                .all(|p| {
+                    cli(*p, &["CLUSTER", "INFO"])
+                        .is_ok_and(|i| info_field(&i, "cluster_state").as_deref() == Some("ok"))
+                })
+                .then_some(())
+        })
+    }
+
+    fn wait_healthy(&self, masters: usize, within: Duration) -> anyhow::Result<()> {
+        self.wait_ok(within)?;
+        wait_for("every node known and every replica in sync", within, || {
+            let all_known = self.live_ports().iter().all(|p| {
+                cli(*p, &["CLUSTER", "NODES"])
+                    .is_ok_and(|o| parse_nodes(&o).len() == self.nodes.len())
+            });
+            let synced = self.live_ports().iter().all(|p| {
+                let Ok(info) = cli(*p, &["INFO", "replication"]) else {
+                    return false;
+                };
+                info_field(&info, "role").as_deref() == Some("master")
+                    || info_field(&info, "master_link_status").as_deref() == Some("up")
+            });
+            (all_known && synced && self.masters().is_ok_and(|m| m.len() == masters)).then_some(())
+        })
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+}
+
+/// The master name every [`RedisSentinel`] monitors.
+pub const SENTINEL_MASTER: &str = "wbmaster";
+
+/// A master and one replica (both durable) watched by `sentinels` Redis Sentinels (quorum: a
+/// majority), which fail over 1 s after the master stops answering.
+pub struct RedisSentinel {
+    servers: Vec<RedisServer>,
+    sentinels: Vec<(u16, Child, tempfile::TempDir)>,
+}
+
+impl RedisSentinel {
+    /// # Errors
+    /// When a process does not come up, or the sentinels do not see each other and the
+    /// replica within 20 s.
+    pub fn start(sentinels: usize) -> anyhow::Result<Self> {
+        let master = RedisServer::start_durable()?;
+        let mport = master.port();
+        let replica = RedisServer::start_custom(true, |_| {
+            (
+                vec!["--replicaof".into(), "127.0.0.1".into(), mport.to_string()],
+                Vec::new(),
+            )
+        })?;
+        let mut me = Self {
+            servers: vec![master, replica],
+            sentinels: Vec::new(),
+        };
+        let quorum = sentinels / 2 + 1;
+        for _ in 0..sentinels {
+            let port = free_port()?;
+            let dir = redis_dir()?;
+            let conf: PathBuf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {mport} {quorum}\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                    dir = dir.path().display()
+                ),
+            )?;
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start redis-sentinel (run scripts/install-deps.sh)")?;
+            me.sentinels.push((port, child, dir));
+        }
+        let others = sentinels - 1;
+        wait_for(
+            "every sentinel sees the replica and the other sentinels",
+            Duration::from_secs(20),
+            || {
+                me.sentinels
+                    .iter()
+                    .all(|(port, _, _)| {
+                        let m = sentinel_master(*port).unwrap_or_default();
+                        m.get("num-slaves").map(String::as_str) == Some("1")
+                            && m.get("num-other-sentinels") == Some(&others.to_string())
+                    })
+                    .then_some(())
+            },
+        )?;
+        wait_for("the replica is in sync", Duration::from_secs(10), || {
+            let info = cli(me.servers[1].port(), &["INFO", "replication"]).ok()?;
+            (info_field(&info, "master_link_status").as_deref() == Some("up")).then_some(())
+        })?;
+        Ok(me)
+    }
+
+    /// `redis+sentinel://127.0.0.1:<port>,…/wbmaster`.
+    pub fn url(&self) -> String {
+        let s: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|(p, _, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", s.join(","))
+    }
+
+    /// The master's port as the first answering sentinel names it.
+    ///
+    /// # Errors
+    /// When no sentinel answers.
+    pub fn master_port(&self) -> anyhow::Result<u16> {
+        for (port, _, _) in &self.sentinels {
+            if let Ok(out) = cli(
+                *port,
+                &["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER],
+            ) {
+                if let Some(p) = out.lines().nth(1).and_then(|p| p.trim().parse().ok()) {
+                    return Ok(p);
+                }
+            }
+        }
+        bail!("no sentinel names the master")
+    }
+
+    fn server(&mut self, port: u16) -> anyhow::Result<&mut RedisServer> {
+        self.servers
+            .iter_mut()
+            .find(|s| s.port() == port)
+            .context("no such server")
+    }
+
+    /// Kills the master with SIGKILL and waits until the sentinels promoted the replica and it
+    /// says it is master. Returns (old master, new master).
+    ///
+    /// # Errors
+    /// When no failover happens within 20 s.
+    pub fn kill_master(&mut self) -> anyhow::Result<(u16, u16)> {
+        let old = self.master_port()?;
+        self.server(old)?.kill();
+        let new = wait_for(
+            "the sentinels promote the replica",
+            Duration::from_secs(20),
+            || self.master_port().ok().filter(|p| *p != old),
+        )?;
+        wait_for("the new master says so", Duration::from_secs(10), || {
+            cli(new, &["ROLE"]).ok().filter(|r| r.starts_with("master"))
+        })?;
+        Ok((old, new))
+    }
+
+    /// Starts a killed server again; the sentinels make it a replica of the master; waits
+    /// until it is in sync.
+    ///
+    /// # Errors
+    /// When it is not in sync within 20 s.
+    pub fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        self.server(port)?.restart()?;
+        wait_for(
+            "the old master rejoins as a replica",
+            Duration::from_secs(20),
+            || {
+                let info = cli(port, &["INFO", "replication"]).ok()?;
+                (info_field(&info, "role").as_deref() == Some("slave")
+                    && info_field(&info, "master_link_status").as_deref() == Some("up"))
+                .then_some(())
+            },
+        )
+    }
+
+    /// The directory of the server on `port` (where its append-only files are).
+    pub fn dir_of(&self, port: u16) -> Option<&Path> {
+        self.servers
+            .iter()
+            .find(|s| s.port() == port)
+            .map(RedisServer::dir)
+    }
+}
+
+/// `SENTINEL MASTER <name>` as field → value.
+fn sentinel_master(port: u16) -> anyhow::Result<HashMap<String, String>> {
+    let out = cli(port, &["SENTINEL", "MASTER", SENTINEL_MASTER])?;
+    let lines: Vec<&str> = out.lines().collect();
+    Ok(lines
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].trim().to_owned(), c[1].trim().to_owned()))
+        .collect())
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
