@@ -386,11 +386,26 @@ fn tenants(n: usize) -> Vec<TenantId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_cluster_nothing_accepted_is_lost_or_answered_twice_across_failovers() {
-    let cluster = tokio::task::spawn_blocking(|| testkit::RedisCluster::start(3, 1))
+    // As production runs it: TLS everywhere, the default user off, an ACL user.
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let pw = password.clone();
+    let cluster = tokio::task::spawn_blocking(move || {
+        testkit::RedisCluster::start_tls(3, 1, "writeback", &pw)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedisOptions {
+        ca_file: cluster.ca().map(testkit::TestCa::ca_file),
+        password_file: Some(write_secret(dir.path(), "redis.pass", &password, 0o600)),
+        replica_acks: 1,
+        ..RedisOptions::default()
+    };
+    let store = Store::connect_with(&cluster.url(), &options)
         .await
         .unwrap()
-        .unwrap();
-    let store = replicated_store(&cluster.url()).await;
+        .for_replica(REPLICA);
     let tenants = tenants(9);
     let heard = Arc::new(Mutex::new(HashSet::new()));
     let listener = listen(store.clone(), heard.clone());

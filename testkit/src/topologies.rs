@@ -71,17 +71,7 @@ impl TlsRedis {
                 "no".into(),
             ];
             args.extend(acl_args(user, password));
-            let cli = vec![
-                "--tls".into(),
-                "--cacert".into(),
-                cafile.clone(),
-                "--user".into(),
-                user.into(),
-                "--pass".into(),
-                password.into(),
-                "--no-auth-warning".into(),
-            ];
-            (args, cli)
+            (args, tls_cli(&ca, user, password))
         })?;
         Ok(Self {
             server,
@@ -95,6 +85,20 @@ impl TlsRedis {
     pub fn url(&self) -> String {
         format!("rediss://{}@127.0.0.1:{}", self.user, self.server.port())
     }
+}
+
+/// How `redis-cli` reaches a TLS server of `ca` as `user`.
+fn tls_cli(ca: &TestCa, user: &str, password: &str) -> Vec<String> {
+    vec![
+        "--tls".into(),
+        "--cacert".into(),
+        ca.ca_file().display().to_string(),
+        "--user".into(),
+        user.into(),
+        "--pass".into(),
+        password.into(),
+        "--no-auth-warning".into(),
+    ]
 }
 
 /// Arguments that disable the default user and add `user` with every right.
@@ -122,9 +126,21 @@ struct Node {
 }
 
 impl Node {
-    fn spawn(&mut self) -> anyhow::Result<()> {
+    /// `tls`: the TLS and ACL arguments (then the plain port is off) and how `redis-cli`
+    /// reaches the node.
+    fn spawn(&mut self, tls: Option<(&[String], &[String])>) -> anyhow::Result<()> {
+        let (extra, how): (Vec<String>, &[String]) = match tls {
+            Some((args, how)) => {
+                let mut a = vec!["--port".into(), "0".into(), "--tls-port".into()];
+                a.push(self.port.to_string());
+                a.extend(args.iter().cloned());
+                (a, how)
+            }
+            None => (vec!["--port".into(), self.port.to_string()], &[]),
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&extra)
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--cluster-enabled",
                 "yes",
@@ -147,7 +163,9 @@ impl Node {
         self.child = Some(child);
         let port = self.port;
         wait_for("cluster node answers PING", Duration::from_secs(5), || {
-            cli(port, &["PING"]).ok().filter(|o| o.trim() == "PONG")
+            redis_cli(port, how, &["PING"])
+                .ok()
+                .filter(|o| o.trim() == "PONG")
         })?;
         Ok(())
     }
@@ -199,6 +217,16 @@ fn parse_nodes(out: &str) -> Vec<NodeLine> {
 /// durable (append-only, fsynced), node timeout 1 s.
 pub struct RedisCluster {
     nodes: Vec<Node>,
+    /// With TLS: the test CA, the ACL user and password, the nodes' TLS and ACL arguments and
+    /// how `redis-cli` reaches them.
+    tls: Option<ClusterTls>,
+}
+
+struct ClusterTls {
+    ca: TestCa,
+    user: String,
+    args: Vec<String>,
+    how: Vec<String>,
 }
 
 impl RedisCluster {
@@ -208,16 +236,97 @@ impl RedisCluster {
     /// # Errors
     /// When a node does not come up or the cluster does not form.
     pub fn start(masters: usize, replicas_per_master: usize) -> anyhow::Result<Self> {
-        let mut cluster = Self { nodes: Vec::new() };
-        for _ in 0..masters * (1 + replicas_per_master) {
-            let mut node = Node {
+        Self::start_with(masters, replicas_per_master, None)
+    }
+
+    /// The same over TLS only (client, bus and replication links; certificate of a new
+    /// [`TestCa`] for 127.0.0.1), with the default user disabled and ACL user `user`, which
+    /// replicas use to reach their masters too.
+    ///
+    /// # Errors
+    /// As [`RedisCluster::start`].
+    pub fn start_tls(
+        masters: usize,
+        replicas_per_master: usize,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Self> {
+        let ca = TestCa::new(&["127.0.0.1", "localhost"])?;
+        let mut args: Vec<String> = [
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--tls-auth-clients",
+            "no",
+            "--masteruser",
+            user,
+            "--masterauth",
+            password,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for (flag, file) in [
+            ("--tls-cert-file", ca.cert_file()),
+            ("--tls-key-file", ca.key_file()),
+            ("--tls-ca-cert-file", ca.ca_file()),
+        ] {
+            args.push(flag.into());
+            args.push(file.display().to_string());
+        }
+        args.extend(acl_args(user, password));
+        let how = tls_cli(&ca, user, password);
+        Self::start_with(
+            masters,
+            replicas_per_master,
+            Some(ClusterTls {
+                ca,
+                user: user.to_owned(),
+                args,
+                how,
+            }),
+        )
+    }
+
+    /// The test CA of a TLS cluster.
+    pub fn ca(&self) -> Option<&TestCa> {
+        self.tls.as_ref().map(|t| &t.ca)
+    }
+
+    fn how(&self) -> Vec<String> {
+        self.tls.as_ref().map(|t| t.how.clone()).unwrap_or_default()
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        redis_cli(port, &self.how(), args)
+    }
+
+    fn spawn_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| (t.args.as_slice(), t.how.as_slice()));
+        self.nodes[i].spawn(tls)
+    }
+
+    fn start_with(
+        masters: usize,
+        replicas_per_master: usize,
+        tls: Option<ClusterTls>,
+    ) -> anyhow::Result<Self> {
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            tls,
+        };
+        for i in 0..masters * (1 + replicas_per_master) {
+            cluster.nodes.push(Node {
                 port: free_port()?,
                 bus: free_port()?,
                 dir: redis_dir()?,
                 child: None,
-            };
-            node.spawn()?;
-            cluster.nodes.push(node);
+            });
+            cluster.spawn_node(i)?;
         }
         let addrs: Vec<String> = cluster
             .nodes
@@ -227,6 +336,7 @@ impl RedisCluster {
         let out = Command::new("timeout")
             .arg("30")
             .arg("redis-cli")
+            .args(cluster.how())
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -245,14 +355,18 @@ impl RedisCluster {
         Ok(cluster)
     }
 
-    /// `redis+cluster://127.0.0.1:<port>,…` with every node as a seed.
+    /// `redis+cluster://127.0.0.1:<port>,…` with every node as a seed
+    /// (`rediss+cluster://<user>@…` with TLS; the password is not in it).
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        match &self.tls {
+            Some(t) => format!("rediss+cluster://{}@{}", t.user, seeds.join(",")),
+            None => format!("redis+cluster://{}", seeds.join(",")),
+        }
     }
 
     fn live_ports(&self) -> Vec<u16> {
@@ -267,7 +381,7 @@ impl RedisCluster {
     fn view(&self) -> anyhow::Result<Vec<NodeLine>> {
         let mut last = None;
         for port in self.live_ports() {
-            match cli(port, &["CLUSTER", "NODES"]) {
+            match self.cli(port, &["CLUSTER", "NODES"]) {
                 Ok(out) => return Ok(parse_nodes(&out)),
                 Err(e) => last = Some(e),
             }
@@ -312,7 +426,7 @@ impl RedisCluster {
     /// # Errors
     /// When the node does not answer.
     pub fn keys_on(&self, port: u16, pattern: &str) -> anyhow::Result<usize> {
-        let out = cli(port, &["--scan", "--pattern", pattern])?;
+        let out = self.cli(port, &["--scan", "--pattern", pattern])?;
         Ok(out.lines().filter(|l| !l.is_empty()).count())
     }
 
@@ -323,7 +437,7 @@ impl RedisCluster {
     /// When it does not complete within 15 s.
     pub fn failover(&self, master: u16) -> anyhow::Result<u16> {
         let replica = self.replica_of(master)?;
-        let out = cli(replica, &["CLUSTER", "FAILOVER"])?;
+        let out = self.cli(replica, &["CLUSTER", "FAILOVER"])?;
         if !out.contains("OK") {
             bail!("CLUSTER FAILOVER on {replica}: {out}");
         }
@@ -354,15 +468,15 @@ impl RedisCluster {
     /// # Errors
     /// When it does not come back in sync within 20 s.
     pub fn restart(&mut self, port: u16) -> anyhow::Result<()> {
-        let node = self
+        let i = self
             .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
+            .iter()
+            .position(|n| n.port == port)
             .context("no such node")?;
-        node.kill();
-        node.spawn()?;
+        self.nodes[i].kill();
+        self.spawn_node(i)?;
         wait_for("the restarted node syncs", Duration::from_secs(20), || {
-            let info = cli(port, &["INFO", "replication"]).ok()?;
+            let info = self.cli(port, &["INFO", "replication"]).ok()?;
             (info_field(&info, "role").as_deref() == Some("slave")
                 && info_field(&info, "master_link_status").as_deref() == Some("up"))
             .then_some(())
@@ -373,7 +487,7 @@ impl RedisCluster {
     /// Waits until `replica` says it is master and the cluster is ok; returns it.
     fn wait_took_over(&self, replica: u16, within: Duration) -> anyhow::Result<u16> {
         wait_for("the replica takes over", within, || {
-            cli(replica, &["ROLE"])
+            self.cli(replica, &["ROLE"])
                 .ok()
                 .filter(|r| r.starts_with("master"))
         })?;
@@ -387,7 +501,7 @@ impl RedisCluster {
             self.live_ports()
                 .iter()
                 .all(|p| {
-                    cli(*p, &["CLUSTER", "INFO"])
+                    self.cli(*p, &["CLUSTER", "INFO"])
                         .is_ok_and(|i| info_field(&i, "cluster_state").as_deref() == Some("ok"))
                 })
                 .then_some(())
@@ -398,11 +512,11 @@ impl RedisCluster {
         self.wait_ok(within)?;
         wait_for("every node known and every replica in sync", within, || {
             let all_known = self.live_ports().iter().all(|p| {
-                cli(*p, &["CLUSTER", "NODES"])
+                self.cli(*p, &["CLUSTER", "NODES"])
                     .is_ok_and(|o| parse_nodes(&o).len() == self.nodes.len())
             });
             let synced = self.live_ports().iter().all(|p| {
-                let Ok(info) = cli(*p, &["INFO", "replication"]) else {
+                let Ok(info) = self.cli(*p, &["INFO", "replication"]) else {
                     return false;
                 };
                 info_field(&info, "role").as_deref() == Some("master")
