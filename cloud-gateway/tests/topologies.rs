@@ -449,6 +449,7 @@ async fn on_a_cluster_nothing_accepted_is_lost_or_answered_twice_across_failover
         "no outcome notification was heard after the faults"
     );
     listener.abort();
+    admin_flow_across_slots(&store).await;
     let masters = tokio::task::spawn_blocking(move || {
         let m = cluster.masters().unwrap();
         let keys: Vec<usize> = m
@@ -469,6 +470,49 @@ async fn on_a_cluster_nothing_accepted_is_lost_or_answered_twice_across_failover
         "the killed master came back as a replica"
     );
     assert!(masters.1.iter().all(|k| *k > 0), "{masters:?}");
+}
+
+/// Tenants, tokens and agent credentials touch keys of several slots (the tenant's, the
+/// registry, the token's, the credential's): each step must work on a cluster all the same.
+async fn admin_flow_across_slots(store: &Store) {
+    use cloud_gateway::tenants::Tenants;
+    let key = cloud_gateway::admin::parse_master_key(
+        cloud_gateway::admin::generate_master_key()
+            .unwrap()
+            .expose(),
+    )
+    .unwrap();
+    let tenants = Tenants::new(store.clone(), key);
+    let t = TenantId::new("admin-tenant").unwrap();
+    let first = tenants.create_tenant(&t).await.unwrap();
+    let second = tenants.create_tenant(&t).await.unwrap();
+    assert_eq!(
+        tenants.tenant_for_token(second.expose()).await.unwrap(),
+        Some(t.clone())
+    );
+    assert_eq!(
+        tenants.tenant_for_token(first.expose()).await.unwrap(),
+        None,
+        "rotated"
+    );
+    assert!(store.tenant_ids().await.unwrap().contains(&t));
+    let secret = tenants
+        .register_agent(&t, &forest(), "agent-x")
+        .await
+        .unwrap();
+    let credential = format!("agent-x.{}", secret.expose());
+    assert!(tenants
+        .authenticate_agent(&credential)
+        .await
+        .unwrap()
+        .is_ok());
+    tenants.revoke_agent(&t, "agent-x").await.unwrap();
+    assert!(tenants
+        .authenticate_agent(&credential)
+        .await
+        .unwrap()
+        .is_err());
+    assert_eq!(store.agent_ids(&t).await.unwrap(), ["agent-x"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -19,7 +19,11 @@
 //! kind. Blocking stream reads get a dedicated connection each ([`Backend::blocking`]); pub/sub
 //! is a plain connection to one node ([`Backend::pubsub`]): in a cluster `PUBLISH` reaches every
 //! node, so subscribing on any one of them hears every message, and a subscriber whose node dies
-//! subscribes again on the next one.
+//! subscribes again on the next one. (redis 1.x can also subscribe on a cluster connection, over
+//! RESP3 pushes to a `push_sender`; a plain connection keeps `Store::subscribe` the
+//! `redis::aio::PubSub` its callers read, works over RESP2, and their reconnect loops already
+//! subscribe again.) Cross-slot: the crate's cluster client sends a pipeline to the node of its
+//! first key and does not split it, so no pipeline or transaction here spans two slots.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
