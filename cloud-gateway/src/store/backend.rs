@@ -373,7 +373,7 @@ fn hint(e: &RedisError, tls: bool) -> &'static str {
             || lower.contains("broken pipe")
             || lower.contains("eof"))
     {
-        " (the server dropped the connection: if this port is TLS, use rediss://)"
+        " (the server closed the connection or did not answer: if that port is TLS, use rediss://)"
     } else {
         ""
     }
@@ -393,7 +393,8 @@ pub(super) enum Backend {
         client: Client,
     },
     Cluster {
-        /// For blocking reads: a response timeout above the longest block.
+        /// For blocking reads: an overall timeout above the longest block (each reader's
+        /// connection times a reply out after its own block).
         blocking: Box<ClusterClient>,
         /// One plain client per seed node, for pub/sub; tried in turn.
         nodes: Vec<Client>,
@@ -662,9 +663,15 @@ impl Backend {
                     .get_multiplexed_async_connection_with_config(&cfg)
                     .await?,
             ),
-            Self::Cluster { blocking, .. } => {
-                Blocking::Cluster(blocking.get_async_connection().await?)
-            }
+            Self::Cluster { blocking, .. } => Blocking::Cluster(
+                blocking
+                    .get_async_connection_with_config(
+                        redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(CONNECT_TIMEOUT)
+                            .set_response_timeout(block + RESPONSE_TIMEOUT),
+                    )
+                    .await?,
+            ),
             Self::Sentinel(s) => Blocking::Plain(
                 s.master()
                     .await?
