@@ -366,9 +366,16 @@ async fn sweep_and_judge(store: &Store, tenants: &[TenantId], ledger: &Ledger) {
     }
 }
 
-/// A store whose lifecycle writes must reach one replica.
-async fn replicated_store(url: &str) -> Store {
+/// A store whose lifecycle writes must reach one replica; with `tls`, it trusts that CA and
+/// logs in with that password (from a private file in `dir`).
+async fn replicated_store(
+    url: &str,
+    tls: Option<(&testkit::TestCa, &str)>,
+    dir: &std::path::Path,
+) -> Store {
     let options = RedisOptions {
+        ca_file: tls.map(|(ca, _)| ca.ca_file()),
+        password_file: tls.map(|(_, pw)| write_secret(dir, "redis.pass", pw, 0o600)),
         replica_acks: 1,
         ..RedisOptions::default()
     };
@@ -396,16 +403,8 @@ async fn on_a_cluster_nothing_accepted_is_lost_or_answered_twice_across_failover
     .unwrap()
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let options = RedisOptions {
-        ca_file: cluster.ca().map(testkit::TestCa::ca_file),
-        password_file: Some(write_secret(dir.path(), "redis.pass", &password, 0o600)),
-        replica_acks: 1,
-        ..RedisOptions::default()
-    };
-    let store = Store::connect_with(&cluster.url(), &options)
-        .await
-        .unwrap()
-        .for_replica(REPLICA);
+    let ca = cluster.ca().unwrap();
+    let store = replicated_store(&cluster.url(), Some((ca, &password)), dir.path()).await;
     let tenants = tenants(9);
     let heard = Arc::new(Mutex::new(HashSet::new()));
     let listener = listen(store.clone(), heard.clone());
@@ -517,11 +516,17 @@ async fn admin_flow_across_slots(store: &Store) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_sentinel_the_store_follows_the_promoted_replica() {
-    let sentinel = tokio::task::spawn_blocking(|| testkit::RedisSentinel::start(3))
-        .await
-        .unwrap()
-        .unwrap();
-    let store = replicated_store(&sentinel.url()).await;
+    // As production runs it: TLS to sentinels and data nodes, an ACL user on the data nodes.
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let pw = password.clone();
+    let sentinel =
+        tokio::task::spawn_blocking(move || testkit::RedisSentinel::start_tls(3, "writeback", &pw))
+            .await
+            .unwrap()
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = sentinel.ca().unwrap();
+    let store = replicated_store(&sentinel.url(), Some((ca, &password)), dir.path()).await;
     let tenants = tenants(3);
     let heard = Arc::new(Mutex::new(HashSet::new()));
     let listener = listen(store.clone(), heard.clone());
@@ -551,7 +556,7 @@ async fn under_sentinel_the_store_follows_the_promoted_replica() {
 #[tokio::test]
 async fn a_write_no_replica_confirms_is_not_reported_done() {
     let redis = testkit::RedisServer::start().unwrap();
-    let store = replicated_store(&redis.url()).await;
+    let store = replicated_store(&redis.url(), None, std::path::Path::new("/")).await;
     let (t, f, id) = (
         TenantId::new("acme").unwrap(),
         forest(),

@@ -178,10 +178,6 @@ impl Node {
     }
 }
 
-fn cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
-    redis_cli(port, &[], args)
-}
-
 /// One line of `CLUSTER NODES`.
 #[derive(Debug, Clone)]
 struct NodeLine {
@@ -543,6 +539,15 @@ pub const SENTINEL_MASTER: &str = "wbmaster";
 pub struct RedisSentinel {
     servers: Vec<RedisServer>,
     sentinels: Vec<(u16, Child, tempfile::TempDir)>,
+    tls: Option<SentinelTls>,
+}
+
+struct SentinelTls {
+    ca: TestCa,
+    user: String,
+    /// How `redis-cli` reaches the data nodes (TLS, as the user) and the sentinels (TLS).
+    data: Vec<String>,
+    sentinel: Vec<String>,
 }
 
 impl RedisSentinel {
@@ -550,31 +555,148 @@ impl RedisSentinel {
     /// When a process does not come up, or the sentinels do not see each other and the
     /// replica within 20 s.
     pub fn start(sentinels: usize) -> anyhow::Result<Self> {
-        let master = RedisServer::start_durable()?;
+        Self::start_with(sentinels, None)
+    }
+
+    /// The same over TLS only (data nodes, replication and sentinels; certificate of a new
+    /// [`TestCa`] for 127.0.0.1), the data nodes with the default user disabled and ACL user
+    /// `user`, which replicas and sentinels log in as; the sentinels take no credentials.
+    ///
+    /// # Errors
+    /// As [`RedisSentinel::start`].
+    pub fn start_tls(sentinels: usize, user: &str, password: &str) -> anyhow::Result<Self> {
+        let ca = TestCa::new(&["127.0.0.1", "localhost"])?;
+        let files = format!(
+            "tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n",
+            ca.cert_file().display(),
+            ca.key_file().display(),
+            ca.ca_file().display()
+        );
+        let tls = SentinelTls {
+            data: tls_cli(&ca, user, password),
+            sentinel: vec![
+                "--tls".into(),
+                "--cacert".into(),
+                ca.ca_file().display().to_string(),
+            ],
+            ca,
+            user: user.to_owned(),
+        };
+        Self::start_with(sentinels, Some((tls, files, password.to_owned())))
+    }
+
+    /// The test CA of a TLS setup.
+    pub fn ca(&self) -> Option<&TestCa> {
+        self.tls.as_ref().map(|t| &t.ca)
+    }
+
+    fn data_cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        let how = self
+            .tls
+            .as_ref()
+            .map(|t| t.data.clone())
+            .unwrap_or_default();
+        redis_cli(port, &how, args)
+    }
+
+    fn sentinel_cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        let how = self
+            .tls
+            .as_ref()
+            .map(|t| t.sentinel.clone())
+            .unwrap_or_default();
+        redis_cli(port, &how, args)
+    }
+
+    /// `tls`: the TLS settings, the TLS file lines of a config, and the user's password.
+    fn start_with(
+        sentinels: usize,
+        tls: Option<(SentinelTls, String, String)>,
+    ) -> anyhow::Result<Self> {
+        let data_args = |replica_of: Option<u16>| -> (Vec<String>, Vec<String>) {
+            let mut args = Vec::new();
+            if let Some(m) = replica_of {
+                args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+            }
+            let Some((t, _, password)) = &tls else {
+                return (args, Vec::new());
+            };
+            for (flag, file) in [
+                ("--tls-cert-file", t.ca.cert_file()),
+                ("--tls-key-file", t.ca.key_file()),
+                ("--tls-ca-cert-file", t.ca.ca_file()),
+            ] {
+                args.push(flag.into());
+                args.push(file.display().to_string());
+            }
+            for a in [
+                "--tls-replication",
+                "yes",
+                "--tls-auth-clients",
+                "no",
+                "--masteruser",
+                &t.user,
+                "--masterauth",
+                password,
+            ] {
+                args.push(a.to_owned());
+            }
+            args.extend(acl_args(&t.user, password));
+            (args, t.data.clone())
+        };
+        let with_port = |replica_of: Option<u16>| {
+            let tls_on = tls.is_some();
+            move |port: u16| {
+                let (mut args, how) = data_args(replica_of);
+                if tls_on {
+                    args.extend(["--tls-port".into(), port.to_string()]);
+                }
+                (args, how)
+            }
+        };
+        let master = RedisServer::start_custom(true, with_port(None))?;
         let mport = master.port();
-        let replica = RedisServer::start_custom(true, |_| {
-            (
-                vec!["--replicaof".into(), "127.0.0.1".into(), mport.to_string()],
-                Vec::new(),
-            )
-        })?;
+        let replica = RedisServer::start_custom(true, with_port(Some(mport)))?;
+        let (tls, sentinel_tls) = match tls {
+            Some((t, files, password)) => {
+                let conf = (
+                    format!("port 0\ntls-replication yes\ntls-auth-clients no\n{files}"),
+                    format!(
+                        "sentinel auth-user {SENTINEL_MASTER} {}\n\
+                         sentinel auth-pass {SENTINEL_MASTER} {password}\n",
+                        t.user
+                    ),
+                );
+                (Some(t), conf)
+            }
+            None => (None, (String::new(), String::new())),
+        };
         let mut me = Self {
             servers: vec![master, replica],
             sentinels: Vec::new(),
+            tls,
         };
         let quorum = sentinels / 2 + 1;
         for _ in 0..sentinels {
             let port = free_port()?;
             let dir = redis_dir()?;
             let conf: PathBuf = dir.path().join("sentinel.conf");
+            let (listen, auth) = if me.tls.is_some() {
+                (
+                    format!("tls-port {port}\n{}", sentinel_tls.0),
+                    &sentinel_tls.1,
+                )
+            } else {
+                (format!("port {port}\n"), &sentinel_tls.1)
+            };
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                    "{listen}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {mport} {quorum}\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
-                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n{auth}",
                     dir = dir.path().display()
                 ),
             )?;
@@ -595,7 +717,7 @@ impl RedisSentinel {
                 me.sentinels
                     .iter()
                     .all(|(port, _, _)| {
-                        let m = sentinel_master(*port).unwrap_or_default();
+                        let m = me.sentinel_master(*port).unwrap_or_default();
                         m.get("num-slaves").map(String::as_str) == Some("1")
                             && m.get("num-other-sentinels") == Some(&others.to_string())
                     })
@@ -603,20 +725,30 @@ impl RedisSentinel {
             },
         )?;
         wait_for("the replica is in sync", Duration::from_secs(10), || {
-            let info = cli(me.servers[1].port(), &["INFO", "replication"]).ok()?;
+            let info = me
+                .data_cli(me.servers[1].port(), &["INFO", "replication"])
+                .ok()?;
             (info_field(&info, "master_link_status").as_deref() == Some("up")).then_some(())
         })?;
         Ok(me)
     }
 
-    /// `redis+sentinel://127.0.0.1:<port>,…/wbmaster`.
+    /// `redis+sentinel://127.0.0.1:<port>,…/wbmaster` (`rediss+sentinel://<user>@…` with
+    /// TLS; the password is not in it).
     pub fn url(&self) -> String {
         let s: Vec<String> = self
             .sentinels
             .iter()
             .map(|(p, _, _)| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis+sentinel://{}/{SENTINEL_MASTER}", s.join(","))
+        match &self.tls {
+            Some(t) => format!(
+                "rediss+sentinel://{}@{}/{SENTINEL_MASTER}",
+                t.user,
+                s.join(",")
+            ),
+            None => format!("redis+sentinel://{}/{SENTINEL_MASTER}", s.join(",")),
+        }
     }
 
     /// The master's port as the first answering sentinel names it.
@@ -625,7 +757,7 @@ impl RedisSentinel {
     /// When no sentinel answers.
     pub fn master_port(&self) -> anyhow::Result<u16> {
         for (port, _, _) in &self.sentinels {
-            if let Ok(out) = cli(
+            if let Ok(out) = self.sentinel_cli(
                 *port,
                 &["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER],
             ) {
@@ -658,7 +790,9 @@ impl RedisSentinel {
             || self.master_port().ok().filter(|p| *p != old),
         )?;
         wait_for("the new master says so", Duration::from_secs(10), || {
-            cli(new, &["ROLE"]).ok().filter(|r| r.starts_with("master"))
+            self.data_cli(new, &["ROLE"])
+                .ok()
+                .filter(|r| r.starts_with("master"))
         })?;
         Ok((old, new))
     }
@@ -674,12 +808,23 @@ impl RedisSentinel {
             "the old master rejoins as a replica",
             Duration::from_secs(20),
             || {
-                let info = cli(port, &["INFO", "replication"]).ok()?;
+                let info = self.data_cli(port, &["INFO", "replication"]).ok()?;
                 (info_field(&info, "role").as_deref() == Some("slave")
                     && info_field(&info, "master_link_status").as_deref() == Some("up"))
                 .then_some(())
             },
         )
+    }
+
+    /// `SENTINEL MASTER <name>` as field → value.
+    fn sentinel_master(&self, port: u16) -> anyhow::Result<HashMap<String, String>> {
+        let out = self.sentinel_cli(port, &["SENTINEL", "MASTER", SENTINEL_MASTER])?;
+        let lines: Vec<&str> = out.lines().collect();
+        Ok(lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].trim().to_owned(), c[1].trim().to_owned()))
+            .collect())
     }
 
     /// The directory of the server on `port` (where its append-only files are).
@@ -689,17 +834,6 @@ impl RedisSentinel {
             .find(|s| s.port() == port)
             .map(RedisServer::dir)
     }
-}
-
-/// `SENTINEL MASTER <name>` as field → value.
-fn sentinel_master(port: u16) -> anyhow::Result<HashMap<String, String>> {
-    let out = cli(port, &["SENTINEL", "MASTER", SENTINEL_MASTER])?;
-    let lines: Vec<&str> = out.lines().collect();
-    Ok(lines
-        .chunks(2)
-        .filter(|c| c.len() == 2)
-        .map(|c| (c[0].trim().to_owned(), c[1].trim().to_owned()))
-        .collect())
 }
 
 impl Drop for RedisSentinel {
