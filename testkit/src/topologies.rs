@@ -148,7 +148,7 @@ impl Node {
                 "nodes.conf",
             ])
             .args(["--cluster-port", &self.bus.to_string()])
-            .args(["--cluster-node-timeout", "1000"])
+            .args(["--cluster-node-timeout", "2000"])
             // A replica may take over however long it was cut off from its master.
             .args(["--cluster-replica-validity-factor", "0"])
             .args(["--save", "", "--protected-mode", "no"])
@@ -210,7 +210,8 @@ fn parse_nodes(out: &str) -> Vec<NodeLine> {
 }
 
 /// A Redis Cluster on loopback: `masters` masters with `replicas_per_master` replicas each,
-/// durable (append-only, fsynced), node timeout 1 s.
+/// durable (append-only, fsynced), node timeout 2 s (so a loaded test machine does not fail a
+/// node over by itself).
 pub struct RedisCluster {
     nodes: Vec<Node>,
     /// With TLS: the test CA, the ACL user and password, the nodes' TLS and ACL arguments and
