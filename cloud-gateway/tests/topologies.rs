@@ -93,6 +93,8 @@ struct Ledger {
     recorded: HashMap<(TenantId, OperationId), u32>,
     /// Steps that failed at least once and were tried again (for the log).
     retried: usize,
+    /// Steps answered as a repeat of a call that had run (its reply lost), for the log.
+    replayed: usize,
 }
 
 /// One tenant's worker: creates operations one after another and takes each through its
@@ -112,6 +114,8 @@ async fn worker(
     let mut reader = retry("queue_reader", connect).await.0;
     let mut i = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        // A steady stream, not a flood: the judging reads every record afterwards.
+        tokio::time::sleep(Duration::from_millis(10)).await;
         i += 1;
         let id = OperationId::new(format!("op-{i}")).unwrap();
         let user = format!("sam:u{i}");
@@ -122,8 +126,9 @@ async fn worker(
         ledger.lock().unwrap().retried += usize::from(failed);
         match created {
             Created::New => {}
-            // Only after an attempt whose reply was lost.
-            Created::Exists if failed => {}
+            // The answer to a call that ran before: after an attempt whose reply was lost, or
+            // when the cluster client sent it again itself (a node died with the reply).
+            Created::Exists => ledger.lock().unwrap().replayed += 1,
             // A 300 ms deadline may pass while a failover holds the call up: not accepted.
             Created::PastDeadline if expiring => continue,
             other => panic!("{tenant}/{id}: create answered {other:?}"),
@@ -172,7 +177,7 @@ async fn worker(
         ledger.lock().unwrap().retried += usize::from(failed);
         match delivery {
             Delivery::Deliver { .. } => {}
-            Delivery::Redeliver { .. } if failed => {}
+            Delivery::Redeliver { .. } => ledger.lock().unwrap().replayed += 1,
             other => panic!("{tenant}/{id}: mark_delivered answered {other:?}"),
         }
         let ack = Acknowledgment {
@@ -202,7 +207,7 @@ async fn worker(
                     .or_default() += 1;
                 retry("notify_done", || store.notify_done(REPLICA, &tenant, &id)).await;
             }
-            Completion::AlreadyFinal if failed => {}
+            Completion::AlreadyFinal => ledger.lock().unwrap().replayed += 1,
             other => panic!("{tenant}/{id}: complete answered {other:?}"),
         }
         progress.fetch_add(1, Ordering::Relaxed);
@@ -323,9 +328,10 @@ async fn sweep_and_judge(store: &Store, tenants: &[TenantId], ledger: &Ledger) {
     }
     assert!(ledger.expected.len() > 20, "too few operations ran");
     eprintln!(
-        "{} operations accepted, {} steps tried again after an error",
+        "{} operations accepted, {} steps tried again after an error, {} answered as repeats",
         ledger.expected.len(),
-        ledger.retried
+        ledger.retried,
+        ledger.replayed
     );
     for ((t, op), want) in &ledger.expected {
         let rec = store
