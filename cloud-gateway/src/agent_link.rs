@@ -1,7 +1,8 @@
 //! `writeback.v1.AgentLink`: the outbound stream each on-premises agent holds. A session
-//! authenticates the agent, hands it its forest's data key, feeds it work from the forest's
-//! Redis stream (consumer group, one consumer per agent instance) within the agent's in-flight
-//! limit, and records its acknowledgments.
+//! authenticates the agent, publishes the sealing key it announced (so Submit on any replica
+//! seals to it), feeds it the work sealed to that key from the forest's Redis stream (consumer
+//! group, one consumer per agent instance) within the agent's in-flight limit, and records its
+//! acknowledgments. No key that opens an operation ever travels on this stream.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
+
+use relay::envelope::{AgentPublicKey, KEY_VERSION};
 
 use relay::proto::agent_link_server::AgentLink;
 use relay::proto::{
@@ -105,6 +108,7 @@ impl AgentLinkService {
             .map_err(|_| GatewayError::Internal("probe stream closed".into()))?;
             return Ok(outbound_stream(rx));
         }
+        let sealing_key = sealing_key(&hello)?;
         // The agent journals the highest store sequence it received: a store behind it was
         // restored from an older state; settle what that put back before any delivery.
         if identity.tenant == hello.store_high_water_tenant {
@@ -112,10 +116,6 @@ impl AgentLinkService {
                 .check_sequence(&identity.tenant, hello.store_high_water, "agent hello")
                 .await?;
         }
-        let forest_key = gw
-            .tenants
-            .forest_key(&identity.tenant, &identity.forest)
-            .await?;
         let settings = gw
             .tenants
             .forest(&identity.tenant, &identity.forest)
@@ -128,13 +128,13 @@ impl AgentLinkService {
             tenant_id: identity.tenant.to_string(),
             forest: identity.forest.to_string(),
             replica: gw.config.replica_id.clone(),
-            forest_key: forest_key.key_bytes().expose().to_vec(),
+            sealing_key_id: sealing_key.id().to_owned(),
+            operation_signing_key: gw.tenants.signer().public_key().to_vec(),
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
             allow_protected_accounts: settings.allow_protected_accounts,
             gateway_time_unix_ms: gw.clock.now_ms(),
             answer_grace_ms: gw.config.ack_grace.as_millis() as u32,
         };
-        // The Welcome's key copy is dropped (and its buffer freed) once the frame is encoded.
         tx.send(Outbound::Frame(frame(gateway_frame::Frame::Welcome(
             welcome,
         ))))
@@ -145,12 +145,18 @@ impl AgentLinkService {
             0 => 8,
             n => n.min(MAX_IN_FLIGHT),
         };
+        let member = format!(
+            "{}|{}|{}",
+            identity.agent_id, hello.instance_id, gw.config.replica_id
+        );
+        let sealing_mac =
+            gw.tenants
+                .sealing_key_mac(&identity.tenant, &identity.forest, &member, &sealing_key);
         let session = Arc::new(Session {
             gw: gw.clone(),
-            member: format!(
-                "{}|{}|{}",
-                identity.agent_id, hello.instance_id, gw.config.replica_id
-            ),
+            member,
+            sealing_key,
+            sealing_mac,
             instance: hello.instance_id.clone(),
             version: hello.version.clone(),
             connected_ms: relay::now_unix_ms(),
@@ -171,6 +177,7 @@ impl AgentLinkService {
             tenant = %session.identity.tenant,
             forest = %session.identity.forest,
             version = %hello.version,
+            sealing_key_id = %session.sealing_key.id(),
             max_in_flight,
             "agent connected"
         );
@@ -220,6 +227,19 @@ fn check_hello(identity: &AgentIdentity, hello: &Hello) -> Result<(), GatewayErr
         ));
     }
     Ok(())
+}
+
+/// The sealing key a (non-probe) Hello announces.
+fn sealing_key(hello: &Hello) -> Result<AgentPublicKey, GatewayError> {
+    AgentPublicKey::from_bytes(&hello.sealing_key).map_err(|_| {
+        GatewayError::invalid(
+            "hello.sealing_key",
+            format!(
+                "must be the agent's 32-byte X25519 public key, got {} bytes (an agent older than envelope version {KEY_VERSION}: upgrade it)",
+                hello.sealing_key.len()
+            ),
+        )
+    })
 }
 
 fn frame(f: gateway_frame::Frame) -> GatewayFrame {
@@ -446,6 +466,10 @@ struct Session {
     connected_ms: i64,
     /// Presence member in the forest's agent set.
     member: String,
+    /// The key work for this instance is sealed to (announced in its Hello), and the MAC of
+    /// its record, so other replicas seal to it.
+    sealing_key: AgentPublicKey,
+    sealing_mac: String,
     queue: String,
     max_in_flight: u32,
     permits: Arc<Semaphore>,
@@ -586,6 +610,9 @@ impl Session {
             ("last_heartbeat", relay::now_unix_ms().to_string()),
             ("in_flight", self.in_flight_count().to_string()),
             ("max_in_flight", self.max_in_flight.to_string()),
+            ("seal_key", hex::encode(self.sealing_key.as_bytes())),
+            ("seal_key_id", self.sealing_key.id().to_owned()),
+            ("seal_mac", self.sealing_mac.clone()),
         ];
         self.gw
             .store
@@ -794,6 +821,20 @@ impl Session {
                 {
                     tracing::warn!(error = %e, "could not notify the caller's replica; it will poll");
                 }
+                if kind == "change" {
+                    if let Ok(Some(rec)) = self.gw.store.operation(&self.identity.tenant, &op).await
+                    {
+                        crate::limits::settled(
+                            &self.gw,
+                            &self.identity.tenant,
+                            &self.identity.forest,
+                            &kind,
+                            &rec.user,
+                            outcome,
+                        )
+                        .await;
+                    }
+                }
             }
             Ok(Completion::AlreadyFinal) => tracing::info!(event = "WB1023",
                 operation_id = %ack.operation_id,
@@ -971,6 +1012,13 @@ impl Session {
         }
     }
 
+    /// Whether the entry was sealed to this instance's key.
+    fn can_open(&self, entry: &QueueEntry) -> bool {
+        entry.key_version == KEY_VERSION
+            && relay::envelope::recipient_ids(&entry.envelope)
+                .is_ok_and(|ids| ids.iter().any(|id| id == self.sealing_key.id()))
+    }
+
     /// Hands one entry to the agent if the deadline rules allow. `permit` is this entry's
     /// in-flight slot: kept while the agent works on it, given back otherwise.
     async fn dispatch(&self, entry: QueueEntry, permit: OwnedSemaphorePermit) -> Dispatched {
@@ -1000,6 +1048,13 @@ impl Session {
             .contains_key(&entry.operation_id)
         {
             // Still being worked on by this very instance (a slow write): nothing to do.
+            return Dispatched::Handled;
+        }
+        if !self.can_open(&entry) {
+            // Sealed before this instance was live (or to an earlier key of it): it stays
+            // pending, undelivered, for an instance it was sealed to (one that reclaims it), or
+            // EXPIRED by the deadline rules: never applied by anyone.
+            tracing::info!(event = "WB1026", operation_id = %entry.operation_id, sealing_key_id = %self.sealing_key.id(), "operation not sealed to this agent's key; left for its recipients");
             return Dispatched::Handled;
         }
         let delivery = self

@@ -33,8 +33,15 @@ pub enum GatewayError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
-    #[error("tenant {tenant:?} is over its rate of operations on this gateway; retry with the same operation_id in {retry_ms} ms")]
+    #[error("tenant {tenant:?} is over its rate of calls; retry (with the same operation_id) in {retry_ms} ms")]
     RateLimited { tenant: String, retry_ms: u64 },
+    #[error("this user has reached the limit of {limit} {what} per {window_s} s; nothing was queued, retry in {retry_ms} ms")]
+    UserLimited {
+        what: &'static str,
+        limit: u32,
+        window_s: u64,
+        retry_ms: u64,
+    },
     #[error("the queue of forest {forest:?} holds {limit} operations, its limit; nothing was queued, retry with the same operation_id later")]
     QueueFull { forest: String, limit: u64 },
     #[error("the tenant has {limit} operations not yet settled, its limit; nothing was queued, retry with the same operation_id later")]
@@ -88,6 +95,7 @@ impl From<GatewayError> for Status {
             GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
             GatewayError::Store(_) | GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::RateLimited { .. }
+            | GatewayError::UserLimited { .. }
             | GatewayError::QueueFull { .. }
             | GatewayError::TenantQueueFull { .. } => Code::ResourceExhausted,
             GatewayError::Internal(_) => Code::Internal,
@@ -100,7 +108,16 @@ impl From<GatewayError> for Status {
             GatewayError::Internal(detail) => tracing::error!(%detail, "internal error"),
             _ => {}
         }
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        // gRPC's standard retry hint, for clients that honour it.
+        if let GatewayError::RateLimited { retry_ms, .. }
+        | GatewayError::UserLimited { retry_ms, .. } = &e
+        {
+            if let Ok(v) = retry_ms.to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+        }
+        status
     }
 }
 

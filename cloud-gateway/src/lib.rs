@@ -69,8 +69,11 @@ pub struct GatewayConfig {
     /// How often each forest's end-to-end canary runs (by one replica holding an agent);
     /// zero turns canaries off.
     pub canary_interval: Duration,
-    /// Submits per second and burst allowed per tenant on this replica (`None`: unlimited).
+    /// Calls per second and burst allowed per tenant, over all replicas and every RPC
+    /// (`None`: unlimited).
     pub tenant_rate: Option<limits::Rate>,
+    /// Per-user budgets of wrong old passwords and unlocks, over all replicas.
+    pub user_limits: limits::UserLimits,
     /// Most operations one forest's queue holds before Submit answers `RESOURCE_EXHAUSTED`.
     pub forest_queue_limit: u64,
     /// Most unsettled operations one tenant may have over all its forests before Submit
@@ -109,6 +112,7 @@ impl GatewayConfig {
             }),
             forest_queue_limit: 10_000,
             tenant_queue_limit: 50_000,
+            user_limits: limits::UserLimits::default(),
         }
     }
 }
@@ -127,7 +131,6 @@ pub struct Gateway {
     /// Agent streams this replica holds, per agent id: what a revocation or a newer stream of
     /// the same agent closes (`agent_link::AgentStreams`).
     pub agent_streams: Arc<agent_link::AgentStreams>,
-    pub limiter: Arc<limits::TenantLimiter>,
     /// The store's clock, by which deadlines are set.
     pub clock: Arc<clock::StoreClock>,
     /// The store marker's epoch as this replica first saw it (set once the store has one): a
@@ -178,7 +181,6 @@ pub async fn run(
         .await?
         .for_replica(&config.replica_id);
     let tenants = Tenants::new(store.clone(), config.master_key.clone());
-    let tenant_rate = config.tenant_rate;
     let gateway = Gateway {
         config: Arc::new(config),
         store: store.clone(),
@@ -188,7 +190,6 @@ pub async fn run(
         tasks: TaskTracker::new(),
         sessions: Arc::default(),
         agent_streams: Arc::default(),
-        limiter: Arc::new(limits::TenantLimiter::new(tenant_rate)),
         clock: Arc::default(),
         epoch: Arc::default(),
     };

@@ -55,12 +55,22 @@ struct ServeArgs {
     /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address.
     #[arg(long, env = "WRITEBACK_METRICS_LISTEN")]
     metrics_listen: Option<String>,
-    /// Submits per second allowed per tenant on this replica (0 = unlimited).
+    /// Calls per second allowed per tenant, over all replicas and every RPC (0 = unlimited).
     #[arg(long, env = "WRITEBACK_TENANT_RATE", default_value_t = 100.0)]
     tenant_rate: f64,
-    /// Burst of submits allowed per tenant on this replica.
+    /// Burst of calls allowed per tenant.
     #[arg(long, env = "WRITEBACK_TENANT_BURST", default_value_t = 200.0)]
     tenant_burst: f64,
+    /// Password changes per user per window that may end with a wrong old password (or no
+    /// answer) before further changes are refused (0 = unlimited).
+    #[arg(long, env = "WRITEBACK_USER_GUESS_LIMIT", default_value_t = 5)]
+    user_guess_limit: u32,
+    /// Unlock requests per user per window (0 = unlimited).
+    #[arg(long, env = "WRITEBACK_USER_UNLOCK_LIMIT", default_value_t = 5)]
+    user_unlock_limit: u32,
+    /// The per-user window, in seconds.
+    #[arg(long, env = "WRITEBACK_USER_LIMIT_WINDOW_SECS", default_value_t = 900)]
+    user_limit_window_secs: u64,
     /// Seconds between end-to-end canaries per forest (0 turns them off).
     #[arg(long, env = "WRITEBACK_CANARY_INTERVAL_SECS", default_value_t = 30)]
     canary_interval_secs: u64,
@@ -421,6 +431,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         per_second: args.tenant_rate,
         burst: args.tenant_burst.max(1.0),
     });
+    config.user_limits = cloud_gateway::limits::UserLimits {
+        guesses: args.user_guess_limit,
+        unlocks: args.user_unlock_limit,
+        window: Duration::from_secs(args.user_limit_window_secs.max(1)),
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -80,12 +80,21 @@ pub async fn canary(gw: &Gateway, tenant: &store::TenantId, forest: &store::Fore
     };
     let started = std::time::Instant::now();
     let result = async {
+        let recipients = service.recipients(tenant, forest).await?;
+        if recipients.is_empty() {
+            return Err(crate::error::GatewayError::Unavailable(
+                "no live agent to run the canary".into(),
+            ));
+        }
         service
             .enqueue(
                 tenant,
                 forest,
                 &op,
-                sealed,
+                crate::writeback::Sealing {
+                    operation: sealed,
+                    recipients: &recipients,
+                },
                 CANARY_TIMEOUT,
                 CANARY_RECORD_TTL,
             )

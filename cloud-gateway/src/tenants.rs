@@ -1,14 +1,13 @@
 //! Tenants and agent credentials: bearer tokens and agent secrets stored only as SHA-256
-//! hashes, tenant keys stored only wrapped under the gateway's key-encryption key, and
-//! per-forest operator switches.
+//! hashes, every record that admits someone (or names a key passwords are sealed to) MACed under
+//! a key derived from the master key, and per-forest operator switches.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 
-use relay::envelope::{self, ForestKey, KeyBytes, TenantKey};
+use relay::envelope::{self, AgentPublicKey, KeyBytes, OperationSigner};
 use relay::secret::Secret;
 
 use crate::store::{ForestId, Store, StoreError, TenantId};
@@ -21,8 +20,6 @@ pub enum TenantError {
     UnknownTenant(String),
     #[error("no agent {0:?} is registered for this tenant")]
     UnknownAgent(String),
-    #[error("tenant key of {0:?} does not unwrap with this gateway's master key")]
-    KeyUnwrap(String),
     #[error("{0}")]
     Crypto(#[from] envelope::EnvelopeError),
 }
@@ -86,6 +83,25 @@ pub struct ForestSettings {
     pub allow_protected_accounts: bool,
 }
 
+/// The stored names of [`ForestSettings`]' switches, in MAC order.
+const FOREST_SWITCHES: [&str; 3] = [
+    "writeback_enabled",
+    "unlock_enabled",
+    "allow_protected_accounts",
+];
+
+impl ForestSettings {
+    /// The switches as stored ("0"/"1"), in [`FOREST_SWITCHES`] order.
+    fn flags(&self) -> [&'static str; 3] {
+        let f = |b: bool| if b { "1" } else { "0" };
+        [
+            f(self.writeback_enabled),
+            f(self.unlock_enabled),
+            f(self.allow_protected_accounts),
+        ]
+    }
+}
+
 impl Default for ForestSettings {
     /// A forest with registered agents writes back; protected accounts stay refused.
     fn default() -> Self {
@@ -127,7 +143,8 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Looks up and caches tenants' keys; creates tenants and credentials for the admin commands.
+/// Creates tenants and credentials for the admin commands; authenticates callers and agents;
+/// finds the keys an operation is sealed to.
 ///
 /// Redis is storage, not a trust root: the records that admit a caller or an agent (a token's
 /// tenant, an agent's tenant, forest and secret hash) carry a MAC under a key derived from the
@@ -136,29 +153,29 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Clone)]
 pub struct Tenants {
     store: Store,
-    kek: Arc<ForestKey>,
     records: Arc<ring::hmac::Key>,
-    keys: Arc<Mutex<HashMap<TenantId, TenantKey>>>,
+    signer: Arc<OperationSigner>,
 }
 
 /// Which record a MAC seals (domain separation).
 const TOKEN_RECORD: &str = "writeback.v1 token record";
 const AGENT_RECORD: &str = "writeback.v1 agent credential record";
+const SEALING_KEY_RECORD: &str = "writeback.v2 agent sealing key record";
+const FOREST_RECORD: &str = "writeback.v2 forest switches record";
 
 impl Tenants {
     pub fn new(store: Store, master_key: KeyBytes) -> Self {
-        // The record key is the master key's HMAC of a fixed label: independent of the key
-        // that wraps tenant keys, and never stored.
+        // The record key is the master key's HMAC of a fixed label, never stored. The master
+        // key opens no password: operations are sealed to the agents' own keys.
         let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master_key.expose());
         let record_key = ring::hmac::sign(&derive, b"writeback.v1 record mac key");
         Self {
             store,
-            kek: Arc::new(ForestKey::from_bytes(master_key)),
             records: Arc::new(ring::hmac::Key::new(
                 ring::hmac::HMAC_SHA256,
                 record_key.as_ref(),
             )),
-            keys: Arc::default(),
+            signer: Arc::new(OperationSigner::from_master_key(&master_key)),
         }
     }
 
@@ -178,19 +195,14 @@ impl Tenants {
     }
 
     /// Creates a tenant (or rotates its token when it exists) and returns the new bearer token.
-    /// The tenant key is created once and kept across token rotations. The first tenant also
-    /// writes the store marker (see [`Store::init_epoch`]).
+    /// The first tenant also writes the store marker (see [`Store::init_epoch`]).
     ///
     /// # Errors
     /// On Redis or crypto errors.
     pub async fn create_tenant(&self, tenant: &TenantId) -> Result<Secret, TenantError> {
         self.store.init_epoch().await?;
-        let (existing, old_token) = self.store.tenant(tenant).await?;
-        if existing.is_none() {
-            let tk = TenantKey::new(KeyBytes::generate()?);
-            let wrapped = envelope::wrap_tenant_key(&self.kek, tenant.as_str(), &tk)?;
-            self.store.put_tenant_key(tenant, &wrapped).await?;
-        }
+        let old_token = self.store.tenant_token(tenant).await?;
+        self.store.register_tenant(tenant).await?;
         let token = random_secret("wbt_")?;
         let hash = sha256_hex(token.expose().as_bytes());
         let mac = self.seal(TOKEN_RECORD, &[&hash, tenant.as_str()]);
@@ -311,7 +323,8 @@ impl Tenants {
             && h.get("secret_sha256").map(String::as_str) == Some(identity.secret_sha256.as_str()))
     }
 
-    /// Changes some of a forest's operator switches; returns them all afterwards.
+    /// Changes some of a forest's operator switches; returns them all afterwards. The record
+    /// is MACed, so a switch flipped in Redis by someone without the master key is not obeyed.
     ///
     /// # Errors
     /// On Redis errors.
@@ -321,15 +334,27 @@ impl Tenants {
         forest: &ForestId,
         change: &ForestSettingsChange,
     ) -> Result<ForestSettings, TenantError> {
-        let fields: Vec<(&str, u8)> = [
-            ("writeback_enabled", change.writeback_enabled),
-            ("unlock_enabled", change.unlock_enabled),
-            ("allow_protected_accounts", change.allow_protected_accounts),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, u8::from(v))))
-        .collect();
-        if !fields.is_empty() {
+        // A record that does not verify is replaced, starting from the defaults.
+        let now = self
+            .stored_forest(tenant, forest)
+            .await?
+            .unwrap_or_default();
+        let next = ForestSettings {
+            writeback_enabled: change.writeback_enabled.unwrap_or(now.writeback_enabled),
+            unlock_enabled: change.unlock_enabled.unwrap_or(now.unlock_enabled),
+            allow_protected_accounts: change
+                .allow_protected_accounts
+                .unwrap_or(now.allow_protected_accounts),
+        };
+        if *change != ForestSettingsChange::default() {
+            let flags = next.flags();
+            let mac = self.forest_mac(tenant, forest, &flags);
+            let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
+                .iter()
+                .zip(flags)
+                .map(|(k, v)| (*k, v.to_owned()))
+                .collect();
+            fields.push(("mac", mac));
             self.store
                 .set_forest_switches(tenant, forest, &fields)
                 .await?;
@@ -337,7 +362,22 @@ impl Tenants {
         self.forest(tenant, forest).await
     }
 
-    /// Reads a forest's operator switches (defaults for those never set).
+    fn forest_mac(&self, tenant: &TenantId, forest: &ForestId, flags: &[&str; 3]) -> String {
+        self.seal(
+            FOREST_RECORD,
+            &[
+                tenant.as_str(),
+                forest.as_str(),
+                flags[0],
+                flags[1],
+                flags[2],
+            ],
+        )
+    }
+
+    /// Reads a forest's operator switches (defaults when never set). A record whose MAC does
+    /// not verify (written in Redis by someone without the master key) is not obeyed: the
+    /// forest is treated as switched off (WB1093) until an admin sets it again.
     ///
     /// # Errors
     /// On Redis errors.
@@ -346,14 +386,45 @@ impl Tenants {
         tenant: &TenantId,
         forest: &ForestId,
     ) -> Result<ForestSettings, TenantError> {
+        Ok(self
+            .stored_forest(tenant, forest)
+            .await?
+            .unwrap_or(ForestSettings {
+                writeback_enabled: false,
+                unlock_enabled: false,
+                allow_protected_accounts: false,
+            }))
+    }
+
+    /// The forest's switches as stored; `None` when the record's MAC does not verify.
+    async fn stored_forest(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<Option<ForestSettings>, TenantError> {
         let h = self.store.forest_switches(tenant, forest).await?;
-        let d = ForestSettings::default();
-        let flag = |name: &str, default: bool| h.get(name).map_or(default, |v| *v == 1);
-        Ok(ForestSettings {
-            writeback_enabled: flag("writeback_enabled", d.writeback_enabled),
-            unlock_enabled: flag("unlock_enabled", d.unlock_enabled),
-            allow_protected_accounts: flag("allow_protected_accounts", d.allow_protected_accounts),
-        })
+        if h.is_empty() {
+            return Ok(Some(ForestSettings::default()));
+        }
+        let flag = |name: &str| h.get(name).map(String::as_str);
+        let stored = [
+            flag(FOREST_SWITCHES[0]).unwrap_or(""),
+            flag(FOREST_SWITCHES[1]).unwrap_or(""),
+            flag(FOREST_SWITCHES[2]).unwrap_or(""),
+        ];
+        let mac = flag("mac").unwrap_or("");
+        if !ct_eq(
+            self.forest_mac(tenant, forest, &stored).as_bytes(),
+            mac.as_bytes(),
+        ) {
+            tracing::error!(event = "WB1093", %tenant, %forest, record = "forest switches", "a forest-switch record whose MAC does not verify (not written by a gateway with this master key): writeback treated as switched off for this forest; set it again with `admin set-forest`");
+            return Ok(None);
+        }
+        Ok(Some(ForestSettings {
+            writeback_enabled: stored[0] == "1",
+            unlock_enabled: stored[1] == "1",
+            allow_protected_accounts: stored[2] == "1",
+        }))
     }
 
     /// The tenant a bearer token belongs to, if any.
@@ -415,38 +486,78 @@ impl Tenants {
         }))
     }
 
-    /// The tenant's key (unwrapped once, then cached in memory).
-    ///
-    /// # Errors
-    /// When the tenant is unknown or its key does not unwrap.
-    pub async fn tenant_key(&self, tenant: &TenantId) -> Result<TenantKey, TenantError> {
-        if let Some(k) = self.keys.lock().expect("tenant key cache").get(tenant) {
-            return Ok(k.clone());
-        }
-        let (wrapped, _) = self.store.tenant(tenant).await?;
-        let wrapped = wrapped.ok_or_else(|| TenantError::UnknownTenant(tenant.to_string()))?;
-        let key = envelope::unwrap_tenant_key(&self.kek, tenant.as_str(), &wrapped)
-            .map_err(|_| TenantError::KeyUnwrap(tenant.to_string()))?;
-        self.keys
-            .lock()
-            .expect("tenant key cache")
-            .insert(tenant.clone(), key.clone());
-        Ok(key)
+    /// What signs every envelope (agents refuse one it did not sign).
+    pub fn signer(&self) -> &OperationSigner {
+        &self.signer
     }
 
-    /// The data key of one tenant's forest.
-    ///
-    /// # Errors
-    /// As [`Tenants::tenant_key`].
-    pub async fn forest_key(
+    /// The MAC of an agent instance's sealing-key record: a key planted in Redis by someone
+    /// without the master key is never sealed to.
+    pub fn sealing_key_mac(
         &self,
         tenant: &TenantId,
         forest: &ForestId,
-    ) -> Result<ForestKey, TenantError> {
-        Ok(self
-            .tenant_key(tenant)
-            .await?
-            .forest_key(tenant.as_str(), forest.as_str()))
+        member: &str,
+        key: &AgentPublicKey,
+    ) -> String {
+        self.seal(
+            SEALING_KEY_RECORD,
+            &[
+                tenant.as_str(),
+                forest.as_str(),
+                member,
+                &hex::encode(key.as_bytes()),
+            ],
+        )
+    }
+
+    /// The sealing keys of (tenant, forest)'s agent instances heard from within `liveness`:
+    /// what a new operation is sealed to. Records whose MAC does not verify are skipped
+    /// (event WB1093); a revoked agent's records are deleted when it is revoked.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn recipients(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        liveness: std::time::Duration,
+    ) -> Result<Vec<AgentPublicKey>, TenantError> {
+        let members = self
+            .store
+            .live_agent_members(tenant, forest, liveness)
+            .await?;
+        let records = self
+            .store
+            .agent_sealing_keys(tenant, forest, &members)
+            .await?;
+        let mut keys: Vec<AgentPublicKey> = Vec::with_capacity(members.len());
+        for (member, record) in members.iter().zip(records) {
+            let Some((key_hex, mac)) = record else {
+                continue;
+            };
+            let key = hex::decode(&key_hex)
+                .ok()
+                .and_then(|b| AgentPublicKey::from_bytes(&b).ok());
+            match key {
+                Some(key)
+                    if ct_eq(
+                        self.sealing_key_mac(tenant, forest, member, &key)
+                            .as_bytes(),
+                        mac.as_bytes(),
+                    ) =>
+                {
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+                _ => {
+                    tracing::error!(event = "WB1093", %tenant, %forest, %member, record = "agent sealing key", "an agent sealing-key record whose MAC does not verify (not written by a gateway with this master key): not sealed to");
+                }
+            }
+        }
+        keys.truncate(envelope::MAX_RECIPIENTS);
+        Ok(keys)
     }
 }
 

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroize;
 
-use relay::envelope::{Binding, KEY_VERSION};
+use relay::envelope::{AgentPublicKey, Binding, KEY_VERSION};
 use relay::proto::writeback_server::Writeback;
 use relay::proto::{
     sealed_operation, GetOperationRequest, GetPasswordPolicyRequest, ListAgentsRequest,
@@ -57,6 +57,12 @@ struct Lifetime {
     ttl: Duration,
 }
 
+/// An operation and the agent keys it is to be sealed to.
+pub(crate) struct Sealing<'a> {
+    pub operation: SealedOperation,
+    pub recipients: &'a [AgentPublicKey],
+}
+
 pub struct WritebackService {
     gw: Gateway,
 }
@@ -80,6 +86,13 @@ impl WritebackService {
         Ok(owner.clone())
     }
 
+    /// [`WritebackService::authorize`], then the tenant's shared rate (every RPC counts).
+    async fn admit<T>(&self, req: &Request<T>, tenant_id: &str) -> Result<TenantId, GatewayError> {
+        let tenant = self.authorize(req, tenant_id)?;
+        crate::limits::admit(&self.gw, &tenant).await?;
+        Ok(tenant)
+    }
+
     fn timeout(&self, timeout_ms: u32) -> Duration {
         if timeout_ms == 0 {
             self.gw.config.default_timeout
@@ -100,14 +113,7 @@ impl WritebackService {
             .filter(|v| TraceParent::parse(v).is_some())
             .map(str::to_owned);
         // Authenticate first, so an anonymous caller learns nothing about the request.
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
-        if let Err(wait) = self.gw.limiter.try_acquire(&tenant) {
-            tracing::warn!(event = "WB1007", %tenant, "tenant over its rate; RESOURCE_EXHAUSTED");
-            return Err(GatewayError::RateLimited {
-                tenant: tenant.to_string(),
-                retry_ms: wait.as_millis() as u64 + 1,
-            });
-        }
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let started = std::time::Instant::now();
         let mut req = request.into_inner();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or("none");
@@ -214,12 +220,10 @@ impl WritebackService {
             });
         }
 
-        if gw
-            .store
-            .live_agents(tenant, forest, gw.config.agent_liveness)
-            .await?
-            == 0
-        {
+        // Sealed to every live agent of the forest: any of them can apply it, nobody else
+        // (the gateway included) can open it once sealed.
+        let recipients = self.recipients(tenant, forest).await?;
+        if recipients.is_empty() {
             tracing::warn!(
                 event = "WB1002",
                 "no live agent for forest; answered at once, nothing queued"
@@ -244,27 +248,62 @@ impl WritebackService {
                 unlock_enabled: settings.unlock_enabled,
             }),
         };
-        self.enqueue(
-            tenant,
-            forest,
-            &operation_id,
-            sealed,
-            timeout,
-            self.gw.config.record_ttl,
-        )
-        .await?;
+        // The user's guess or unlock budget, shared by every replica (`limits.rs`).
+        let user_label = req
+            .user
+            .as_ref()
+            .and_then(|u| u.id.as_ref())
+            .map(store::user_label)
+            .unwrap_or_default();
+        let taken = crate::limits::take_user(gw, tenant, forest, kind, &user_label).await?;
+        let queued = self
+            .enqueue(
+                tenant,
+                forest,
+                &operation_id,
+                Sealing {
+                    operation: sealed,
+                    recipients: &recipients,
+                },
+                timeout,
+                self.gw.config.record_ttl,
+            )
+            .await;
+        if let Err(e) = queued {
+            if let Some(t) = taken {
+                t.refund(gw).await;
+            }
+            return Err(e);
+        }
         self.wait_for_outcome(tenant, &operation_id, timeout + FIRST_WAIT_SLACK)
             .await
     }
 
-    /// Seals `sealed` for (tenant, forest, operation id, deadline, trace) and queues it with its
-    /// record, unless the operation id already exists. The plaintext is wiped.
+    /// The sealing keys of the forest's live agents (empty: no agent can take work now).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub(crate) async fn recipients(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+    ) -> Result<Vec<AgentPublicKey>, GatewayError> {
+        Ok(self
+            .gw
+            .tenants
+            .recipients(tenant, forest, self.gw.config.agent_liveness)
+            .await?)
+    }
+
+    /// Seals the operation to its recipients for (tenant, forest, operation id, deadline,
+    /// trace) and queues it with its record, unless the operation id already exists. The
+    /// plaintext is wiped.
     pub(crate) async fn enqueue(
         &self,
         tenant: &TenantId,
         forest: &ForestId,
         operation_id: &OperationId,
-        sealed: SealedOperation,
+        sealed: Sealing<'_>,
         timeout: Duration,
         ttl: Duration,
     ) -> Result<(), GatewayError> {
@@ -288,7 +327,10 @@ impl WritebackService {
         tenant: &TenantId,
         forest: &ForestId,
         operation_id: &OperationId,
-        sealed: SealedOperation,
+        Sealing {
+            operation: sealed,
+            recipients,
+        }: Sealing<'_>,
         Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
     ) -> Result<(), GatewayError> {
@@ -305,21 +347,22 @@ impl WritebackService {
         let accepted_ms = gw.clock.now_ms();
         let deadline_ms = accepted_ms + timeout.as_millis() as i64;
 
-        let forest_key = gw.tenants.forest_key(tenant, forest).await?;
-        let envelope = tracing::info_span!("writeback.seal").in_scope(|| {
-            let mut plaintext = sealed.encode_to_vec();
-            drop(sealed);
-            let binding = Binding {
-                tenant_id: tenant.as_str(),
-                forest: forest.as_str(),
-                operation_id: operation_id.as_str(),
-                deadline_unix_ms: deadline_ms,
-                traceparent: &traceparent,
-            };
-            let envelope = forest_key.seal(&binding, &plaintext);
-            plaintext.zeroize();
-            envelope
-        });
+        let envelope = tracing::info_span!("writeback.seal", recipients = recipients.len())
+            .in_scope(|| {
+                let mut plaintext = sealed.encode_to_vec();
+                drop(sealed);
+                let binding = Binding {
+                    tenant_id: tenant.as_str(),
+                    forest: forest.as_str(),
+                    operation_id: operation_id.as_str(),
+                    deadline_unix_ms: deadline_ms,
+                    traceparent: &traceparent,
+                };
+                let envelope =
+                    relay::envelope::seal_to(recipients, gw.tenants.signer(), &binding, &plaintext);
+                plaintext.zeroize();
+                envelope
+            });
         let envelope = envelope.map_err(|e| GatewayError::Internal(e.to_string()))?;
 
         gw.store
@@ -395,7 +438,7 @@ impl WritebackService {
         &self,
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<PasswordPolicy, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let req = request.into_inner();
         let forest = validate::forest("forest", &req.forest)?;
         let user = match req.user {
@@ -406,6 +449,19 @@ impl WritebackService {
             }
             None => None,
         };
+        self.policy(&tenant, &forest, user).await
+    }
+
+    /// The effective policy for `user` of `forest` (the forest's when `None`). An unknown user
+    /// gets the forest's policy, so the answer never tells whether a user exists.
+    async fn policy(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        user: Option<relay::proto::UserRef>,
+    ) -> Result<PasswordPolicy, GatewayError> {
+        let (tenant, forest) = (tenant.clone(), forest.clone());
+        let named = user.as_ref().is_some_and(|u| u.id.is_some());
         let user_key = match user.as_ref().and_then(|u| u.id.as_ref()) {
             None => "-".to_owned(),
             Some(id) => format!("{id:?}"),
@@ -417,12 +473,8 @@ impl WritebackService {
                 return Ok(p);
             }
         }
-        if gw
-            .store
-            .live_agents(&tenant, &forest, gw.config.agent_liveness)
-            .await?
-            == 0
-        {
+        let recipients = self.recipients(&tenant, &forest).await?;
+        if recipients.is_empty() {
             return Err(GatewayError::Unavailable(format!(
                 "no live agent for forest {:?}; its password policy cannot be read now",
                 forest.as_str()
@@ -442,7 +494,10 @@ impl WritebackService {
             &tenant,
             &forest,
             &operation_id,
-            sealed,
+            Sealing {
+                operation: sealed,
+                recipients: &recipients,
+            },
             POLICY_TIMEOUT,
             POLICY_RECORD_TTL,
         )
@@ -463,9 +518,15 @@ impl WritebackService {
                     .await?;
                 Ok(policy)
             }
-            Outcome::UserNotFound => Err(GatewayError::NotFound(format!(
-                "user {user_key} in forest {forest}"
-            ))),
+            Outcome::UserNotFound if named => {
+                let policy = Box::pin(self.policy(&tenant, &forest, None)).await?;
+                // Cached under the unknown name too: asked again, it answers as fast as a
+                // known user's.
+                gw.store
+                    .cache(&cache_key, &policy.encode_to_vec(), POLICY_CACHE_TTL)
+                    .await?;
+                Ok(policy)
+            }
             other => Err(GatewayError::Unavailable(format!(
                 "the agent could not read the policy ({}): {}",
                 other.as_str_name(),
@@ -621,7 +682,7 @@ impl WritebackService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<ListOperationsResponse, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let req = request.into_inner();
         let (user, forest) = validate::user_ref(req.user.as_ref())?;
         let id = user.id.as_ref().expect("validated");
@@ -649,7 +710,7 @@ impl WritebackService {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<ListAgentsResponse, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let req = request.into_inner();
         let gw = &self.gw;
         let forests = if req.forest.is_empty() {
@@ -720,7 +781,7 @@ impl WritebackService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Operation, GatewayError> {
-        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
+        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
         let operation_id = validate::operation_id(&request.get_ref().operation_id)?;
         let rec = self
             .gw

@@ -14,7 +14,7 @@ use tonic::{Code, Streaming};
 use cloud_gateway::store::{ForestId, OpState, OperationId, Store, TenantId};
 use cloud_gateway::tenants::Tenants;
 use cloud_gateway::GatewayConfig;
-use relay::envelope::KeyBytes;
+use relay::envelope::{AgentKey, AgentKeyring, KeyBytes};
 use relay::proto::agent_link_client::AgentLinkClient;
 use relay::proto::writeback_client::WritebackClient;
 use relay::proto::{
@@ -116,6 +116,15 @@ impl Env {
 
     /// Starts another replica on the same store and master key (stopped with the first).
     async fn start_replica(&self, name: &str) -> std::net::SocketAddr {
+        self.start_replica_with(name, |_| {}).await
+    }
+
+    /// [`Env::start_replica`], configured further by `configure`.
+    async fn start_replica_with(
+        &self,
+        name: &str,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> std::net::SocketAddr {
         let mut config = GatewayConfig::new(
             name,
             self.redis.lock().unwrap().url(),
@@ -126,6 +135,7 @@ impl Env {
         config.heartbeat_interval = Duration::from_millis(300);
         config.agent_liveness = Duration::from_secs(2);
         config.canary_interval = Duration::ZERO;
+        configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(cloud_gateway::run(config, listener, self.shutdown.clone()));
@@ -168,7 +178,17 @@ impl Env {
 
     /// Submits `req` with `token`.
     async fn send(&self, req: SubmitRequest, token: &str) -> Result<SubmitResponse, tonic::Status> {
-        let mut c = WritebackClient::new(self.channel().await.unwrap());
+        self.send_to(self.addr, req, token).await
+    }
+
+    /// Submits `req` with `token` to the replica at `addr`.
+    async fn send_to(
+        &self,
+        addr: std::net::SocketAddr,
+        req: SubmitRequest,
+        token: &str,
+    ) -> Result<SubmitResponse, tonic::Status> {
+        let mut c = WritebackClient::new(self.channel_to(addr).await.unwrap());
         let mut req = tonic::Request::new(req);
         req.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -212,9 +232,18 @@ async fn another_tenant_is_served(env: &Env) {
     );
 }
 
+/// A scripted agent instance's sealing key: derived from its name, so a reconnecting instance
+/// announces the same key (as a real agent reads it from its state directory).
+fn instance_key(instance: &str) -> AgentKey {
+    let seed = ring::digest::digest(&ring::digest::SHA256, instance.as_bytes());
+    AgentKey::from_secret(&KeyBytes::from_slice(seed.as_ref()).unwrap()).unwrap()
+}
+
 /// An agent under the test's control. Dropping it ends its stream (its heartbeats stop and
 /// its sender goes), as an agent process exiting would.
 struct ScriptedAgent {
+    /// Its sealing keys (the same for every connection of one instance name).
+    keys: AgentKeyring,
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<GatewayFrame>,
     heartbeats: tokio::task::JoinHandle<()>,
@@ -258,6 +287,8 @@ impl ScriptedAgent {
         max_in_flight: u32,
     ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
+        let key = instance_key(instance);
+        let key_id = key.public().id().to_owned();
         tx.send(AgentFrame {
             frame: Some(agent_frame::Frame::Hello(Hello {
                 agent_id: agent_id.into(),
@@ -267,6 +298,7 @@ impl ScriptedAgent {
                 max_in_flight,
                 instance_id: instance.into(),
                 probe: false,
+                sealing_key: key.public().as_bytes().to_vec(),
                 ..Default::default()
             })),
         })
@@ -283,7 +315,7 @@ impl ScriptedAgent {
             Some(GatewayFrame {
                 frame: Some(gateway_frame::Frame::Welcome(w)),
             }) => {
-                assert_eq!(w.forest_key.len(), 32);
+                assert_eq!(w.sealing_key_id, key_id);
                 assert_eq!(w.tenant_id, "acme");
             }
             other => panic!("expected welcome, got {other:?}"),
@@ -302,6 +334,7 @@ impl ScriptedAgent {
             }
         });
         Ok(Self {
+            keys: AgentKeyring::new(key, Vec::new()),
             tx,
             rx: inbound,
             heartbeats,
@@ -457,6 +490,16 @@ async fn a_revoked_or_rotated_agent_is_cut_off_within_a_second_on_every_replica(
             .unwrap();
 
     env.tenants.revoke_agent(&ACME, "a1").await.unwrap();
+    // Nothing is sealed to it from the moment revoke returns, before its stream closes.
+    let keys = env
+        .tenants
+        .recipients(&ACME, &FOREST_ID, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        keys.is_empty(),
+        "a revoked agent is still sealed to: {keys:?}"
+    );
     let took = agent.closed_within(Duration::from_secs(3)).await;
     assert!(
         took.is_some_and(|t| t < Duration::from_secs(1)),
@@ -528,6 +571,7 @@ async fn oversized_agent_fields_and_requests_are_refused() {
         version,
         max_in_flight: 1,
         instance_id: "i1".into(),
+        sealing_key: instance_key("i1").public().as_bytes().to_vec(),
         ..Default::default()
     };
     let open = |h: Hello| {
@@ -628,7 +672,8 @@ async fn callers_hear_the_gateways_words_never_an_agents() {
 }
 
 /// Redis is storage, not a trust root: token and agent-credential records written by someone
-/// with access to Redis only (or copied to another key) admit nobody.
+/// with access to Redis only (or copied to another key) admit nobody, and a forest switch
+/// flipped there is not obeyed (the forest is off until an admin sets it again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_token_and_credential_records_are_refused() {
     let env = start().await;
@@ -696,9 +741,72 @@ async fn planted_token_and_credential_records_are_refused() {
             err.message()
         );
     }
-    ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
+    let mut agent = ScriptedAgent::connect(&env, "a1", secret.expose(), FOREST, "i1", 1)
         .await
         .unwrap();
+    wait_live(&env).await;
+
+    // A forest switch flipped in Redis (protected accounts on) is not obeyed: the forest is
+    // treated as switched off until an admin sets it again, and nothing is delivered.
+    let forest_record = format!("wb:{{acme}}:forest:{FOREST}");
+    let _: () = redis::cmd("HSET")
+        .arg(&forest_record)
+        .arg("allow_protected_accounts")
+        .arg("1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let flipped = env.submit("flipped-1", 1000).await.unwrap();
+    assert_eq!(
+        Outcome::try_from(flipped.outcome).unwrap(),
+        Outcome::NotEnabled,
+        "{flipped:?}"
+    );
+    assert!(agent.next_work(Duration::from_millis(300)).await.is_none());
+    let set = env
+        .tenants
+        .set_forest(
+            &ACME,
+            &FOREST_ID,
+            &cloud_gateway::tenants::ForestSettingsChange {
+                allow_protected_accounts: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        set.writeback_enabled && set.allow_protected_accounts,
+        "{set:?}"
+    );
+    // Set by an admin (MACed) it is obeyed, and travels sealed with the operation.
+    let (r, work) = tokio::join!(
+        env.submit("set-1", 1500),
+        agent.next_work(Duration::from_secs(5))
+    );
+    let work = work.expect("work delivered once the switch was set by an admin");
+    let binding = relay::envelope::Binding {
+        tenant_id: "acme",
+        forest: FOREST,
+        operation_id: "set-1",
+        deadline_unix_ms: work.deadline_unix_ms,
+        traceparent: &work.traceparent,
+    };
+    let plain = agent
+        .keys
+        .open(
+            &env.tenants.signer().public_key(),
+            &binding,
+            work.key_version,
+            &work.envelope,
+        )
+        .unwrap();
+    let op = <relay::proto::SealedOperation as prost::Message>::decode(plain.as_slice()).unwrap();
+    assert!(op.switches.unwrap().allow_protected_accounts);
+    assert_eq!(
+        Outcome::try_from(r.unwrap().outcome).unwrap(),
+        Outcome::TimedOut
+    );
     env.shutdown.cancel();
 }
 
@@ -715,8 +823,10 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     );
     let work = work.expect("work delivered");
     assert_eq!(work.operation_id, "slow-1");
+    // The deadline is set by the replica's estimate of the store's clock, good to half a
+    // round trip of its last `TIME` (a few ms on a loaded machine).
     assert!(
-        work.remaining_ms > 0 && work.remaining_ms <= 2500,
+        work.remaining_ms > 0 && work.remaining_ms <= 2500 + 50,
         "{}",
         work.remaining_ms
     );
@@ -932,15 +1042,149 @@ async fn tenants_over_their_rate_are_told_to_slow_down() {
             Outcome::AgentUnavailable
         );
     }
-    let err = env.submit("burst-2", 1000).await.unwrap_err();
+    // The third call, on another replica, finds the burst spent: the rate is the tenant's,
+    // not each replica's.
+    let other = env
+        .start_replica_with("gw-2", |c| {
+            c.tenant_rate = Some(cloud_gateway::limits::Rate {
+                per_second: 0.5,
+                burst: 2.0,
+            })
+        })
+        .await;
+    let err = env
+        .send_to(
+            other,
+            reset_of("alice", "burst-2", 1000),
+            env.token.expose(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
         err.message().contains("\"acme\"") && err.message().contains("retry"),
         "{}",
         err.message()
     );
+    let pushback: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("a retry hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pushback > 0 && pushback <= 2001, "{pushback}");
+    // Every RPC counts, reads too.
+    let mut c = WritebackClient::new(env.channel().await.unwrap());
+    let mut get = tonic::Request::new(relay::proto::GetOperationRequest {
+        tenant_id: "acme".into(),
+        operation_id: "burst-0".into(),
+    });
+    get.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", env.token.expose()).parse().unwrap(),
+    );
+    let err = c.get_operation(get).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 
     another_tenant_is_served(&env).await;
+    env.shutdown.cancel();
+}
+
+/// Submits `req` to `addr`; `agent` takes it and answers `outcome`; returns what the caller
+/// heard.
+async fn answered(
+    env: &Env,
+    agent: &mut ScriptedAgent,
+    addr: std::net::SocketAddr,
+    req: SubmitRequest,
+    outcome: Outcome,
+) -> Outcome {
+    let op = req.operation_id.clone();
+    let (r, _) = tokio::join!(env.send_to(addr, req, env.token.expose()), async {
+        agent
+            .next_work(Duration::from_secs(5))
+            .await
+            .expect("delivered");
+        agent.ack(&op, outcome).await;
+    });
+    Outcome::try_from(r.unwrap().outcome).unwrap()
+}
+
+/// The relay is no guessing oracle: per user, changes that end WRONG_OLD_PASSWORD (or are still
+/// unanswered) are limited across replicas, changes with the right old password give their
+/// unit back, unlocks are limited too (each resets AD's lockout counter), and other users are
+/// not held up. A refused change is never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_through_change_is_stopped_per_user_across_replicas() {
+    let limits = cloud_gateway::limits::UserLimits {
+        guesses: 2,
+        unlocks: 2,
+        window: Duration::from_secs(60),
+    };
+    let env = start_configured(|c| c.user_limits = limits).await;
+    let other = env
+        .start_replica_with("gw-2", |c| c.user_limits = limits)
+        .await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let change = |sam: &str, op: &str, guess: &str| {
+        let mut r = reset_of(sam, op, 3000);
+        r.action = Some(Action::Change(relay::proto::ChangePassword {
+            old_password: guess.into(),
+            new_password: "Next#Pass12345".into(),
+        }));
+        r
+    };
+    let token = env.token.expose();
+    // Two wrong guesses for mallory, one on each replica.
+    for (i, addr) in [env.addr, other].into_iter().enumerate() {
+        let op = format!("guess-{i}");
+        let req = change("mallory", &op, &format!("Guess#{i}"));
+        let outcome = answered(&env, &mut agent, addr, req, Outcome::WrongOldPassword).await;
+        assert_eq!(outcome, Outcome::WrongOldPassword);
+    }
+    // The third is refused on either replica, with the limit and the wait; nothing delivered.
+    for addr in [env.addr, other] {
+        let err = env
+            .send_to(addr, change("mallory", "guess-3", "Guess#3"), token)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("limit of 2") && err.message().contains("retry in"),
+            "{}",
+            err.message()
+        );
+        assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    }
+    assert!(agent.next_work(Duration::from_millis(300)).await.is_none());
+
+    // Another user is served; changes with the right old password cost nothing.
+    for i in 0..3 {
+        let op = format!("right-{i}");
+        let req = change("bob", &op, "Right#Pass1");
+        let outcome = answered(&env, &mut agent, env.addr, req, Outcome::Applied).await;
+        assert_eq!(outcome, Outcome::Applied, "bob's change {i}");
+    }
+
+    // Unlocks: two, then refused.
+    let unlock = |op: &str| {
+        let mut r = reset_of("carol", op, 3000);
+        r.action = Some(Action::Unlock(relay::proto::UnlockAccount {}));
+        r
+    };
+    for i in 0..2 {
+        let op = format!("unlock-{i}");
+        let outcome = answered(&env, &mut agent, env.addr, unlock(&op), Outcome::Applied).await;
+        assert_eq!(outcome, Outcome::Applied, "unlock {i}");
+    }
+    let err = env
+        .send_to(other, unlock("unlock-2"), token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("unlock"), "{}", err.message());
     env.shutdown.cancel();
 }
 
@@ -1399,6 +1643,134 @@ async fn settled_work_leaves_no_sealed_payload_and_no_dead_consumer() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(left.is_empty(), "dead consumers stay: {left:?}");
+    env.shutdown.cancel();
+}
+
+/// Passwords only the on-prem side can open. With a reset queued (its agent took it and has
+/// not answered), everything the cloud side holds opens nothing: the password is nowhere in
+/// Redis, and no key the cloud side has (the master key, anything derived from it, every
+/// 32-byte value or hex string Redis holds) is the private half of a key the envelope is
+/// sealed to. The agent's own key opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_dump_and_the_master_key_open_no_queued_password() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let url = env.redis.lock().unwrap().url();
+    let (r, (work, dump)) = tokio::join!(env.submit("sealed-1", 2500), async {
+        let w = agent.next_work(Duration::from_secs(5)).await;
+        (w, testkit::redis_dump::dump_redis(&url).await.unwrap())
+    });
+    let work = work.expect("work delivered");
+    assert_eq!(
+        Outcome::try_from(r.unwrap().outcome).unwrap(),
+        Outcome::TimedOut
+    );
+    let all: Vec<u8> = dump
+        .iter()
+        .flat_map(|(k, v)| [k.as_bytes(), v].concat())
+        .collect();
+    assert!(
+        all.windows(work.envelope.len())
+            .any(|w| w == work.envelope.as_slice()),
+        "the queued envelope is in the dump"
+    );
+    assert!(
+        !testkit::redis_dump::contains_secret(&all, "Scripted#Pass1"),
+        "the password is in Redis"
+    );
+    let sealed_to = relay::envelope::recipient_ids(&work.envelope).unwrap();
+    assert_eq!(
+        sealed_to,
+        vec![agent.keys.current().public().id().to_owned()]
+    );
+
+    // Every candidate private key the cloud side could try.
+    let mut candidates = vec![env.key.expose().to_vec()];
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, env.key.expose());
+    for label in [
+        &b"writeback.v1 record mac key"[..],
+        b"writeback.v2 operation signing key",
+    ] {
+        candidates.push(ring::hmac::sign(&derive, label).as_ref()[..32].to_vec());
+    }
+    for piece in all.split(|b| *b == 0) {
+        if piece.len() == 32 {
+            candidates.push(piece.to_vec());
+        }
+        for word in piece.split(|b| !b.is_ascii_hexdigit()) {
+            if word.len() == 64 {
+                candidates.push(hex::decode(word).unwrap());
+            }
+        }
+    }
+    assert!(candidates.len() > 5, "{} candidates", candidates.len());
+    for c in &candidates {
+        let key = AgentKey::from_secret(&KeyBytes::from_slice(c).unwrap()).unwrap();
+        assert!(
+            !sealed_to.iter().any(|id| id == key.public().id()),
+            "a value the cloud side holds is an agent's private key"
+        );
+    }
+    // The positive control: the agent's key opens the very bytes Redis holds.
+    let binding = relay::envelope::Binding {
+        tenant_id: "acme",
+        forest: FOREST,
+        operation_id: "sealed-1",
+        deadline_unix_ms: work.deadline_unix_ms,
+        traceparent: &work.traceparent,
+    };
+    let plain = agent
+        .keys
+        .open(
+            &env.tenants.signer().public_key(),
+            &binding,
+            work.key_version,
+            &work.envelope,
+        )
+        .unwrap();
+    assert!(testkit::redis_dump::contains_secret(
+        &plain,
+        "Scripted#Pass1"
+    ));
+    env.shutdown.cancel();
+}
+
+/// Only keys the gateway recorded are sealed to: a sealing-key record planted in Redis (a fake
+/// live instance with the attacker's key and no valid MAC) is skipped, so work is sealed to the
+/// real agent alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_sealing_key_is_never_sealed_to() {
+    let env = start().await;
+    let (mut agent, _secret) = connected_agent(&env, "i1", 4).await;
+    let attacker = AgentKey::generate().unwrap();
+    let member = "a1|evil|gw-1";
+    let client = redis::Client::open(env.redis.lock().unwrap().url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let now = relay::now_unix_ms() + 60_000;
+    let _: () = redis::pipe()
+        .zadd(format!("wb:{{acme}}:agents:{FOREST}"), member, now)
+        .hset_multiple(
+            format!("wb:{{acme}}:agent:{FOREST}:{member}"),
+            &[
+                ("seal_key", hex::encode(attacker.public().as_bytes())),
+                ("seal_mac", "00".repeat(32)),
+            ],
+        )
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let keys = env
+        .tenants
+        .recipients(&ACME, &FOREST_ID, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(keys, vec![agent.keys.current().public().clone()]);
+    let (_, work) = tokio::join!(
+        env.submit("planted-1", 1500),
+        agent.next_work(Duration::from_secs(5))
+    );
+    let ids = relay::envelope::recipient_ids(&work.expect("work delivered").envelope).unwrap();
+    assert_eq!(ids, vec![agent.keys.current().public().id().to_owned()]);
     env.shutdown.cancel();
 }
 

@@ -113,9 +113,11 @@ async fn reset_page_can_show_ads_real_rules() {
         "a cached policy went to the agent"
     );
 
-    // Unknown user: NOT_FOUND.
-    let err = policy(&sb, 0, Some("nobody-at-all")).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Unknown user: the forest's policy, as for any user without a fine-grained one, so the
+    // answer does not tell whether the user exists.
+    let unknown = policy(&sb, 0, Some("nobody-at-all")).await.unwrap();
+    assert_eq!(unknown, policy(&sb, 1, None).await.unwrap());
+    assert_eq!(unknown.source, "domain");
     sb.shutdown().await;
 }
 

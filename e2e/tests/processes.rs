@@ -235,9 +235,9 @@ async fn binaries_relay_a_reset_listen_only_where_expected_and_stop_on_sigterm()
 /// OTLP to this test; a reset, a change, a change with a wrong old password, a reset AD
 /// refuses, an unlock and policy queries go through `relayctl`. Then their stdout and stderr,
 /// every exported byte (span names, attributes, span events), both metrics pages and every
-/// relayctl output are searched, as UTF-8 and UTF-16LE, for every password used, the tenant
-/// token, the agent secret, the service account's password, and the master, tenant and
-/// forest keys (hex and as a byte list).
+/// relayctl output, and every key and value in Redis, are searched, as UTF-8 and UTF-16LE, for
+/// every password used, the tenant token, the agent secret, the service account's password,
+/// the master key and the agent's private sealing key (hex and as a byte list).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_any_output_at_trace_level() {
     let sb = Sandbox::start(0).await.unwrap();
@@ -289,6 +289,7 @@ async fn no_secret_reaches_any_output_at_trace_level() {
         .env("AGENT_BIND_PASSWORD_FILE", &bind_password)
         .env("AGENT_BASE_DN", sb.dc.base_dn())
         .env("AGENT_METRICS_LISTEN", &agent_metrics)
+        .env("AGENT_STATE_DIR", dir.join("agent-state"))
         .env_remove("WRITEBACK_LOG_FORMAT");
     traced(&mut agent_cmd);
     let mut agent = Process::spawn(&mut agent_cmd, dir.join("agent.log"));
@@ -441,13 +442,13 @@ async fn no_secret_reaches_any_output_at_trace_level() {
     outputs.push(("agent stderr".into(), agent_log.into_bytes()));
     outputs.push(("agent stdout".into(), agent.stdout().into_bytes()));
     outputs.push(("exported spans".into(), otlp.raw()));
+    for (key, bytes) in e2e::dump_redis(&sb.redis.url()).await.unwrap() {
+        outputs.push((format!("redis {key}"), bytes));
+    }
 
-    let tenant_key = sb.tenants.tenant_key(&tenant_id(&sb.tenant)).await.unwrap();
-    let forest_key = sb
-        .tenants
-        .forest_key(&tenant_id(&sb.tenant), &forest_id(&sb.forest))
-        .await
-        .unwrap();
+    // The agent's private sealing key, as its state directory holds it.
+    let sealing = onprem_agent::keys::load_or_create(Some(&dir.join("agent-state"))).unwrap();
+    let sealing_key = sealing.current().secret_bytes();
     let mut secrets: Vec<(String, String)> = [
         ("initial password", initial),
         ("reset password", reset_to),
@@ -465,8 +466,7 @@ async fn no_secret_reaches_any_output_at_trace_level() {
     .collect();
     for (name, key) in [
         ("master key", sb.master_key.expose()),
-        ("tenant key", tenant_key.key_bytes().expose()),
-        ("forest key", forest_key.key_bytes().expose()),
+        ("agent sealing key", sealing_key.expose()),
     ] {
         secrets.push((format!("{name} (hex)"), hex_encode(key)));
         secrets.push((format!("{name} (HEX)"), hex_encode(key).to_uppercase()));

@@ -303,8 +303,10 @@ async fn resubmitted_operation_is_applied_once() {
     sb.shutdown().await;
 }
 
-/// Authentication and tenant isolation: no token, a bad token, another tenant's token, and
-/// ciphertexts copied into another tenant's or forest's queue.
+/// Authentication and tenant isolation: no token, a bad token, another tenant's token;
+/// envelopes copied into another tenant's or forest's queue (not sealed to its agents: never
+/// delivered, EXPIRED), and one sealed to this forest's agents by someone without the master
+/// key (its signature fails: REFUSED). AD is checked each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
     let mut sb = Sandbox::start(1).await.unwrap();
@@ -356,19 +358,48 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
     sb.wait_agents(&t, "other.writeback.test", 1).await.unwrap();
     sb.dc.create_user("erin", "Initial#Pass1").unwrap();
 
-    // A ciphertext sealed for acme/<forest> planted in globex's queue, and in acme's other
-    // forest's queue, exactly as the gateway would have queued it.
-    for (victim_tenant, victim_forest, op) in [
-        ("globex", f.as_str(), "moved-tenant"),
-        (t.as_str(), "other.writeback.test", "moved-forest"),
+    // Envelopes planted in Redis, as someone with access to Redis (not to the master key)
+    // could write them: (1) one the gateway sealed to acme/<forest>'s agents, copied into
+    // globex's queue and into acme's other forest's queue; (2) one sealed to acme/<forest>'s
+    // agents by the attacker (their public keys are in Redis), in that forest's own queue.
+    let acme = tenant_id(&t);
+    sb.start_agent("acme-agent", 0).await.unwrap();
+    sb.wait_agents(&t, &f, 1).await.unwrap();
+    let own_agents = sb
+        .tenants
+        .recipients(&acme, &forest_id(&f), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(own_agents.len(), 1, "acme's one agent in {f}");
+    let forger = relay::envelope::OperationSigner::from_master_key(
+        &relay::envelope::KeyBytes::generate().unwrap(),
+    );
+    for (victim_tenant, victim_forest, op, signer, expected) in [
+        (
+            "globex",
+            f.as_str(),
+            "moved-tenant",
+            sb.tenants.signer(),
+            Outcome::Expired,
+        ),
+        (
+            t.as_str(),
+            "other.writeback.test",
+            "moved-forest",
+            sb.tenants.signer(),
+            Outcome::Expired,
+        ),
+        (
+            t.as_str(),
+            f.as_str(),
+            "forged-own-forest",
+            &forger,
+            Outcome::Refused,
+        ),
     ] {
         let planted = "Planted-Pass#42";
-        let key = sb
-            .tenants
-            .forest_key(&tenant_id(&t), &forest_id(&f))
-            .await
-            .unwrap();
-        let deadline = relay::now_unix_ms() + 20_000;
+        // Short: what no agent may open is settled at its deadline.
+        let deadline = relay::now_unix_ms() + 3_000;
         let tp = relay::trace::TraceParent::new_root().to_string();
         let sealed = relay::proto::SealedOperation {
             user: request(&t, &f, "erin", reset(planted)).user,
@@ -376,18 +407,21 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
             action: Some(reset(planted).into()),
             switches: None,
         };
-        let envelope = key
-            .seal(
-                &relay::envelope::Binding {
-                    tenant_id: &t,
-                    forest: &f,
-                    operation_id: op,
-                    deadline_unix_ms: deadline,
-                    traceparent: &tp,
-                },
-                &prost::Message::encode_to_vec(&sealed),
-            )
-            .unwrap();
+        // Bound to the queue it is planted in (the gateway would bind it so): only the keys
+        // and the signature keep it out.
+        let envelope = relay::envelope::seal_to(
+            &own_agents,
+            signer,
+            &relay::envelope::Binding {
+                tenant_id: victim_tenant,
+                forest: victim_forest,
+                operation_id: op,
+                deadline_unix_ms: deadline,
+                traceparent: &tp,
+            },
+            &prost::Message::encode_to_vec(&sealed),
+        )
+        .unwrap();
         let (victim_tenant, victim_forest) = (tenant_id(victim_tenant), forest_id(victim_forest));
         let op_id = operation_id(op);
         let queue = cloud_gateway::store::queue_key(&victim_tenant, &victim_forest);
@@ -431,10 +465,10 @@ async fn tokens_and_ciphertexts_stay_with_their_tenant_and_forest() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let rec = rec.unwrap();
-        assert_eq!(rec.outcome, Outcome::Refused, "{op}: {rec:?}");
+        assert_eq!(rec.outcome, expected, "{op}: {rec:?}");
         assert!(
             !sb.dc.can_bind(&format!("erin@{f}"), planted),
-            "{op}: a moved ciphertext was applied"
+            "{op}: a planted envelope was applied"
         );
     }
     assert!(sb.dc.can_bind(&format!("erin@{f}"), "Initial#Pass1"));

@@ -1,5 +1,5 @@
 //! The on-premises agent: holds an outbound-only bidirectional gRPC stream to the cloud
-//! gateway, opens each sealed operation with its forest's key, applies it to Active Directory
+//! gateway, opens each operation sealed to its own key, applies it to Active Directory
 //! over LDAPS as a delegated service account, and acknowledges the outcome. It listens on no
 //! port (SPEC invariant 5).
 
@@ -8,6 +8,7 @@ pub mod directory;
 pub mod doctor;
 pub mod domains;
 pub mod journal;
+pub mod keys;
 pub mod link;
 pub mod metrics;
 
@@ -64,7 +65,7 @@ pub enum AgentError {
     #[error(transparent)]
     Link(#[from] link::LinkError),
     #[error(transparent)]
-    Journal(#[from] journal::JournalError),
+    Start(#[from] link::StartError),
     #[error("metrics address {0} is not a loopback address: the agent listens on nothing reachable from the network")]
     MetricsNotLoopback(std::net::SocketAddr),
     #[error("cannot listen on {addr}: {source}")]

@@ -1,5 +1,6 @@
 //! The agent's side of `writeback.v1.AgentLink`: dial out to the gateway over TLS, say hello,
-//! receive sealed work, open it with the forest key, apply it to AD and acknowledge it. Only
+//! receive work sealed to this agent's own key (`keys.rs`), open it, apply it to AD and
+//! acknowledge it. Only
 //! outbound connections; reconnects with jittered exponential backoff.
 
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use relay::backoff::Backoff;
-use relay::envelope::{Binding, ForestKey, KeyBytes};
+use relay::envelope::{AgentKeyring, Binding};
 use relay::proto::agent_link_client::AgentLinkClient;
 use relay::proto::{
     agent_frame, gateway_frame, Ack, AgentFrame, Heartbeat, Hello, Outcome, PolicyViolation,
@@ -25,12 +26,22 @@ use tracing::Instrument;
 use crate::directory::{ApplyResult, Verified, WriteMark, MSG_UNAVAILABLE};
 use crate::domains::Domains;
 use crate::journal::{Begin, Journal, JournalError};
+use crate::keys::KeyError;
 use crate::AgentConfig;
 
 /// Frames buffered towards the gateway.
 const OUTBOUND_BUFFER: usize = 64;
 /// Work with less time than this left is refused as `EXPIRED` rather than started.
 const MIN_TIME_TO_APPLY: Duration = Duration::from_millis(150);
+
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("sealing keys: {0}")]
+    Keys(#[from] KeyError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -55,29 +66,48 @@ pub struct Agent {
     instance_id: String,
     /// Outcomes (and intents) of operations, so a redelivery is never applied twice.
     journal: Journal,
+    /// This agent's sealing keys (read again at each connection, so a rotation made by
+    /// `onprem-agent rotate-key` is announced at the next one).
+    keys: Mutex<Arc<AgentKeyring>>,
     /// The stream of the live session, where acknowledgments go, also those of work started
     /// on a session that has ended since (the gateway re-sent it on the new one).
     current: Mutex<Option<mpsc::Sender<AgentFrame>>>,
 }
 
 impl Agent {
-    /// An agent whose journal lives in `config.state_dir` (durable, stable instance id), or in
-    /// memory when there is none.
+    /// An agent whose journal and sealing keys live in `config.state_dir` (durable, stable
+    /// instance id), or in memory when there is none.
     ///
     /// # Errors
-    /// When the journal cannot be opened.
-    pub fn new(config: AgentConfig, domains: Domains) -> Result<Arc<Self>, JournalError> {
+    /// When the journal or the keys cannot be opened.
+    pub fn new(config: AgentConfig, domains: Domains) -> Result<Arc<Self>, StartError> {
         let (journal, instance_id) = match &config.state_dir {
             Some(dir) => Journal::open(dir)?,
             None => (Journal::in_memory(), uuid::Uuid::new_v4().to_string()),
         };
+        let keys = crate::keys::load_or_create(config.state_dir.as_deref())?;
         Ok(Arc::new(Self {
             config,
             domains,
             instance_id,
             journal,
+            keys: Mutex::new(Arc::new(keys)),
             current: Mutex::new(None),
         }))
+    }
+
+    /// The sealing keys as the state directory holds them now (the ones in memory when it
+    /// cannot be read: the agent keeps working and says why).
+    fn reload_keys(&self) -> Arc<AgentKeyring> {
+        if let Some(dir) = &self.config.state_dir {
+            match crate::keys::load_or_create(Some(dir)) {
+                Ok(k) => *self.keys.lock().expect("keys") = Arc::new(k),
+                Err(e) => {
+                    tracing::error!(event = "WB2023", error = %e, "cannot read the sealing keys again; announcing the ones in memory")
+                }
+            }
+        }
+        self.keys.lock().expect("keys").clone()
     }
 
     fn endpoint(&self) -> Result<Endpoint, LinkError> {
@@ -151,6 +181,7 @@ impl Agent {
         let mut client = AgentLinkClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentFrame>(OUTBOUND_BUFFER);
         let high_water = self.journal.high_water();
+        let keys = self.reload_keys();
         tx.send(AgentFrame {
             frame: Some(agent_frame::Frame::Hello(Hello {
                 agent_id: self.config.agent_id.clone(),
@@ -167,6 +198,7 @@ impl Agent {
                 probe: false,
                 store_high_water: high_water.as_ref().map_or(0, |(_, n)| *n),
                 store_high_water_tenant: high_water.map(|(t, _)| t).unwrap_or_default(),
+                sealing_key: keys.current().public().as_bytes().to_vec(),
             })),
         })
         .await
@@ -203,7 +235,7 @@ impl Agent {
                 })
             }
         };
-        let session = Arc::new(self.clone().welcome(welcome, tx)?);
+        let session = Arc::new(self.clone().welcome(welcome, tx, keys)?);
         *self.current.lock().expect("current stream") = Some(session.tx.clone());
         let m = crate::metrics::get();
         m.gateway_connects.inc();
@@ -214,6 +246,7 @@ impl Agent {
             tenant = %session.tenant,
             forest = %session.forest,
             instance = %self.instance_id,
+            sealing_key_id = %session.keys.current().public().id(),
             "connected to gateway"
         );
 
@@ -273,6 +306,7 @@ impl Agent {
         self: Arc<Self>,
         w: Welcome,
         tx: mpsc::Sender<AgentFrame>,
+        keys: Arc<AgentKeyring>,
     ) -> Result<Session, LinkError> {
         if w.forest != self.config.forest {
             return Err(LinkError::Protocol(format!(
@@ -280,10 +314,20 @@ impl Agent {
                 w.forest, self.config.forest
             )));
         }
-        let mut raw = w.forest_key;
-        let key = KeyBytes::from_slice(&raw)
-            .map_err(|_| LinkError::Protocol("forest key must be 32 bytes".into()));
-        zeroize::Zeroize::zeroize(&mut raw);
+        if w.sealing_key_id != keys.current().public().id() {
+            return Err(LinkError::Protocol(format!(
+                "gateway will seal to key {:?}, this agent announced {:?} (a gateway older than envelope version {})",
+                w.sealing_key_id,
+                keys.current().public().id(),
+                relay::envelope::KEY_VERSION
+            )));
+        }
+        if w.operation_signing_key.len() != 32 {
+            return Err(LinkError::Protocol(format!(
+                "welcome.operation_signing_key must be 32 bytes, got {}",
+                w.operation_signing_key.len()
+            )));
+        }
         let clock = GatewayClock::default();
         clock.sample(w.gateway_time_unix_ms);
         Ok(Session {
@@ -291,7 +335,8 @@ impl Agent {
             tenant: w.tenant_id,
             forest: w.forest,
             replica: w.replica,
-            key: ForestKey::from_bytes(key?),
+            keys,
+            gateway_signing_key: w.operation_signing_key,
             allow_protected: w.allow_protected_accounts,
             answer_grace: Duration::from_millis(u64::from(w.answer_grace_ms)),
             heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(500))),
@@ -303,14 +348,16 @@ impl Agent {
     }
 }
 
-/// One live connection's state. The forest key lives only here and is wiped when the session
-/// ends.
+/// One live connection's state.
 struct Session {
     agent: Arc<Agent>,
     tenant: String,
     forest: String,
     replica: String,
-    key: ForestKey,
+    /// The keys work is opened with (the current one is what this session announced).
+    keys: Arc<AgentKeyring>,
+    /// The gateway's Ed25519 key (from the Welcome): work it did not sign is refused.
+    gateway_signing_key: Vec<u8>,
     allow_protected: bool,
     /// How long after a deadline the gateway still records an answer.
     answer_grace: Duration,
@@ -595,8 +642,14 @@ impl Session {
             deadline_unix_ms: work.deadline_unix_ms,
             traceparent: &work.traceparent,
         };
-        let opened = tracing::info_span!("agent.open")
-            .in_scope(|| self.key.open(&binding, work.key_version, &work.envelope));
+        let opened = tracing::info_span!("agent.open").in_scope(|| {
+            self.keys.open(
+                &self.gateway_signing_key,
+                &binding,
+                work.key_version,
+                &work.envelope,
+            )
+        });
         let sealed = match opened {
             Ok(plain) => SealedOperation::decode(plain.as_slice()),
             Err(e) => {

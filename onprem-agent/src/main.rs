@@ -38,6 +38,10 @@ enum Command {
         #[arg(long)]
         skip_gateway: bool,
     },
+    /// Make a new sealing key in the state directory (the gateway seals new work to it from
+    /// the agent's next connection; the previous key is kept a day for work sealed to it).
+    /// Restart the service to announce it at once.
+    RotateKey(ConfigArgs),
     /// The settings.
     Config {
         #[command(subcommand)]
@@ -119,6 +123,9 @@ fn check(args: ConfigArgs) -> anyhow::Result<()> {
                 .display()
                 .to_string())
     );
+    if let Some(dir) = &config.state_dir {
+        println!("sealing keys:  {}", onprem_agent::keys::path(dir).display());
+    }
     println!("configuration is valid");
     Ok(())
 }
@@ -134,6 +141,22 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("onprem-agent: {e:#}");
                 std::process::exit(1);
             }
+            return Ok(());
+        }
+        Command::RotateKey(args) => {
+            let config = args.load()?;
+            let Some(dir) = &config.state_dir else {
+                anyhow::bail!("state_dir is not set: this agent keeps its sealing key in memory and makes a new one at every start");
+            };
+            let r = onprem_agent::keys::rotate(dir)?;
+            println!("new sealing key: {}", r.new_key_id);
+            if let Some(old) = r.retired_key_id {
+                println!("retired key:     {old} (kept 24 h for work already sealed to it)");
+            }
+            println!(
+                "kept {} retired key(s), deleted {} older than 24 h; restart the agent (systemctl restart onprem-agent) to announce the new key now",
+                r.kept, r.dropped
+            );
             return Ok(());
         }
         Command::Doctor {

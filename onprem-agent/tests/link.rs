@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use relay::envelope::{Binding, ForestKey, KeyBytes, TenantKey, KEY_VERSION};
+use relay::envelope::{AgentKey, AgentPublicKey, Binding, KeyBytes, OperationSigner, KEY_VERSION};
 use relay::proto::agent_link_server::{AgentLink, AgentLinkServer};
 use relay::proto::{
     agent_frame, gateway_frame, user_ref, Ack, AgentFrame, GatewayFrame, Heartbeat, Hello,
@@ -208,7 +208,9 @@ struct ScriptedLink {
     /// How far the scripted gateway's clock is ahead of this host's (ms).
     clock_ahead: Arc<std::sync::atomic::AtomicI64>,
     forest: String,
-    key: ForestKey,
+    /// The sealing key the last agent announced (work for this forest is sealed to it).
+    agent_key: Arc<Mutex<Option<AgentPublicKey>>>,
+    signer: Arc<OperationSigner>,
     refuse: Arc<AtomicU32>,
     attempts: Arc<Mutex<Vec<Instant>>>,
     streams: mpsc::UnboundedSender<AgentStream>,
@@ -246,12 +248,17 @@ impl AgentLink for ScriptedLink {
             }))) => hello,
             other => return Err(Status::invalid_argument(format!("no hello: {other:?}"))),
         };
+        let key = AgentPublicKey::from_bytes(&hello.sealing_key)
+            .map_err(|e| Status::invalid_argument(format!("hello.sealing_key: {e}")))?;
+        let sealing_key_id = key.id().to_owned();
+        *self.agent_key.lock().unwrap() = Some(key);
         let (tx, rx) = mpsc::channel(64);
         let welcome = Welcome {
             tenant_id: TENANT.into(),
             forest: self.forest.clone(),
             replica: "scripted".into(),
-            forest_key: self.key.key_bytes().expose().to_vec(),
+            sealing_key_id,
+            operation_signing_key: self.signer.public_key().to_vec(),
             heartbeat_interval_ms: 500,
             allow_protected_accounts: false,
             gateway_time_unix_ms: relay::now_unix_ms() + self.clock_ahead.load(Ordering::SeqCst),
@@ -306,7 +313,11 @@ struct Gateway {
     addr: SocketAddr,
     ca: TestCa,
     forest: String,
-    tenant_key: TenantKey,
+    agent_key: Arc<Mutex<Option<AgentPublicKey>>>,
+    /// A key that is not the agent's: what another forest's agents would have been sealed to.
+    outsider: AgentKey,
+    /// Signs the envelopes, as the real gateway's master key does.
+    signer: Arc<OperationSigner>,
     refuse: Arc<AtomicU32>,
     attempts: Arc<Mutex<Vec<Instant>>>,
     streams: mpsc::UnboundedReceiver<AgentStream>,
@@ -322,7 +333,10 @@ impl Gateway {
             std::fs::read(ca.cert_file()).unwrap(),
             std::fs::read(ca.key_file()).unwrap(),
         );
-        let tenant_key = TenantKey::new(KeyBytes::generate().unwrap());
+        let agent_key = Arc::new(Mutex::new(None));
+        let signer = Arc::new(OperationSigner::from_master_key(
+            &KeyBytes::generate().unwrap(),
+        ));
         let (streams_tx, streams) = mpsc::unbounded_channel();
         let refuse = Arc::new(AtomicU32::new(0));
         let attempts = Arc::new(Mutex::new(Vec::new()));
@@ -330,7 +344,8 @@ impl Gateway {
         let link = ScriptedLink {
             clock_ahead: clock_ahead.clone(),
             forest: forest.to_owned(),
-            key: tenant_key.forest_key(TENANT, forest),
+            agent_key: agent_key.clone(),
+            signer: signer.clone(),
             refuse: refuse.clone(),
             attempts: attempts.clone(),
             streams: streams_tx,
@@ -353,7 +368,9 @@ impl Gateway {
             addr,
             ca,
             forest: forest.to_owned(),
-            tenant_key,
+            agent_key,
+            outsider: AgentKey::generate().unwrap(),
+            signer,
             refuse,
             attempts,
             streams,
@@ -362,9 +379,18 @@ impl Gateway {
         }
     }
 
-    /// The data key of `forest` of the tenant (the agent is given its own forest's).
-    fn key(&self, forest: &str) -> ForestKey {
-        self.tenant_key.forest_key(TENANT, forest)
+    /// The key work of `forest` is sealed to: the connected agent's for its own forest, an
+    /// outsider's (another forest's agent) for any other.
+    fn key(&self, forest: &str) -> AgentPublicKey {
+        if forest == self.forest {
+            self.agent_key
+                .lock()
+                .unwrap()
+                .clone()
+                .expect("an agent said hello")
+        } else {
+            self.outsider.public().clone()
+        }
     }
 
     /// The next stream an agent opened and the gateway accepted.
@@ -390,7 +416,8 @@ impl Gateway {
     }
 
     /// As [`Gateway::work`], the deadline `deadline_in` from now on the gateway's clock, sealed
-    /// with `key_forest`'s key and bound to `bound_forest` (also the forest the frame names).
+    /// to `key_forest`'s agent key and bound to `bound_forest` (also the forest the frame
+    /// names).
     fn work_sealed(
         &self,
         op_id: &str,
@@ -411,10 +438,13 @@ impl Gateway {
             deadline_unix_ms,
             traceparent: &traceparent,
         };
-        let envelope = self
-            .key(key_forest)
-            .seal(&binding, &op.encode_to_vec())
-            .unwrap();
+        let envelope = relay::envelope::seal_to(
+            &[self.key(key_forest)],
+            &self.signer,
+            &binding,
+            &op.encode_to_vec(),
+        )
+        .unwrap();
         Work {
             store_seq: 0,
             operation_id: op_id.to_owned(),

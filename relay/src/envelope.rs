@@ -1,31 +1,64 @@
-//! The per-tenant crypto envelope: AES-256-GCM (ring) whose associated data binds a sealed
-//! operation to its tenant, forest, operation id, deadline and trace context, so a ciphertext
-//! moved to another tenant, forest or operation (or given a later deadline) fails to open.
+//! Operation envelopes sealed to the agents' own keys.
+//!
+//! Every agent keeps an X25519 key pair whose private half never leaves its host (see
+//! [`AgentKey`]). The gateway seals each operation under a fresh AES-256-GCM data key and wraps
+//! that data key once per live agent of the forest ([`seal_to`]): an ephemeral X25519 key
+//! (ring's `agreement`), HKDF-SHA256 of the shared secret, AES-256-GCM. The ephemeral private
+//! keys and the data key are gone when `seal_to` returns, so nothing the cloud side keeps (the
+//! gateway's memory after Submit, Redis, the master key) opens a queued operation: only an
+//! agent that was live when it was sealed, with the key it announced then.
+//!
+//! Both the ciphertext and every wrapped key are bound, as associated data, to the tenant,
+//! forest, operation id, deadline and trace context ([`Binding`]), so an envelope moved to
+//! another tenant, forest or operation, or given a later deadline, fails to open.
+//!
+//! Agents' public keys are stored where the cloud side can read them, so sealing alone would let
+//! anyone who can write to Redis queue an operation of their own. Every envelope is therefore
+//! also signed by the gateway ([`OperationSigner`]: Ed25519, derived from the master key on
+//! every replica); agents check the signature with the key the gateway's Welcome gave them over
+//! TLS before they open anything.
 
+use prost::Message;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::agreement;
 use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// Current envelope format; part of the associated data.
-pub const KEY_VERSION: u32 = 1;
+use crate::proto::{SealedEnvelope, SealedKey};
+
+/// Current envelope format (`Work.key_version`); part of the associated data.
+pub const KEY_VERSION: u32 = 2;
+
+/// Most recipients one envelope may name (more than any forest has agents).
+pub const MAX_RECIPIENTS: usize = 64;
 
 /// Errors from sealing or opening an envelope. They never carry key or plaintext material.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
     #[error("envelope is too short to hold a nonce and a tag")]
     Truncated,
-    #[error("envelope does not open with this tenant's key for this tenant, forest, operation and deadline")]
+    #[error("envelope does not open for this tenant, forest, operation and deadline")]
     Unauthentic,
-    #[error("unsupported envelope key version {0}")]
+    #[error("unsupported envelope version {0} (this build reads version {KEY_VERSION})")]
     UnsupportedVersion(u32),
     #[error("random number generator failed")]
     Rng,
     #[error("key material must be 32 bytes, got {0}")]
     BadKeyLength(usize),
+    #[error("envelope is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("no agent key to seal to")]
+    NoRecipients,
+    #[error("envelope is sealed to agent keys {sealed_to:?}, none of which this agent holds")]
+    NotARecipient { sealed_to: Vec<String> },
+    #[error("agent key is weak (a low-order X25519 point)")]
+    WeakKey,
+    #[error("envelope is not signed by the gateway (written by someone without its master key?)")]
+    Forged,
 }
 
-/// 32 bytes of AES-256 key material that is wiped from memory on drop.
+/// 32 bytes of key material that is wiped from memory on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
 pub struct KeyBytes([u8; 32]);
 
@@ -53,9 +86,54 @@ impl KeyBytes {
         Ok(Self(arr))
     }
 
-    /// The raw bytes (for sending to an authenticated agent or wrapping at rest).
+    /// The raw bytes (for deriving other keys or writing a key file).
     pub fn expose(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    fn aead(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("32-byte AES-256 key"))
+    }
+
+    /// `nonce || AES-256-GCM(plaintext) || tag` under this key with `aad`.
+    fn seal(&self, aad: Vec<u8>, plaintext: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| EnvelopeError::Rng)?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .aead()
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[NONCE_LEN..],
+            )
+            .map_err(|_| EnvelopeError::Unauthentic)?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
+    /// Opens what [`KeyBytes::seal`] made with the same `aad`.
+    fn open(&self, aad: Vec<u8>, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+        if sealed.len() < NONCE_LEN + 16 {
+            return Err(EnvelopeError::Truncated);
+        }
+        let nonce: [u8; NONCE_LEN] = sealed[..NONCE_LEN].try_into().expect("checked length");
+        let mut buf = Zeroizing::new(sealed[NONCE_LEN..].to_vec());
+        let len = self
+            .aead()
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf,
+            )
+            .map_err(|_| EnvelopeError::Unauthentic)?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
     }
 }
 
@@ -77,162 +155,349 @@ pub struct Binding<'a> {
 }
 
 impl Binding<'_> {
-    fn associated_data(&self, key_version: u32) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(96);
-        aad.extend_from_slice(b"writeback.v1/envelope\0");
-        aad.extend_from_slice(&key_version.to_be_bytes());
-        for part in [
-            self.tenant_id,
-            self.forest,
-            self.operation_id,
-            self.traceparent,
-        ] {
-            // Length-prefixed so ("ab","c") and ("a","bc") differ.
+    /// `label`, the format version, then every bound field length-prefixed (so ("ab","c") and
+    /// ("a","bc") differ), then `extra`.
+    fn associated_data(&self, label: &[u8], extra: &[&[u8]]) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(128);
+        aad.extend_from_slice(label);
+        aad.extend_from_slice(&KEY_VERSION.to_be_bytes());
+        let fields = [
+            self.tenant_id.as_bytes(),
+            self.forest.as_bytes(),
+            self.operation_id.as_bytes(),
+            self.traceparent.as_bytes(),
+        ];
+        for part in fields.iter().chain(extra) {
             aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
-            aad.extend_from_slice(part.as_bytes());
+            aad.extend_from_slice(part);
         }
         aad.extend_from_slice(&self.deadline_unix_ms.to_be_bytes());
         aad
     }
-}
 
-/// A tenant's master key. Per-forest data keys are derived from it with HKDF-SHA256, so an
-/// agent of one forest never holds a key that opens another forest's operations.
-#[derive(Clone, Debug)]
-pub struct TenantKey(KeyBytes);
-
-impl TenantKey {
-    pub fn new(key: KeyBytes) -> Self {
-        Self(key)
+    fn ciphertext_aad(&self) -> Vec<u8> {
+        self.associated_data(b"writeback.v2/envelope\0", &[])
     }
 
-    pub fn key_bytes(&self) -> &KeyBytes {
-        &self.0
-    }
-
-    /// The data key for one forest of this tenant.
-    pub fn forest_key(&self, tenant_id: &str, forest: &str) -> ForestKey {
-        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"writeback.v1 forest key");
-        let prk = salt.extract(self.0.expose());
-        let info = [tenant_id.as_bytes(), b"\0", forest.as_bytes()];
-        let okm = prk
-            .expand(&info, hkdf::HKDF_SHA256)
-            .expect("HKDF-SHA256 can always expand 32 bytes");
-        let mut out = [0u8; 32];
-        okm.fill(&mut out)
-            .expect("HKDF-SHA256 can always fill 32 bytes");
-        let key = ForestKey(KeyBytes(out));
-        out.zeroize();
-        key
+    fn wrap_aad(&self, key_id: &str, ephemeral: &[u8]) -> Vec<u8> {
+        self.associated_data(b"writeback.v2/wrap\0", &[key_id.as_bytes(), ephemeral])
     }
 }
 
-/// The AES-256-GCM data key of one tenant's forest: what the gateway seals with and what the
-/// forest's agents open with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ForestKey(KeyBytes);
+/// The public half of an agent's sealing key, with its id (what envelopes name it by).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentPublicKey {
+    bytes: [u8; 32],
+    id: String,
+}
 
-impl ForestKey {
-    pub fn from_bytes(key: KeyBytes) -> Self {
-        Self(key)
-    }
-
-    pub fn key_bytes(&self) -> &KeyBytes {
-        &self.0
-    }
-
-    fn aead(&self) -> LessSafeKey {
-        LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, self.0.expose()).expect("32-byte AES-256 key"),
-        )
-    }
-
-    /// Seals `plaintext`, returning `nonce || ciphertext || tag`.
+impl AgentPublicKey {
+    /// An X25519 public key as announced by an agent.
     ///
     /// # Errors
-    /// When the random generator fails.
-    pub fn seal(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
+    /// When `bytes` is not 32 bytes long.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| EnvelopeError::BadKeyLength(bytes.len()))?;
+        Ok(Self {
+            id: key_id(&bytes),
+            bytes,
+        })
+    }
+
+    /// The key's id: 16 hex digits of its SHA-256, computed, never taken from the sender.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for AgentPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentPublicKey({})", self.id)
+    }
+}
+
+fn key_id(public: &[u8; 32]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"writeback agent sealing key\0");
+    ctx.update(public);
+    hex::encode(&ctx.finish().as_ref()[..8])
+}
+
+/// An agent's X25519 key pair. The private half is created on the agent host, kept in its
+/// key file (mode 0600) and memory, wiped on drop, and never sent anywhere.
+pub struct AgentKey {
+    secret: x25519_dalek::StaticSecret,
+    public: AgentPublicKey,
+}
+
+impl AgentKey {
+    /// A fresh key pair.
+    ///
+    /// # Errors
+    /// When the system random generator fails.
+    pub fn generate() -> Result<Self, EnvelopeError> {
+        let raw = KeyBytes::generate()?;
+        Self::from_secret(&raw)
+    }
+
+    /// The key pair of a stored private key.
+    ///
+    /// # Errors
+    /// Never for 32 bytes; kept fallible for the key-file reader.
+    pub fn from_secret(raw: &KeyBytes) -> Result<Self, EnvelopeError> {
+        let secret = x25519_dalek::StaticSecret::from(*raw.expose());
+        let public = x25519_dalek::PublicKey::from(&secret);
+        Ok(Self {
+            public: AgentPublicKey::from_bytes(public.as_bytes())?,
+            secret,
+        })
+    }
+
+    /// The private key's bytes, for writing the key file.
+    pub fn secret_bytes(&self) -> KeyBytes {
+        KeyBytes(self.secret.to_bytes())
+    }
+
+    pub fn public(&self) -> &AgentPublicKey {
+        &self.public
+    }
+
+    /// The data key wrapped to this agent in `wrap`, if it opens.
+    fn unwrap_data_key(
+        &self,
+        binding: &Binding<'_>,
+        wrap: &SealedKey,
+    ) -> Result<KeyBytes, EnvelopeError> {
+        let ephemeral: [u8; 32] = wrap
+            .ephemeral_public
+            .as_slice()
+            .try_into()
+            .map_err(|_| EnvelopeError::Malformed("ephemeral key must be 32 bytes"))?;
+        let shared = self
+            .secret
+            .diffie_hellman(&x25519_dalek::PublicKey::from(ephemeral));
+        if !shared.was_contributory() {
+            return Err(EnvelopeError::WeakKey);
+        }
+        let kek = wrapping_key(shared.as_bytes(), &ephemeral, self.public.as_bytes());
+        let raw = kek.open(
+            binding.wrap_aad(&self.public.id, &ephemeral),
+            &wrap.wrapped_key,
+        )?;
+        KeyBytes::from_slice(&raw)
+    }
+}
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentKey({}, [redacted])", self.public.id)
+    }
+}
+
+/// The key that wraps one recipient's copy of a data key.
+fn wrapping_key(shared: &[u8], ephemeral: &[u8; 32], recipient: &[u8; 32]) -> KeyBytes {
+    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"writeback.v2 agent seal");
+    let prk = salt.extract(shared);
+    let info = [ephemeral.as_slice(), recipient.as_slice()];
+    let okm = prk
+        .expand(&info, hkdf::HKDF_SHA256)
+        .expect("HKDF-SHA256 can always expand 32 bytes");
+    let mut out = [0u8; 32];
+    okm.fill(&mut out)
+        .expect("HKDF-SHA256 can always fill 32 bytes");
+    let key = KeyBytes(out);
+    out.zeroize();
+    key
+}
+
+/// The gateway's operation-signing key (Ed25519), the same on every replica: derived from the
+/// master key, never stored.
+pub struct OperationSigner {
+    pair: ring::signature::Ed25519KeyPair,
+}
+
+impl OperationSigner {
+    /// The signer for a master key.
+    pub fn from_master_key(master: &KeyBytes) -> Self {
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master.expose());
+        let seed = ring::hmac::sign(&derive, b"writeback.v2 operation signing key");
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed.as_ref()[..32])
+            .expect("any 32 bytes are an Ed25519 seed");
+        Self { pair }
+    }
+
+    /// The public key agents verify envelopes with (sent in the Welcome).
+    pub fn public_key(&self) -> [u8; 32] {
+        use ring::signature::KeyPair;
+        self.pair
+            .public_key()
+            .as_ref()
+            .try_into()
+            .expect("Ed25519 public keys are 32 bytes")
+    }
+
+    fn sign(&self, binding: &Binding<'_>, ciphertext: &[u8]) -> Vec<u8> {
+        self.pair
+            .sign(&signed_bytes(binding, ciphertext))
+            .as_ref()
+            .to_vec()
+    }
+}
+
+impl std::fmt::Debug for OperationSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OperationSigner({})", hex::encode(self.public_key()))
+    }
+}
+
+/// What the gateway signs: the bound fields and the ciphertext (with its tag). Nobody without
+/// the data key can wrap it to another key, so the wrapped keys need no signature.
+fn signed_bytes(binding: &Binding<'_>, ciphertext: &[u8]) -> Vec<u8> {
+    let mut m = binding.associated_data(b"writeback.v2/signature\0", &[ciphertext]);
+    m.shrink_to_fit();
+    m
+}
+
+/// Seals `plaintext` so that each of `recipients` (and nobody else) can open it: a fresh data
+/// key, wrapped to each recipient through an ephemeral X25519 agreement, the ciphertext signed
+/// by `signer`. Returns the encoded [`SealedEnvelope`].
+///
+/// # Errors
+/// [`EnvelopeError::NoRecipients`] for an empty list (or more than [`MAX_RECIPIENTS`]: the
+/// caller chose badly); [`EnvelopeError::WeakKey`] for a low-order recipient key.
+pub fn seal_to(
+    recipients: &[AgentPublicKey],
+    signer: &OperationSigner,
+    binding: &Binding<'_>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, EnvelopeError> {
+    if recipients.is_empty() || recipients.len() > MAX_RECIPIENTS {
+        return Err(EnvelopeError::NoRecipients);
+    }
+    let rng = SystemRandom::new();
+    let data_key = KeyBytes::generate()?;
+    let mut keys = Vec::with_capacity(recipients.len());
+    for r in recipients {
+        let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng)
             .map_err(|_| EnvelopeError::Rng)?;
-        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
-        let tag = self
-            .aead()
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(binding.associated_data(KEY_VERSION)),
-                &mut out[NONCE_LEN..],
-            )
-            .map_err(|_| EnvelopeError::Unauthentic)?;
-        out.extend_from_slice(tag.as_ref());
-        Ok(out)
+        let ephemeral_public: [u8; 32] = ephemeral
+            .compute_public_key()
+            .map_err(|_| EnvelopeError::Rng)?
+            .as_ref()
+            .try_into()
+            .expect("X25519 public keys are 32 bytes");
+        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, r.as_bytes());
+        // ring refuses a low-order peer key (an all-zero shared secret).
+        let kek = agreement::agree_ephemeral(ephemeral, &peer, |shared| {
+            wrapping_key(shared, &ephemeral_public, r.as_bytes())
+        })
+        .map_err(|_| EnvelopeError::WeakKey)?;
+        let wrapped_key = kek.seal(
+            binding.wrap_aad(r.id(), &ephemeral_public),
+            data_key.expose(),
+        )?;
+        keys.push(SealedKey {
+            key_id: r.id().to_owned(),
+            ephemeral_public: ephemeral_public.to_vec(),
+            wrapped_key,
+        });
+    }
+    let ciphertext = data_key.seal(binding.ciphertext_aad(), plaintext)?;
+    let signature = signer.sign(binding, &ciphertext);
+    Ok(SealedEnvelope {
+        keys,
+        ciphertext,
+        signature,
+    }
+    .encode_to_vec())
+}
+
+fn decode(envelope: &[u8]) -> Result<SealedEnvelope, EnvelopeError> {
+    let env = SealedEnvelope::decode(envelope)
+        .map_err(|_| EnvelopeError::Malformed("not a SealedEnvelope"))?;
+    if env.keys.is_empty() || env.keys.len() > MAX_RECIPIENTS {
+        return Err(EnvelopeError::Malformed("must name 1 to 64 recipient keys"));
+    }
+    Ok(env)
+}
+
+/// The ids of the agent keys an envelope is sealed to (no key needed).
+///
+/// # Errors
+/// When `envelope` is not a well-formed envelope.
+pub fn recipient_ids(envelope: &[u8]) -> Result<Vec<String>, EnvelopeError> {
+    Ok(decode(envelope)?
+        .keys
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect())
+}
+
+/// An agent's keys: the current one (announced to the gateway, sealed to from now on) and the
+/// earlier ones it still holds, which open only what was sealed to them.
+#[derive(Debug)]
+pub struct AgentKeyring {
+    keys: Vec<AgentKey>,
+}
+
+impl AgentKeyring {
+    /// `current` first, then older keys.
+    pub fn new(current: AgentKey, older: Vec<AgentKey>) -> Self {
+        let mut keys = vec![current];
+        keys.extend(older);
+        Self { keys }
     }
 
-    /// Opens an envelope made by [`ForestKey::seal`] for exactly this `binding`.
-    /// The returned buffer should be zeroized by the caller once decoded.
+    pub fn current(&self) -> &AgentKey {
+        &self.keys[0]
+    }
+
+    pub fn keys(&self) -> &[AgentKey] {
+        &self.keys
+    }
+
+    /// Opens an envelope made by [`seal_to`] for exactly this `binding`, signed by the gateway
+    /// whose public signing key is `gateway`, with whichever of this agent's keys it was sealed
+    /// to. The returned buffer is wiped on drop.
     ///
     /// # Errors
-    /// [`EnvelopeError::Unauthentic`] when the key or any bound field differs.
+    /// [`EnvelopeError::Forged`] when the gateway did not sign it (for this binding);
+    /// [`EnvelopeError::NotARecipient`] when it was sealed to none of these keys;
+    /// [`EnvelopeError::Unauthentic`] when any bound field or byte differs.
     pub fn open(
         &self,
+        gateway: &[u8],
         binding: &Binding<'_>,
         key_version: u32,
         envelope: &[u8],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, EnvelopeError> {
+    ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         if key_version != KEY_VERSION {
             return Err(EnvelopeError::UnsupportedVersion(key_version));
         }
-        if envelope.len() < NONCE_LEN + 16 {
-            return Err(EnvelopeError::Truncated);
-        }
-        let nonce: [u8; NONCE_LEN] = envelope[..NONCE_LEN].try_into().expect("checked length");
-        let mut buf = zeroize::Zeroizing::new(envelope[NONCE_LEN..].to_vec());
-        let len = self
-            .aead()
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(binding.associated_data(key_version)),
-                &mut buf,
-            )
-            .map_err(|_| EnvelopeError::Unauthentic)?
-            .len();
-        buf.truncate(len);
-        Ok(buf)
-    }
-}
-
-/// Wraps a tenant key at rest under the gateway's key-encryption key, bound to the tenant id.
-pub fn wrap_tenant_key(
-    kek: &ForestKey,
-    tenant_id: &str,
-    key: &TenantKey,
-) -> Result<Vec<u8>, EnvelopeError> {
-    kek.seal(&wrap_binding(tenant_id), key.key_bytes().expose())
-}
-
-/// Unwraps a tenant key made by [`wrap_tenant_key`].
-///
-/// # Errors
-/// When the wrapped key was made for another tenant or under another KEK.
-pub fn unwrap_tenant_key(
-    kek: &ForestKey,
-    tenant_id: &str,
-    wrapped: &[u8],
-) -> Result<TenantKey, EnvelopeError> {
-    let raw = kek.open(&wrap_binding(tenant_id), KEY_VERSION, wrapped)?;
-    Ok(TenantKey(KeyBytes::from_slice(&raw)?))
-}
-
-fn wrap_binding(tenant_id: &str) -> Binding<'_> {
-    Binding {
-        tenant_id,
-        forest: "",
-        operation_id: "tenant-key",
-        deadline_unix_ms: 0,
-        traceparent: "",
+        let env = decode(envelope)?;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, gateway)
+            .verify(&signed_bytes(binding, &env.ciphertext), &env.signature)
+            .map_err(|_| EnvelopeError::Forged)?;
+        let (key, wrap) = self
+            .keys
+            .iter()
+            .find_map(|k| {
+                env.keys
+                    .iter()
+                    .find(|w| w.key_id == k.public.id)
+                    .map(|w| (k, w))
+            })
+            .ok_or_else(|| EnvelopeError::NotARecipient {
+                sealed_to: env.keys.iter().map(|k| k.key_id.clone()).collect(),
+            })?;
+        let data_key = key.unwrap_data_key(binding, wrap)?;
+        data_key.open(binding.ciphertext_aad(), &env.ciphertext)
     }
 }
 
@@ -250,26 +515,80 @@ mod tests {
         }
     }
 
+    fn ring_of(key: AgentKey) -> AgentKeyring {
+        AgentKeyring::new(key, Vec::new())
+    }
+
+    fn signer() -> OperationSigner {
+        OperationSigner::from_master_key(&KeyBytes::from_slice(&[7u8; 32]).unwrap())
+    }
+
+    fn seal(to: &[AgentPublicKey], plaintext: &[u8]) -> Vec<u8> {
+        seal_to(to, &signer(), &binding(), plaintext).unwrap()
+    }
+
+    fn open(ring: &AgentKeyring, b: &Binding<'_>, env: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        ring.open(&signer().public_key(), b, KEY_VERSION, env)
+            .map(|p| p.to_vec())
+    }
+
     #[test]
-    fn seal_then_open_round_trips() {
-        let key =
-            TenantKey::new(KeyBytes::generate().unwrap()).forest_key("acme", "corp.acme.test");
-        let env = key.seal(&binding(), b"secret payload").unwrap();
+    fn every_recipient_opens_and_nobody_else() {
+        let (a, b) = (AgentKey::generate().unwrap(), AgentKey::generate().unwrap());
+        let env = seal(&[a.public().clone(), b.public().clone()], b"secret payload");
         assert!(
             !env.windows(6).any(|w| w == b"secret"),
             "ciphertext leaks plaintext"
         );
         assert_eq!(
-            &key.open(&binding(), KEY_VERSION, &env).unwrap()[..],
-            b"secret payload"
+            recipient_ids(&env).unwrap(),
+            vec![a.public().id().to_owned(), b.public().id().to_owned()]
+        );
+        for k in [a, b] {
+            assert_eq!(
+                open(&ring_of(k), &binding(), &env).unwrap(),
+                b"secret payload"
+            );
+        }
+        let outsider = ring_of(AgentKey::generate().unwrap());
+        assert!(matches!(
+            open(&outsider, &binding(), &env),
+            Err(EnvelopeError::NotARecipient { .. })
+        ));
+    }
+
+    #[test]
+    fn an_outsider_claiming_a_recipients_key_id_cannot_open() {
+        // Key ids are public: an agent holding another key under a copied id must still fail.
+        let a = AgentKey::generate().unwrap();
+        let env = seal(&[a.public().clone()], b"x");
+        let mut impostor = AgentKey::generate().unwrap();
+        impostor.public.id = a.public().id().to_owned();
+        assert_eq!(
+            open(&ring_of(impostor), &binding(), &env).unwrap_err(),
+            EnvelopeError::Unauthentic
         );
     }
 
     #[test]
+    fn older_keys_open_only_what_was_sealed_to_them() {
+        let old = AgentKey::generate().unwrap();
+        let env_old = seal(&[old.public().clone()], b"old");
+        let old_secret = old.secret_bytes();
+        let new = AgentKey::generate().unwrap();
+        let env_new = seal(&[new.public().clone()], b"new");
+        let rotated = AgentKeyring::new(new, vec![AgentKey::from_secret(&old_secret).unwrap()]);
+        assert_eq!(open(&rotated, &binding(), &env_old).unwrap(), b"old");
+        assert_eq!(open(&rotated, &binding(), &env_new).unwrap(), b"new");
+        let only_old = ring_of(AgentKey::from_secret(&old_secret).unwrap());
+        assert!(open(&only_old, &binding(), &env_new).is_err());
+    }
+
+    #[test]
     fn any_moved_binding_fails_to_open() {
-        let key =
-            TenantKey::new(KeyBytes::generate().unwrap()).forest_key("acme", "corp.acme.test");
-        let env = key.seal(&binding(), b"x").unwrap();
+        let key = AgentKey::generate().unwrap();
+        let env = seal(&[key.public().clone()], b"x");
+        let ring = ring_of(key);
         let moved = [
             Binding {
                 tenant_id: "other",
@@ -292,58 +611,92 @@ mod tests {
                 ..binding()
             },
         ];
+        // The signature covers the binding too: a moved envelope is refused before opening.
         for b in moved {
             assert_eq!(
-                key.open(&b, KEY_VERSION, &env).unwrap_err(),
-                EnvelopeError::Unauthentic,
+                open(&ring, &b, &env).unwrap_err(),
+                EnvelopeError::Forged,
                 "{b:?}"
             );
         }
-        let mut tampered = env.clone();
-        *tampered.last_mut().unwrap() ^= 1;
+        let mut tampered = SealedEnvelope::decode(env.as_slice()).unwrap();
+        *tampered.ciphertext.last_mut().unwrap() ^= 1;
         assert_eq!(
-            key.open(&binding(), KEY_VERSION, &tampered).unwrap_err(),
+            open(&ring, &binding(), &tampered.encode_to_vec()).unwrap_err(),
+            EnvelopeError::Forged
+        );
+        let mut rewrapped = SealedEnvelope::decode(env.as_slice()).unwrap();
+        *rewrapped.keys[0].wrapped_key.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            open(&ring, &binding(), &rewrapped.encode_to_vec()).unwrap_err(),
             EnvelopeError::Unauthentic
         );
         assert_eq!(
-            key.open(&binding(), 2, &env).unwrap_err(),
-            EnvelopeError::UnsupportedVersion(2)
+            ring.open(&signer().public_key(), &binding(), 1, &env)
+                .unwrap_err(),
+            EnvelopeError::UnsupportedVersion(1)
         );
+        assert!(matches!(
+            open(&ring, &binding(), &env[..10]),
+            Err(EnvelopeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn an_envelope_sealed_to_an_agent_by_anyone_but_the_gateway_is_refused() {
+        // The agent's public key is no secret: whoever reads it from Redis can seal to it.
+        let key = AgentKey::generate().unwrap();
+        let ring = ring_of(key);
+        let forger = OperationSigner::from_master_key(&KeyBytes::from_slice(&[9u8; 32]).unwrap());
+        let env = seal_to(
+            &[ring.current().public().clone()],
+            &forger,
+            &binding(),
+            b"attacker's choice",
+        )
+        .unwrap();
         assert_eq!(
-            key.open(&binding(), KEY_VERSION, &env[..10]).unwrap_err(),
-            EnvelopeError::Truncated
+            open(&ring, &binding(), &env).unwrap_err(),
+            EnvelopeError::Forged
+        );
+        let mut unsigned = SealedEnvelope::decode(env.as_slice()).unwrap();
+        unsigned.signature.clear();
+        assert_eq!(
+            open(&ring, &binding(), &unsigned.encode_to_vec()).unwrap_err(),
+            EnvelopeError::Forged
+        );
+        // The same master key gives the same signer on every replica.
+        assert_eq!(
+            signer().public_key(),
+            OperationSigner::from_master_key(&KeyBytes::from_slice(&[7u8; 32]).unwrap())
+                .public_key()
         );
     }
 
     #[test]
-    fn forest_keys_differ_per_tenant_and_forest() {
-        let master = TenantKey::new(KeyBytes::generate().unwrap());
-        let a = master.forest_key("acme", "corp.acme.test");
-        assert_eq!(a, master.forest_key("acme", "corp.acme.test"));
-        assert_ne!(a, master.forest_key("acme", "other.acme.test"));
-        assert_ne!(a, master.forest_key("acme2", "corp.acme.test"));
-        let env = a.seal(&binding(), b"x").unwrap();
-        let other = master.forest_key("acme", "other.acme.test");
-        assert!(other.open(&binding(), KEY_VERSION, &env).is_err());
-    }
-
-    #[test]
-    fn tenant_key_wrapping_is_bound_to_tenant() {
-        let kek = ForestKey::from_bytes(KeyBytes::generate().unwrap());
-        let tk = TenantKey::new(KeyBytes::generate().unwrap());
-        let wrapped = wrap_tenant_key(&kek, "acme", &tk).unwrap();
+    fn weak_and_empty_recipients_are_refused() {
+        let zero = AgentPublicKey::from_bytes(&[0u8; 32]).unwrap();
         assert_eq!(
-            unwrap_tenant_key(&kek, "acme", &wrapped)
-                .unwrap()
-                .key_bytes(),
-            tk.key_bytes()
+            seal_to(&[zero], &signer(), &binding(), b"x").unwrap_err(),
+            EnvelopeError::WeakKey
         );
-        assert!(unwrap_tenant_key(&kek, "evil", &wrapped).is_err());
+        assert_eq!(
+            seal_to(&[], &signer(), &binding(), b"x").unwrap_err(),
+            EnvelopeError::NoRecipients
+        );
+        assert_eq!(
+            AgentPublicKey::from_bytes(&[1u8; 31]).unwrap_err(),
+            EnvelopeError::BadKeyLength(31)
+        );
     }
 
     #[test]
     fn debug_never_shows_key_material() {
         let k = KeyBytes::from_slice(&[0xAB; 32]).unwrap();
         assert_eq!(format!("{k:?}"), "KeyBytes([redacted])");
+        let a = AgentKey::from_secret(&k).unwrap();
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("ab, ab") && !shown.to_lowercase().contains("abab"));
+        assert!(shown.contains(a.public().id()));
     }
 }

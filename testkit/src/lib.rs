@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry, StdStream};
 
+pub mod redis_dump;
 mod topologies;
 pub use topologies::{RedisCluster, RedisSentinel, TlsRedis};
 

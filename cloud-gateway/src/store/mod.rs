@@ -7,6 +7,7 @@
 mod backend;
 mod ids;
 mod keys;
+mod limits;
 mod scripts;
 mod sequence;
 
@@ -24,6 +25,7 @@ pub use ids::{
     MAX_OPERATION_ID_CHARS, MAX_TENANT_ID_CHARS,
 };
 pub use keys::*;
+pub use limits::{budget_key, rate_key, Budget};
 pub use scripts::{Acknowledgment, Completion, Created, Delivery, Finalized};
 pub use sequence::HighWater;
 
@@ -669,6 +671,32 @@ impl Store {
         Ok(())
     }
 
+    /// The sealing-key records (`seal_key` hex, `seal_mac`) of agent instances, in the order
+    /// of `members` (`None` where an instance has none), in one round trip.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_sealing_keys(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        members: &[String],
+    ) -> Result<Vec<Option<(String, String)>>> {
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for m in members {
+            pipe.cmd("HMGET")
+                .arg(agent_info_key(tenant, forest, m))
+                .arg("seal_key")
+                .arg("seal_mac");
+        }
+        let rows: Vec<(Option<String>, Option<String>)> =
+            pipe.query_async(&mut self.conn()).await?;
+        Ok(rows.into_iter().map(|(k, m)| k.zip(m)).collect())
+    }
+
     /// Every agent instance of (tenant, forest) with its details and last-seen time.
     ///
     /// # Errors
@@ -918,35 +946,26 @@ impl Store {
 
     // --- tenants and credentials (see `tenants.rs`; only hashes and wrapped keys) ---
 
-    /// A tenant's wrapped key and token hash.
+    /// A tenant's current token hash.
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn tenant(&self, tenant: &TenantId) -> Result<(Option<Vec<u8>>, Option<String>)> {
-        let (wrapped, token): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
-            .arg(tenant_key(tenant))
-            .arg("wrapped_key")
-            .arg("token_sha256")
-            .query_async(&mut self.conn())
-            .await?;
-        Ok((wrapped, token))
+    pub async fn tenant_token(&self, tenant: &TenantId) -> Result<Option<String>> {
+        Ok(self.conn().hget(tenant_key(tenant), "token_sha256").await?)
     }
 
-    /// Stores a tenant's wrapped key unless it has one; registers the tenant id.
+    /// Registers the tenant id (its record's `created` time is set once).
     ///
     /// Two steps, since the tenant's hash and the registry lie in different hash slots of a
     /// cluster: the record first, so a registered tenant always has one.
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn put_tenant_key(&self, tenant: &TenantId, wrapped: &[u8]) -> Result<()> {
-        let key = tenant_key(tenant);
-        let mut pipe = redis::pipe();
-        pipe.hset_nx(&key, "wrapped_key", wrapped)
-            .ignore()
-            .hset_nx(&key, "created", relay::now_unix_ms())
-            .ignore();
-        let _: () = pipe.query_async(&mut self.conn()).await?;
+    pub async fn register_tenant(&self, tenant: &TenantId) -> Result<()> {
+        let _: bool = self
+            .conn()
+            .hset_nx(tenant_key(tenant), "created", relay::now_unix_ms())
+            .await?;
         let _: i64 = self.conn().sadd(TENANTS_KEY, tenant).await?;
         Ok(())
     }
@@ -1057,6 +1076,23 @@ impl Store {
             )
             .ignore();
         let _: () = pipe.query_async(&mut self.conn()).await?;
+        // Its instances stop being sealed to at once, before their streams close (each replica closes them within a second).
+        let members: Vec<String> = self
+            .conn()
+            .zrange(agents_key(tenant, forest), 0, -1)
+            .await?;
+        let prefix = format!("{agent_id}|");
+        let mut gone = redis::pipe();
+        for m in members.iter().filter(|m| m.starts_with(&prefix)) {
+            gone.zrem(agents_key(tenant, forest), m)
+                .ignore()
+                .del(agent_info_key(tenant, forest, m))
+                .ignore();
+        }
+        // An empty pipeline is an error on a cluster connection ("empty command").
+        if gone.cmd_iter().next().is_some() {
+            let _: () = gone.query_async(&mut self.conn()).await?;
+        }
         Ok(())
     }
 
@@ -1095,7 +1131,7 @@ impl Store {
         &self,
         tenant: &TenantId,
         forest: &ForestId,
-        fields: &[(&str, u8)],
+        fields: &[(&str, String)],
     ) -> Result<()> {
         let _: () = self
             .conn()
@@ -1112,7 +1148,7 @@ impl Store {
         &self,
         tenant: &TenantId,
         forest: &ForestId,
-    ) -> Result<HashMap<String, u8>> {
+    ) -> Result<HashMap<String, String>> {
         Ok(self.conn().hgetall(forest_key(tenant, forest)).await?)
     }
 }
