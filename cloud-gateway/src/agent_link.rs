@@ -130,6 +130,10 @@ impl AgentLinkService {
             replica: gw.config.replica_id.clone(),
             sealing_key_id: sealing_key.id().to_owned(),
             operation_signing_key: gw.tenants.signer().public_key().to_vec(),
+            previous_signing_keys: gw.tenants.signing_keys()[1..]
+                .iter()
+                .map(|k| k.to_vec())
+                .collect(),
             heartbeat_interval_ms: gw.config.heartbeat_interval.as_millis() as u32,
             allow_protected_accounts: settings.allow_protected_accounts,
             gateway_time_unix_ms: gw.clock.now_ms(),
@@ -664,8 +668,58 @@ impl Session {
                     }
                 }
             }
+            Some(agent_frame::Frame::Renew(renew)) => self.renew(&renew.csr_pem).await,
             Some(agent_frame::Frame::Hello(_)) | None => {
                 tracing::warn!(agent_id = %self.identity.agent_id, "unexpected frame from agent; ignored");
+            }
+        }
+    }
+
+    /// A new client certificate for an enrolled agent whose credential still stands: the
+    /// same name and enrollment, a new key (the CSR's), a new lifetime. A revoked or
+    /// re-enrolled agent gets none (its stream is closing anyway).
+    async fn renew(&self, csr_pem: &str) {
+        let (Some(ca), Some(enrollment)) = (
+            &self.gw.config.agent_ca,
+            self.identity.secret_sha256.strip_prefix("cert:"),
+        ) else {
+            tracing::warn!(event = "WB1019", agent_id = %self.identity.agent_id, "renewal asked by an agent that did not enroll (or no agent CA here); ignored");
+            return;
+        };
+        match self.gw.tenants.credential_current(&self.identity).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(event = "WB1019", agent_id = %self.identity.agent_id, "renewal refused: the agent was revoked or enrolled again");
+                self.cancel.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the agent's credential; renewal not answered (the agent asks again)");
+                return;
+            }
+        }
+        let who = crate::enroll::EnrolledName {
+            tenant: self.identity.tenant.clone(),
+            forest: self.identity.forest.clone(),
+            agent_id: self.identity.agent_id.clone(),
+            enrollment: enrollment.to_owned(),
+        };
+        match ca.issue(csr_pem, &who) {
+            Ok((certificate_pem, not_after_unix_ms)) => {
+                tracing::info!(event = "WB1018", agent_id = %who.agent_id, not_after_unix_ms, "agent certificate renewed");
+                let renewed = relay::proto::Renewed {
+                    certificate_pem,
+                    not_after_unix_ms,
+                };
+                let _ = self
+                    .tx
+                    .send(Outbound::Frame(frame(gateway_frame::Frame::Renewed(
+                        renewed,
+                    ))))
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(event = "WB1019", agent_id = %who.agent_id, error = %e, "renewal refused")
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Authentication of every call, as one tower layer in front of all gRPC services: a call to
 //! `writeback.v1.Writeback` must carry a tenant token, a call to `writeback.v1.AgentLink` an
-//! agent credential. The layer puts who the caller is ([`CallerTenant`] or
+//! agent credential (an enrolled client certificate, or a registered secret). The layer puts who the caller is ([`CallerTenant`] or
 //! [`AgentIdentity`]) in the request's extensions, so a handler — including one added later —
 //! cannot run unauthenticated: without the extension it has nobody to act for.
 //!
@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::enroll::EnrolledName;
 use crate::error::GatewayError;
 use crate::store::TenantId;
 use crate::tenants::AgentIdentity;
@@ -55,9 +56,33 @@ async fn tenant_of(gw: &Gateway, headers: &http::HeaderMap) -> Result<CallerTena
     }
 }
 
-async fn agent_of(gw: &Gateway, headers: &http::HeaderMap) -> Result<AgentIdentity, GatewayError> {
-    let credential = bearer(headers)?;
-    match gw.tenants.authenticate_agent(credential).await? {
+/// The name in the client certificate of the call's connection, if it presented one.
+fn peer_name<B>(req: &http::Request<B>) -> Option<Option<EnrolledName>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+        .and_then(|certs| {
+            certs
+                .first()
+                .map(|c| EnrolledName::from_certificate(c.as_ref()))
+        })
+}
+
+/// The agent a call comes from: by its enrolled client certificate when it presented one (the
+/// TLS layer verified it against the agent CA), else by its bearer secret.
+async fn agent_of(
+    gw: &Gateway,
+    enrolled: Option<Option<EnrolledName>>,
+    headers: &http::HeaderMap,
+) -> Result<AgentIdentity, GatewayError> {
+    let checked = match enrolled {
+        Some(Some(who)) => gw.tenants.authenticate_enrolled(&who).await?,
+        // A client certificate of the agent CA that names no agent: nobody.
+        Some(None) => return Err(GatewayError::Unauthenticated),
+        None => gw.tenants.authenticate_agent(bearer(headers)?).await?,
+    };
+    match checked {
         Ok(identity) => Ok(identity),
         Err(refusal) => Err(unknown_credential(gw, GatewayError::AgentRefused(refusal)).await),
     }
@@ -122,11 +147,12 @@ where
                     .await
                     .map(|t| req.extensions_mut().insert(t).map(drop))
             } else if path.starts_with(AGENT_LINK_PREFIX) {
-                agent_of(&gw, req.headers())
+                agent_of(&gw, peer_name(&req), req.headers())
                     .await
                     .map(|a| req.extensions_mut().insert(a).map(drop))
             } else {
-                // Health and reflection are public.
+                // Health and reflection are public; enrollment's token is checked by its
+                // handler (it is the one credential that call takes).
                 Ok(None)
             };
             match checked {

@@ -48,6 +48,8 @@ pub enum GatewayError {
     TenantQueueFull { limit: u64 },
     #[error("the gateway cannot reach its store; retry with the same operation_id")]
     Store(#[from] StoreError),
+    #[error("the enrollment token is unknown, used already, or expired: ask for a new one (`cloud-gateway admin enroll-agent`)")]
+    EnrollmentRefused,
     #[error("internal error")]
     Internal(String),
 }
@@ -86,7 +88,8 @@ impl From<GatewayError> for Status {
         let code = match &e {
             GatewayError::Unauthenticated
             | GatewayError::UnknownToken
-            | GatewayError::AgentRefused(_) => Code::Unauthenticated,
+            | GatewayError::AgentRefused(_)
+            | GatewayError::EnrollmentRefused => Code::Unauthenticated,
             GatewayError::StoreLost => Code::Unavailable,
             GatewayError::WrongTenant(_) => Code::PermissionDenied,
             GatewayError::InvalidArgument { .. } => Code::InvalidArgument,

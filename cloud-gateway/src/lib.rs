@@ -7,6 +7,7 @@ pub mod admin;
 pub mod agent_link;
 pub mod auth;
 pub mod clock;
+pub mod enroll;
 pub mod error;
 pub mod limits;
 pub mod metrics;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use relay::envelope::KeyBytes;
+use relay::proto::agent_enrollment_server::AgentEnrollmentServer;
 use relay::proto::agent_link_server::AgentLinkServer;
 use relay::proto::writeback_server::WritebackServer;
 
@@ -43,8 +45,12 @@ pub struct GatewayConfig {
     pub redis_url: String,
     /// TLS files, password file and replica acknowledgments for Redis.
     pub redis: store::RedisOptions,
-    /// Key-encryption key for tenant keys at rest.
+    /// MACs the records that admit callers and agents; derives the key that signs every
+    /// operation. Opens no password.
     pub master_key: KeyBytes,
+    /// During a master-key rotation, the previous master key: records MACed and work signed
+    /// under it are still accepted (`admin rotate-master-key` re-MACs the records).
+    pub previous_master_key: Option<KeyBytes>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     /// Wait used when a request has `timeout_ms = 0`.
@@ -74,6 +80,9 @@ pub struct GatewayConfig {
     pub tenant_rate: Option<limits::Rate>,
     /// Per-user budgets of wrong old passwords and unlocks, over all replicas.
     pub user_limits: limits::UserLimits,
+    /// The agent CA: with it, agents enroll (`AgentEnrollment`) and authenticate by client
+    /// certificate (mutual TLS); without it, only by registered secrets.
+    pub agent_ca: Option<Arc<enroll::AgentCa>>,
     /// Most operations one forest's queue holds before Submit answers `RESOURCE_EXHAUSTED`.
     pub forest_queue_limit: u64,
     /// Most unsettled operations one tenant may have over all its forests before Submit
@@ -95,6 +104,7 @@ impl GatewayConfig {
             redis_url: redis_url.into(),
             redis: store::RedisOptions::default(),
             master_key,
+            previous_master_key: None,
             tls_cert,
             tls_key,
             default_timeout: Duration::from_secs(30),
@@ -113,6 +123,7 @@ impl GatewayConfig {
             forest_queue_limit: 10_000,
             tenant_queue_limit: 50_000,
             user_limits: limits::UserLimits::default(),
+            agent_ca: None,
         }
     }
 }
@@ -180,7 +191,11 @@ pub async fn run(
     let store = Store::connect_with(&config.redis_url, &config.redis)
         .await?
         .for_replica(&config.replica_id);
-    let tenants = Tenants::new(store.clone(), config.master_key.clone());
+    let tenants = Tenants::rotating(
+        store.clone(),
+        config.master_key.clone(),
+        config.previous_master_key.clone(),
+    );
     let gateway = Gateway {
         config: Arc::new(config),
         store: store.clone(),
@@ -247,6 +262,18 @@ pub async fn run(
             })
         })?;
 
+    // Callers have no client certificate; enrolled agents present one from the agent CA.
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &gateway.config.agent_ca {
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+            .client_auth_optional(true);
+    }
+    let enrollment = gateway.config.agent_ca.clone().map(|ca| {
+        AgentEnrollmentServer::new(enroll::EnrollmentService::new(gateway.clone(), ca))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    });
     tracing::info!(event = "WB1030",
         replica = %gateway.config.replica_id,
         addr = ?listener.local_addr().ok(),
@@ -256,7 +283,7 @@ pub async fn run(
     let serve_shutdown = shutdown.clone();
     let result = Server::builder()
         .layer(auth::AuthLayer::new(gateway.clone()))
-        .tls_config(ServerTlsConfig::new().identity(identity))?
+        .tls_config(tls)?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -275,6 +302,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
         )
+        .add_optional_service(enrollment)
         .serve_with_incoming_shutdown(incoming, async move {
             serve_shutdown.cancelled().await;
             health_reporter

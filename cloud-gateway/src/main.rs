@@ -71,6 +71,24 @@ struct ServeArgs {
     /// The per-user window, in seconds.
     #[arg(long, env = "WRITEBACK_USER_LIMIT_WINDOW_SECS", default_value_t = 900)]
     user_limit_window_secs: u64,
+    /// The agent CA's certificate (PEM; `admin init-agent-ca` makes one): with it agents
+    /// enroll and authenticate by client certificate.
+    #[arg(
+        long,
+        env = "WRITEBACK_AGENT_CA_CERT_FILE",
+        requires = "agent_ca_key_file"
+    )]
+    agent_ca_cert_file: Option<PathBuf>,
+    /// The agent CA's private key (PEM, a private file).
+    #[arg(
+        long,
+        env = "WRITEBACK_AGENT_CA_KEY_FILE",
+        requires = "agent_ca_cert_file"
+    )]
+    agent_ca_key_file: Option<PathBuf>,
+    /// Lifetime of the agent certificates it issues, in seconds (agents renew at half).
+    #[arg(long, env = "WRITEBACK_AGENT_CERT_TTL_SECS", default_value_t = 86_400)]
+    agent_cert_ttl_secs: u64,
     /// Seconds between end-to-end canaries per forest (0 turns them off).
     #[arg(long, env = "WRITEBACK_CANARY_INTERVAL_SECS", default_value_t = 30)]
     canary_interval_secs: u64,
@@ -177,6 +195,19 @@ struct Common {
     /// File holding the gateway master key (64 hex digits; `admin gen-master-key` makes one).
     #[arg(long, env = "WRITEBACK_MASTER_KEY_FILE")]
     master_key_file: PathBuf,
+    /// During a master-key rotation, the previous master key: records MACed and work signed
+    /// under it are still accepted (see `admin rotate-master-key`).
+    #[arg(long, env = "WRITEBACK_PREVIOUS_MASTER_KEY_FILE")]
+    previous_master_key_file: Option<PathBuf>,
+}
+
+impl Common {
+    fn previous_master_key(&self) -> anyhow::Result<Option<relay::envelope::KeyBytes>> {
+        self.previous_master_key_file
+            .as_deref()
+            .map(load_master_key)
+            .transpose()
+    }
 }
 
 #[derive(clap::Args)]
@@ -209,6 +240,39 @@ enum AdminCommand {
         forest: String,
         #[arg(long)]
         agent_id: String,
+    },
+    /// Write a new agent CA (certificate and private key, PEM) for `serve
+    /// --agent-ca-cert-file/--agent-ca-key-file`.
+    InitAgentCa {
+        #[arg(long)]
+        cert_out: PathBuf,
+        #[arg(long)]
+        key_out: PathBuf,
+    },
+    /// Print a one-time enrollment token for an agent of a tenant's forest; `onprem-agent
+    /// enroll` trades it for a client certificate. Enrolling again replaces the agent's
+    /// earlier certificate or secret.
+    EnrollAgent {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        forest: String,
+        #[arg(long)]
+        agent_id: String,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+    /// Re-MAC every record (tokens, agent credentials, forest switches) under
+    /// --master-key-file, accepting those under --previous-master-key-file. Rotation: (1) run
+    /// every replica with the new key as --master-key-file and the old one as
+    /// --previous-master-key-file; (2) run this; (3) after the longest operation deadline plus
+    /// its answer grace, drop --previous-master-key-file. Nothing in flight is lost.
+    RotateMasterKey {
+        #[command(flatten)]
+        common: Common,
     },
     /// Revoke an agent: its credential admits nobody from now on (it is told it was revoked)
     /// and its open streams close on every replica within a second.
@@ -267,10 +331,11 @@ fn load_master_key(path: &std::path::Path) -> anyhow::Result<relay::envelope::Ke
 
 async fn tenants(common: &Common) -> anyhow::Result<Tenants> {
     let key = load_master_key(&common.master_key_file)?;
+    let previous = common.previous_master_key()?;
     let store = Store::connect_with(&common.redis_url, &common.redis_options())
         .await
         .context("cannot connect to redis")?;
-    Ok(Tenants::new(store, key))
+    Ok(Tenants::rotating(store, key, previous))
 }
 
 /// `--tenant`, checked by the rule of a request's `tenant_id`.
@@ -339,6 +404,57 @@ async fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
                     t.register_agent(&tenant, &forest, &agent_id)
                         .await?
                         .expose()
+                );
+                Ok(())
+            }
+            AdminCommand::InitAgentCa { cert_out, key_out } => {
+                anyhow::ensure!(
+                    !key_out.exists(),
+                    "{} exists: remove it first (a new CA cuts off every enrolled agent)",
+                    key_out.display()
+                );
+                let (cert, key) =
+                    cloud_gateway::enroll::AgentCa::generate().map_err(|e| anyhow::anyhow!(e))?;
+                relay::secret::write_private(&key_out, &key)?;
+                std::fs::write(&cert_out, cert)?;
+                println!(
+                    "agent CA: certificate {}, private key {} (0600)",
+                    cert_out.display(),
+                    key_out.display()
+                );
+                Ok(())
+            }
+            AdminCommand::EnrollAgent {
+                common,
+                tenant,
+                forest,
+                agent_id,
+                ttl_secs,
+            } => {
+                let tenant = tenant_flag(&tenant)?;
+                check_agent_id(&agent_id)?;
+                let forest = forest_flag(&forest)?;
+                let t = tenants(&common).await?;
+                let token = t
+                    .create_enrollment(
+                        &tenant,
+                        &forest,
+                        &agent_id,
+                        Duration::from_secs(ttl_secs.clamp(60, 7 * 86_400)),
+                    )
+                    .await?;
+                println!("{}", token.expose());
+                Ok(())
+            }
+            AdminCommand::RotateMasterKey { common } => {
+                anyhow::ensure!(
+                    common.previous_master_key_file.is_some(),
+                    "--previous-master-key-file is required: the key the records are MACed under now"
+                );
+                let done = tenants(&common).await?.remac_all().await?;
+                println!(
+                    "re-MACed {} records under the new master key; {} verified under neither key and were left as they are (they admit nobody)",
+                    done.records, done.unverified
                 );
                 Ok(())
             }
@@ -411,6 +527,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .filter(|h| !h.is_empty())
             .context("--replica-id (WRITEBACK_REPLICA_ID) is required when HOSTNAME is not set")?,
     };
+    let previous = args.common.previous_master_key()?;
     let redis = args.common.redis_options();
     let mut config = GatewayConfig::new(
         replica_id,
@@ -419,6 +536,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.tls_cert,
         args.tls_key,
     );
+    config.previous_master_key = previous;
     config.redis = redis;
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
@@ -436,6 +554,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         unlocks: args.user_unlock_limit,
         window: Duration::from_secs(args.user_limit_window_secs.max(1)),
     };
+    if let (Some(cert), Some(key)) = (&args.agent_ca_cert_file, &args.agent_ca_key_file) {
+        let cert_pem = std::fs::read_to_string(cert)
+            .with_context(|| format!("--agent-ca-cert-file {}", cert.display()))?;
+        let key_pem = relay::secret::Secret::from_file(key)?;
+        let ca = cloud_gateway::enroll::AgentCa::from_pem(
+            &cert_pem,
+            key_pem.expose(),
+            Duration::from_secs(args.agent_cert_ttl_secs.max(60)),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.agent_ca = Some(std::sync::Arc::new(ca));
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

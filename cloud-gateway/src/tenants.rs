@@ -20,6 +20,8 @@ pub enum TenantError {
     UnknownTenant(String),
     #[error("no agent {0:?} is registered for this tenant")]
     UnknownAgent(String),
+    #[error("agent id {0:?} belongs to another tenant: choose another id")]
+    AgentIdTaken(String),
     #[error("{0}")]
     Crypto(#[from] envelope::EnvelopeError),
 }
@@ -46,6 +48,15 @@ pub enum AgentRefusal {
         agent_id: String,
         revoked_at_unix_ms: i64,
     },
+}
+
+/// What [`Tenants::remac_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remacked {
+    /// Records now MACed under the current master key.
+    pub records: usize,
+    /// Records that verified under neither key (left as they were: they admit nobody).
+    pub unverified: usize,
 }
 
 /// One registered agent, for `admin list-agents`.
@@ -81,6 +92,21 @@ pub struct ForestSettings {
     pub unlock_enabled: bool,
     /// Apply operations to members of protected groups (adminCount=1).
     pub allow_protected_accounts: bool,
+}
+
+/// What a forest-switch record's MAC covers.
+fn forest_fields<'a>(
+    tenant: &'a TenantId,
+    forest: &'a ForestId,
+    flags: &[&'a str; 3],
+) -> [&'a str; 5] {
+    [
+        tenant.as_str(),
+        forest.as_str(),
+        flags[0],
+        flags[1],
+        flags[2],
+    ]
 }
 
 /// The stored names of [`ForestSettings`]' switches, in MAC order.
@@ -138,6 +164,16 @@ fn random_secret(prefix: &str) -> Result<Secret, TenantError> {
     Ok(s)
 }
 
+fn mac_with(key: &ring::hmac::Key, kind: &str, fields: &[&str]) -> String {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(kind.as_bytes());
+    for f in fields {
+        ctx.update(b"\0");
+        ctx.update(f.as_bytes());
+    }
+    hex::encode(ctx.sign().as_ref())
+}
+
 /// Constant-time equality of two byte strings of public length.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -153,8 +189,18 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Clone)]
 pub struct Tenants {
     store: Store,
-    records: Arc<ring::hmac::Key>,
-    signer: Arc<OperationSigner>,
+    /// The record MAC key of the master key, then of the previous one during a rotation.
+    records: Arc<Vec<ring::hmac::Key>>,
+    /// Signs with the current master key's signer; agents also accept the previous one's
+    /// during a rotation (work queued before it).
+    signers: Arc<Vec<OperationSigner>>,
+}
+
+fn record_key(master_key: &KeyBytes) -> ring::hmac::Key {
+    // The master key's HMAC of a fixed label, never stored.
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master_key.expose());
+    let key = ring::hmac::sign(&derive, b"writeback.v1 record mac key");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref())
 }
 
 /// Which record a MAC seals (domain separation).
@@ -162,36 +208,45 @@ const TOKEN_RECORD: &str = "writeback.v1 token record";
 const AGENT_RECORD: &str = "writeback.v1 agent credential record";
 const SEALING_KEY_RECORD: &str = "writeback.v2 agent sealing key record";
 const FOREST_RECORD: &str = "writeback.v2 forest switches record";
+const ENROLLMENT_RECORD: &str = "writeback.v2 enrollment token record";
 
 impl Tenants {
+    /// Records and operations under `master_key`. The master key opens no password:
+    /// operations are sealed to the agents' own keys.
     pub fn new(store: Store, master_key: KeyBytes) -> Self {
-        // The record key is the master key's HMAC of a fixed label, never stored. The master
-        // key opens no password: operations are sealed to the agents' own keys.
-        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master_key.expose());
-        let record_key = ring::hmac::sign(&derive, b"writeback.v1 record mac key");
+        Self::rotating(store, master_key, None)
+    }
+
+    /// As [`Tenants::new`], during a master-key rotation: records MACed under `previous` are
+    /// still accepted (and re-MACed by `admin rotate-master-key`), work signed under it still
+    /// opens at the agents; everything new is MACed and signed under `master_key`.
+    pub fn rotating(store: Store, master_key: KeyBytes, previous: Option<KeyBytes>) -> Self {
+        let keys: Vec<&KeyBytes> = std::iter::once(&master_key)
+            .chain(previous.as_ref())
+            .collect();
         Self {
             store,
-            records: Arc::new(ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                record_key.as_ref(),
-            )),
-            signer: Arc::new(OperationSigner::from_master_key(&master_key)),
+            records: Arc::new(keys.iter().map(|k| record_key(k)).collect()),
+            signers: Arc::new(
+                keys.iter()
+                    .map(|k| OperationSigner::from_master_key(k))
+                    .collect(),
+            ),
         }
     }
 
-    /// The MAC of a record: its kind and its fields, NUL-separated (no field holds a NUL).
+    /// The MAC of a record under the current master key: its kind and its fields,
+    /// NUL-separated (no field holds a NUL).
     fn seal(&self, kind: &str, fields: &[&str]) -> String {
-        let mut ctx = ring::hmac::Context::with_key(&self.records);
-        ctx.update(kind.as_bytes());
-        for f in fields {
-            ctx.update(b"\0");
-            ctx.update(f.as_bytes());
-        }
-        hex::encode(ctx.sign().as_ref())
+        mac_with(&self.records[0], kind, fields)
     }
 
+    /// Whether `mac` is the record's MAC under the current master key or, during a rotation,
+    /// the previous one.
     fn sealed(&self, kind: &str, fields: &[&str], mac: &str) -> bool {
-        ct_eq(self.seal(kind, fields).as_bytes(), mac.as_bytes())
+        self.records
+            .iter()
+            .any(|k| ct_eq(mac_with(k, kind, fields).as_bytes(), mac.as_bytes()))
     }
 
     /// Creates a tenant (or rotates its token when it exists) and returns the new bearer token.
@@ -230,17 +285,29 @@ impl Tenants {
         forest: &ForestId,
         agent_id: &str,
     ) -> Result<Secret, TenantError> {
-        if !self.exists(tenant).await? {
-            return Err(TenantError::UnknownTenant(tenant.to_string()));
-        }
         let secret = random_secret("wba_")?;
         let hash = sha256_hex(secret.expose().as_bytes());
+        self.put_credential(tenant, forest, agent_id, &hash).await?;
+        Ok(secret)
+    }
+
+    /// Writes an agent's credential record (`credential`: its secret's hash, or
+    /// `cert:<enrollment>`), replacing the agent's earlier one, and closes the streams that
+    /// authenticated with that one, on every replica. An id another tenant holds is refused.
+    async fn put_credential(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        agent_id: &str,
+        credential: &str,
+    ) -> Result<(), TenantError> {
+        self.may_hold(tenant, agent_id).await?;
         let mac = self.seal(
             AGENT_RECORD,
-            &[agent_id, tenant.as_str(), forest.as_str(), &hash],
+            &[agent_id, tenant.as_str(), forest.as_str(), credential],
         );
         self.store
-            .put_agent_credential(agent_id, tenant, forest, &hash, &mac)
+            .put_agent_credential(agent_id, tenant, forest, credential, &mac)
             .await?;
         // A rotation cuts off whoever holds the old secret, at once, on every replica.
         if let Err(e) = self
@@ -250,7 +317,115 @@ impl Tenants {
         {
             tracing::warn!(error = %e, %agent_id, "could not tell the replicas to close the agent's streams; each closes them at its next credential check");
         }
-        Ok(secret)
+        Ok(())
+    }
+
+    /// Whether `tenant` exists and may hold `agent_id` (no other tenant holds it).
+    async fn may_hold(&self, tenant: &TenantId, agent_id: &str) -> Result<(), TenantError> {
+        if !self.exists(tenant).await? {
+            return Err(TenantError::UnknownTenant(tenant.to_string()));
+        }
+        let existing = self.store.agent_credential(agent_id).await?;
+        if existing
+            .get("tenant")
+            .is_some_and(|owner| owner != tenant.as_str())
+        {
+            return Err(TenantError::AgentIdTaken(agent_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// A one-time enrollment token for `agent_id` of (tenant, forest), valid for `ttl`
+    /// (`admin enroll-agent`). The agent trades it for a client certificate.
+    ///
+    /// # Errors
+    /// When the tenant does not exist, the id is another tenant's, or on Redis errors.
+    pub async fn create_enrollment(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        agent_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Secret, TenantError> {
+        self.may_hold(tenant, agent_id).await?;
+        let token = random_secret("wbe_")?;
+        let hash = sha256_hex(token.expose().as_bytes());
+        let expires = (relay::now_unix_ms() + ttl.as_millis() as i64).to_string();
+        let fields = [tenant.as_str(), forest.as_str(), agent_id, &expires];
+        let mac = self.seal(ENROLLMENT_RECORD, &[&[hash.as_str()][..], &fields].concat());
+        let record = [&fields[..], &[mac.as_str()]].concat().join(" ");
+        self.store.put_enrollment(&hash, &record, ttl).await?;
+        Ok(token)
+    }
+
+    /// Takes an enrollment token (it works once): who it enrolls, or `None` when it is
+    /// unknown, used, expired or its record was not written by this gateway.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn redeem_enrollment(
+        &self,
+        token: &str,
+    ) -> Result<Option<(TenantId, ForestId, String)>, TenantError> {
+        let hash = sha256_hex(token.as_bytes());
+        let Some(record) = self.store.take_enrollment(&hash).await? else {
+            return Ok(None);
+        };
+        let parts: Vec<&str> = record.split(' ').collect();
+        let [tenant, forest, agent_id, expires, mac] = parts[..] else {
+            return Ok(None);
+        };
+        if !self.sealed(
+            ENROLLMENT_RECORD,
+            &[&hash, tenant, forest, agent_id, expires],
+            mac,
+        ) {
+            tracing::error!(event = "WB1093", %tenant, %agent_id, record = "enrollment token", "an enrollment token record whose MAC does not verify: refused");
+            return Ok(None);
+        }
+        if expires.parse::<i64>().unwrap_or(0) < relay::now_unix_ms() {
+            return Ok(None);
+        }
+        // Written by `create_enrollment` from checked ids.
+        Ok(Some((
+            TenantId::from_store(tenant.to_owned()),
+            ForestId::from_store(forest.to_owned()),
+            agent_id.to_owned(),
+        )))
+    }
+
+    /// Records an agent's enrollment: its credential becomes the certificate naming
+    /// `who.enrollment` (an earlier secret or certificate stops working at once).
+    ///
+    /// # Errors
+    /// When the id is another tenant's, or on Redis errors.
+    pub async fn put_enrolled_agent(
+        &self,
+        who: &crate::enroll::EnrolledName,
+    ) -> Result<(), TenantError> {
+        self.put_credential(&who.tenant, &who.forest, &who.agent_id, &who.credential())
+            .await
+    }
+
+    /// The identity of an agent presenting an enrolled certificate naming `who`, or why it
+    /// is refused (revoked, enrolled again since, another tenant's record).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn authenticate_enrolled(
+        &self,
+        who: &crate::enroll::EnrolledName,
+    ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
+        let identity = self
+            .check_credential(&who.agent_id, &who.credential())
+            .await?;
+        Ok(identity.and_then(|id| {
+            if id.tenant == who.tenant && id.forest == who.forest {
+                Ok(id)
+            } else {
+                Err(AgentRefusal::WrongSecret(who.agent_id.clone()))
+            }
+        }))
     }
 
     /// Revokes an agent of `tenant`: its credential admits nobody (it is told it was
@@ -363,16 +538,7 @@ impl Tenants {
     }
 
     fn forest_mac(&self, tenant: &TenantId, forest: &ForestId, flags: &[&str; 3]) -> String {
-        self.seal(
-            FOREST_RECORD,
-            &[
-                tenant.as_str(),
-                forest.as_str(),
-                flags[0],
-                flags[1],
-                flags[2],
-            ],
-        )
+        self.seal(FOREST_RECORD, &forest_fields(tenant, forest, flags))
     }
 
     /// Reads a forest's operator switches (defaults when never set). A record whose MAC does
@@ -413,10 +579,7 @@ impl Tenants {
             flag(FOREST_SWITCHES[2]).unwrap_or(""),
         ];
         let mac = flag("mac").unwrap_or("");
-        if !ct_eq(
-            self.forest_mac(tenant, forest, &stored).as_bytes(),
-            mac.as_bytes(),
-        ) {
+        if !self.sealed(FOREST_RECORD, &forest_fields(tenant, forest, &stored), mac) {
             tracing::error!(event = "WB1093", %tenant, %forest, record = "forest switches", "a forest-switch record whose MAC does not verify (not written by a gateway with this master key): writeback treated as switched off for this forest; set it again with `admin set-forest`");
             return Ok(None);
         }
@@ -454,6 +617,17 @@ impl Tenants {
         let Some((agent_id, secret)) = credential.split_once('.') else {
             return Ok(Err(AgentRefusal::Malformed));
         };
+        self.check_credential(agent_id, &sha256_hex(secret.as_bytes()))
+            .await
+    }
+
+    /// Checks `presented` (a secret's hash, or `cert:<enrollment>`) against the agent's
+    /// credential record.
+    async fn check_credential(
+        &self,
+        agent_id: &str,
+        presented: &str,
+    ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
         let h = self.store.agent_credential(agent_id).await?;
         if let Some(at) = h.get("revoked_at") {
             return Ok(Err(AgentRefusal::Revoked {
@@ -471,10 +645,7 @@ impl Tenants {
             tracing::error!(event = "WB1093", %agent_id, %tenant, %forest, record = "agent credential", "an agent credential record whose MAC does not verify (not written by a gateway with this master key): refused");
             return Ok(Err(AgentRefusal::Unsealed(agent_id.to_owned())));
         }
-        if !ct_eq(
-            sha256_hex(secret.as_bytes()).as_bytes(),
-            expected.as_bytes(),
-        ) {
+        if !ct_eq(presented.as_bytes(), expected.as_bytes()) {
             return Ok(Err(AgentRefusal::WrongSecret(agent_id.to_owned())));
         }
         // Written by `register_agent`, whose ids were checked.
@@ -488,7 +659,103 @@ impl Tenants {
 
     /// What signs every envelope (agents refuse one it did not sign).
     pub fn signer(&self) -> &OperationSigner {
-        &self.signer
+        &self.signers[0]
+    }
+
+    /// The public keys agents accept envelopes from: the current signer's, then the previous
+    /// master key's during a rotation.
+    pub fn signing_keys(&self) -> Vec<[u8; 32]> {
+        self.signers
+            .iter()
+            .map(OperationSigner::public_key)
+            .collect()
+    }
+
+    /// Re-MACs every record that admits someone (tokens, agent credentials, forest switches)
+    /// under the current master key (`admin rotate-master-key`). A record that verifies under
+    /// neither key is left as it is and counted. Sealing-key records are rewritten by their
+    /// sessions within a third of the liveness window; enrollment tokens expire (issue new
+    /// ones after a rotation).
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn remac_all(&self) -> Result<Remacked, TenantError> {
+        let mut done = Remacked::default();
+        for tenant in self.store.tenant_ids().await? {
+            if let Some(hash) = self.store.tenant_token(&tenant).await? {
+                match self.store.token_tenant(&hash).await? {
+                    Some((owner, mac))
+                        if owner == tenant
+                            && self.sealed(TOKEN_RECORD, &[&hash, tenant.as_str()], &mac) =>
+                    {
+                        let mac = self.seal(TOKEN_RECORD, &[&hash, tenant.as_str()]);
+                        self.store
+                            .set_tenant_token(&tenant, &hash, &mac, None)
+                            .await?;
+                        done.records += 1;
+                    }
+                    _ => done.unverified += 1,
+                }
+            }
+            for agent_id in self.store.agent_ids(&tenant).await? {
+                let h = self.store.agent_credential(&agent_id).await?;
+                let (Some(owner), Some(forest), Some(credential)) =
+                    (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
+                else {
+                    continue; // revoked: a tombstone admits nobody, MAC or not
+                };
+                if owner != tenant.as_str() {
+                    continue;
+                }
+                let fields = [agent_id.as_str(), owner, forest, credential];
+                if self.sealed(
+                    AGENT_RECORD,
+                    &fields,
+                    h.get("mac").map_or("", String::as_str),
+                ) {
+                    let mac = self.seal(AGENT_RECORD, &fields);
+                    self.store
+                        .put_agent_credential(
+                            &agent_id,
+                            &tenant,
+                            &ForestId::from_store(forest.clone()),
+                            credential,
+                            &mac,
+                        )
+                        .await?;
+                    done.records += 1;
+                } else {
+                    done.unverified += 1;
+                }
+            }
+            for forest in self.store.forests(&tenant).await? {
+                if self
+                    .store
+                    .forest_switches(&tenant, &forest)
+                    .await?
+                    .is_empty()
+                {
+                    continue;
+                }
+                match self.stored_forest(&tenant, &forest).await? {
+                    Some(settings) => {
+                        let flags = settings.flags();
+                        let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
+                            .iter()
+                            .zip(flags)
+                            .map(|(k, v)| (*k, v.to_owned()))
+                            .collect();
+                        fields.push(("mac", self.forest_mac(&tenant, &forest, &flags)));
+                        self.store
+                            .set_forest_switches(&tenant, &forest, &fields)
+                            .await?;
+                        done.records += 1;
+                    }
+                    None => done.unverified += 1,
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// The MAC of an agent instance's sealing-key record: a key planted in Redis by someone
@@ -500,14 +767,10 @@ impl Tenants {
         member: &str,
         key: &AgentPublicKey,
     ) -> String {
+        let key_hex = hex::encode(key.as_bytes());
         self.seal(
             SEALING_KEY_RECORD,
-            &[
-                tenant.as_str(),
-                forest.as_str(),
-                member,
-                &hex::encode(key.as_bytes()),
-            ],
+            &[tenant.as_str(), forest.as_str(), member, &key_hex],
         )
     }
 
@@ -541,10 +804,10 @@ impl Tenants {
                 .and_then(|b| AgentPublicKey::from_bytes(&b).ok());
             match key {
                 Some(key)
-                    if ct_eq(
-                        self.sealing_key_mac(tenant, forest, member, &key)
-                            .as_bytes(),
-                        mac.as_bytes(),
+                    if self.sealed(
+                        SEALING_KEY_RECORD,
+                        &[tenant.as_str(), forest.as_str(), member, &key_hex],
+                        &mac,
                     ) =>
                 {
                     if !keys.contains(&key) {

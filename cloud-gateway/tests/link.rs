@@ -114,6 +114,22 @@ impl Env {
             .await?)
     }
 
+    /// A channel to `addr` presenting a client certificate.
+    async fn channel_with_identity(
+        &self,
+        addr: std::net::SocketAddr,
+        (cert, key): &(String, String),
+    ) -> anyhow::Result<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(self.ca.ca_file())?))
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .domain_name("127.0.0.1");
+        Ok(Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
     /// Starts another replica on the same store and master key (stopped with the first).
     async fn start_replica(&self, name: &str) -> std::net::SocketAddr {
         self.start_replica_with(name, |_| {}).await
@@ -244,6 +260,8 @@ fn instance_key(instance: &str) -> AgentKey {
 struct ScriptedAgent {
     /// Its sealing keys (the same for every connection of one instance name).
     keys: AgentKeyring,
+    /// The gateway's signing keys, as its Welcome gave them.
+    signing_keys: Vec<Vec<u8>>,
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<GatewayFrame>,
     heartbeats: tokio::task::JoinHandle<()>,
@@ -286,6 +304,40 @@ impl ScriptedAgent {
         instance: &str,
         max_in_flight: u32,
     ) -> Result<Self, tonic::Status> {
+        let channel = env.channel_to(addr).await.unwrap();
+        Self::connect_on(
+            channel,
+            Some(secret),
+            agent_id,
+            forest,
+            instance,
+            max_in_flight,
+        )
+        .await
+    }
+
+    /// Connects with a client certificate (`cert_pem`, `key_pem`) and no bearer secret.
+    async fn connect_enrolled(
+        env: &Env,
+        identity: &(String, String),
+        agent_id: &str,
+        instance: &str,
+    ) -> Result<Self, tonic::Status> {
+        let channel = env
+            .channel_with_identity(env.addr, identity)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+        Self::connect_on(channel, None, agent_id, FOREST, instance, 4).await
+    }
+
+    async fn connect_on(
+        channel: Channel,
+        secret: Option<&str>,
+        agent_id: &str,
+        forest: &str,
+        instance: &str,
+        max_in_flight: u32,
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let key = instance_key(instance);
         let key_id = key.public().id().to_owned();
@@ -305,21 +357,26 @@ impl ScriptedAgent {
         .await
         .unwrap();
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {agent_id}.{secret}").parse().unwrap(),
-        );
-        let mut client = AgentLinkClient::new(env.channel_to(addr).await.unwrap());
+        if let Some(secret) = secret {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {agent_id}.{secret}").parse().unwrap(),
+            );
+        }
+        let mut client = AgentLinkClient::new(channel);
         let mut inbound = client.connect(req).await?.into_inner();
-        match inbound.message().await? {
+        let signing_keys = match inbound.message().await? {
             Some(GatewayFrame {
                 frame: Some(gateway_frame::Frame::Welcome(w)),
             }) => {
                 assert_eq!(w.sealing_key_id, key_id);
                 assert_eq!(w.tenant_id, "acme");
+                std::iter::once(w.operation_signing_key)
+                    .chain(w.previous_signing_keys)
+                    .collect()
             }
             other => panic!("expected welcome, got {other:?}"),
-        }
+        };
         // keep presence fresh
         let hb = tx.clone();
         let heartbeats = tokio::spawn(async move {
@@ -335,6 +392,7 @@ impl ScriptedAgent {
         });
         Ok(Self {
             keys: AgentKeyring::new(key, Vec::new()),
+            signing_keys,
             tx,
             rx: inbound,
             heartbeats,
@@ -372,6 +430,25 @@ impl ScriptedAgent {
                 return Some(w);
             }
         }
+    }
+
+    /// Opens work as the agent does: with the Welcome's signing keys and its own key.
+    fn open(&self, work: &Work) -> Result<Vec<u8>, relay::envelope::EnvelopeError> {
+        let binding = relay::envelope::Binding {
+            tenant_id: &work.tenant_id,
+            forest: &work.forest,
+            operation_id: &work.operation_id,
+            deadline_unix_ms: work.deadline_unix_ms,
+            traceparent: &work.traceparent,
+        };
+        self.keys
+            .open(
+                &self.signing_keys,
+                &binding,
+                work.key_version,
+                &work.envelope,
+            )
+            .map(|p| p.to_vec())
     }
 
     async fn ack(&self, op: &str, outcome: Outcome) {
@@ -795,7 +872,7 @@ async fn planted_token_and_credential_records_are_refused() {
     let plain = agent
         .keys
         .open(
-            &env.tenants.signer().public_key(),
+            &[env.tenants.signer().public_key()],
             &binding,
             work.key_version,
             &work.envelope,
@@ -1722,7 +1799,7 @@ async fn a_redis_dump_and_the_master_key_open_no_queued_password() {
     let plain = agent
         .keys
         .open(
-            &env.tenants.signer().public_key(),
+            &[env.tenants.signer().public_key()],
             &binding,
             work.key_version,
             &work.envelope,
@@ -1771,6 +1848,309 @@ async fn a_planted_sealing_key_is_never_sealed_to() {
     );
     let ids = relay::envelope::recipient_ids(&work.expect("work delivered").envelope).unwrap();
     assert_eq!(ids, vec![agent.keys.current().public().id().to_owned()]);
+    env.shutdown.cancel();
+}
+
+/// A CSR for a fresh key pair: `(csr_pem, key_pem)`.
+fn csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (csr, key.serialize_pem())
+}
+
+async fn enroll(
+    env: &Env,
+    token: &str,
+    csr_pem: &str,
+) -> Result<relay::proto::EnrollResponse, tonic::Status> {
+    let mut c = relay::proto::agent_enrollment_client::AgentEnrollmentClient::new(
+        env.channel().await.unwrap(),
+    );
+    c.enroll(relay::proto::EnrollRequest {
+        token: token.into(),
+        csr_pem: csr_pem.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Enrollment: a one-time token buys one client certificate naming the tenant, forest and
+/// agent id; from then on the agent authenticates by that certificate alone (no secret), a
+/// used, expired or unknown token buys nothing, a certificate from another CA is refused, the
+/// certificate renews over the stream, and revocation cuts the certificate off within a second
+/// (no reconnect, no renewal). Enrolling again replaces the earlier certificate. An id
+/// another tenant holds cannot be taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
+    let (ca_cert, ca_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
+    let env = start_configured(|c| {
+        c.agent_ca = Some(std::sync::Arc::new(
+            cloud_gateway::enroll::AgentCa::from_pem(&ca_cert, &ca_key, Duration::from_secs(3600))
+                .unwrap(),
+        ))
+    })
+    .await;
+    let token = env
+        .tenants
+        .create_enrollment(&ACME, &FOREST_ID, "e1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (csr_pem, key_pem) = csr();
+    let enrolled = enroll(&env, token.expose(), &csr_pem).await.unwrap();
+    assert_eq!(
+        (
+            enrolled.tenant_id.as_str(),
+            enrolled.forest.as_str(),
+            enrolled.agent_id.as_str()
+        ),
+        ("acme", FOREST, "e1")
+    );
+    let left = enrolled.not_after_unix_ms - relay::now_unix_ms();
+    assert!(left > 3_500_000 && left <= 3_600_000, "{left}");
+    // Once only.
+    let err = enroll(&env, token.expose(), &csr().0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("used already"), "{}", err.message());
+    let err = enroll(&env, "wbe_made-up", &csr().0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Expired.
+    let short = env
+        .tenants
+        .create_enrollment(&ACME, &FOREST_ID, "e2", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(enroll(&env, short.expose(), &csr().0).await.is_err());
+    // Another tenant's id.
+    env.tenants
+        .create_tenant(&TenantId::new("globex").unwrap())
+        .await
+        .unwrap();
+    let taken = env
+        .tenants
+        .create_enrollment(
+            &TenantId::new("globex").unwrap(),
+            &FOREST_ID,
+            "e1",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(
+            taken,
+            Err(cloud_gateway::tenants::TenantError::AgentIdTaken(_))
+        ),
+        "{taken:?}"
+    );
+
+    // The certificate alone authenticates; the tenant and forest are the certificate's.
+    let identity = (enrolled.certificate_pem.clone(), key_pem);
+    let mut agent = ScriptedAgent::connect_enrolled(&env, &identity, "e1", "i1")
+        .await
+        .unwrap();
+    // The same key under a certificate from another CA is refused at the TLS handshake or
+    // by the gateway.
+    let (other_cert, other_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
+    let other_ca = cloud_gateway::enroll::AgentCa::from_pem(
+        &other_cert,
+        &other_key,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let forged = other_ca
+        .issue(
+            &csr_pem,
+            &cloud_gateway::enroll::EnrolledName {
+                tenant: ACME.clone(),
+                forest: FOREST_ID.clone(),
+                agent_id: "e1".into(),
+                enrollment: "forged".into(),
+            },
+        )
+        .unwrap()
+        .0;
+    assert!(
+        ScriptedAgent::connect_enrolled(&env, &(forged, identity.1.clone()), "e1", "i2")
+            .await
+            .is_err(),
+        "a certificate from another CA was accepted"
+    );
+
+    // Renewal over the stream: a new certificate for a new key, the same name.
+    let (csr2, key2) = csr();
+    agent
+        .tx
+        .send(AgentFrame {
+            frame: Some(agent_frame::Frame::Renew(relay::proto::Renew {
+                csr_pem: csr2,
+            })),
+        })
+        .await
+        .unwrap();
+    let renewed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), agent.rx.message())
+            .await
+            .expect("renewed within 5 s")
+            .unwrap()
+            .unwrap()
+            .frame
+        {
+            Some(gateway_frame::Frame::Renewed(r)) => break r,
+            _ => continue,
+        }
+    };
+    let renewed_identity = (renewed.certificate_pem, key2);
+    let der = x509_parser::pem::parse_x509_pem(renewed_identity.0.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let name = cloud_gateway::enroll::EnrolledName::from_certificate(&der).unwrap();
+    assert_eq!(
+        (name.tenant.as_str(), name.agent_id.as_str()),
+        ("acme", "e1")
+    );
+
+    // Revoked: the stream closes within a second, neither certificate reconnects.
+    env.tenants.revoke_agent(&ACME, "e1").await.unwrap();
+    let took = agent.closed_within(Duration::from_secs(3)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(1)),
+        "the revoked agent's stream closed after {took:?}"
+    );
+    for id in [&identity, &renewed_identity] {
+        let err = ScriptedAgent::connect_enrolled(&env, id, "e1", "i1")
+            .await
+            .err()
+            .expect("a revoked agent's certificate was accepted");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains("was revoked"), "{}", err.message());
+    }
+    env.shutdown.cancel();
+}
+
+/// Master-key rotation loses nothing in flight: with replicas on the new key (the old one as
+/// previous), `rotate-master-key` re-MACs every record; a token, an agent credential and a
+/// forest switch then verify under the new key alone; work signed under the old key before the
+/// rotation still opens at the agent (the Welcome names both signing keys) and its answer
+/// reaches the caller; new work is signed under the new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_rotation_loses_nothing_in_flight() {
+    let env = start().await;
+    let (agent, secret) = connected_agent(&env, "i1", 4).await;
+    env.tenants
+        .set_forest(
+            &ACME,
+            &FOREST_ID,
+            &cloud_gateway::tenants::ForestSettingsChange {
+                allow_protected_accounts: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut agent = agent;
+    let caller = {
+        let token = env.token.expose().to_owned();
+        let channel = env.channel().await.unwrap();
+        tokio::spawn(async move {
+            let mut c = WritebackClient::new(channel);
+            let mut req = tonic::Request::new(reset_of("alice", "rot-1", 10_000));
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            c.submit(req).await.map(tonic::Response::into_inner)
+        })
+    };
+    let before = agent
+        .next_work(Duration::from_secs(5))
+        .await
+        .expect("delivered");
+    agent.open(&before).expect("opens under the old key");
+
+    let new_key = KeyBytes::generate().unwrap();
+    let old_key = env.key.clone();
+    let other = env
+        .start_replica_with("gw-2", |c| {
+            c.master_key = new_key.clone();
+            c.previous_master_key = Some(old_key.clone());
+        })
+        .await;
+    let rotating = Tenants::rotating(env.store.clone(), new_key.clone(), Some(env.key.clone()));
+    let done = rotating.remac_all().await.unwrap();
+    assert_eq!(done.unverified, 0, "{done:?}");
+    assert!(
+        done.records >= 3,
+        "token, agent credential, forest switches: {done:?}"
+    );
+    let only_new = Tenants::new(env.store.clone(), new_key.clone());
+    assert_eq!(
+        only_new.tenant_for_token(env.token.expose()).await.unwrap(),
+        Some(ACME.clone())
+    );
+    assert!(only_new
+        .authenticate_agent(&format!("a1.{}", secret.expose()))
+        .await
+        .unwrap()
+        .is_ok());
+    assert!(
+        only_new
+            .forest(&ACME, &FOREST_ID)
+            .await
+            .unwrap()
+            .allow_protected_accounts
+    );
+
+    // The agent moves to the new replica: the unanswered work comes again and still opens.
+    drop(agent);
+    let mut agent = ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i1", 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        agent.signing_keys.len(),
+        2,
+        "the Welcome names both signing keys"
+    );
+    let again = agent
+        .next_work(Duration::from_secs(5))
+        .await
+        .expect("redelivered");
+    assert_eq!(again.operation_id, "rot-1");
+    agent
+        .open(&again)
+        .expect("work signed before the rotation still opens");
+    agent.ack("rot-1", Outcome::Applied).await;
+    let r = caller.await.unwrap().unwrap();
+    assert_eq!(
+        Outcome::try_from(r.outcome).unwrap(),
+        Outcome::Applied,
+        "{r:?}"
+    );
+
+    // New work is signed under the new key.
+    let (_, work) = tokio::join!(
+        env.send_to(other, reset_of("bob", "rot-2", 1500), env.token.expose()),
+        agent.next_work(Duration::from_secs(5))
+    );
+    let work = work.expect("delivered");
+    let binding = relay::envelope::Binding {
+        tenant_id: &work.tenant_id,
+        forest: &work.forest,
+        operation_id: &work.operation_id,
+        deadline_unix_ms: work.deadline_unix_ms,
+        traceparent: &work.traceparent,
+    };
+    agent
+        .keys
+        .open(
+            &[only_new.signer().public_key()],
+            &binding,
+            work.key_version,
+            &work.envelope,
+        )
+        .expect("signed under the new key");
     env.shutdown.cancel();
 }
 

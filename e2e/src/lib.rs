@@ -122,6 +122,8 @@ pub struct Sandbox {
     pub canary_interval: Duration,
     /// How long each gateway and agent may take to stop in [`Sandbox::shutdown`].
     pub stop_within: Duration,
+    /// The agent CA of gateways started from now on (`None`: agents use secrets only).
+    pub agent_ca: Option<std::sync::Arc<cloud_gateway::enroll::AgentCa>>,
     dir: tempfile::TempDir,
 }
 
@@ -193,6 +195,7 @@ impl Sandbox {
             agents: Vec::new(),
             canary_interval: Duration::ZERO,
             stop_within: STOP_WITHIN,
+            agent_ca: None,
             dir: tempfile::tempdir()?,
         };
         for i in 0..gateways {
@@ -216,6 +219,7 @@ impl Sandbox {
         c.ack_grace = Duration::from_secs(2);
         c.reclaim_idle = Duration::from_secs(5);
         c.canary_interval = self.canary_interval;
+        c.agent_ca.clone_from(&self.agent_ca);
         c
     }
 
@@ -305,7 +309,7 @@ impl Sandbox {
             gateway_ca: self.ca.ca_file().to_owned(),
             gateway_tls_name: None,
             agent_id: agent_id.to_owned(),
-            agent_secret: secret,
+            agent_secret: Some(secret),
             forest: forest.to_owned(),
             extra_domains: Vec::new(),
             metrics_listen: None,

@@ -21,7 +21,7 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
         gateway_ca: sb.ca.ca_file(),
         gateway_tls_name: None,
         agent_id: "doc-agent".into(),
-        agent_secret: secret.clone(),
+        agent_secret: Some(secret.clone()),
         forest: sb.forest.clone(),
         extra_domains: vec![],
         metrics_listen: None,
@@ -47,7 +47,7 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
         0
     );
 
-    config.agent_secret = Secret::new("wba_wrong");
+    config.agent_secret = Some(Secret::new("wba_wrong"));
     let report = doctor::run(&config, &DoctorOptions::default()).await;
     let gw = report.get("gateway").unwrap();
     assert_eq!(gw.status, Status::Fail);

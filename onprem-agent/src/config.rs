@@ -49,6 +49,10 @@ pub enum ConfigError {
     Missing { key: &'static str, hint: String },
     #[error("{key}: {problem}")]
     Invalid { key: String, problem: String },
+    /// The settings decide where the agent sends passwords and which secrets it reads: a file
+    /// others may read or its group may write is refused.
+    #[error("{0}")]
+    NotPrivate(std::io::Error),
 }
 
 /// The agent's settings as given. Flags and environment come through clap; the file fills
@@ -148,6 +152,7 @@ impl Settings {
     /// When it cannot be read, is not TOML, or has a key this agent does not know (the error
     /// names the key, the line and the column).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        relay::secret::check_private(path).map_err(ConfigError::NotPrivate)?;
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -221,7 +226,11 @@ impl Settings {
                 hint: hint("ldap_urls", "AGENT_LDAP_URLS", file),
             });
         }
-        let agent_secret_file = required!(agent_secret_file, "AGENT_SECRET_FILE");
+        // Optional: an enrolled agent authenticates by its certificate (`identity.rs`).
+        let agent_secret = match &self.agent_secret_file {
+            Some(path) => Some(secret("agent_secret_file", path)?),
+            None => None,
+        };
         let bind_password_file = required!(bind_password_file, "AGENT_BIND_PASSWORD_FILE");
         let directory = DirectoryConfig {
             urls: self.ldap_urls.clone(),
@@ -245,7 +254,7 @@ impl Settings {
             gateway_ca: required!(gateway_ca, "AGENT_GATEWAY_CA"),
             gateway_tls_name: self.gateway_tls_name.clone(),
             agent_id: required!(agent_id, "AGENT_ID"),
-            agent_secret: secret("agent_secret_file", &agent_secret_file)?,
+            agent_secret,
             forest: required!(forest, "AGENT_FOREST"),
             extra_domains,
             max_in_flight: self.max_in_flight.unwrap_or(8).clamp(1, 256),
@@ -407,8 +416,17 @@ mod tests {
     fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
-        std::fs::write(&path, text).unwrap();
+        relay::secret::write_private(&path, text).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn a_settings_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_d, path) = file("ldap_urls = [\"ldaps://dc\"]\n");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Settings::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("644") && e.contains("chmod 600"), "{e}");
     }
 
     #[test]
@@ -471,9 +489,9 @@ ldap_urls = ["ldaps://emea-dc"]
             .resolve(Some(&path))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("agent_secret_file is not set"), "{e}");
+        assert!(e.contains("bind_password_file is not set"), "{e}");
         assert!(e.contains(&path.display().to_string()), "{e}");
-        assert!(e.contains("AGENT_SECRET_FILE"), "{e}");
-        assert!(e.contains("--agent-secret-file"), "{e}");
+        assert!(e.contains("AGENT_BIND_PASSWORD_FILE"), "{e}");
+        assert!(e.contains("--bind-password-file"), "{e}");
     }
 }

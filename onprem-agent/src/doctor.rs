@@ -14,7 +14,7 @@ use ldap3::controls::RawControl;
 use ldap3::{Ldap, Scope, SearchEntry};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
 use relay::proto::agent_link_client::AgentLinkClient;
 use relay::proto::{agent_frame, gateway_frame, AgentFrame, Hello};
@@ -634,11 +634,8 @@ async fn sample_users(
 async fn gateway_check(config: &AgentConfig, report: &mut Report) {
     let url = &config.gateway_url;
     let outcome = async {
-        let ca = relay::tls::read_pem(&config.gateway_ca).map_err(|e| e.to_string())?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some(name) = &config.gateway_tls_name {
-            tls = tls.domain_name(name.clone());
-        }
+        let credential = crate::identity::credential(config).map_err(|e| e.to_string())?;
+        let tls = crate::identity::tls(config, &credential).map_err(|e| e.to_string())?;
         let channel = Endpoint::from_shared(url.clone())
             .map_err(|e| e.to_string())?
             .tls_config(tls)
@@ -666,14 +663,7 @@ async fn gateway_check(config: &AgentConfig, report: &mut Report) {
         .await
         .map_err(|e| e.to_string())?;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let value = format!(
-            "Bearer {}.{}",
-            config.agent_id,
-            config.agent_secret.expose()
-        )
-        .parse()
-        .map_err(|_| "the agent secret is not valid header text".to_owned())?;
-        request.metadata_mut().insert("authorization", value);
+        crate::identity::authorize(&mut request, config, &credential)?;
         let sent = Instant::now();
         let sent_unix = relay::now_unix_ms();
         let mut stream = AgentLinkClient::new(channel)

@@ -7,6 +7,7 @@ pub mod config;
 pub mod directory;
 pub mod doctor;
 pub mod domains;
+pub mod identity;
 pub mod journal;
 pub mod keys;
 pub mod link;
@@ -28,7 +29,9 @@ pub struct AgentConfig {
     /// Name to verify in the gateway's certificate, when it differs from the URL's host.
     pub gateway_tls_name: Option<String>,
     pub agent_id: String,
-    pub agent_secret: Secret,
+    /// The registered secret; `None` for an agent that authenticates by its enrolled
+    /// certificate (`identity.rs`).
+    pub agent_secret: Option<Secret>,
     /// The forest this agent serves, as registered at the gateway.
     pub forest: String,
     /// Further domains of the forest (the primary one is `directory`), each with its DCs.

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use relay::backoff::Backoff;
 use relay::envelope::{AgentKeyring, Binding};
@@ -25,9 +25,11 @@ use tracing::Instrument;
 
 use crate::directory::{ApplyResult, Verified, WriteMark, MSG_UNAVAILABLE};
 use crate::domains::Domains;
+use crate::identity::{Credential, IdentityError};
 use crate::journal::{Begin, Journal, JournalError};
 use crate::keys::KeyError;
 use crate::AgentConfig;
+use relay::secret::Secret;
 
 /// Frames buffered towards the gateway.
 const OUTBOUND_BUFFER: usize = 64;
@@ -57,6 +59,8 @@ pub enum LinkError {
     Closed,
     #[error("gateway protocol error: {0}")]
     Protocol(String),
+    #[error("credential: {0}")]
+    Identity(#[from] IdentityError),
 }
 
 /// Long-lived state shared by all connections of this agent process.
@@ -110,7 +114,7 @@ impl Agent {
         self.keys.lock().expect("keys").clone()
     }
 
-    fn endpoint(&self) -> Result<Endpoint, LinkError> {
+    fn endpoint(&self, credential: &Credential) -> Result<Endpoint, LinkError> {
         let url = &self.config.gateway_url;
         let bad = |detail: String| LinkError::BadUrl {
             url: url.clone(),
@@ -121,12 +125,7 @@ impl Agent {
                 "must start with https:// (the agent only talks TLS)".into()
             ));
         }
-        let ca = relay::tls::read_pem(&self.config.gateway_ca)?;
-        relay::tls::read_certs(&self.config.gateway_ca)?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some(name) = &self.config.gateway_tls_name {
-            tls = tls.domain_name(name.clone());
-        }
+        let tls = crate::identity::tls(&self.config, credential)?;
         Ok(Endpoint::from_shared(url.clone())
             .map_err(|e| bad(e.to_string()))?
             .tls_config(tls)?
@@ -142,11 +141,12 @@ impl Agent {
     /// Only for configuration errors that retrying cannot fix.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), LinkError> {
         relay::tls::install_crypto_provider();
-        let endpoint = self.endpoint()?;
+        // Configuration errors retrying cannot fix end the agent here.
+        self.endpoint(&crate::identity::credential(&self.config)?)?;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             let started = Instant::now();
-            let result = self.clone().session(&endpoint, &shutdown).await;
+            let result = self.clone().session(&shutdown).await;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -172,12 +172,10 @@ impl Agent {
     }
 
     /// One connection: hello, welcome, then work and heartbeats until it breaks or `shutdown`.
-    async fn session(
-        self: Arc<Self>,
-        endpoint: &Endpoint,
-        shutdown: &CancellationToken,
-    ) -> Result<(), LinkError> {
-        let channel: Channel = endpoint.connect().await?;
+    async fn session(self: Arc<Self>, shutdown: &CancellationToken) -> Result<(), LinkError> {
+        // Read again at every connection: a renewed certificate is used from the next one.
+        let credential = crate::identity::credential(&self.config)?;
+        let channel: Channel = self.endpoint(&credential)?.connect().await?;
         let mut client = AgentLinkClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentFrame>(OUTBOUND_BUFFER);
         let high_water = self.journal.high_water();
@@ -204,16 +202,8 @@ impl Agent {
         .await
         .map_err(|_| LinkError::Closed)?;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let credential = format!(
-            "Bearer {}.{}",
-            self.config.agent_id,
-            self.config.agent_secret.expose()
-        );
-        let value = credential
-            .parse()
-            .map_err(|_| LinkError::Protocol("agent secret is not valid header text".into()))?;
-        zeroize::Zeroize::zeroize(&mut credential.into_bytes());
-        request.metadata_mut().insert("authorization", value);
+        crate::identity::authorize(&mut request, &self.config, &credential)
+            .map_err(LinkError::Protocol)?;
         let mut inbound = client
             .connect(request)
             .await
@@ -253,6 +243,10 @@ impl Agent {
         let heartbeat_every = session.heartbeat_interval;
         let silence_limit = heartbeat_every * 3;
         let mut last_heard = Instant::now();
+        // The key of a renewal asked for and not answered yet; once renewed, this connection
+        // (which keeps the certificate it started with) asks no more.
+        let mut renewing: Option<Secret> = None;
+        let mut renewed = false;
         let mut tick = tokio::time::interval(heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -266,6 +260,11 @@ impl Agent {
                     if session.tx.send(AgentFrame { frame: Some(agent_frame::Frame::Heartbeat(hb)) }).await.is_err() {
                         break Err(LinkError::Closed);
                     }
+                    if let (Credential::Certificate(cert), None, false) = (&credential, &renewing, renewed) {
+                        if cert.renewal_due(relay::now_unix_ms()) {
+                            renewing = self.ask_renewal(&session.tx).await;
+                        }
+                    }
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(f)) => {
@@ -273,6 +272,9 @@ impl Agent {
                         match f.frame {
                             Some(gateway_frame::Frame::Work(work)) => session.clone().accept(work),
                             Some(gateway_frame::Frame::Heartbeat(hb)) => session.clock.sample(hb.sent_unix_ms),
+                            Some(gateway_frame::Frame::Renewed(r)) => {
+                                renewed = self.renewed(&r, renewing.take());
+                            }
                             Some(gateway_frame::Frame::Welcome(_)) | None => {
                                 tracing::warn!("unexpected frame from gateway; ignored");
                             }
@@ -300,6 +302,50 @@ impl Agent {
             .await;
         }
         result
+    }
+
+    /// Asks the gateway for a new certificate for a new key; returns the key (kept until the
+    /// answer comes).
+    async fn ask_renewal(&self, tx: &mpsc::Sender<AgentFrame>) -> Option<Secret> {
+        let (csr_pem, key) = match crate::identity::new_request() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(event = "WB2024", error = %e, "cannot make a renewal request");
+                return None;
+            }
+        };
+        let renew = AgentFrame {
+            frame: Some(agent_frame::Frame::Renew(relay::proto::Renew { csr_pem })),
+        };
+        tx.send(renew).await.ok()?;
+        tracing::info!(
+            event = "WB2024",
+            "certificate past half its lifetime: renewal asked"
+        );
+        Some(key)
+    }
+
+    /// Keeps a renewed certificate with the key it was asked for, and rotates the sealing key
+    /// with it; both are used from the next connection.
+    /// Returns whether it was kept.
+    fn renewed(&self, r: &relay::proto::Renewed, key: Option<Secret>) -> bool {
+        let (Some(key), Some(dir)) = (key, &self.config.state_dir) else {
+            tracing::warn!("a renewed certificate nobody asked for; ignored");
+            return false;
+        };
+        if let Err(e) = crate::identity::store(dir, &r.certificate_pem, &key) {
+            tracing::error!(event = "WB2024", error = %e, "cannot keep the renewed certificate; the current one is used until it expires");
+            return false;
+        }
+        match crate::keys::rotate(dir) {
+            Ok(k) => {
+                tracing::info!(event = "WB2024", not_after_unix_ms = r.not_after_unix_ms, sealing_key_id = %k.new_key_id, "certificate renewed and sealing key rotated; both used from the next connection")
+            }
+            Err(e) => {
+                tracing::error!(event = "WB2023", error = %e, "certificate renewed, but the sealing key could not be rotated")
+            }
+        }
+        true
     }
 
     fn welcome(
@@ -336,7 +382,9 @@ impl Agent {
             forest: w.forest,
             replica: w.replica,
             keys,
-            gateway_signing_key: w.operation_signing_key,
+            gateway_signing_keys: std::iter::once(w.operation_signing_key)
+                .chain(w.previous_signing_keys)
+                .collect(),
             allow_protected: w.allow_protected_accounts,
             answer_grace: Duration::from_millis(u64::from(w.answer_grace_ms)),
             heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(500))),
@@ -356,8 +404,8 @@ struct Session {
     replica: String,
     /// The keys work is opened with (the current one is what this session announced).
     keys: Arc<AgentKeyring>,
-    /// The gateway's Ed25519 key (from the Welcome): work it did not sign is refused.
-    gateway_signing_key: Vec<u8>,
+    /// The gateway's Ed25519 keys (from the Welcome): work none of them signed is refused.
+    gateway_signing_keys: Vec<Vec<u8>>,
     allow_protected: bool,
     /// How long after a deadline the gateway still records an answer.
     answer_grace: Duration,
@@ -644,7 +692,7 @@ impl Session {
         };
         let opened = tracing::info_span!("agent.open").in_scope(|| {
             self.keys.open(
-                &self.gateway_signing_key,
+                &self.gateway_signing_keys,
                 &binding,
                 work.key_version,
                 &work.envelope,

@@ -38,6 +38,16 @@ enum Command {
         #[arg(long)]
         skip_gateway: bool,
     },
+    /// Enroll this agent: create a key pair here, trade a one-time token (from `cloud-gateway
+    /// admin enroll-agent`) for a client certificate, keep both in the state directory. From
+    /// then on `run` authenticates with it (mutual TLS) and renews it over its stream.
+    Enroll {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// File holding the one-time enrollment token (a private file).
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Make a new sealing key in the state directory (the gateway seals new work to it from
     /// the agent's next connection; the previous key is kept a day for work sealed to it).
     /// Restart the service to announce it at once.
@@ -141,6 +151,24 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("onprem-agent: {e:#}");
                 std::process::exit(1);
             }
+            return Ok(());
+        }
+        Command::Enroll { args, token_file } => {
+            let config = args.load()?;
+            let token = relay::secret::Secret::from_file(&token_file)?;
+            let r = onprem_agent::identity::enroll(&config, &token).await?;
+            anyhow::ensure!(
+                r.agent_id == config.agent_id && r.forest == config.forest,
+                "enrolled as agent {:?} of forest {:?}, but the settings say {:?} of {:?}: fix agent_id/forest (the certificate is kept)",
+                r.agent_id,
+                r.forest,
+                config.agent_id,
+                config.forest
+            );
+            println!(
+                "enrolled: agent {} of tenant {} for forest {}; certificate valid until {} (Unix ms), renewed over the stream",
+                r.agent_id, r.tenant_id, r.forest, r.not_after_unix_ms
+            );
             return Ok(());
         }
         Command::RotateKey(args) => {

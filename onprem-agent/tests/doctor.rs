@@ -42,7 +42,7 @@ fn config(dc: &SambaDc, bind_dn: String, password: &str, ca: std::path::PathBuf)
         gateway_ca: ca.clone(),
         gateway_tls_name: None,
         agent_id: "doctor-test".into(),
-        agent_secret: Secret::new("unused"),
+        agent_secret: Some(Secret::new("unused")),
         forest: dc.dns_domain(),
         extra_domains: vec![],
         metrics_listen: None,

@@ -263,6 +263,7 @@ impl AgentLink for ScriptedLink {
             allow_protected_accounts: false,
             gateway_time_unix_ms: relay::now_unix_ms() + self.clock_ahead.load(Ordering::SeqCst),
             answer_grace_ms: 1000,
+            previous_signing_keys: Vec::new(),
         };
         tx.send(Ok(GatewayFrame {
             frame: Some(gateway_frame::Frame::Welcome(welcome)),
@@ -498,7 +499,7 @@ impl RunningAgent {
             gateway_ca: gateway.ca.ca_file(),
             gateway_tls_name: None,
             agent_id: AGENT_ID.into(),
-            agent_secret: Secret::new(AGENT_SECRET),
+            agent_secret: Some(Secret::new(AGENT_SECRET)),
             forest: gateway.forest.clone(),
             extra_domains: Vec::new(),
             max_in_flight,

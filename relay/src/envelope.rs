@@ -463,16 +463,17 @@ impl AgentKeyring {
     }
 
     /// Opens an envelope made by [`seal_to`] for exactly this `binding`, signed by the gateway
-    /// whose public signing key is `gateway`, with whichever of this agent's keys it was sealed
-    /// to. The returned buffer is wiped on drop.
+    /// under one of the public signing keys `gateway` (its current one, and its previous one
+    /// during a master-key rotation), with whichever of this agent's keys it was sealed to. The
+    /// returned buffer is wiped on drop.
     ///
     /// # Errors
     /// [`EnvelopeError::Forged`] when the gateway did not sign it (for this binding);
     /// [`EnvelopeError::NotARecipient`] when it was sealed to none of these keys;
     /// [`EnvelopeError::Unauthentic`] when any bound field or byte differs.
-    pub fn open(
+    pub fn open<K: AsRef<[u8]>>(
         &self,
-        gateway: &[u8],
+        gateway: &[K],
         binding: &Binding<'_>,
         key_version: u32,
         envelope: &[u8],
@@ -481,9 +482,14 @@ impl AgentKeyring {
             return Err(EnvelopeError::UnsupportedVersion(key_version));
         }
         let env = decode(envelope)?;
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, gateway)
-            .verify(&signed_bytes(binding, &env.ciphertext), &env.signature)
-            .map_err(|_| EnvelopeError::Forged)?;
+        let signed = signed_bytes(binding, &env.ciphertext);
+        if !gateway.iter().any(|k| {
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k.as_ref())
+                .verify(&signed, &env.signature)
+                .is_ok()
+        }) {
+            return Err(EnvelopeError::Forged);
+        }
         let (key, wrap) = self
             .keys
             .iter()
@@ -528,7 +534,7 @@ mod tests {
     }
 
     fn open(ring: &AgentKeyring, b: &Binding<'_>, env: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
-        ring.open(&signer().public_key(), b, KEY_VERSION, env)
+        ring.open(&[signer().public_key()], b, KEY_VERSION, env)
             .map(|p| p.to_vec())
     }
 
@@ -632,7 +638,7 @@ mod tests {
             EnvelopeError::Unauthentic
         );
         assert_eq!(
-            ring.open(&signer().public_key(), &binding(), 1, &env)
+            ring.open(&[signer().public_key()], &binding(), 1, &env)
                 .unwrap_err(),
             EnvelopeError::UnsupportedVersion(1)
         );

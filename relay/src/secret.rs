@@ -47,7 +47,7 @@ pub fn check_private(path: &std::path::Path) -> Result<(), std::io::Error> {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
-                "{} holds a secret but its mode is {:03o}: others may read it or its group may write it; run `chmod 600 {}` (or 640 to share it read-only with the service's group)",
+                "{} must be private (it holds a secret or decides where secrets go) but its mode is {:03o}: others may read it or its group may write it; run `chmod 600 {}` (or 640 to share it read-only with the service's group)",
                 path.display(),
                 mode & 0o777,
                 path.display()

@@ -11,7 +11,10 @@
 //! | `wb:tenants` | set | every tenant id (the sweeper and queue monitor walk it; no SCAN) |
 //! | `wb:tenant:{T}` | hash | wrapped tenant key, token hash |
 //! | `wb:token:<sha256>` | string | tenant id for a bearer token hash |
-//! | `wb:agentcred:<agent id>` | hash | tenant, forest, secret hash, MAC; or tenant, forest, `revoked_at` once revoked |
+//! | `wb:enroll:<sha256>` | string | a one-time enrollment token's tenant, forest, agent id, expiry and MAC (expires with it; taken with GETDEL) |
+//! | `wb:{T}:rate` | string | the tenant's shared rate (GCRA theoretical arrival time, µs) |
+//! | `wb:{T}:budget:<guess\|unlock>:<forest>:<user>` | string | a user's guess or unlock budget in its window |
+//! | `wb:agentcred:<agent id>` | hash | tenant, forest, secret hash (or `cert:<enrollment>` for an enrolled agent), MAC; or tenant, forest, `revoked_at` once revoked |
 //! | `wb:{T}:agent-ids` | set | the agent ids registered for the tenant |
 //! | `wb:{T}:forest:<forest>` | hash | per-forest operator switches |
 //! | `wb:{T}:op:<op id>` | hash | operation record (never a password) |

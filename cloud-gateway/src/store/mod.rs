@@ -5,6 +5,7 @@
 //! other module holds a Redis connection.
 
 mod backend;
+mod enrollment;
 mod ids;
 mod keys;
 mod limits;
