@@ -4,10 +4,11 @@
 # and the tests start their own Redis and Samba on their own addresses and ports, and a system
 # redis-server (127.0.0.1:6379) or samba-ad-dc (389/636 on every address) would get in the way.
 set -euo pipefail
-# faketime: libfaketime, which the fault suite (e2e/tests/faults.rs) preloads to skew the clocks
-# of gateway and agent processes. umoci: unpacks the OCI image scripts/build-image.sh makes
-# (e2e/tests/image.rs).
-PKGS=(redis-server samba ldap-utils krb5-user winbind openssl bc prometheus faketime umoci)
+# redis-sentinel: the Sentinel tests (cloud-gateway/tests/topologies.rs; redis-server brings
+# redis-cli, which forms their Redis Cluster). faketime: libfaketime, which the fault suite
+# (e2e/tests/faults.rs) preloads to skew the clocks of gateway and agent processes. umoci: unpacks
+# the OCI image scripts/build-image.sh makes (e2e/tests/image.rs).
+PKGS=(redis-server redis-sentinel samba ldap-utils krb5-user winbind openssl bc prometheus faketime umoci)
 # Debian's recommended packages are kept (samba-ad-provision and samba-dsdb-modules, needed by
 # `samba-tool domain provision`, are only Recommends of samba). prometheus is there for promtool
 # (scripts/k8s-check.sh: `promtool check rules` and `promtool test rules`); its server and the
@@ -47,6 +48,7 @@ units=()
 for p in "${missing[@]}"; do
   case $p in
     redis-server) units+=(redis-server) ;;
+    redis-sentinel) units+=(redis-sentinel) ;;
     samba) units+=(samba-ad-dc smbd nmbd) ;;
     winbind) units+=(winbind) ;;
     prometheus) units+=(prometheus prometheus-node-exporter) ;;

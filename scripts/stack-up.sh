@@ -12,7 +12,10 @@ S=$ROOT/target/stack
 PIDS=$S/pids LOGS=$S/logs SECRETS=$S/secrets TLS=$S/tls
 REALM=CORP.WRITEBACK.TEST FOREST=corp.writeback.test DC_IP=127.0.0.2
 REDIS_PORT=6390 GW_A=127.0.0.1:7443 GW_B=127.0.0.1:7444 TENANT=demo
-REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+# Redis's default user is disabled: the gateways log in as ACL user `writeback`, whose password
+# is in a private file (never on a command line); REDIS_URL carries the user only.
+REDIS_USER=writeback
+REDIS_URL=redis://$REDIS_USER@127.0.0.1:$REDIS_PORT
 TOKEN_FILE=$S/tenant.token
 BIN=$ROOT/target/debug
 READY_SECS=${STACK_READY_SECS:-30}
@@ -95,7 +98,18 @@ if [ ! -s "$SECRETS/master.key" ]; then
   echo "generated $SECRETS/master.key"
 fi
 
-step "redis on 127.0.0.1:$REDIS_PORT"
+step "redis on 127.0.0.1:$REDIS_PORT (ACL user $REDIS_USER)"
+REDIS_PASSWORD_FILE=$SECRETS/redis.password REDIS_ACL=$SECRETS/redis.acl
+if [ ! -s "$REDIS_PASSWORD_FILE" ]; then
+  (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$REDIS_PASSWORD_FILE")
+fi
+acl_now="user default off
+user $REDIS_USER on >$(cat "$REDIS_PASSWORD_FILE") ~* &* +@all"
+if [ "$(cat "$REDIS_ACL" 2>/dev/null)" != "$acl_now" ]; then
+  (umask 077; printf '%s\n' "$acl_now" >"$REDIS_ACL")
+  # A Redis started before (without this user) is restarted with it; its data stays.
+  if alive redis; then kill "$(cat "$PIDS/redis.pid")"; for ((i = 0; i < 50; i++)); do alive redis || break; sleep 0.1; done; fi
+fi
 if alive redis; then
   echo "running (pid $(cat "$PIDS/redis.pid"))"
 else
@@ -104,7 +118,7 @@ else
   # Accepted means durable: every write is in the append-only file, fsynced, before Redis
   # answers (README: what Redis must guarantee).
   launch redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$S/redis" \
-    --save 60 1 --appendonly yes --appendfsync always --daemonize no
+    --save 60 1 --appendonly yes --appendfsync always --daemonize no --aclfile "$REDIS_ACL"
 fi
 wait_port 127.0.0.1 "$REDIS_PORT" redis
 
@@ -122,7 +136,7 @@ ln -sf "$S/samba/log/samba.out" "$LOGS/samba.log"
 
 step "tenant $TENANT and agent credentials"
 # options after the subcommand: the binary does not take them before it (yet)
-admin() { timeout 30 "$BIN/cloud-gateway" admin "$1" --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" "${@:2}"; }
+admin() { timeout 30 "$BIN/cloud-gateway" admin "$1" --redis-url "$REDIS_URL" --redis-password-file "$REDIS_PASSWORD_FILE" --master-key-file "$SECRETS/master.key" "${@:2}"; }
 [ -s "$TOKEN_FILE" ] || [ ! -s "$SECRETS/tenant.token" ] || mv "$SECRETS/tenant.token" "$TOKEN_FILE"   # older layout
 new_tenant=
 # Records format 2: token and agent-credential records carry a MAC under the master key; a stack
@@ -162,7 +176,8 @@ start_gateway() { # name addr metrics-addr
   OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-cloud-gateway} \
     launch "$1" "$BIN/cloud-gateway" serve --listen "$2" \
     --tls-cert "$TLS/gateway.pem" --tls-key "$TLS/gateway.key" \
-    --redis-url "$REDIS_URL" --master-key-file "$SECRETS/master.key" --replica-id "$1" \
+    --redis-url "$REDIS_URL" --redis-password-file "$REDIS_PASSWORD_FILE" \
+    --master-key-file "$SECRETS/master.key" --replica-id "$1" \
     --metrics-listen "$3"
 }
 start_agent() { # name gateway-addr metrics-addr (loopback)
@@ -206,6 +221,7 @@ WRITEBACK_TENANT=$TENANT
 WRITEBACK_TOKEN=$(cat "$TOKEN_FILE")
 WRITEBACK_FOREST=$FOREST
 REDIS_URL=$REDIS_URL
+REDIS_PASSWORD_FILE=$REDIS_PASSWORD_FILE
 AD_LDAP_URL=$DC_LDAPS_URL
 AD_CA=$DC_CA
 AD_BASE_DN=$DC_BASE_DN

@@ -44,6 +44,8 @@ pub struct GatewayConfig {
     /// Name of this replica (pod name); callers' outcomes are routed to it.
     pub replica_id: String,
     pub redis_url: String,
+    /// TLS files, password file and replica acknowledgments for Redis.
+    pub redis: store::RedisOptions,
     /// MACs the records that admit callers and agents; derives the key that signs every
     /// operation. Opens no password.
     pub master_key: KeyBytes,
@@ -103,6 +105,7 @@ impl GatewayConfig {
         Self {
             replica_id: replica_id.into(),
             redis_url: redis_url.into(),
+            redis: store::RedisOptions::default(),
             master_key,
             previous_master_key: None,
             tls_cert,
@@ -189,7 +192,7 @@ pub async fn run(
     let key = relay::tls::read_key_pem(&config.tls_key)?;
     let identity = Identity::from_pem(cert, key.as_slice());
 
-    let store = Store::connect(&config.redis_url)
+    let store = Store::connect_with(&config.redis_url, &config.redis)
         .await?
         .for_replica(&config.replica_id);
     let tenants = Tenants::rotating(

@@ -170,9 +170,32 @@ async fn health(args: HealthArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 struct Common {
-    /// Redis URL shared by all replicas.
+    /// Redis shared by all replicas: redis://host:port (one server), rediss://… (TLS),
+    /// redis+cluster://h1:p1,h2:p2,… (Redis Cluster seed nodes), redis+sentinel://s1:p1,s2:p2/<master>
+    /// (the master Sentinel names); rediss+cluster:// and rediss+sentinel:// over TLS.
+    ///
+    /// An ACL user goes in the URL (rediss://writeback@host:6380); its password better in
+    /// --redis-password-file than in the URL. Sentinels themselves are asked without
+    /// credentials.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
+    /// File holding the password of the URL's ACL user (must be private: 0600 or 0640).
+    #[arg(long, env = "REDIS_PASSWORD_FILE")]
+    redis_password_file: Option<PathBuf>,
+    /// PEM CA that signed the Redis servers' certificates (rediss:// only; without it the
+    /// system's roots).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS with Redis (with --redis-client-key).
+    #[arg(long, env = "REDIS_CLIENT_CERT")]
+    redis_client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert (must be private).
+    #[arg(long, env = "REDIS_CLIENT_KEY")]
+    redis_client_key: Option<PathBuf>,
+    /// Replicas that must have each operation state change (Redis WAIT) before it counts; 1
+    /// with a cluster or Sentinel keeps a master's kill -9 from losing accepted work.
+    #[arg(long, env = "REDIS_REPLICA_ACKS", default_value_t = 0)]
+    redis_replica_acks: u32,
     /// File holding the gateway master key (64 hex digits; `admin gen-master-key` makes one).
     #[arg(long, env = "WRITEBACK_MASTER_KEY_FILE")]
     master_key_file: PathBuf,
@@ -301,6 +324,18 @@ enum AdminCommand {
     },
 }
 
+impl Common {
+    fn redis_options(&self) -> cloud_gateway::store::RedisOptions {
+        cloud_gateway::store::RedisOptions {
+            ca_file: self.redis_ca_file.clone(),
+            client_cert: self.redis_client_cert.clone(),
+            client_key: self.redis_client_key.clone(),
+            password_file: self.redis_password_file.clone(),
+            replica_acks: self.redis_replica_acks,
+        }
+    }
+}
+
 fn load_master_key(path: &std::path::Path) -> anyhow::Result<relay::envelope::KeyBytes> {
     let content = relay::secret::Secret::from_file(path)?;
     admin::parse_master_key(content.expose())
@@ -310,7 +345,7 @@ fn load_master_key(path: &std::path::Path) -> anyhow::Result<relay::envelope::Ke
 async fn tenants(common: &Common) -> anyhow::Result<Tenants> {
     let key = load_master_key(&common.master_key_file)?;
     let previous = common.previous_master_key()?;
-    let store = Store::connect(&common.redis_url)
+    let store = Store::connect_with(&common.redis_url, &common.redis_options())
         .await
         .context("cannot connect to redis")?;
     Ok(Tenants::rotating(store, key, previous))
@@ -591,6 +626,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("--replica-id (WRITEBACK_REPLICA_ID) is required when HOSTNAME is not set")?,
     };
     let previous = args.common.previous_master_key()?;
+    let redis = args.common.redis_options();
     let mut config = GatewayConfig::new(
         replica_id,
         args.common.redis_url,
@@ -600,6 +636,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     config.previous_master_key = previous;
     config.audit = std::sync::Arc::new(cloud_gateway::audit::Audit::open(&args.audit_log)?);
+    config.redis = redis;
     config.max_timeout = Duration::from_secs(args.max_timeout_secs);
     config.metrics_listen = args.metrics_listen;
     config.canary_interval = Duration::from_secs(args.canary_interval_secs);

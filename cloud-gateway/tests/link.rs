@@ -900,8 +900,10 @@ async fn unanswered_work_times_out_and_a_late_ack_tells_the_truth() {
     );
     let work = work.expect("work delivered");
     assert_eq!(work.operation_id, "slow-1");
+    // The deadline is set by the replica's estimate of the store's clock, good to half a
+    // round trip of its last `TIME` (a few ms on a loaded machine).
     assert!(
-        work.remaining_ms > 0 && work.remaining_ms <= 2500,
+        work.remaining_ms > 0 && work.remaining_ms <= 2500 + 50,
         "{}",
         work.remaining_ms
     );

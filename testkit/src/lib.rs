@@ -23,6 +23,8 @@ use anyhow::{bail, Context};
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry, StdStream};
 
 pub mod redis_dump;
+mod topologies;
+pub use topologies::{RedisCluster, RedisSentinel, TlsRedis};
 
 /// The workspace root (this crate lives one level below it).
 pub fn workspace_root() -> PathBuf {
@@ -56,6 +58,10 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     durable: bool,
+    /// More `redis-server` arguments (TLS, ACL users, replication).
+    extra: Vec<String>,
+    /// How `redis-cli` reaches it (`--tls --cacert … --user … --pass …`), for readiness.
+    cli: Vec<String>,
 }
 
 impl RedisServer {
@@ -77,14 +83,27 @@ impl RedisServer {
     }
 
     fn start_with(durable: bool) -> anyhow::Result<Self> {
+        Self::start_custom(durable, |_| (Vec::new(), Vec::new()))
+    }
+
+    /// Starts Redis with more arguments, `args(port)` giving them and how `redis-cli` reaches
+    /// the server (for readiness: it must answer PING that way).
+    pub(crate) fn start_custom(
+        durable: bool,
+        args: impl Fn(u16) -> (Vec<String>, Vec<String>),
+    ) -> anyhow::Result<Self> {
         let mut last = None;
         // A free port may be taken between probing and binding: try a few.
         for _ in 0..5 {
+            let port = free_port()?;
+            let (extra, cli) = args(port);
             let mut server = Self {
                 child: None,
-                port: free_port()?,
+                port,
                 dir: redis_dir()?,
                 durable,
+                extra,
+                cli,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -100,12 +119,16 @@ impl RedisServer {
         } else {
             &["--appendonly", "no"]
         };
+        let tls = self.extra.iter().any(|a| a == "--tls-port");
+        let port = if tls { 0 } else { self.port };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--protected-mode", "no"])
             .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
+            .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -126,7 +149,7 @@ impl RedisServer {
                 Some(Ok(None)) => {}
                 _ => return false,
             }
-            if redis_ping(self.port) {
+            if self.ping() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -182,7 +205,19 @@ impl RedisServer {
 
     /// Whether the server answers PING.
     pub fn is_running(&self) -> bool {
-        self.child.is_some() && redis_ping(self.port)
+        self.child.is_some() && self.ping()
+    }
+
+    fn ping(&self) -> bool {
+        if self.cli.is_empty() {
+            return redis_ping(self.port);
+        }
+        redis_cli(self.port, &self.cli, &["PING"]).is_ok_and(|out| out.trim() == "PONG")
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn url(&self) -> String {
@@ -223,6 +258,27 @@ fn redis_dir() -> anyhow::Result<tempfile::TempDir> {
     let root = state_dir().join("redis");
     fs::create_dir_all(&root)?;
     Ok(tempfile::Builder::new().prefix("redis-").tempdir_in(root)?)
+}
+
+/// `redis-cli -h 127.0.0.1 -p <port> <how> <args>`, bounded to 5 s; its output.
+pub(crate) fn redis_cli(port: u16, how: &[String], args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("timeout")
+        .args(["5", "redis-cli", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(how)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run redis-cli (run scripts/install-deps.sh)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "redis-cli -p {port} {}: {}{}",
+            args.join(" "),
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(text)
 }
 
 fn redis_ping(port: u16) -> bool {

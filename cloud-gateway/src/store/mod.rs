@@ -4,6 +4,7 @@
 //! ([`scripts`]). Key names live in [`keys`], the typed ids they are made of in [`ids`]; no
 //! other module holds a Redis connection.
 
+mod backend;
 mod enrollment;
 mod ids;
 mod keys;
@@ -11,7 +12,6 @@ mod limits;
 mod scripts;
 mod sequence;
 
-use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use relay::proto::{Outcome, PolicyViolation};
 
+pub use backend::{RedisOptions, REPLICA_ACK_TIMEOUT};
 pub use ids::{
     ForestId, InvalidId, OperationId, TenantId, MAX_FOREST_CHARS, MAX_FOREST_LABEL_CHARS,
     MAX_OPERATION_ID_CHARS, MAX_TENANT_ID_CHARS,
@@ -32,6 +33,9 @@ pub use sequence::HighWater;
 /// Consumer group every agent session reads through.
 pub const GROUP: &str = "agents";
 
+/// Longest block of a [`QueueReader`] (its connection's response timeout is set above it).
+pub const MAX_BLOCK: Duration = Duration::from_secs(10);
+
 /// Errors talking to Redis or reading what it holds.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,6 +45,37 @@ pub enum StoreError {
     Reply(#[from] redis::ParsingError),
     #[error("corrupt record {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    /// The Redis settings are unusable (names the flag and what is wrong, never a secret).
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot connect to {what}: {source}{hint}")]
+    Connect {
+        what: String,
+        hint: &'static str,
+        source: redis::RedisError,
+    },
+    /// A lifecycle write reached fewer replicas than `--redis-replica-acks` asks in time: it
+    /// happened on the master, but a failover now could lose it, so it is not reported done.
+    #[error("the write to {key} reached {acked} of the {wanted} replica(s) asked for within {timeout_ms} ms; it may be lost if the master fails now")]
+    NotReplicated {
+        key: String,
+        acked: u32,
+        wanted: u32,
+        timeout_ms: u64,
+    },
+}
+
+/// An error when a write asked to reach `wanted` replicas reached fewer.
+fn check_replicated(key: &str, wanted: u32, acked: Option<u32>) -> Result<()> {
+    match acked {
+        Some(acked) if acked < wanted => Err(StoreError::NotReplicated {
+            key: key.to_owned(),
+            acked,
+            wanted,
+            timeout_ms: REPLICA_ACK_TIMEOUT.as_millis() as u64,
+        }),
+        _ => Ok(()),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -239,12 +274,15 @@ pub struct QueueLimits {
     pub tenant: u64,
 }
 
-/// The gateway's handle on Redis: a shared auto-reconnecting connection for ordinary commands,
-/// plus dedicated connections for blocking stream reads ([`QueueReader`]) and pub/sub.
+/// The gateway's handle on Redis (one server, a cluster, or Sentinel's master: see
+/// `backend.rs`): a shared auto-reconnecting connection for ordinary commands, plus dedicated
+/// connections for blocking stream reads ([`QueueReader`]) and pub/sub.
 #[derive(Clone)]
 pub struct Store {
-    client: redis::Client,
-    conn: ConnectionManager,
+    backend: Arc<backend::Backend>,
+    conn: backend::Conn,
+    /// Replicas every lifecycle write must reach ([`RedisOptions::replica_acks`]).
+    replica_acks: u32,
     /// The highest store sequence seen per tenant (`sequence.rs`).
     high_water: Arc<HighWater>,
     /// Who writes (for timelines of recovery): the replica, or `admin`.
@@ -252,20 +290,25 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects to Redis.
+    /// Connects to Redis at `url` (any form `backend.rs` lists) with no further options.
     ///
     /// # Errors
     /// When the URL is invalid or Redis does not answer.
     pub async fn connect(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
-        let conn = client.get_connection_manager_with_config(cfg).await?;
+        Self::connect_with(url, &RedisOptions::default()).await
+    }
+
+    /// Connects to Redis at `url` with TLS files, password file and replica acknowledgments
+    /// from `options`.
+    ///
+    /// # Errors
+    /// When the URL or an option is unusable (the error names which), or Redis does not answer.
+    pub async fn connect_with(url: &str, options: &RedisOptions) -> Result<Self> {
+        let (backend, conn) = backend::connect(url, options).await?;
         Ok(Self {
-            client,
+            backend: Arc::new(backend),
             conn,
+            replica_acks: options.replica_acks,
             high_water: Arc::default(),
             replica: Arc::from("admin"),
         })
@@ -277,7 +320,7 @@ impl Store {
         self
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> backend::Conn {
         self.conn.clone()
     }
 
@@ -286,13 +329,13 @@ impl Store {
     /// # Errors
     /// When Redis is unreachable.
     pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let mut pubsub = self.backend.pubsub().await?;
         pubsub.subscribe(channel).await?;
         Ok(pubsub)
     }
 
     /// A reader of one forest's work stream for one consumer (agent instance), on a dedicated
-    /// connection whose response timeout exceeds `block`.
+    /// connection whose response timeout exceeds `block` (at most [`MAX_BLOCK`]).
     ///
     /// # Errors
     /// When Redis is unreachable.
@@ -302,13 +345,8 @@ impl Store {
         consumer: &str,
         block: Duration,
     ) -> Result<QueueReader> {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(block + Duration::from_secs(3)));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
+        let block = block.min(MAX_BLOCK);
+        let conn = self.backend.blocking(block).await?;
         Ok(QueueReader {
             conn,
             queue: queue.to_owned(),
@@ -380,6 +418,7 @@ impl Store {
         n: &NewOperation<'_>,
         limits: QueueLimits,
     ) -> Result<Created> {
+        let acks = self.replica_acks;
         self.guarded(n.tenant, |high_water, mut conn| async move {
             scripts::CreateOp {
                 op: n,
@@ -387,7 +426,7 @@ impl Store {
                 tenant_limit: limits.tenant,
                 high_water,
             }
-            .run(&mut conn)
+            .run(&mut conn, acks)
             .await
         })
         .await
@@ -480,6 +519,7 @@ impl Store {
         op: &OperationId,
         to: &Recipient<'_>,
     ) -> Result<Delivery> {
+        let acks = self.replica_acks;
         self.guarded(tenant, |high_water, mut conn| async move {
             scripts::MarkDelivered {
                 tenant,
@@ -490,7 +530,7 @@ impl Store {
                 replica: to.replica,
                 high_water,
             }
-            .run(&mut conn)
+            .run(&mut conn, acks)
             .await
         })
         .await
@@ -501,8 +541,11 @@ impl Store {
     /// # Errors
     /// On Redis errors.
     pub async fn complete(&self, ack: &Acknowledgment<'_>) -> Result<Completion> {
+        let acks = self.replica_acks;
         self.guarded(ack.tenant, |high_water, mut conn| async move {
-            scripts::Complete { ack, high_water }.run(&mut conn).await
+            scripts::Complete { ack, high_water }
+                .run(&mut conn, acks)
+                .await
         })
         .await
     }
@@ -519,6 +562,7 @@ impl Store {
         replica: &str,
         ack_grace: Duration,
     ) -> Result<Finalized> {
+        let acks = self.replica_acks;
         self.guarded(tenant, |high_water, mut conn| async move {
             scripts::Finalize {
                 tenant,
@@ -528,7 +572,7 @@ impl Store {
                 ack_grace_ms: ack_grace.as_millis() as u64,
                 high_water,
             }
-            .run(&mut conn)
+            .run(&mut conn, acks)
             .await
         })
         .await
@@ -913,15 +957,17 @@ impl Store {
 
     /// Registers the tenant id (its record's `created` time is set once).
     ///
+    /// Two steps, since the tenant's hash and the registry lie in different hash slots of a
+    /// cluster: the record first, so a registered tenant always has one.
+    ///
     /// # Errors
     /// On Redis errors.
     pub async fn register_tenant(&self, tenant: &TenantId) -> Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.hset_nx(tenant_key(tenant), "created", relay::now_unix_ms())
-            .ignore()
-            .sadd(TENANTS_KEY, tenant)
-            .ignore();
-        let _: () = pipe.query_async(&mut self.conn()).await?;
+        let _: bool = self
+            .conn()
+            .hset_nx(tenant_key(tenant), "created", relay::now_unix_ms())
+            .await?;
+        let _: i64 = self.conn().sadd(TENANTS_KEY, tenant).await?;
         Ok(())
     }
 
@@ -929,6 +975,10 @@ impl Store {
     ///
     /// # Errors
     /// On Redis errors.
+    ///
+    /// One command per key, in this order (the keys lie in different hash slots of a cluster,
+    /// where no pipeline or transaction may span them): the old token stops working first, so
+    /// a rotation cut short leaves no token working rather than two.
     pub async fn set_tenant_token(
         &self,
         tenant: &TenantId,
@@ -936,17 +986,13 @@ impl Store {
         mac: &str,
         old: Option<&str>,
     ) -> Result<()> {
-        let mut pipe = redis::pipe();
+        let mut c = self.conn();
         if let Some(old) = old {
-            pipe.del(token_key(old)).ignore();
+            let _: i64 = c.del(token_key(old)).await?;
         }
-        pipe.set(token_key(hash), format!("{tenant} {mac}"))
-            .ignore()
-            .hset(tenant_key(tenant), "token_sha256", hash)
-            .ignore()
-            .sadd(TENANTS_KEY, tenant)
-            .ignore();
-        let _: () = pipe.query_async(&mut self.conn()).await?;
+        let _: () = c.set(token_key(hash), format!("{tenant} {mac}")).await?;
+        let _: i64 = c.hset(tenant_key(tenant), "token_sha256", hash).await?;
+        let _: i64 = c.sadd(TENANTS_KEY, tenant).await?;
         Ok(())
     }
 
@@ -982,22 +1028,25 @@ impl Store {
         secret_sha256: &str,
         mac: &str,
     ) -> Result<()> {
+        // The tenant's sets share its slot; the credential (a global key) is replaced in one
+        // transaction of its own.
         let mut pipe = redis::pipe();
         pipe.sadd(forests_key(tenant), forest)
             .ignore()
             .sadd(agent_ids_key(tenant), agent_id)
-            .ignore()
-            .del(agent_cred_key(agent_id))
-            .ignore()
-            .hset_multiple(
-                agent_cred_key(agent_id),
-                &[
-                    ("tenant", tenant.as_str()),
-                    ("forest", forest.as_str()),
-                    ("secret_sha256", secret_sha256),
-                    ("mac", mac),
-                ],
-            );
+            .ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        let key = agent_cred_key(agent_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore().hset_multiple(
+            &key,
+            &[
+                ("tenant", tenant.as_str()),
+                ("forest", forest.as_str()),
+                ("secret_sha256", secret_sha256),
+                ("mac", mac),
+            ],
+        );
         let _: () = pipe.ignore().query_async(&mut self.conn()).await?;
         Ok(())
     }
@@ -1041,7 +1090,10 @@ impl Store {
                 .del(agent_info_key(tenant, forest, m))
                 .ignore();
         }
-        let _: () = gone.query_async(&mut self.conn()).await?;
+        // An empty pipeline is an error on a cluster connection ("empty command").
+        if gone.cmd_iter().next().is_some() {
+            let _: () = gone.query_async(&mut self.conn()).await?;
+        }
         Ok(())
     }
 
@@ -1105,7 +1157,7 @@ impl Store {
 /// Reads one forest's work stream for one consumer (an agent instance) on a dedicated
 /// connection, so blocking reads do not hold up other commands.
 pub struct QueueReader {
-    conn: MultiplexedConnection,
+    conn: backend::Blocking,
     queue: String,
     consumer: String,
     block: Duration,

@@ -13,11 +13,11 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::{FromRedisValue, Script, ToRedisArgs};
 
 use relay::proto::{Outcome, PolicyViolation};
 
+use super::backend::{eval_replicated, Conn};
 use super::ids::{ForestId, OperationId, TenantId};
 use super::keys;
 use super::{Result, StoreError};
@@ -63,6 +63,50 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
 }
 
+/// One call of a script: its keys (all of one tenant, so one hash slot) and arguments.
+struct Call<'s> {
+    script: &'s Script,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+fn call(script: &Script) -> Call<'_> {
+    Call {
+        script,
+        keys: Vec::new(),
+        args: Vec::new(),
+    }
+}
+
+impl Call<'_> {
+    fn key(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
+    }
+    fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+    /// Runs the script (`EVALSHA`, loading it when the node lacks it) and, when `acks > 0`,
+    /// waits for that many replicas to have its write; the reply and how many do.
+    async fn invoke<T: FromRedisValue>(
+        self,
+        conn: &mut Conn,
+        acks: u32,
+    ) -> Result<(T, Option<u32>)> {
+        let mut eval = redis::cmd("EVALSHA");
+        eval.arg(self.script.get_hash()).arg(self.keys.len());
+        for k in &self.keys {
+            eval.arg(k);
+        }
+        for a in &self.args {
+            eval.arg(a.as_slice());
+        }
+        let (value, acked) = eval_replicated(conn, self.script, &eval, acks).await?;
+        Ok((redis::from_redis_value(value)?, acked))
+    }
+}
+
 fn corrupt(script: &str, key: &str, reply: impl std::fmt::Debug) -> StoreError {
     StoreError::Corrupt {
         key: key.to_owned(),
@@ -72,15 +116,23 @@ fn corrupt(script: &str, key: &str, reply: impl std::fmt::Debug) -> StoreError {
 
 /// A guarded script's reply: what it did and the store sequence after, or that the store is
 /// behind the sequence the caller has seen (nothing was done).
+/// `acked`: how many replicas had the write when asked for some (`RedisOptions::replica_acks`).
 pub(super) enum Guarded<T> {
-    Ran { value: T, version: u64 },
-    Behind { store_seq: u64 },
+    Ran {
+        value: T,
+        version: u64,
+        acked: Option<u32>,
+    },
+    Behind {
+        store_seq: u64,
+    },
 }
 
 impl<T> Guarded<T> {
     fn from_reply(
         status: &str,
         version: u64,
+        acked: Option<u32>,
         parse: impl FnOnce(&str) -> Result<T>,
     ) -> Result<Self> {
         if status == "behind" {
@@ -89,6 +141,7 @@ impl<T> Guarded<T> {
         Ok(Self::Ran {
             value: parse(status)?,
             version,
+            acked,
         })
     }
 }
@@ -169,10 +222,10 @@ return {'created', seq}
 });
 
 impl CreateOp<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Created>> {
+    pub(super) async fn run(&self, conn: &mut Conn, acks: u32) -> Result<Guarded<Created>> {
         let n = self.op;
         let key = keys::op_key(n.tenant, n.operation_id);
-        let (reply, version): (String, u64) = CREATE_OP
+        let ((reply, version), acked): ((String, u64), _) = call(&CREATE_OP)
             .key(&key)
             .key(keys::timeline_key(n.tenant, n.operation_id))
             .key(keys::queue_key(n.tenant, n.forest))
@@ -195,9 +248,9 @@ impl CreateOp<'_> {
             .arg(n.accepted_ms)
             .arg(self.high_water)
             .arg(self.tenant_limit)
-            .invoke_async(conn)
+            .invoke(conn, acks)
             .await?;
-        Guarded::from_reply(&reply, version, |status| match status {
+        Guarded::from_reply(&reply, version, acked, |status| match status {
             "created" => Ok(Created::New),
             "exists" => Ok(Created::Exists),
             "conflict" => Ok(Created::Conflict),
@@ -290,26 +343,27 @@ return {'deliver', remaining, bump(sq)}
 });
 
 impl MarkDelivered<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Delivery>> {
+    pub(super) async fn run(&self, conn: &mut Conn, acks: u32) -> Result<Guarded<Delivery>> {
         let key = keys::op_key(self.tenant, self.op);
-        let (status, value, version): (String, redis::Value, u64) = MARK_DELIVERED
-            .key(&key)
-            .key(keys::timeline_key(self.tenant, self.op))
-            .key(keys::queue_key(self.tenant, self.forest))
-            .key(keys::seq_key(self.tenant))
-            .arg(self.agent_id)
-            .arg(self.instance)
-            .arg(self.replica)
-            .arg(Outcome::Expired as i32)
-            .arg(super::EXPIRED_MESSAGE)
-            .arg(self.high_water)
-            .invoke_async(conn)
-            .await?;
+        let ((status, value, version), acked): ((String, redis::Value, u64), _) =
+            call(&MARK_DELIVERED)
+                .key(&key)
+                .key(keys::timeline_key(self.tenant, self.op))
+                .key(keys::queue_key(self.tenant, self.forest))
+                .key(keys::seq_key(self.tenant))
+                .arg(self.agent_id)
+                .arg(self.instance)
+                .arg(self.replica)
+                .arg(Outcome::Expired as i32)
+                .arg(super::EXPIRED_MESSAGE)
+                .arg(self.high_water)
+                .invoke(conn, acks)
+                .await?;
         let number = || -> Result<u32> {
             let n: i64 = redis::from_redis_value(value.clone())?;
             u32::try_from(n).map_err(|_| corrupt("MARK_DELIVERED", &key, n))
         };
-        Guarded::from_reply(&status, version, |status| match status {
+        Guarded::from_reply(&status, version, acked, |status| match status {
             "deliver" => Ok(Delivery::Deliver {
                 remaining_ms: number()?,
             }),
@@ -399,10 +453,10 @@ return {'recorded', redis.call('HGET', op, 'caller_replica') or '', bump(sq)}
 });
 
 impl Complete<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Completion>> {
+    pub(super) async fn run(&self, conn: &mut Conn, acks: u32) -> Result<Guarded<Completion>> {
         let a = self.ack;
         let key = keys::op_key(a.tenant, a.op);
-        let (status, caller, version): (String, String, u64) = COMPLETE
+        let ((status, caller, version), acked): ((String, String, u64), _) = call(&COMPLETE)
             .key(&key)
             .key(keys::timeline_key(a.tenant, a.op))
             .key(keys::queue_key(a.tenant, a.forest))
@@ -419,9 +473,9 @@ impl Complete<'_> {
             .arg(a.result)
             .arg(a.event_detail)
             .arg(self.high_water)
-            .invoke_async(conn)
+            .invoke(conn, acks)
             .await?;
-        Guarded::from_reply(&status, version, |status| match status {
+        Guarded::from_reply(&status, version, acked, |status| match status {
             "recorded" => Ok(Completion::Recorded {
                 caller_replica: caller,
             }),
@@ -499,9 +553,9 @@ return {'pending', 1, version(sq)}
 });
 
 impl Finalize<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Guarded<Finalized>> {
+    pub(super) async fn run(&self, conn: &mut Conn, acks: u32) -> Result<Guarded<Finalized>> {
         let key = keys::op_key(self.tenant, self.op);
-        let (status, n, version): (String, i64, u64) = FINALIZE
+        let ((status, n, version), acked): ((String, i64, u64), _) = call(&FINALIZE)
             .key(&key)
             .key(keys::timeline_key(self.tenant, self.op))
             .key(keys::queue_key(self.tenant, self.forest))
@@ -516,9 +570,9 @@ impl Finalize<'_> {
             .arg(super::TIMED_OUT_MESSAGE)
             .arg(self.ack_grace_ms)
             .arg(self.high_water)
-            .invoke_async(conn)
+            .invoke(conn, acks)
             .await?;
-        Guarded::from_reply(&status, version, |status| match (status, n) {
+        Guarded::from_reply(&status, version, acked, |status| match (status, n) {
             ("missing", _) => Ok(Finalized::Missing),
             ("pending", 0) => Ok(Finalized::Pending {
                 past_deadline: false,
@@ -587,18 +641,20 @@ return {'recovered', settled, store_seq}
 });
 
 impl RecoverRollback<'_> {
-    pub(super) async fn run(&self, conn: &mut ConnectionManager) -> Result<Recovered> {
+    pub(super) async fn run(&self, conn: &mut Conn, acks: u32) -> Result<Recovered> {
         let key = keys::seq_key(self.tenant);
-        let (status, settled, store_seq): (String, u64, u64) = RECOVER_ROLLBACK
-            .key(&key)
-            .key(keys::deadlines_key(self.tenant))
-            .arg(self.tenant)
-            .arg(self.seen)
-            .arg(Outcome::TimedOut as i32)
-            .arg(super::TIMED_OUT_MESSAGE)
-            .arg(self.replica)
-            .invoke_async(conn)
-            .await?;
+        let ((status, settled, store_seq), acked): ((String, u64, u64), _) =
+            call(&RECOVER_ROLLBACK)
+                .key(&key)
+                .key(keys::deadlines_key(self.tenant))
+                .arg(self.tenant)
+                .arg(self.seen)
+                .arg(Outcome::TimedOut as i32)
+                .arg(super::TIMED_OUT_MESSAGE)
+                .arg(self.replica)
+                .invoke(conn, acks)
+                .await?;
+        super::check_replicated(&key, acks, acked)?;
         match status.as_str() {
             "recovered" => Ok(Recovered::Recovered { store_seq, settled }),
             "not-behind" => Ok(Recovered::NotBehind),

@@ -24,8 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 
-use redis::aio::ConnectionManager;
-
+use super::backend::Conn;
 use super::ids::TenantId;
 use super::scripts::{Guarded, RecoverRollback, Recovered};
 use super::{Result, Store, StoreError};
@@ -65,13 +64,18 @@ impl Store {
     /// recovers (once) and runs it again.
     pub(super) async fn guarded<T, F, Fut>(&self, tenant: &TenantId, run: F) -> Result<T>
     where
-        F: Fn(u64, ConnectionManager) -> Fut,
+        F: Fn(u64, Conn) -> Fut,
         Fut: Future<Output = Result<Guarded<T>>>,
     {
         let seen = self.high_water.get(tenant);
         let store_seq = match run(seen, self.conn()).await? {
-            Guarded::Ran { value, version } => {
+            Guarded::Ran {
+                value,
+                version,
+                acked,
+            } => {
                 self.high_water.observe(tenant, version);
+                super::check_replicated(&super::keys::seq_key(tenant), self.replica_acks, acked)?;
                 return Ok(value);
             }
             Guarded::Behind { store_seq } => store_seq,
@@ -79,8 +83,13 @@ impl Store {
         self.recover(tenant, seen, store_seq, "a lifecycle script")
             .await?;
         match run(self.high_water.get(tenant), self.conn()).await? {
-            Guarded::Ran { value, version } => {
+            Guarded::Ran {
+                value,
+                version,
+                acked,
+            } => {
                 self.high_water.observe(tenant, version);
+                super::check_replicated(&super::keys::seq_key(tenant), self.replica_acks, acked)?;
                 Ok(value)
             }
             Guarded::Behind { store_seq } => Err(StoreError::Corrupt {
@@ -122,7 +131,7 @@ impl Store {
             seen,
             replica: &self.replica,
         }
-        .run(&mut self.conn())
+        .run(&mut self.conn(), self.replica_acks)
         .await?;
         if let Recovered::Recovered { settled, .. } = recovered {
             crate::metrics::get()
