@@ -160,7 +160,10 @@ impl AgentCa {
             })?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = time_from_unix(now - 300);
+        // Backdated a little for clocks behind ours, never by much of the lifetime (renewal is
+        // at half of not_before..not_after).
+        let backdate = (self.cert_ttl.as_secs() as i64 / 4).min(300);
+        params.not_before = time_from_unix(now - backdate);
         params.not_after = time_from_unix(not_after);
         params.use_authority_key_identifier_extension = true;
         let signed = CertificateSigningRequestParams {

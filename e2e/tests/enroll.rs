@@ -13,7 +13,7 @@ async fn an_enrolled_agent_resets_renews_and_restarts_on_its_renewed_certificate
     let mut sb = Sandbox::start(0).await.unwrap();
     let (ca_cert, ca_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
     // Short-lived, so the renewal happens within the test.
-    let ttl = Duration::from_secs(6);
+    let ttl = Duration::from_secs(10);
     sb.agent_ca = Some(std::sync::Arc::new(
         cloud_gateway::enroll::AgentCa::from_pem(&ca_cert, &ca_key, ttl).unwrap(),
     ));
