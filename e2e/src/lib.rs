@@ -300,12 +300,28 @@ impl Sandbox {
         tenant: &str,
         forest: &str,
     ) -> anyhow::Result<AgentConfig> {
+        let url = format!("https://{}", self.gateways[gateway].addr);
+        self.agent_config_at(agent_id, &url, tenant, forest).await
+    }
+
+    /// As [`Sandbox::agent_config`], dialling `gateway_url` (e.g. a load balancer, or a
+    /// gateway running as a separate process).
+    ///
+    /// # Errors
+    /// When the credential cannot be stored.
+    pub async fn agent_config_at(
+        &self,
+        agent_id: &str,
+        gateway_url: &str,
+        tenant: &str,
+        forest: &str,
+    ) -> anyhow::Result<AgentConfig> {
         let secret = self
             .tenants
             .register_agent(&tenant_id(tenant), &forest_id(forest), agent_id)
             .await?;
         Ok(AgentConfig {
-            gateway_url: format!("https://{}", self.gateways[gateway].addr),
+            gateway_url: gateway_url.to_owned(),
             gateway_ca: self.ca.ca_file().to_owned(),
             gateway_tls_name: None,
             agent_id: agent_id.to_owned(),
@@ -393,6 +409,34 @@ impl Sandbox {
             .connect_timeout(Duration::from_secs(2))
             .connect()
             .await?)
+    }
+
+    /// Waits until the gateway at `addr` answers its gRPC health check SERVING.
+    ///
+    /// # Errors
+    /// When it does not within `within`.
+    pub async fn wait_serving(
+        &self,
+        addr: std::net::SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Ok(channel) = self.channel_to(addr).await {
+                let status = HealthClient::new(channel)
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .map(|r| r.into_inner().status());
+                if status.is_ok_and(|s| {
+                    s == tonic_health::pb::health_check_response::ServingStatus::Serving
+                }) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("gateway at {addr} not SERVING within {within:?}")
     }
 
     /// A Writeback client on gateway `idx`.

@@ -1,5 +1,7 @@
 //! A TCP proxy under the test's control, for putting faults between two components (e.g. an
 //! agent and its gateway): accepts on 127.0.0.1:0 and forwards every connection to a target.
+//! [`Proxy::start_balanced`] makes it a load balancer: each connection goes to the first of
+//! several targets that accepts it, as a Service skips an endpoint that stopped listening.
 //!
 //! - [`Proxy::cut`] closes every open connection at once (both sides see the connection end);
 //!   new connections are accepted and forwarded as before.
@@ -25,7 +27,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 struct Shared {
-    target: SocketAddr,
+    /// Tried in order for each connection: the first that accepts gets it.
+    targets: Vec<SocketAddr>,
     /// Cancelled by `cut`: every connection accepted before holds a clone of it.
     generation: Mutex<CancellationToken>,
     /// Whether bytes are forwarded (false while blackholed).
@@ -61,10 +64,23 @@ impl Proxy {
     /// # Errors
     /// When it cannot listen.
     pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> anyhow::Result<Self> {
+        Self::listen(ip, vec![target]).await
+    }
+
+    /// A load balancer on 127.0.0.1:0: each new connection goes to the first of `targets`
+    /// that accepts it.
+    ///
+    /// # Errors
+    /// When it cannot listen.
+    pub async fn start_balanced(targets: &[SocketAddr]) -> anyhow::Result<Self> {
+        Self::listen("127.0.0.1".parse().expect("loopback"), targets.to_vec()).await
+    }
+
+    async fn listen(ip: std::net::IpAddr, targets: Vec<SocketAddr>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind((ip, 0)).await.context("proxy listen")?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            target,
+            targets,
             generation: Mutex::new(CancellationToken::new()),
             forwarding: watch::Sender::new(true),
             closed: CancellationToken::new(),
@@ -194,7 +210,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Forwards one connection until both directions end or one fails.
 async fn connection(client: TcpStream, number: usize, shared: &Shared) {
-    let Ok(upstream) = TcpStream::connect(shared.target).await else {
+    let mut upstream = None;
+    for target in &shared.targets {
+        if let Ok(s) = TcpStream::connect(target).await {
+            upstream = Some(s);
+            break;
+        }
+    }
+    let Some(upstream) = upstream else {
         return;
     };
     let _ = client.set_nodelay(true);
