@@ -1060,9 +1060,24 @@ impl Session {
             };
             let read = if last_reclaim.elapsed() >= RECLAIM_EVERY {
                 last_reclaim = Instant::now();
-                reader
-                    .autoclaim(self.gw.config.reclaim_idle, slots.len())
-                    .await
+                // This instance's own pending entries first: a blocking read abandoned when an
+                // earlier session of it ended (a drain, a reconnect) may still have assigned it
+                // entries after that session's start-up look, which nobody would send otherwise.
+                let own = reader.own_pending(MAX_IN_FLIGHT as usize).await.map(|own| {
+                    let in_flight = self.in_flight.lock().expect("in-flight map");
+                    own.into_iter()
+                        .filter(|e| !in_flight.contains_key(&e.operation_id))
+                        .take(slots.len())
+                        .collect::<Vec<_>>()
+                });
+                match own {
+                    Ok(own) if !own.is_empty() => Ok(own),
+                    _ => {
+                        reader
+                            .autoclaim(self.gw.config.reclaim_idle, slots.len())
+                            .await
+                    }
+                }
             } else {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return,

@@ -84,6 +84,21 @@ impl From<TenantError> for GatewayError {
 }
 
 impl GatewayError {
+    /// The gRPC code's name (`RESOURCE_EXHAUSTED`, …), for records and audit.
+    pub fn code_name(&self) -> &'static str {
+        match self.code() {
+            Code::Unauthenticated => "UNAUTHENTICATED",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::NotFound => "NOT_FOUND",
+            Code::AlreadyExists => "ALREADY_EXISTS",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            _ => "INTERNAL",
+        }
+    }
+
     /// The gRPC code callers get for it.
     pub fn code(&self) -> Code {
         match self {

@@ -91,6 +91,9 @@ pub struct GatewayConfig {
     /// Most unsettled operations one tenant may have over all its forests before Submit
     /// answers `RESOURCE_EXHAUSTED` (other tenants are served as before).
     pub tenant_queue_limit: u64,
+    /// Most records of refused requests (no agent, switched off, over a limit, invalid) one
+    /// tenant keeps; the oldest go first.
+    pub refusal_records_limit: u64,
 }
 
 impl GatewayConfig {
@@ -125,6 +128,7 @@ impl GatewayConfig {
             }),
             forest_queue_limit: 10_000,
             tenant_queue_limit: 50_000,
+            refusal_records_limit: 10_000,
             user_limits: limits::UserLimits::default(),
             agent_ca: None,
             audit: Arc::new(audit::Audit::Off),

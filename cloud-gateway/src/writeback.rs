@@ -113,15 +113,19 @@ impl WritebackService {
             .filter(|v| TraceParent::parse(v).is_some())
             .map(str::to_owned);
         // Authenticate first, so an anonymous caller learns nothing about the request.
-        let tenant = self.admit(&request, &request.get_ref().tenant_id).await?;
+        let tenant = self.authorize(&request, &request.get_ref().tenant_id)?;
         let started = std::time::Instant::now();
         let mut req = request.into_inner();
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or("none");
-        let result = self.submit_validated(&tenant, &mut req, traceparent).await;
+        let result = match crate::limits::admit(&self.gw, &tenant).await {
+            Ok(()) => self.submit_validated(&tenant, &mut req, traceparent).await,
+            Err(e) => Err(e),
+        };
         if let Some(action) = req.action.as_mut() {
             action.zeroize();
         }
         self.audit_submit(&tenant, &req, kind, &result, started.elapsed());
+        self.record_refused(&tenant, &req, kind, &result).await;
         if let Ok(resp) = &result {
             let m = crate::metrics::get();
             let outcome = Outcome::try_from(resp.outcome)
@@ -135,6 +139,86 @@ impl WritebackService {
                 .observe(started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// Leaves a record of a request refused before anything was queued, so operators see it
+    /// with its reason (`store/refusals.rs`). Never fails the call: the caller has its answer.
+    async fn record_refused(
+        &self,
+        tenant: &TenantId,
+        req: &SubmitRequest,
+        kind: &str,
+        result: &Result<SubmitResponse, GatewayError>,
+    ) {
+        let (outcome, message, detail, reuse_id) = match result {
+            Ok(r) => {
+                let outcome = Outcome::try_from(r.outcome).unwrap_or_default();
+                if !matches!(outcome, Outcome::AgentUnavailable | Outcome::NotEnabled) {
+                    return;
+                }
+                (
+                    outcome,
+                    r.message.clone(),
+                    outcome.as_str_name().to_owned(),
+                    true,
+                )
+            }
+            Err(
+                e @ (GatewayError::RateLimited { .. }
+                | GatewayError::UserLimited { .. }
+                | GatewayError::QueueFull { .. }
+                | GatewayError::TenantQueueFull { .. }
+                | GatewayError::InvalidArgument { .. }
+                | GatewayError::Conflict(_)),
+            ) => (
+                Outcome::Refused,
+                e.to_string(),
+                format!("{}: {e}", e.code_name()),
+                // A reused id names another operation: the refusal gets its own.
+                !matches!(e, GatewayError::Conflict(_)),
+            ),
+            Err(_) => return,
+        };
+        let forest = ForestId::new(req.user.as_ref().map_or("", |u| u.forest.as_str())).ok();
+        let user = match (&forest, validate::user_ref(req.user.as_ref())) {
+            (Some(f), Ok((u, _))) => {
+                u.id.as_ref()
+                    .map(|id| (store::user_index_key(tenant, f, id), store::user_label(id)))
+            }
+            _ => None,
+        };
+        let generated = OperationId::generate("refused-");
+        let given = OperationId::new(&req.operation_id)
+            .ok()
+            .filter(|_| reuse_id);
+        let operation_id = match result {
+            Ok(r) => OperationId::new(&r.operation_id).unwrap_or(generated),
+            Err(_) => given.unwrap_or(generated),
+        };
+        let refusal = store::Refusal {
+            tenant,
+            operation_id: &operation_id,
+            forest: forest.as_ref(),
+            kind,
+            initiator: req.initiator,
+            accepted_ms: self.gw.clock.now_ms(),
+            replica: &self.gw.config.replica_id,
+            outcome,
+            message: &message,
+            detail: &detail,
+            user: user.as_ref().map(|(k, l)| (k.clone(), l.as_str())),
+            ttl: self.gw.config.record_ttl,
+            limit: self.gw.config.refusal_records_limit,
+        };
+        match self.gw.store.record_refusal(&refusal).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(operation_id = %operation_id, "refused request names an existing operation; no refusal record")
+            }
+            Err(e) => {
+                tracing::warn!(event = "WB1090", error = %e, "could not record a refused request")
+            }
+        }
     }
 
     /// One audit record per Submit: who asked what for whom, and what they were answered.
@@ -161,12 +245,7 @@ impl WritebackService {
                 String::new(),
                 r.trace_id.as_str(),
             ),
-            Err(e) => (
-                req.operation_id.as_str(),
-                e.code().description(),
-                e.to_string(),
-                "",
-            ),
+            Err(e) => (req.operation_id.as_str(), e.code_name(), e.to_string(), ""),
         };
         self.gw.config.audit.record(&crate::audit::Record {
             record: "operation",
@@ -228,8 +307,14 @@ impl WritebackService {
         let gw = &self.gw;
         let kind = req.action.as_ref().map(|a| a.kind()).unwrap_or_default();
 
-        // A resubmitted operation id: answer with the first submission's outcome.
-        if let Some(rec) = gw.store.operation(tenant, &operation_id).await? {
+        // A resubmitted operation id: answer with the first submission's outcome (a refused
+        // attempt queued nothing: its retry is new).
+        if let Some(rec) = gw
+            .store
+            .operation(tenant, &operation_id)
+            .await?
+            .filter(|r| !r.refused)
+        {
             let user = req
                 .user
                 .as_ref()

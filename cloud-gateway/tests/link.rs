@@ -2212,6 +2212,153 @@ async fn every_request_and_outcome_is_audited_without_secrets() {
     env.shutdown.cancel();
 }
 
+async fn get_op(env: &Env, id: &str) -> Result<relay::proto::Operation, tonic::Status> {
+    let mut c = WritebackClient::new(env.channel().await.unwrap());
+    let mut req = tonic::Request::new(relay::proto::GetOperationRequest {
+        tenant_id: "acme".into(),
+        operation_id: id.into(),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", env.token.expose()).parse().unwrap(),
+    );
+    c.get_operation(req).await.map(tonic::Response::into_inner)
+}
+
+async fn ops_of(env: &Env, sam: &str) -> Vec<relay::proto::Operation> {
+    let mut c = WritebackClient::new(env.channel().await.unwrap());
+    let mut req = tonic::Request::new(relay::proto::ListOperationsRequest {
+        tenant_id: "acme".into(),
+        user: Some(UserRef {
+            forest: FOREST.into(),
+            id: Some(user_ref::Id::SamAccountName(sam.into())),
+        }),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", env.token.expose()).parse().unwrap(),
+    );
+    c.list_operations(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+}
+
+/// Every attempt leaves a record: requests refused before anything was queued (no agent,
+/// writeback switched off, invalid input naming the field, an id reused for another request)
+/// are found by GetOperation and ListOperations with their reason, and a burst of refusals is
+/// bounded per tenant (the oldest go first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_request_is_visible_with_its_reason() {
+    let env = start_configured(|c| c.refusal_records_limit = 4).await;
+    let outcome = |o: &relay::proto::Operation| Outcome::try_from(o.outcome).unwrap();
+    let stages = |o: &relay::proto::Operation| -> Vec<String> {
+        o.timeline.iter().map(|e| e.stage.clone()).collect()
+    };
+    // No agent.
+    let r = env.submit("ref-1", 1000).await.unwrap();
+    assert_eq!(
+        Outcome::try_from(r.outcome).unwrap(),
+        Outcome::AgentUnavailable
+    );
+    let rec = get_op(&env, "ref-1").await.unwrap();
+    assert_eq!(outcome(&rec), Outcome::AgentUnavailable);
+    assert_eq!(stages(&rec), ["accepted", "refused"]);
+    // Switched off.
+    let off = cloud_gateway::tenants::ForestSettingsChange {
+        writeback_enabled: Some(false),
+        ..Default::default()
+    };
+    env.tenants
+        .set_forest(&ACME, &FOREST_ID, &off)
+        .await
+        .unwrap();
+    let r = env.submit("ref-2", 1000).await.unwrap();
+    assert_eq!(Outcome::try_from(r.outcome).unwrap(), Outcome::NotEnabled);
+    assert_eq!(
+        outcome(&get_op(&env, "ref-2").await.unwrap()),
+        Outcome::NotEnabled
+    );
+    let on = cloud_gateway::tenants::ForestSettingsChange {
+        writeback_enabled: Some(true),
+        ..Default::default()
+    };
+    env.tenants
+        .set_forest(&ACME, &FOREST_ID, &on)
+        .await
+        .unwrap();
+    // Invalid input: recorded under an id of its own, found by the user.
+    let err = env.submit("bad id!", 1000).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // An id reused for another user: "real-1" names a queued operation of alice's.
+    let now = env.store.now_ms().await.unwrap();
+    let real = op("real-1");
+    let queued = cloud_gateway::store::NewOperation {
+        tenant: &ACME,
+        operation_id: &real,
+        forest: &FOREST_ID,
+        kind: "reset",
+        initiator: 1,
+        trace_id: "",
+        traceparent: "",
+        accepted_ms: now,
+        deadline_ms: now + 60_000,
+        replica: "gw-1",
+        envelope: b"sealed",
+        key_version: 2,
+        ttl: Duration::from_secs(60),
+        user: "sam:alice",
+    };
+    env.store.create_operation(&queued, LIMITS).await.unwrap();
+    let err = env.submit_as_user("bob", "real-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    // A refused id is no claim: its retry is a new request (here refused again, and recorded).
+    let r = env.submit_as_user("bob", "ref-1").await.unwrap();
+    assert_eq!(
+        Outcome::try_from(r.outcome).unwrap(),
+        Outcome::AgentUnavailable
+    );
+
+    let alice = ops_of(&env, "alice").await;
+    let invalid = alice
+        .iter()
+        .find(|o| o.operation_id.starts_with("refused-"))
+        .unwrap_or_else(|| panic!("no record of the invalid request: {alice:?}"));
+    assert_eq!(outcome(invalid), Outcome::Refused);
+    // ListOperations omits timelines; GetOperation has the reason.
+    let invalid = get_op(&env, &invalid.operation_id).await.unwrap();
+    let detail = &invalid.timeline.last().unwrap().detail;
+    assert!(
+        detail.contains("INVALID_ARGUMENT") && detail.contains("operation_id"),
+        "{detail}"
+    );
+    assert!(alice.iter().any(|o| o.operation_id == "ref-1"));
+    let bob = ops_of(&env, "bob").await;
+    let conflict = bob
+        .iter()
+        .find(|o| o.operation_id.starts_with("refused-"))
+        .unwrap_or_else(|| panic!("no record of the reused id: {bob:?}"));
+    let conflict = get_op(&env, &conflict.operation_id).await.unwrap();
+    let detail = &conflict.timeline.last().unwrap().detail;
+    assert!(detail.contains("ALREADY_EXISTS"), "{detail}");
+    let real = get_op(&env, "real-1").await.unwrap();
+    assert_eq!(
+        real.state,
+        relay::proto::OperationState::Queued as i32,
+        "untouched"
+    );
+
+    // The fifth refusal pushes out the oldest.
+    env.submit("ref-5", 1000).await.unwrap();
+    assert_eq!(get_op(&env, "ref-5").await.unwrap().operation_id, "ref-5");
+    // (ref-1 was refused again later, so ref-2 is the oldest.)
+    let gone = get_op(&env, "ref-2").await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    env.shutdown.cancel();
+}
+
 /// Every value of every stream in Redis, concatenated.
 async fn e2e_free_dump(url: &str) -> Vec<u8> {
     let client = redis::Client::open(url).unwrap();
@@ -2249,12 +2396,14 @@ async fn a_full_forest_queue_is_resource_exhausted() {
     let err = env.submit("over-1", 6000).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains(FOREST), "{}", err.message());
-    assert!(env
+    // Seen by operators as a refusal; nothing queued, and a retry under the id is new.
+    let rec = env
         .store
         .operation(&ACME, &op("over-1"))
         .await
         .unwrap()
-        .is_none());
+        .expect("a refusal record");
+    assert!(rec.refused && rec.outcome == Outcome::Refused, "{rec:?}");
     another_tenant_is_served(&env).await;
     env.shutdown.cancel();
 }

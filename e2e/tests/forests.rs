@@ -40,23 +40,30 @@ async fn switches_refuse_at_once_and_queue_nothing() {
     let took = started.elapsed();
     assert_eq!(outcome(&r), Outcome::NotEnabled, "{r:?}");
     assert!(r.message.contains("not enabled"), "{}", r.message);
-    // At once: no record (so nothing waited for an agent or a deadline, and no timeline), no
-    // queue entry, and the answer came before the request's deadline.
+    // At once: a refusal record operators see (accepted, refused: nothing waited for an agent
+    // or a deadline), no queue entry, and the answer came before the request's deadline.
+    let rec = sb
+        .store
+        .operation(&tenant_id(&t), &operation_id(&r.operation_id))
+        .await
+        .unwrap()
+        .expect("a refusal record, for operators");
     assert!(
-        sb.store
-            .operation(&tenant_id(&t), &operation_id(&r.operation_id))
-            .await
-            .unwrap()
-            .is_none(),
-        "nothing recorded"
+        rec.refused && rec.state == cloud_gateway::store::OpState::Done,
+        "{rec:?}"
     );
-    assert!(
-        sb.store
-            .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
-            .await
-            .unwrap()
-            .is_empty(),
-        "no timeline"
+    let stages: Vec<String> = sb
+        .store
+        .timeline(&tenant_id(&t), &operation_id(&r.operation_id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.stage)
+        .collect();
+    assert_eq!(
+        stages,
+        ["accepted", "refused"],
+        "nothing queued, delivered or waited for"
     );
     assert!(
         took < deadline,

@@ -211,32 +211,39 @@ async fn no_agent_answers_at_once_and_queues_nothing() {
     let r = sb.submit(0, req).await.unwrap();
     let took = started.elapsed();
     assert_eq!(outcome(&r), Outcome::AgentUnavailable, "{r:?}");
-    // At once: before the request's deadline, with no record and no timeline (nothing waited).
+    // At once: before the request's deadline, recorded only as a refusal (nothing waited).
     assert!(
         took < deadline,
         "AGENT_UNAVAILABLE came after the request's {deadline:?} deadline ({took:?}): it waited"
     );
+    let rec = sb
+        .store
+        .operation(&tenant_id(&t), &operation_id("op-unavailable"))
+        .await
+        .unwrap()
+        .expect("a refusal record, for operators");
     assert!(
-        sb.store
-            .operation(&tenant_id(&t), &operation_id("op-unavailable"))
-            .await
-            .unwrap()
-            .is_none(),
-        "AGENT_UNAVAILABLE recorded an operation"
+        rec.refused && rec.state == cloud_gateway::store::OpState::Done,
+        "{rec:?}"
     );
-    assert!(
-        sb.store
-            .timeline(&tenant_id(&t), &operation_id("op-unavailable"))
-            .await
-            .unwrap()
-            .is_empty(),
-        "AGENT_UNAVAILABLE has a timeline"
+    let stages: Vec<String> = sb
+        .store
+        .timeline(&tenant_id(&t), &operation_id("op-unavailable"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.stage)
+        .collect();
+    assert_eq!(
+        stages,
+        ["accepted", "refused"],
+        "nothing queued, delivered or waited for"
     );
     println!("AGENT_UNAVAILABLE answered in {} ms", took.as_millis());
     let dump = dump_redis(&sb.redis.url()).await.unwrap();
     assert!(
         dump.iter()
-            .all(|(k, _)| !k.contains(":q:") && !k.contains(":op:")),
+            .all(|(k, _)| !k.contains(":q:") && !k.contains(":deadlines")),
         "something was queued: {:?}",
         dump.iter().map(|(k, _)| k).collect::<Vec<_>>()
     );

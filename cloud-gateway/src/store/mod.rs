@@ -9,6 +9,7 @@ mod enrollment;
 mod ids;
 mod keys;
 mod limits;
+mod refusals;
 mod scripts;
 mod sequence;
 
@@ -27,6 +28,7 @@ pub use ids::{
 };
 pub use keys::*;
 pub use limits::{budget_key, rate_key, Budget};
+pub use refusals::{refusals_key, Refusal, USER_INDEX_KEEP};
 pub use scripts::{Acknowledgment, Completion, Created, Delivery, Finalized};
 pub use sequence::HighWater;
 
@@ -148,6 +150,9 @@ pub struct OpRecord {
     pub user: String,
     /// Encoded result of a query operation (a `PasswordPolicy`), empty otherwise.
     pub result: Vec<u8>,
+    /// A request refused before anything was queued (`refusals.rs`): a retry under its id is
+    /// a new operation.
+    pub refused: bool,
 }
 
 impl OpRecord {
@@ -210,6 +215,7 @@ impl OpRecord {
             detail: get("detail"),
             user: get("user"),
             result: Vec::new(),
+            refused: get("refused") == "1",
         }))
     }
 }
@@ -842,6 +848,8 @@ impl Store {
         let mut pipe = redis::pipe();
         pipe.zadd(key, op, accepted_ms)
             .ignore()
+            .zremrangebyrank(key, 0, -1 - USER_INDEX_KEEP)
+            .ignore()
             .pexpire(key, ttl.as_millis() as i64)
             .ignore();
         let _: () = pipe.query_async(&mut self.conn()).await?;
@@ -880,25 +888,35 @@ impl Store {
         let mut c = self.conn();
         let _: i64 = c.zrem(agents_key(tenant, forest), member).await?;
         let _: i64 = c.del(agent_info_key(tenant, forest, member)).await?;
-        let queue = queue_key(tenant, forest);
-        let pending: redis::Value = redis::cmd("XPENDING")
-            .arg(&queue)
+        // Atomically: a consumer with pending entries, or whose instance has a stream on
+        // another replica by now (an agent that moved), is kept. Deleting it there would drop
+        // the entries that replica reads into it from the group's pending list: never
+        // delivered, EXPIRED at their deadline.
+        static GONE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+local pend = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pend > 0 then return 0 end
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return 0 end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+",
+            )
+        });
+        let prefix = match member.rsplit_once('|') {
+            Some((agent_and_instance, _replica)) => format!("{agent_and_instance}|"),
+            None => format!("{member}|"),
+        };
+        let _: i64 = GONE
+            .key(queue_key(tenant, forest))
+            .key(agents_key(tenant, forest))
             .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(1)
             .arg(instance)
-            .query_async(&mut c)
+            .arg(prefix)
+            .invoke_async(&mut c)
             .await?;
-        if matches!(&pending, redis::Value::Array(items) if items.is_empty()) {
-            let _: i64 = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(&queue)
-                .arg(GROUP)
-                .arg(instance)
-                .query_async(&mut c)
-                .await?;
-        }
         Ok(())
     }
 

@@ -188,7 +188,12 @@ static CREATE_OP: LazyLock<Script> = LazyLock::new(|| {
 local op, tl, q, dl, sq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local b = behind(sq, ARGV[16])
 if b then return {'behind', b} end
-if redis.call('EXISTS', op) == 1 then
+if redis.call('HGET', op, 'refused') == '1' then
+  -- A refused attempt under this id (nothing was queued) gives way to the retry; its
+  -- timeline stays and goes on.
+  redis.call('DEL', op)
+  redis.call('ZREM', 'wb:{' .. ARGV[1] .. '}:refused', ARGV[2])
+elseif redis.call('EXISTS', op) == 1 then
   local f = redis.call('HMGET', op, 'forest', 'kind', 'user')
   if f[1] == ARGV[3] and f[2] == ARGV[4] and (f[3] or '') == ARGV[13] then return {'exists', version(sq)} end
   return {'conflict', version(sq)}
