@@ -362,14 +362,14 @@ async fn no_secret_reaches_any_output_at_trace_level() {
         &[&submit[..], &["--change"]].concat(),
         &format!("{wrong_old}\n{refused_new}\n"),
     );
-    assert_eq!(code, Some(2), "{text}");
+    assert_eq!(code, Some(1), "a definite no: {text}");
     assert!(text.contains("WRONG_OLD_PASSWORD"), "{text}");
     let (code, text) = relayctl(
         "refused reset",
         &[&submit[..], &["--reset"]].concat(),
         &format!("{too_simple}\n"),
     );
-    assert_eq!(code, Some(2), "{text}");
+    assert_eq!(code, Some(1), "a definite no: {text}");
     assert!(text.contains("REJECTED_BY_POLICY"), "{text}");
     let (code, text) = relayctl("unlock", &["submit", "--user", "quinn", "--unlock"], "");
     assert_eq!(code, Some(0), "{text}");

@@ -1,7 +1,7 @@
 //! `relayctl`: operator and admin client of the Writeback API: submit a reset, change or
 //! unlock, and print an operation's timeline.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,8 +18,33 @@ use relay::proto::{
 use relay::secret::Secret;
 
 #[derive(Parser)]
-#[command(name = "relayctl", version, about = "Writeback relay operator client")]
+#[command(
+    name = "relayctl",
+    version,
+    about = "Writeback relay operator client",
+    long_about = "Writeback relay operator client.\n\n\
+Exit codes:\n  \
+0  the operation was APPLIED, or the query was answered\n  \
+1  a definite no from AD or policy (REJECTED_BY_POLICY, WRONG_OLD_PASSWORD, USER_NOT_FOUND,\n     \
+PROTECTED_ACCOUNT, ACCESS_DENIED, ACCOUNT_DISABLED, NOT_ENABLED, REFUSED, FAILED, NOT_FOUND)\n  \
+2  usage or input error\n  \
+3  outcome unknown or not yet known (TIMED_OUT, IN_PROGRESS, DEADLINE_EXCEEDED)\n  \
+4  unavailable, retry later (AGENT_UNAVAILABLE, DIRECTORY_UNAVAILABLE, EXPIRED,\n     \
+RESOURCE_EXHAUSTED, UNAVAILABLE, cannot connect)\n  \
+5  authentication or permission problem (UNAUTHENTICATED, PERMISSION_DENIED)\n\n\
+Output goes to stdout, one JSON document per command with --output json; a closed\n\
+reader (e.g. `| head -1`) ends relayctl quietly with exit 0."
+)]
 struct Cli {
+    /// Output format: text (default) or json (one JSON document on stdout).
+    #[arg(
+        long,
+        env = "RELAYCTL_OUTPUT",
+        global = true,
+        value_enum,
+        default_value = "text"
+    )]
+    output: Format,
     /// Gateway address, host:port.
     #[arg(long, env = "WRITEBACK_ADDR", global = true)]
     addr: Option<String>,
@@ -33,6 +58,201 @@ struct Cli {
     tenant: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// Exit code for an operation's outcome (see the long help).
+fn outcome_exit_code(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Applied => 0,
+        Outcome::RejectedByPolicy
+        | Outcome::WrongOldPassword
+        | Outcome::UserNotFound
+        | Outcome::ProtectedAccount
+        | Outcome::AccessDenied
+        | Outcome::Refused
+        | Outcome::Failed
+        | Outcome::AccountDisabled
+        | Outcome::NotEnabled => 1,
+        Outcome::TimedOut | Outcome::InProgress | Outcome::Unspecified => 3,
+        Outcome::AgentUnavailable | Outcome::DirectoryUnavailable | Outcome::Expired => 4,
+    }
+}
+
+/// Exit code for a gRPC error status (see the long help).
+fn status_exit_code(code: tonic::Code) -> i32 {
+    use tonic::Code as C;
+    match code {
+        C::Ok => 0,
+        C::NotFound | C::AlreadyExists | C::FailedPrecondition | C::Aborted => 1,
+        C::InvalidArgument | C::OutOfRange | C::Unimplemented => 2,
+        C::DeadlineExceeded | C::Cancelled => 3,
+        C::Unavailable | C::ResourceExhausted | C::Internal | C::Unknown | C::DataLoss => 4,
+        C::Unauthenticated | C::PermissionDenied => 5,
+    }
+}
+
+/// An error that carries the exit code relayctl ends with.
+#[derive(Debug)]
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    Failure {
+        code: status_exit_code(s.code()),
+        message: format!("{:?}: {}", s.code(), s.message()),
+    }
+    .into()
+}
+
+/// Writes to stdout; a reader that has gone away (EPIPE) means it is done: exit 0 quietly.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("relayctl: writing output: {e}");
+        std::process::exit(4);
+    }
+}
+
+/// One JSON document, or the text, on stdout.
+fn emit_as(format: Format, json: &impl serde::Serialize, text: &str) {
+    match format {
+        Format::Text => emit(text),
+        Format::Json => {
+            let mut doc = serde_json::to_string_pretty(json).expect("view serializes");
+            doc.push('\n');
+            emit(&doc);
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct EventView {
+    stage: String,
+    at_unix_ms: i64,
+    replica: String,
+    agent_id: String,
+    detail: String,
+}
+
+#[derive(serde::Serialize)]
+struct OperationView {
+    operation_id: String,
+    tenant_id: String,
+    forest: String,
+    kind: String,
+    state: String,
+    outcome: String,
+    policy_violation: Option<String>,
+    message: String,
+    trace_id: String,
+    accepted_unix_ms: i64,
+    deadline_unix_ms: i64,
+    timeline: Vec<EventView>,
+}
+
+fn violation_name(v: i32) -> Option<String> {
+    match PolicyViolation::try_from(v).unwrap_or_default() {
+        PolicyViolation::Unspecified => None,
+        v => Some(v.as_str_name().to_owned()),
+    }
+}
+
+fn operation_view(op: &Operation) -> OperationView {
+    OperationView {
+        operation_id: op.operation_id.clone(),
+        tenant_id: op.tenant_id.clone(),
+        forest: op.forest.clone(),
+        kind: op.kind.clone(),
+        state: relay::proto::OperationState::try_from(op.state)
+            .unwrap_or_default()
+            .as_str_name()
+            .to_owned(),
+        outcome: Outcome::try_from(op.outcome)
+            .unwrap_or_default()
+            .as_str_name()
+            .to_owned(),
+        policy_violation: violation_name(op.policy_violation),
+        message: op.message.clone(),
+        trace_id: op.trace_id.clone(),
+        accepted_unix_ms: op.accepted_unix_ms,
+        deadline_unix_ms: op.deadline_unix_ms,
+        timeline: op
+            .timeline
+            .iter()
+            .map(|e| EventView {
+                stage: e.stage.clone(),
+                at_unix_ms: e.at_unix_ms,
+                replica: e.replica.clone(),
+                agent_id: e.agent_id.clone(),
+                detail: e.detail.clone(),
+            })
+            .collect(),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct SubmitView {
+    operation_id: String,
+    outcome: String,
+    policy_violation: Option<String>,
+    message: String,
+    trace_id: String,
+    took_ms: u128,
+    exit_code: i32,
+    /// The operation and its timeline; null when nothing was queued.
+    operation: Option<OperationView>,
+}
+
+#[derive(serde::Serialize)]
+struct AgentView {
+    agent_id: String,
+    forest: String,
+    version: String,
+    replica: String,
+    live: bool,
+    last_heartbeat_unix_ms: i64,
+    in_flight: u32,
+    max_in_flight: u32,
+    instance_id: String,
+}
+
+#[derive(serde::Serialize)]
+struct ForestView {
+    forest: String,
+    healthy: bool,
+    reason: String,
+    agents: Vec<AgentView>,
+}
+
+#[derive(serde::Serialize)]
+struct PolicyView {
+    forest: String,
+    source: String,
+    min_length: u32,
+    complexity: bool,
+    history_length: u32,
+    min_age_seconds: u64,
+    max_age_seconds: u64,
+    next_change_allowed_unix_ms: Option<i64>,
 }
 
 #[derive(Subcommand)]
@@ -168,14 +388,18 @@ fn fmt_time(ms: i64) -> String {
     format!("{h:02}:{m:02}:{s:02}.{:03}Z", ms.rem_euclid(1000))
 }
 
-fn print_operation(op: &Operation) {
+fn operation_text(op: &Operation) -> String {
+    use std::fmt::Write as _;
     let outcome = Outcome::try_from(op.outcome).unwrap_or_default();
     let violation = PolicyViolation::try_from(op.policy_violation).unwrap_or_default();
-    println!(
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
         "operation {}  tenant {}  forest {}  kind {}",
         op.operation_id, op.tenant_id, op.forest, op.kind
     );
-    println!(
+    let _ = writeln!(
+        t,
         "state {:?}  outcome {}{}  trace {}",
         relay::proto::OperationState::try_from(op.state).unwrap_or_default(),
         outcome.as_str_name(),
@@ -187,14 +411,16 @@ fn print_operation(op: &Operation) {
         op.trace_id
     );
     if !op.message.is_empty() {
-        println!("message: {}", op.message);
+        let _ = writeln!(t, "message: {}", op.message);
     }
-    println!(
+    let _ = writeln!(
+        t,
         "timeline (accepted {}; deadline +{} ms):",
         fmt_time(op.accepted_unix_ms),
         op.deadline_unix_ms - op.accepted_unix_ms
     );
-    print!("{}", waterfall(op));
+    t.push_str(&waterfall(op));
+    t
 }
 
 /// One line per stage: offset from acceptance, the time since the previous stage, a bar
@@ -243,8 +469,23 @@ fn waterfall(op: &Operation) -> String {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::ExitCode::from(code as u8),
+        Err(e) => {
+            let code = e.downcast_ref::<Failure>().map_or(2, |f| f.code);
+            eprintln!("relayctl: {e:#}");
+            std::process::ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// Runs one command; the exit code it should end with, or an error (exit 2 unless a
+/// [`Failure`] says otherwise).
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    use std::fmt::Write as _;
+    let format = cli.output;
     let addr = cli.addr.context("--addr (WRITEBACK_ADDR) is required")?;
     let ca = cli.ca.context("--ca (WRITEBACK_CA) is required")?;
     let tenant = cli
@@ -255,11 +496,9 @@ async fn main() -> anyhow::Result<()> {
         (None, Ok(t)) if !t.is_empty() => Secret::new(t),
         _ => bail!("a token is required: --token-file FILE or WRITEBACK_TOKEN"),
     };
-    let mut client = WritebackClient::new(channel(&addr, &ca).await?);
-    match cli.command {
+    // Input is checked before connecting, so that bad input is exit 2 whatever the network.
+    let action = match &cli.command {
         Command::Submit {
-            forest,
-            user,
             reset,
             change,
             unlock,
@@ -267,36 +506,53 @@ async fn main() -> anyhow::Result<()> {
             must_change,
             also_unlock,
             password_stdin,
+            ..
+        } => Some(if *reset {
+            if !password_stdin {
+                bail!("--reset needs --password-stdin (passwords are never taken from the command line)");
+            }
+            let p = read_stdin_lines(1)?;
+            Action::Reset(ResetPassword {
+                new_password: p[0].expose().to_owned(),
+                must_change_at_next_logon: *must_change,
+                unlock: *also_unlock,
+            })
+        } else if *change {
+            if !password_stdin {
+                bail!("--change needs --password-stdin (old then new password, one per line)");
+            }
+            let p = read_stdin_lines(2)?;
+            Action::Change(ChangePassword {
+                old_password: p[0].expose().to_owned(),
+                new_password: p[1].expose().to_owned(),
+            })
+        } else if *unlock {
+            Action::Unlock(UnlockAccount {})
+        } else if *clear_forced_change {
+            Action::ClearForcedChange(ClearForcedChange {})
+        } else {
+            bail!("one of --reset, --change, --unlock or --clear-forced-change is required");
+        }),
+        Command::Ops { since, .. } => {
+            parse_duration(since)?;
+            None
+        }
+        _ => None,
+    };
+    let channel = channel(&addr, &ca).await.map_err(|e| Failure {
+        code: 4,
+        message: format!("{e:#}"),
+    })?;
+    let mut client = WritebackClient::new(channel);
+    match cli.command {
+        Command::Submit {
+            forest,
+            user,
             operation_id,
             timeout_ms,
             admin,
+            ..
         } => {
-            let action = if reset {
-                if !password_stdin {
-                    bail!("--reset needs --password-stdin (passwords are never taken from the command line)");
-                }
-                let p = read_stdin_lines(1)?;
-                Action::Reset(ResetPassword {
-                    new_password: p[0].expose().to_owned(),
-                    must_change_at_next_logon: must_change,
-                    unlock: also_unlock,
-                })
-            } else if change {
-                if !password_stdin {
-                    bail!("--change needs --password-stdin (old then new password, one per line)");
-                }
-                let p = read_stdin_lines(2)?;
-                Action::Change(ChangePassword {
-                    old_password: p[0].expose().to_owned(),
-                    new_password: p[1].expose().to_owned(),
-                })
-            } else if unlock {
-                Action::Unlock(UnlockAccount {})
-            } else if clear_forced_change {
-                Action::ClearForcedChange(ClearForcedChange {})
-            } else {
-                bail!("one of --reset, --change, --unlock or --clear-forced-change is required");
-            };
             let mut request = SubmitRequest {
                 tenant_id: tenant.clone(),
                 operation_id,
@@ -307,28 +563,22 @@ async fn main() -> anyhow::Result<()> {
                     Initiator::EndUser
                 } as i32,
                 timeout_ms,
-                action: Some(action),
+                action,
             };
             let started = std::time::Instant::now();
             let result = client.submit(with_auth(request.clone(), &token)?).await;
             if let Some(a) = request.action.as_mut() {
                 zeroize::Zeroize::zeroize(a);
             }
-            let resp = result
-                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-                .into_inner();
+            let resp = result.map_err(status_error)?.into_inner();
+            let took_ms = started.elapsed().as_millis();
             let outcome = Outcome::try_from(resp.outcome).unwrap_or_default();
-            let violation = PolicyViolation::try_from(resp.policy_violation).unwrap_or_default();
-            println!("outcome:      {}", outcome.as_str_name());
-            if violation != PolicyViolation::Unspecified {
-                println!("policy:       {}", violation.as_str_name());
-            }
-            println!("message:      {}", resp.message);
-            println!("operation_id: {}", resp.operation_id);
-            println!("trace_id:     {}", resp.trace_id);
-            println!("took:         {} ms", started.elapsed().as_millis());
-            if outcome != Outcome::AgentUnavailable {
-                let op = client
+            let violation = violation_name(resp.policy_violation);
+            // Answered at once, nothing queued: there is no operation to fetch.
+            let queued = !matches!(outcome, Outcome::AgentUnavailable | Outcome::NotEnabled)
+                && !resp.operation_id.is_empty();
+            let op = if queued {
+                match client
                     .get_operation(with_auth(
                         GetOperationRequest {
                             tenant_id: tenant,
@@ -337,15 +587,48 @@ async fn main() -> anyhow::Result<()> {
                         &token,
                     )?)
                     .await
-                    .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-                    .into_inner();
-                println!();
-                print_operation(&op);
+                {
+                    Ok(op) => Some(op.into_inner()),
+                    // The answer above stands; a missing timeline is no error.
+                    Err(s) if s.code() == tonic::Code::NotFound => None,
+                    Err(s) => {
+                        eprintln!(
+                            "relayctl: timeline unavailable: {:?}: {}",
+                            s.code(),
+                            s.message()
+                        );
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let code = outcome_exit_code(outcome);
+            let mut t = String::new();
+            let _ = writeln!(t, "outcome:      {}", outcome.as_str_name());
+            if let Some(v) = &violation {
+                let _ = writeln!(t, "policy:       {v}");
             }
-            if outcome != Outcome::Applied {
-                std::process::exit(2);
+            let _ = writeln!(t, "message:      {}", resp.message);
+            let _ = writeln!(t, "operation_id: {}", resp.operation_id);
+            let _ = writeln!(t, "trace_id:     {}", resp.trace_id);
+            let _ = writeln!(t, "took:         {took_ms} ms");
+            if let Some(op) = &op {
+                t.push('\n');
+                t.push_str(&operation_text(op));
             }
-            Ok(())
+            let view = SubmitView {
+                operation_id: resp.operation_id.clone(),
+                outcome: outcome.as_str_name().to_owned(),
+                policy_violation: violation,
+                message: resp.message.clone(),
+                trace_id: resp.trace_id.clone(),
+                took_ms,
+                exit_code: code,
+                operation: op.as_ref().map(operation_view),
+            };
+            emit_as(format, &view, &t);
+            Ok(code)
         }
         Command::Policy { forest, user } => {
             let req = GetPasswordPolicyRequest {
@@ -358,25 +641,40 @@ async fn main() -> anyhow::Result<()> {
             let p = client
                 .get_password_policy(with_auth(req, &token)?)
                 .await
-                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .map_err(status_error)?
                 .into_inner();
-            println!("forest:           {}", p.forest);
-            println!("source:           {}", p.source);
-            println!("minimum length:   {}", p.min_length);
-            println!(
+            let mut t = String::new();
+            let _ = writeln!(t, "forest:           {}", p.forest);
+            let _ = writeln!(t, "source:           {}", p.source);
+            let _ = writeln!(t, "minimum length:   {}", p.min_length);
+            let _ = writeln!(
+                t,
                 "complexity:       {}",
                 if p.complexity { "on" } else { "off" }
             );
-            println!("history:          {} passwords", p.history_length);
-            println!("minimum age:      {} s", p.min_age_seconds);
-            println!("maximum age:      {} s", p.max_age_seconds);
+            let _ = writeln!(t, "history:          {} passwords", p.history_length);
+            let _ = writeln!(t, "minimum age:      {} s", p.min_age_seconds);
+            let _ = writeln!(t, "maximum age:      {} s", p.max_age_seconds);
             if p.next_change_allowed_unix_ms > 0 {
-                println!(
+                let _ = writeln!(
+                    t,
                     "next change from: {}",
                     fmt_time(p.next_change_allowed_unix_ms)
                 );
             }
-            Ok(())
+            let view = PolicyView {
+                forest: p.forest.clone(),
+                source: p.source.clone(),
+                min_length: p.min_length,
+                complexity: p.complexity,
+                history_length: p.history_length,
+                min_age_seconds: p.min_age_seconds,
+                max_age_seconds: p.max_age_seconds,
+                next_change_allowed_unix_ms: (p.next_change_allowed_unix_ms > 0)
+                    .then_some(p.next_change_allowed_unix_ms),
+            };
+            emit_as(format, &view, &t);
+            Ok(0)
         }
         Command::Ops {
             forest,
@@ -394,29 +692,31 @@ async fn main() -> anyhow::Result<()> {
             let ops = client
                 .list_operations(with_auth(req, &token)?)
                 .await
-                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .map_err(status_error)?
                 .into_inner()
                 .operations;
+            let mut t = String::new();
             if ops.is_empty() {
-                println!("no operations for {user} in the last {since}");
+                let _ = writeln!(t, "no operations for {user} in the last {since}");
             }
-            for op in ops {
+            for op in &ops {
                 let outcome = Outcome::try_from(op.outcome).unwrap_or_default();
-                let violation = PolicyViolation::try_from(op.policy_violation).unwrap_or_default();
-                println!(
+                let _ = writeln!(
+                    t,
                     "{}  {:<8} {:<26} {}  trace {}",
                     fmt_time(op.accepted_unix_ms),
                     op.kind,
-                    if violation == PolicyViolation::Unspecified {
-                        outcome.as_str_name().to_owned()
-                    } else {
-                        format!("{}/{}", outcome.as_str_name(), violation.as_str_name())
+                    match violation_name(op.policy_violation) {
+                        None => outcome.as_str_name().to_owned(),
+                        Some(v) => format!("{}/{v}", outcome.as_str_name()),
                     },
                     op.operation_id,
                     op.trace_id
                 );
             }
-            Ok(())
+            let view: Vec<OperationView> = ops.iter().map(operation_view).collect();
+            emit_as(format, &view, &t);
+            Ok(0)
         }
         Command::Agents { forest } => {
             let resp = client
@@ -428,18 +728,21 @@ async fn main() -> anyhow::Result<()> {
                     &token,
                 )?)
                 .await
-                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .map_err(status_error)?
                 .into_inner();
             let now = relay::now_unix_ms();
-            for f in resp.forests {
-                println!(
+            let mut t = String::new();
+            for f in &resp.forests {
+                let _ = writeln!(
+                    t,
                     "forest {}  {}  {}",
                     f.forest,
                     if f.healthy { "HEALTHY" } else { "UNHEALTHY" },
                     f.reason
                 );
-                for a in f.agents {
-                    println!(
+                for a in &f.agents {
+                    let _ = writeln!(
+                        t,
                         "  {:<16} v{:<8} via {:<12} heartbeat {:>5} ms ago  in flight {}/{}  {}  instance {}",
                         a.agent_id,
                         a.version,
@@ -452,7 +755,32 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            Ok(())
+            let view: Vec<ForestView> = resp
+                .forests
+                .iter()
+                .map(|f| ForestView {
+                    forest: f.forest.clone(),
+                    healthy: f.healthy,
+                    reason: f.reason.clone(),
+                    agents: f
+                        .agents
+                        .iter()
+                        .map(|a| AgentView {
+                            agent_id: a.agent_id.clone(),
+                            forest: f.forest.clone(),
+                            version: a.version.clone(),
+                            replica: a.replica.clone(),
+                            live: a.live,
+                            last_heartbeat_unix_ms: a.last_heartbeat_unix_ms,
+                            in_flight: a.in_flight,
+                            max_in_flight: a.max_in_flight,
+                            instance_id: a.instance_id.clone(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            emit_as(format, &view, &t);
+            Ok(0)
         }
         Command::Op { operation_id } => {
             let op = client
@@ -464,10 +792,10 @@ async fn main() -> anyhow::Result<()> {
                     &token,
                 )?)
                 .await
-                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .map_err(status_error)?
                 .into_inner();
-            print_operation(&op);
-            Ok(())
+            emit_as(format, &operation_view(&op), &operation_text(&op));
+            Ok(0)
         }
     }
 }
@@ -475,6 +803,36 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_say_what_happened() {
+        assert_eq!(outcome_exit_code(Outcome::Applied), 0);
+        for o in [
+            Outcome::RejectedByPolicy,
+            Outcome::WrongOldPassword,
+            Outcome::UserNotFound,
+            Outcome::ProtectedAccount,
+            Outcome::AccessDenied,
+            Outcome::NotEnabled,
+            Outcome::Refused,
+        ] {
+            assert_eq!(outcome_exit_code(o), 1, "{o:?}");
+        }
+        assert_eq!(outcome_exit_code(Outcome::TimedOut), 3);
+        assert_eq!(outcome_exit_code(Outcome::InProgress), 3);
+        for o in [
+            Outcome::AgentUnavailable,
+            Outcome::DirectoryUnavailable,
+            Outcome::Expired,
+        ] {
+            assert_eq!(outcome_exit_code(o), 4, "{o:?}");
+        }
+        assert_eq!(status_exit_code(tonic::Code::ResourceExhausted), 4);
+        assert_eq!(status_exit_code(tonic::Code::Unavailable), 4);
+        assert_eq!(status_exit_code(tonic::Code::Unauthenticated), 5);
+        assert_eq!(status_exit_code(tonic::Code::PermissionDenied), 5);
+        assert_eq!(status_exit_code(tonic::Code::InvalidArgument), 2);
+    }
 
     #[test]
     fn waterfall_places_each_stage_in_time() {
