@@ -57,6 +57,15 @@ struct Lifetime {
     ttl: Duration,
 }
 
+/// The user a request names, as its records label it (empty when it names none).
+fn user_label_of(req: &SubmitRequest) -> String {
+    req.user
+        .as_ref()
+        .and_then(|u| u.id.as_ref())
+        .map(store::user_label)
+        .unwrap_or_default()
+}
+
 /// An operation and the agent keys it is to be sealed to.
 pub(crate) struct Sealing<'a> {
     pub operation: SealedOperation,
@@ -230,12 +239,7 @@ impl WritebackService {
         result: &Result<SubmitResponse, GatewayError>,
         took: Duration,
     ) {
-        let user = req
-            .user
-            .as_ref()
-            .and_then(|u| u.id.as_ref())
-            .map(store::user_label)
-            .unwrap_or_default();
+        let user = user_label_of(req);
         let (operation_id, outcome, detail, trace_id) = match result {
             Ok(r) => (
                 r.operation_id.as_str(),
@@ -315,12 +319,7 @@ impl WritebackService {
             .await?
             .filter(|r| !r.refused)
         {
-            let user = req
-                .user
-                .as_ref()
-                .and_then(|u| u.id.as_ref())
-                .map(store::user_label)
-                .unwrap_or_default();
+            let user = user_label_of(req);
             if rec.forest != *forest
                 || rec.kind != kind
                 || (!rec.user.is_empty() && rec.user != user)
@@ -387,12 +386,7 @@ impl WritebackService {
             }),
         };
         // The user's guess or unlock budget, shared by every replica (`limits.rs`).
-        let user_label = req
-            .user
-            .as_ref()
-            .and_then(|u| u.id.as_ref())
-            .map(store::user_label)
-            .unwrap_or_default();
+        let user_label = user_label_of(req);
         let taken = crate::limits::take_user(gw, tenant, forest, kind, &user_label).await?;
         let queued = self
             .enqueue(
