@@ -178,7 +178,20 @@ async fn worker(
         match delivery {
             Delivery::Deliver { .. } => {}
             Delivery::Redeliver { .. } => ledger.lock().unwrap().replayed += 1,
-            other => panic!("{tenant}/{id}: mark_delivered answered {other:?}"),
+            other => {
+                // Say what the store holds, so a failure here can be understood from the log.
+                let rec = store.operation(&tenant, &id).await;
+                let stages = store.timeline(&tenant, &id).await.map(|t| {
+                    t.into_iter()
+                        .map(|e| format!("{}({})", e.stage, e.detail))
+                        .collect::<Vec<_>>()
+                });
+                panic!(
+                    "{tenant}/{id}: mark_delivered answered {other:?}; record {:?}; timeline {stages:?}; high water {}",
+                    rec.map(|r| r.map(|r| (r.state, r.outcome))),
+                    store.high_water(&tenant)
+                )
+            }
         }
         let ack = Acknowledgment {
             tenant: &tenant,
@@ -584,6 +597,59 @@ async fn a_write_no_replica_confirms_is_not_reported_done() {
     assert!(err.to_string().contains("0 of the 1 replica"), "{err}");
     // It did happen on the master: a retry finds it (the caller's resubmission).
     assert!(store.operation(&t, &id).await.unwrap().is_some());
+}
+
+/// A write no replica confirmed may be gone after a failover (or was made on a stale master
+/// that came back before it was demoted): the store that serves next is not "behind" for
+/// lacking it, and the tenant's other unsettled work must not be settled `TIMED_OUT` as if
+/// the store had been restored from a backup. (CI caught this: an operation accepted and
+/// queued was found settled before its agent took it, after a master was killed.)
+#[tokio::test]
+async fn an_unconfirmed_write_lost_in_a_failover_is_not_taken_for_a_rollback() {
+    let redis = testkit::RedisServer::start().unwrap();
+    let (t, f) = (TenantId::new("acme").unwrap(), forest());
+    // One replica accepts work with no replica acknowledgment asked for.
+    let plain = Store::connect(&redis.url()).await.unwrap().for_replica(REPLICA);
+    plain.ensure_group(&queue_key(&t, &f)).await.unwrap();
+    let queued = OperationId::new("op-queued").unwrap();
+    assert_eq!(
+        accept(&plain, &t, &queued, "sam:a", 60_000).await.unwrap(),
+        Created::New
+    );
+    // Another asks for one, which this lone server cannot give: its write is unconfirmed.
+    let replicated = replicated_store(&redis.url(), None, std::path::Path::new("/")).await;
+    let lost = OperationId::new("op-lost").unwrap();
+    let err = accept(&replicated, &t, &lost, "sam:b", 60_000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotReplicated { .. }), "{err}");
+    assert_eq!(
+        replicated.high_water(&t),
+        0,
+        "an unconfirmed write's sequence was taken as seen"
+    );
+    // The failover: the new master never held that write.
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(cloud_gateway::store::seq_key(&t))
+        .arg(plain.high_water(&t))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    replicated
+        .check_sequence(&t, 0, "the test")
+        .await
+        .unwrap();
+    let rec = replicated.operation(&t, &queued).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.outcome),
+        (OpState::Queued, Outcome::Unspecified),
+        "queued work was settled as after a rollback"
+    );
 }
 
 fn write_secret(dir: &std::path::Path, name: &str, value: &str, mode: u32) -> std::path::PathBuf {

@@ -73,11 +73,7 @@ impl Store {
                 value,
                 version,
                 acked,
-            } => {
-                self.high_water.observe(tenant, version);
-                super::check_replicated(&super::keys::seq_key(tenant), self.replica_acks, acked)?;
-                return Ok(value);
-            }
+            } => return self.confirmed(tenant, value, version, acked),
             Guarded::Behind { store_seq } => store_seq,
         };
         self.recover(tenant, seen, store_seq, "a lifecycle script")
@@ -87,16 +83,30 @@ impl Store {
                 value,
                 version,
                 acked,
-            } => {
-                self.high_water.observe(tenant, version);
-                super::check_replicated(&super::keys::seq_key(tenant), self.replica_acks, acked)?;
-                Ok(value)
-            }
+            } => self.confirmed(tenant, value, version, acked),
             Guarded::Behind { store_seq } => Err(StoreError::Corrupt {
                 key: super::keys::seq_key(tenant),
                 detail: format!("still behind ({store_seq}) after recovery"),
             }),
         }
+    }
+
+    /// A script's reply, once as many replicas as asked for hold its write; only then is its
+    /// sequence the tenant's high water. A write no replica confirmed may vanish in a failover
+    /// (or have been made on a stale master that came back before Sentinel or the cluster
+    /// demoted it): the store that serves next never held it and is not behind for lacking
+    /// it. Taking its sequence as seen would settle every unsettled operation of the tenant
+    /// `TIMED_OUT` as a false rollback (the caller was told the write failed, and retries).
+    fn confirmed<T>(
+        &self,
+        tenant: &TenantId,
+        value: T,
+        version: u64,
+        acked: Option<u32>,
+    ) -> Result<T> {
+        super::check_replicated(&super::keys::seq_key(tenant), self.replica_acks, acked)?;
+        self.high_water.observe(tenant, version);
+        Ok(value)
     }
 
     /// The highest store sequence of `tenant` this replica has seen.
