@@ -49,6 +49,8 @@ const MAX_IN_FLIGHT: u32 = 256;
 const DRAIN: Duration = Duration::from_secs(5);
 /// Longest user-facing message accepted from an agent.
 const MAX_MESSAGE: usize = 1024;
+/// Longest DN of a user an agent reports that is kept (on the timeline).
+const MAX_DN: usize = 2048;
 /// Longest agent version string.
 const MAX_VERSION: usize = 64;
 /// Most domains an agent may list.
@@ -94,11 +96,17 @@ impl AgentLinkService {
         if hello.probe {
             tracing::info!(event = "WB1014", agent_id = %identity.agent_id, "connectivity probe answered");
             let (tx, rx) = mpsc::channel(1);
+            // The forest's scope, for the doctor to show and count.
+            let settings = gw
+                .tenants
+                .forest(&identity.tenant, &identity.forest)
+                .await?;
             let welcome = Welcome {
                 tenant_id: identity.tenant.to_string(),
                 forest: identity.forest.to_string(),
                 replica: gw.config.replica_id.clone(),
                 gateway_time_unix_ms: gw.clock.now_ms(),
+                scope: Some(settings.scope.to_proto()),
                 ..Default::default()
             };
             tx.send(Outbound::Frame(frame(gateway_frame::Frame::Welcome(
@@ -138,6 +146,7 @@ impl AgentLinkService {
             allow_protected_accounts: settings.allow_protected_accounts,
             gateway_time_unix_ms: gw.clock.now_ms(),
             answer_grace_ms: gw.config.ack_grace.as_millis() as u32,
+            scope: Some(settings.scope.to_proto()),
         };
         tx.send(Outbound::Frame(frame(gateway_frame::Frame::Welcome(
             welcome,
@@ -787,8 +796,19 @@ impl Session {
             .as_ref()
             .map(|t| t.sent.elapsed().as_millis())
             .unwrap_or_default();
+        // The user the agent found, by every name it has, and the entry written to.
+        let names = ack
+            .user
+            .as_ref()
+            .map(crate::validate::resolved_names)
+            .unwrap_or_default();
+        let dn: String = ack
+            .user
+            .as_ref()
+            .map(|u| u.dn.chars().take(MAX_DN).collect())
+            .unwrap_or_default();
         let event_detail = format!(
-            "{} via {}; lookup {} ms, write {} ms, agent total {} ms, round trip {} ms{}{}",
+            "{} via {}; lookup {} ms, write {} ms, agent total {} ms, round trip {} ms{}{}{}{}",
             outcome.as_str_name(),
             if directory.is_empty() {
                 "-"
@@ -799,6 +819,8 @@ impl Session {
             ack.write_ms,
             ack.total_ms,
             round_trip,
+            if dn.is_empty() { "" } else { "; user " },
+            dn,
             if detail.is_empty() { "" } else { "; " },
             detail
         );
@@ -906,18 +928,22 @@ impl Session {
                 {
                     tracing::warn!(error = %e, "could not notify the caller's replica; it will poll");
                 }
-                if kind == "change" {
+                if kind == "change" || !names.is_empty() {
                     if let Ok(Some(rec)) = self.gw.store.operation(&self.identity.tenant, &op).await
                     {
-                        crate::limits::settled(
-                            &self.gw,
-                            &self.identity.tenant,
-                            &self.identity.forest,
-                            &kind,
-                            &rec.user,
-                            outcome,
-                        )
-                        .await;
+                        self.learn_identity(&names, &op, &kind, rec.accepted_ms)
+                            .await;
+                        if kind == "change" {
+                            crate::limits::settled(
+                                &self.gw,
+                                &self.identity.tenant,
+                                &self.identity.forest,
+                                &kind,
+                                &rec.user,
+                                outcome,
+                            )
+                            .await;
+                        }
                     }
                 }
             }
@@ -940,6 +966,37 @@ impl Session {
                 error = %e,
                 "could not record an acknowledgment, retried past the grace period; the deadline rules settle the operation"
             ),
+        }
+    }
+
+    /// Remembers the names the agent found the user by, and indexes the operation under
+    /// each (`store/identities.rs`); a policy query teaches the names only.
+    async fn learn_identity(
+        &self,
+        names: &[relay::proto::user_ref::Id],
+        op: &OperationId,
+        kind: &str,
+        accepted_ms: i64,
+    ) {
+        if names.is_empty() {
+            return;
+        }
+        let labels: Vec<String> = names.iter().map(store::user_label).collect();
+        let (tenant, forest) = (&self.identity.tenant, &self.identity.forest);
+        let ttl = self.gw.config.record_ttl;
+        let learned = if kind == "policy" {
+            self.gw
+                .store
+                .learn_identity(tenant, forest, &labels, None, ttl)
+                .await
+        } else {
+            self.gw
+                .store
+                .learn_identity(tenant, forest, &labels, Some((op, accepted_ms)), ttl)
+                .await
+        };
+        if let Err(e) = learned {
+            tracing::warn!(event = "WB1027", operation_id = %op, error = %e, "could not index the operation under the user's other names; ListOperations finds it by the name it was submitted with");
         }
     }
 

@@ -321,6 +321,18 @@ enum AdminCommand {
         /// Apply operations to members of protected groups, adminCount=1 (default off).
         #[arg(long)]
         allow_protected_accounts: Option<bool>,
+        /// Writeback scope: users under this OU (its DN; the whole subtree). Repeatable; given
+        /// with --scope-group, a user in either is in scope. Replaces the forest's scope. The
+        /// agent's local scope (AD admin) narrows it further; users outside get OUT_OF_SCOPE.
+        #[arg(long = "scope-ou", value_name = "DN")]
+        scope_ous: Vec<String>,
+        /// Writeback scope: members of this group (its DN), also through nested groups.
+        /// Repeatable. The primary group (Domain Users) does not count as membership.
+        #[arg(long = "scope-group", value_name = "DN")]
+        scope_groups: Vec<String>,
+        /// Clear the scope: every user under the agents' base DN (the default).
+        #[arg(long, conflicts_with_all = ["scope_ous", "scope_groups"])]
+        scope_all: bool,
     },
 }
 
@@ -597,19 +609,38 @@ async fn admin_command_run(command: AdminCommand) -> anyhow::Result<()> {
                 writeback_enabled,
                 unlock_enabled,
                 allow_protected_accounts,
+                scope_ous,
+                scope_groups,
+                scope_all,
             } => {
                 let tenant = tenant_flag(&tenant)?;
                 let forest = forest_flag(&forest)?;
+                let scope = if scope_all {
+                    Some(relay::scope::Scope::default())
+                } else if scope_ous.is_empty() && scope_groups.is_empty() {
+                    None
+                } else {
+                    Some(relay::scope::Scope::parse(
+                        &scope_ous,
+                        &scope_groups,
+                        "--scope-ou",
+                        "--scope-group",
+                    )?)
+                };
                 let t = tenants(&common).await?;
                 let change = ForestSettingsChange {
                     writeback_enabled,
                     unlock_enabled,
                     allow_protected_accounts,
+                    scope,
                 };
                 let now = t.set_forest(&tenant, &forest, &change).await?;
                 println!(
-                    "writeback_enabled={} unlock_enabled={} allow_protected_accounts={}",
-                    now.writeback_enabled, now.unlock_enabled, now.allow_protected_accounts
+                    "writeback_enabled={} unlock_enabled={} allow_protected_accounts={} scope={:?}",
+                    now.writeback_enabled,
+                    now.unlock_enabled,
+                    now.allow_protected_accounts,
+                    now.scope.describe()
                 );
                 Ok(())
             }

@@ -8,6 +8,7 @@ use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use relay::envelope::{self, AgentPublicKey, KeyBytes, OperationSigner};
+use relay::scope::Scope;
 use relay::secret::Secret;
 
 use crate::store::{ForestId, Store, StoreError, TenantId};
@@ -92,21 +93,41 @@ pub struct ForestSettings {
     pub unlock_enabled: bool,
     /// Apply operations to members of protected groups (adminCount=1).
     pub allow_protected_accounts: bool,
+    /// The users writeback may touch ("users in scope" in today's products); the agent's own
+    /// local scope narrows it further.
+    pub scope: Scope,
 }
 
-/// What a forest-switch record's MAC covers.
+/// What a forest-switch record's MAC covers: tenant, forest, the flags and, unless the record
+/// predates scopes (`None`), the scope as stored.
 fn forest_fields<'a>(
     tenant: &'a TenantId,
     forest: &'a ForestId,
     flags: &[&'a str; 3],
-) -> [&'a str; 5] {
-    [
-        tenant.as_str(),
-        forest.as_str(),
-        flags[0],
-        flags[1],
-        flags[2],
-    ]
+    scope: Option<&'a str>,
+) -> Vec<&'a str> {
+    let mut f = vec![tenant.as_str(), forest.as_str()];
+    f.extend(flags);
+    f.extend(scope);
+    f
+}
+
+/// A scope as stored in the forest record: empty for every user, else JSON of the DNs.
+fn stored_scope(scope: &Scope) -> String {
+    if scope.is_all() {
+        return String::new();
+    }
+    let p = scope.to_proto();
+    serde_json::to_string(&(p.ous, p.groups)).expect("strings serialize")
+}
+
+/// The scope of a verified record (its MAC covered this text).
+fn parse_stored_scope(text: &str) -> Option<Scope> {
+    if text.is_empty() {
+        return Some(Scope::default());
+    }
+    let (ous, groups): (Vec<String>, Vec<String>) = serde_json::from_str(text).ok()?;
+    Scope::parse(&ous, &groups, "scope OU", "scope group").ok()
 }
 
 /// The stored names of [`ForestSettings`]' switches, in MAC order.
@@ -129,12 +150,25 @@ impl ForestSettings {
 }
 
 impl Default for ForestSettings {
-    /// A forest with registered agents writes back; protected accounts stay refused.
+    /// A forest with registered agents writes back, for every user; protected accounts stay
+    /// refused.
     fn default() -> Self {
         Self {
             writeback_enabled: true,
             unlock_enabled: true,
             allow_protected_accounts: false,
+            scope: Scope::default(),
+        }
+    }
+}
+
+impl ForestSettings {
+    /// The switches and scope as sealed into each operation.
+    pub fn sealed_switches(&self) -> relay::proto::ForestSwitches {
+        relay::proto::ForestSwitches {
+            allow_protected_accounts: self.allow_protected_accounts,
+            unlock_enabled: self.unlock_enabled,
+            scope: (!self.scope.is_all()).then(|| self.scope.to_proto()),
         }
     }
 }
@@ -145,6 +179,8 @@ pub struct ForestSettingsChange {
     pub writeback_enabled: Option<bool>,
     pub unlock_enabled: Option<bool>,
     pub allow_protected_accounts: Option<bool>,
+    /// A new scope (an empty one: every user).
+    pub scope: Option<Scope>,
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -520,25 +556,38 @@ impl Tenants {
             allow_protected_accounts: change
                 .allow_protected_accounts
                 .unwrap_or(now.allow_protected_accounts),
+            scope: change.scope.clone().unwrap_or(now.scope),
         };
         if *change != ForestSettingsChange::default() {
-            let flags = next.flags();
-            let mac = self.forest_mac(tenant, forest, &flags);
-            let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
-                .iter()
-                .zip(flags)
-                .map(|(k, v)| (*k, v.to_owned()))
-                .collect();
-            fields.push(("mac", mac));
-            self.store
-                .set_forest_switches(tenant, forest, &fields)
-                .await?;
+            self.write_forest(tenant, forest, &next).await?;
         }
         self.forest(tenant, forest).await
     }
 
-    fn forest_mac(&self, tenant: &TenantId, forest: &ForestId, flags: &[&str; 3]) -> String {
-        self.seal(FOREST_RECORD, &forest_fields(tenant, forest, flags))
+    /// Stores a forest's switches and scope, MACed under the current master key.
+    async fn write_forest(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        settings: &ForestSettings,
+    ) -> Result<(), TenantError> {
+        let flags = settings.flags();
+        let scope = stored_scope(&settings.scope);
+        let mac = self.seal(
+            FOREST_RECORD,
+            &forest_fields(tenant, forest, &flags, Some(&scope)),
+        );
+        let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
+            .iter()
+            .zip(flags)
+            .map(|(k, v)| (*k, v.to_owned()))
+            .collect();
+        fields.push(("scope", scope));
+        fields.push(("mac", mac));
+        self.store
+            .set_forest_switches(tenant, forest, &fields)
+            .await?;
+        Ok(())
     }
 
     /// Reads a forest's operator switches (defaults when never set). A record whose MAC does
@@ -559,6 +608,7 @@ impl Tenants {
                 writeback_enabled: false,
                 unlock_enabled: false,
                 allow_protected_accounts: false,
+                scope: Scope::default(),
             }))
     }
 
@@ -579,7 +629,16 @@ impl Tenants {
             flag(FOREST_SWITCHES[2]).unwrap_or(""),
         ];
         let mac = flag("mac").unwrap_or("");
-        if !self.sealed(FOREST_RECORD, &forest_fields(tenant, forest, &stored), mac) {
+        // A record written before scopes has no `scope` field (and every user in scope); a
+        // field removed from a newer record breaks its MAC.
+        let scope_text = flag("scope");
+        let scope = scope_text.and_then(parse_stored_scope);
+        if !self.sealed(
+            FOREST_RECORD,
+            &forest_fields(tenant, forest, &stored, scope_text),
+            mac,
+        ) || (scope_text.is_some() && scope.is_none())
+        {
             tracing::error!(event = "WB1093", %tenant, %forest, record = "forest switches", "a forest-switch record whose MAC does not verify (not written by a gateway with this master key): writeback treated as switched off for this forest; set it again with `admin set-forest`");
             return Ok(None);
         }
@@ -587,6 +646,7 @@ impl Tenants {
             writeback_enabled: stored[0] == "1",
             unlock_enabled: stored[1] == "1",
             allow_protected_accounts: stored[2] == "1",
+            scope: scope.unwrap_or_default(),
         }))
     }
 
@@ -739,16 +799,7 @@ impl Tenants {
                 }
                 match self.stored_forest(&tenant, &forest).await? {
                     Some(settings) => {
-                        let flags = settings.flags();
-                        let mut fields: Vec<(&str, String)> = FOREST_SWITCHES
-                            .iter()
-                            .zip(flags)
-                            .map(|(k, v)| (*k, v.to_owned()))
-                            .collect();
-                        fields.push(("mac", self.forest_mac(&tenant, &forest, &flags)));
-                        self.store
-                            .set_forest_switches(&tenant, &forest, &fields)
-                            .await?;
+                        self.write_forest(&tenant, &forest, &settings).await?;
                         done.records += 1;
                     }
                     None => done.unverified += 1,

@@ -50,16 +50,38 @@ pub fn user_ref(u: Option<&UserRef>) -> Result<(&UserRef, ForestId), GatewayErro
 fn user(u: Option<&UserRef>) -> Result<ForestId, GatewayError> {
     let u = u.ok_or_else(|| GatewayError::invalid("user", "is required"))?;
     let forest = forest("user.forest", &u.forest)?;
-    let checked = match &u.id {
+    match &u.id {
         None => Err(GatewayError::invalid(
             "user",
             "one of object_guid, user_principal_name or sam_account_name is required",
         )),
-        Some(user_ref::Id::ObjectGuid(g)) if !is_canonical_guid(g) => Err(GatewayError::invalid(
+        Some(id) => user_id(id),
+    }
+    .map(|()| forest)
+}
+
+/// The names an agent reported for the user it found, as user ids that pass the checks a
+/// caller's do; a field that does not (or is empty) is dropped: an agent's text is bounded
+/// like anyone's.
+pub fn resolved_names(u: &relay::proto::ResolvedUser) -> Vec<user_ref::Id> {
+    [
+        user_ref::Id::ObjectGuid(u.object_guid.to_ascii_lowercase()),
+        user_ref::Id::SamAccountName(u.sam_account_name.clone()),
+        user_ref::Id::UserPrincipalName(u.user_principal_name.clone()),
+    ]
+    .into_iter()
+    .filter(|id| user_id(id).is_ok())
+    .collect()
+}
+
+/// Checks one user id as AD would accept it.
+fn user_id(id: &user_ref::Id) -> Result<(), GatewayError> {
+    match id {
+        user_ref::Id::ObjectGuid(g) if !is_canonical_guid(g) => Err(GatewayError::invalid(
             "user.object_guid",
             "must be a GUID in canonical form (8-4-4-4-12 hex digits)",
         )),
-        Some(user_ref::Id::UserPrincipalName(upn)) => {
+        user_ref::Id::UserPrincipalName(upn) => {
             let valid = upn.len() <= 1024
                 && upn
                     .split_once('@')
@@ -74,7 +96,7 @@ fn user(u: Option<&UserRef>) -> Result<ForestId, GatewayError> {
                 ))
             }
         }
-        Some(user_ref::Id::SamAccountName(sam)) => {
+        user_ref::Id::SamAccountName(sam) => {
             // AD: at most 20 characters for users, none of " / \ [ ] : ; | = , + * ? < > @
             let forbidden = "\"/\\[]:;|=,+*?<>@";
             if sam.is_empty() || sam.chars().count() > 20 {
@@ -91,9 +113,8 @@ fn user(u: Option<&UserRef>) -> Result<ForestId, GatewayError> {
                 Ok(())
             }
         }
-        Some(_) => Ok(()),
-    };
-    checked.map(|()| forest)
+        user_ref::Id::ObjectGuid(_) => Ok(()),
+    }
 }
 
 fn password(field: &'static str, p: &str) -> Result<(), GatewayError> {

@@ -220,7 +220,26 @@ impl WritebackService {
             limit: self.gw.config.refusal_records_limit,
         };
         match self.gw.store.record_refusal(&refusal).await {
-            Ok(true) => {}
+            // Under the user's other names too, once an agent has reported them.
+            Ok(true) => {
+                if let (Some(f), Some((_, label))) = (&forest, &user) {
+                    let indexed = self
+                        .gw
+                        .store
+                        .index_user_operation(
+                            tenant,
+                            f,
+                            label,
+                            &operation_id,
+                            refusal.accepted_ms,
+                            refusal.ttl,
+                        )
+                        .await;
+                    if let Err(e) = indexed {
+                        tracing::warn!(event = "WB1027", error = %e, "could not index a refused request under the user's other names");
+                    }
+                }
+            }
             Ok(false) => {
                 tracing::debug!(operation_id = %operation_id, "refused request names an existing operation; no refusal record")
             }
@@ -380,10 +399,7 @@ impl WritebackService {
             initiator: req.initiator,
             action: req.action.take().map(Into::into),
             // The forest's switches as read above travel sealed with the operation.
-            switches: Some(relay::proto::ForestSwitches {
-                allow_protected_accounts: settings.allow_protected_accounts,
-                unlock_enabled: settings.unlock_enabled,
-            }),
+            switches: Some(settings.sealed_switches()),
         };
         // The user's guess or unlock budget, shared by every replica (`limits.rs`).
         let user_label = user_label_of(req);
@@ -470,9 +486,7 @@ impl WritebackService {
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
         let user_id = sealed.user.as_ref().and_then(|u| u.id.as_ref());
         let user_label = user_id.map(store::user_label).unwrap_or_default();
-        let user_index = user_id
-            .filter(|_| kind != "policy")
-            .map(|id| store::user_index_key(tenant, forest, id));
+        let indexed = user_id.is_some() && kind != "policy";
         let initiator = sealed.initiator;
         let traceparent = trace.to_string();
         // Deadlines are the store's clock's, whatever this host's clock says.
@@ -524,10 +538,23 @@ impl WritebackService {
         let created = gw.store.create_operation(&new, limits).await?;
         match created {
             Created::New => {
-                if let Some(key) = user_index {
-                    gw.store
-                        .index_user_operation(&key, operation_id, accepted_ms, ttl)
-                        .await?;
+                // Accepted whatever happens next: an index the store cannot take now (it went
+                // away just after) must not turn the caller's answer into an error.
+                if indexed {
+                    if let Err(e) = gw
+                        .store
+                        .index_user_operation(
+                            tenant,
+                            forest,
+                            &user_label,
+                            operation_id,
+                            accepted_ms,
+                            ttl,
+                        )
+                        .await
+                    {
+                        tracing::warn!(event = "WB1027", error = %e, "could not index the accepted operation under its user; ListOperations will not list it");
+                    }
                 }
                 tracing::info!(event = "WB1001", trace_id = %trace.trace_id_hex(), deadline_ms, "operation queued");
                 Ok(())
@@ -613,6 +640,8 @@ impl WritebackService {
             )));
         }
         let operation_id = OperationId::generate("policy-");
+        // The forest's scope as it is now: a user outside it is told so.
+        let switches = gw.tenants.forest(&tenant, &forest).await?.sealed_switches();
         let sealed = SealedOperation {
             user: Some(user.unwrap_or(relay::proto::UserRef {
                 forest: forest.to_string(),
@@ -620,7 +649,7 @@ impl WritebackService {
             })),
             initiator: relay::proto::Initiator::Admin as i32,
             action: Some(sealed_operation::Action::QueryPolicy(QueryPolicy {})),
-            switches: None,
+            switches: Some(switches),
         };
         self.enqueue(
             &tenant,

@@ -879,7 +879,7 @@ async fn planted_token_and_credential_records_are_refused() {
         )
         .unwrap();
     let op = <relay::proto::SealedOperation as prost::Message>::decode(plain.as_slice()).unwrap();
-    assert!(op.switches.unwrap().allow_protected_accounts);
+    assert!(op.switches.as_ref().unwrap().allow_protected_accounts);
     assert_eq!(
         Outcome::try_from(r.unwrap().outcome).unwrap(),
         Outcome::TimedOut

@@ -609,7 +609,10 @@ async fn an_unconfirmed_write_lost_in_a_failover_is_not_taken_for_a_rollback() {
     let redis = testkit::RedisServer::start().unwrap();
     let (t, f) = (TenantId::new("acme").unwrap(), forest());
     // One replica accepts work with no replica acknowledgment asked for.
-    let plain = Store::connect(&redis.url()).await.unwrap().for_replica(REPLICA);
+    let plain = Store::connect(&redis.url())
+        .await
+        .unwrap()
+        .for_replica(REPLICA);
     plain.ensure_group(&queue_key(&t, &f)).await.unwrap();
     let queued = OperationId::new("op-queued").unwrap();
     assert_eq!(
@@ -640,10 +643,7 @@ async fn an_unconfirmed_write_lost_in_a_failover_is_not_taken_for_a_rollback() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    replicated
-        .check_sequence(&t, 0, "the test")
-        .await
-        .unwrap();
+    replicated.check_sequence(&t, 0, "the test").await.unwrap();
     let rec = replicated.operation(&t, &queued).await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.outcome),

@@ -605,6 +605,7 @@ pub fn directory_config(dc: &SambaDc) -> DirectoryConfig {
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
         use_dc_reason_text: true,
+        scope: relay::scope::Scope::default(),
     }
 }
 

@@ -29,11 +29,76 @@ async fn doctor_checks_the_gateway_and_exits_non_zero_on_failure() {
         max_in_flight: 1,
         directory: directory_config(&sb.dc),
     };
+    // Scopes: the gateway's (OU=Staff) and the local one (members of a group, nested): the
+    // doctor prints both and counts the users in both.
+    let base = sb.dc.base_dn();
+    sb.dc
+        .samba_tool(&["ou", "create", &format!("OU=Staff,{base}")])
+        .unwrap();
+    for (sam, ou) in [("ann", "OU=Staff"), ("bob", "OU=Staff")] {
+        sb.dc.create_user_in(sam, "Initial#Pass1", ou).unwrap();
+    }
+    sb.dc.create_user("cid", "Initial#Pass1").unwrap();
+    for g in ["Writeback Users", "Helpdesk"] {
+        sb.dc.samba_tool(&["group", "add", g]).unwrap();
+    }
+    sb.dc
+        .samba_tool(&["group", "addmembers", "Writeback Users", "Helpdesk"])
+        .unwrap();
+    sb.dc
+        .samba_tool(&["group", "addmembers", "Helpdesk", "ann,cid"])
+        .unwrap();
+    let staff = format!("OU=Staff,{base}");
+    sb.tenants
+        .set_forest(
+            &tenant_id(&sb.tenant),
+            &forest_id(&sb.forest),
+            &cloud_gateway::tenants::ForestSettingsChange {
+                scope: Some(
+                    relay::scope::Scope::parse(std::slice::from_ref(&staff), &[], "ou", "group")
+                        .unwrap(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    config.directory.scope = relay::scope::Scope::parse(
+        &[],
+        &[format!("CN=Writeback Users,CN=Users,{base}")],
+        "ou",
+        "group",
+    )
+    .unwrap();
     let report = doctor::run(&config, &DoctorOptions::default()).await;
     println!("{}", report.render());
     assert!(!report.failed(), "{}", report.render());
     assert_eq!(report.get("gateway").unwrap().status, Status::Ok);
     assert_eq!(report.get("clock").unwrap().status, Status::Ok);
+    let scope = report.get("scope").unwrap();
+    assert_eq!(scope.status, Status::Ok, "{scope:?}");
+    assert!(
+        scope
+            .message
+            .contains(&format!("gateway: users under {staff}"))
+            && scope
+                .message
+                .contains("local: members (nested) of CN=Writeback Users")
+            && scope.message.contains(" 1 of "),
+        "only ann is in both: {scope:?}"
+    );
+    // A local scope naming nothing that exists covers nobody: said, with the fix.
+    config.directory.scope =
+        relay::scope::Scope::parse(&[format!("OU=Gone,{base}")], &[], "ou", "group").unwrap();
+    let report = doctor::run(&config, &DoctorOptions::default()).await;
+    assert_eq!(report.get("scope local").unwrap().status, Status::Warn);
+    let scope = report.get("scope").unwrap();
+    assert_eq!(scope.status, Status::Warn, "{scope:?}");
+    assert!(
+        scope.fix.as_deref().unwrap().contains("OUT_OF_SCOPE"),
+        "{scope:?}"
+    );
+    config.directory.scope = relay::scope::Scope::default();
     // A probe takes no work and leaves no presence behind.
     assert_eq!(
         sb.store

@@ -176,3 +176,207 @@ async fn relayctl_pipes_prints_json_and_exits_with_what_happened() {
     assert!(stderr.is_empty(), "{stderr}");
     sb.shutdown().await;
 }
+
+/// `cloud-gateway admin set-forest ARGS` for the sandbox tenant's forest.
+fn set_forest(sb: &Sandbox, args: &[&str]) -> Output {
+    let master_key = sb.write_master_key().unwrap();
+    let env = sb.gateway_env("admin", "127.0.0.1:0".parse().unwrap(), &master_key);
+    Command::new(binary("cloud-gateway").unwrap())
+        .args([
+            "admin",
+            "set-forest",
+            "--tenant",
+            &sb.tenant,
+            "--forest",
+            &sb.forest,
+        ])
+        .args(args)
+        .envs(env)
+        .output()
+        .unwrap()
+}
+
+/// The objectGUID of `dn` in canonical form, read from AD itself.
+fn object_guid(sb: &Sandbox, dn: &str) -> String {
+    use base64::Engine;
+    let out = e2e::run_ok(
+        Command::new("ldapsearch")
+            .args([
+                "-LLL",
+                "-x",
+                "-H",
+                &sb.dc.ldaps_url(),
+                "-D",
+                &sb.dc.admin_dn(),
+                "-w",
+            ])
+            .arg(sb.dc.admin_password())
+            .args(["-b", dn, "-s", "base", "objectGUID"])
+            .env("LDAPTLS_CACERT", sb.dc.ca_file()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let b64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("objectGUID:: "))
+        .unwrap_or_else(|| panic!("no objectGUID for {dn}: {text}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .unwrap();
+    onprem_agent::directory::guid_string(&bytes).unwrap()
+}
+
+/// An operator finds every attempt for a user under any of the user's names, and the tenant
+/// admin's writeback scope (`admin set-forest --scope-ou`) refuses users outside it before
+/// anything is written, judged in AD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_is_found_by_any_name_and_the_scope_refuses_before_writing() {
+    let mut sb = Sandbox::start(1).await.unwrap();
+    let (t, f) = (sb.tenant.clone(), sb.forest.clone());
+    sb.start_agent("agent-1", 0).await.unwrap();
+    sb.wait_agents(&t, &f, 1).await.unwrap();
+    let base = sb.dc.base_dn();
+    sb.dc
+        .samba_tool(&["ou", "create", &format!("OU=Staff,{base}")])
+        .unwrap();
+    let rita = sb
+        .dc
+        .create_user_in("rita", "Initial#Pass1", "OU=Staff")
+        .unwrap();
+    let olga = sb.dc.create_user("olga", "Initial#Pass1").unwrap();
+    let upn = format!("rita@{}", sb.dc.dns_domain());
+    let guid = object_guid(&sb, &rita);
+    let names = ["rita", upn.as_str(), guid.as_str()];
+
+    // Submitted by UPN; the agent reports the user it found by every name.
+    let (code, applied) = json(
+        &sb,
+        &["submit", "--user", &upn, "--reset", "--password-stdin"],
+        "By#Upn-Reset1\n",
+    );
+    assert_eq!(
+        (code, applied["outcome"].as_str()),
+        (0, Some("APPLIED")),
+        "{applied}"
+    );
+    let applied_id = applied["operation_id"].as_str().unwrap().to_owned();
+    // The timeline names the entry the write went to.
+    let timeline = applied["operation"]["timeline"].as_array().unwrap();
+    let acked = timeline
+        .iter()
+        .find(|e| e["stage"] == "acknowledged")
+        .unwrap_or_else(|| panic!("{applied}"));
+    assert!(
+        acked["detail"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains(&format!("user {}", rita.to_lowercase())),
+        "{acked}"
+    );
+
+    // Refused before queueing, under the other names: an invalid request (by objectGUID),
+    // writeback switched off (by sAMAccountName), no agent (by objectGUID).
+    let too_long = format!("{}\n", "x".repeat(1000));
+    let invalid = run(
+        &sb,
+        &["submit", "--user", &guid, "--reset", "--password-stdin"],
+        &too_long,
+    );
+    assert_eq!(invalid.status.code(), Some(2), "{invalid:?}");
+    assert!(
+        String::from_utf8_lossy(&invalid.stderr).contains("reset.new_password"),
+        "{invalid:?}"
+    );
+    let out = set_forest(&sb, &["--writeback-enabled", "false"]);
+    assert!(out.status.success(), "{out:?}");
+    let (code, off) = json(
+        &sb,
+        &["submit", "--user", "rita", "--reset", "--password-stdin"],
+        "Switched#Off-1\n",
+    );
+    assert_eq!(
+        (code, off["outcome"].as_str()),
+        (1, Some("NOT_ENABLED")),
+        "{off}"
+    );
+    let out = set_forest(&sb, &["--writeback-enabled", "true"]);
+    assert!(out.status.success(), "{out:?}");
+    sb.agents
+        .pop()
+        .unwrap()
+        .stop(std::time::Duration::from_secs(15))
+        .await
+        .unwrap();
+    let (code, away) = json(&sb, &["submit", "--user", &guid, "--unlock"], "");
+    assert_eq!(
+        (code, away["outcome"].as_str()),
+        (4, Some("AGENT_UNAVAILABLE")),
+        "{away}"
+    );
+
+    for name in names {
+        let (code, ops) = json(&sb, &["ops", "--user", name, "--since", "1h"], "");
+        assert_eq!(code, 0, "{ops}");
+        let outcomes: Vec<&str> = ops
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["AGENT_UNAVAILABLE", "NOT_ENABLED", "REFUSED", "APPLIED"],
+            "by {name}: {ops}"
+        );
+        assert_eq!(ops[3]["operation_id"], applied_id.as_str(), "by {name}");
+    }
+
+    // The scope: only users under OU=Staff. A DN that is not one is refused, named.
+    let out = set_forest(&sb, &["--scope-ou", "Staff"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--scope-ou: \"Staff\" is not a distinguished name"),
+        "{err}"
+    );
+    let out = set_forest(&sb, &["--scope-ou", &format!("OU=Staff,{base}")]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("users under OU=Staff"),
+        "{out:?}"
+    );
+    sb.start_agent("agent-2", 0).await.unwrap();
+    sb.wait_agents(&t, &f, 1).await.unwrap();
+    let (code, out_of_scope) = json(
+        &sb,
+        &["submit", "--user", "olga", "--reset", "--password-stdin"],
+        "Out-Of#Scope-1\n",
+    );
+    assert_eq!(code, 1, "{out_of_scope}");
+    assert_eq!(out_of_scope["outcome"], "OUT_OF_SCOPE", "{out_of_scope}");
+    assert_eq!(out_of_scope["message"], relay::messages::OUT_OF_SCOPE);
+    // Judged in AD: the old password still binds, the new one does not.
+    let olga_upn = format!("olga@{}", sb.dc.dns_domain());
+    assert!(sb.dc.can_bind(&olga_upn, "Initial#Pass1"), "{olga} written");
+    assert!(
+        !sb.dc.can_bind(&olga_upn, "Out-Of#Scope-1"),
+        "{olga} written"
+    );
+    let (code, applied) = json(
+        &sb,
+        &["submit", "--user", "rita", "--reset", "--password-stdin"],
+        "In-Scope#Reset-2\n",
+    );
+    assert_eq!(
+        (code, applied["outcome"].as_str()),
+        (0, Some("APPLIED")),
+        "{applied}"
+    );
+    // GetPasswordPolicy says a user is out of scope.
+    let (code, policy) = json(&sb, &["policy", "--user", "olga"], "");
+    assert_eq!(code, 0, "{policy}");
+    assert_eq!(policy["out_of_scope"], true, "{policy}");
+    let (_, policy) = json(&sb, &["policy", "--user", "rita"], "");
+    assert_ne!(policy["out_of_scope"], true, "{policy}");
+    sb.shutdown().await;
+}

@@ -16,6 +16,10 @@
 //! bind_password_file = "/etc/onprem-agent/bind.password"
 //! base_dn = "DC=corp,DC=example,DC=com"
 //! state_dir = "/var/lib/onprem-agent"
+//! # Optional: the only users writeback may touch (the gateway's scope can narrow this, never
+//! # widen it): under these OUs, or members (nested) of these groups.
+//! scope_ous = ["OU=Staff,DC=corp,DC=example,DC=com"]
+//! scope_groups = ["CN=Password Writeback Users,OU=Groups,DC=corp,DC=example,DC=com"]
 //!
 //! [[domain]]
 //! dns_name = "emea.corp.example.com"
@@ -117,6 +121,20 @@ pub struct Settings {
     /// Pooled LDAPS connections (default 4).
     #[arg(long, env = "AGENT_LDAP_POOL_SIZE")]
     pub ldap_pool_size: Option<usize>,
+    /// Local writeback scope, the AD admin's last word: only users under this OU (DN;
+    /// repeatable, one per line in the environment variable) or ...
+    #[arg(long = "scope-ou", env = "AGENT_SCOPE_OUS", value_delimiter = '\n')]
+    #[serde(default)]
+    pub scope_ous: Vec<String>,
+    /// ... members, directly or through nested groups, of this group (DN; repeatable). Unset
+    /// (both): every user under the base DN. The gateway's scope can narrow this, never widen it.
+    #[arg(
+        long = "scope-group",
+        env = "AGENT_SCOPE_GROUPS",
+        value_delimiter = '\n'
+    )]
+    #[serde(default)]
+    pub scope_groups: Vec<String>,
 }
 
 /// One further domain of the forest, as a `[[domain]]` table.
@@ -197,6 +215,8 @@ impl Settings {
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             state_dir: self.state_dir.or(file.state_dir),
             ldap_pool_size: self.ldap_pool_size.or(file.ldap_pool_size),
+            scope_ous: pick_vec(self.scope_ous, file.scope_ous),
+            scope_groups: pick_vec(self.scope_groups, file.scope_groups),
         }
     }
 
@@ -241,6 +261,16 @@ impl Settings {
             pool_size: self.ldap_pool_size.unwrap_or(4).max(1),
             connect_timeout: Duration::from_secs(5),
             use_dc_reason_text: true,
+            scope: relay::scope::Scope::parse(
+                &self.scope_ous,
+                &self.scope_groups,
+                "scope_ous",
+                "scope_groups",
+            )
+            .map_err(|e| {
+                let (key, problem) = e.split();
+                invalid(key.to_owned(), problem)
+            })?,
         };
         let mut extra_domains = Vec::new();
         for spec in self.domain_specs.iter().filter(|d| !d.trim().is_empty()) {
@@ -372,6 +402,7 @@ mod tests {
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
             use_dc_reason_text: true,
+            scope: relay::scope::Scope::default(),
         }
     }
 

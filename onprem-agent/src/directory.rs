@@ -13,7 +13,11 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
-use relay::proto::{sealed_operation::Action, user_ref, Outcome, PolicyViolation, SealedOperation};
+use relay::dn::Dn;
+use relay::proto::{
+    sealed_operation::Action, user_ref, Outcome, PolicyViolation, ResolvedUser, SealedOperation,
+};
+use relay::scope;
 use relay::secret::Secret;
 use serde::{Deserialize, Serialize};
 
@@ -36,9 +40,13 @@ const VERIFY_RESERVE: Duration = Duration::from_secs(1);
 const VERIFY_SETTLE: Duration = Duration::from_secs(1);
 /// Between read-back attempts while the DC does not answer.
 const VERIFY_RETRY: Duration = Duration::from_millis(250);
+/// LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups.
+const IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
 /// The attributes read of a user (lookup and read-back).
-const USER_ATTRS: [&str; 8] = [
+const USER_ATTRS: [&str; 10] = [
     "distinguishedName",
+    "objectGUID",
+    "userPrincipalName",
     "sAMAccountName",
     "displayName",
     "adminCount",
@@ -66,6 +74,19 @@ pub struct DirectoryConfig {
     /// Use the DC's reason text to tell which password rule failed (Samba gives one; Windows
     /// does not). Off, the agent relies on evaluating the policy only.
     pub use_dc_reason_text: bool,
+    /// The AD admin's writeback scope (`[scope]` in the agent's settings): users outside it
+    /// are refused `OUT_OF_SCOPE` whatever the gateway's scope says.
+    pub scope: scope::Scope,
+}
+
+/// What the gateway allows for one operation (its sealed switches); the agent's own limits
+/// come from [`DirectoryConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Apply to accounts with adminCount=1.
+    pub allow_protected: bool,
+    /// The tenant admin's writeback scope for the forest.
+    pub scope: scope::Scope,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +120,8 @@ pub struct ApplyResult {
     pub directory: String,
     /// The answer to a policy query.
     pub policy: Option<relay::proto::PasswordPolicy>,
+    /// The user the operation named, as found in AD (`None` when none was).
+    pub user: Option<ResolvedUser>,
     /// Set when the DC did not confirm a write it may have committed (outcome `TIMED_OUT`):
     /// what to read back from AD to find out ([`Directory::verify`]).
     pub uncertain: Option<WriteMark>,
@@ -129,6 +152,7 @@ impl ApplyResult {
             write_ms: 0,
             directory: String::new(),
             policy: None,
+            user: None,
             uncertain: None,
         }
     }
@@ -258,6 +282,17 @@ struct ApplyError {
     mark: Option<WriteMark>,
 }
 
+impl ApplyError {
+    /// A failure before anything was written.
+    fn at_lookup(error: LdapError) -> Self {
+        Self {
+            stage: Stage::Lookup,
+            error,
+            mark: None,
+        }
+    }
+}
+
 struct Conn {
     ldap: Ldap,
     url: String,
@@ -287,6 +322,9 @@ pub struct Directory {
 #[derive(Debug, Clone, Default)]
 pub struct UserEntry {
     pub dn: String,
+    /// objectGUID in canonical form (lower case); empty if the DC did not return it.
+    pub guid: String,
+    pub upn: String,
     pub sam: String,
     pub display_name: String,
     pub admin_count: bool,
@@ -315,8 +353,23 @@ impl UserEntry {
                     .find(|(k, _)| k.eq_ignore_ascii_case("replPropertyMetaData"))
                     .and_then(|(_, v)| v.first().map(|s| s.as_bytes().to_vec()))
             });
+        // Binary too; 16 bytes that happen to be valid UTF-8 land in `attrs`.
+        let guid = e
+            .bin_attrs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("objectGUID"))
+            .and_then(|(_, v)| v.first().and_then(|b| guid_string(b)))
+            .or_else(|| {
+                e.attrs
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("objectGUID"))
+                    .and_then(|(_, v)| v.first().and_then(|s| guid_string(s.as_bytes())))
+            })
+            .unwrap_or_default();
         Self {
             dn: e.dn.clone(),
+            guid,
+            upn: first("userPrincipalName"),
             sam: first("sAMAccountName"),
             display_name: first("displayName"),
             admin_count: first("adminCount") == "1",
@@ -328,6 +381,19 @@ impl UserEntry {
                     .ok()
                     .flatten()
             }),
+        }
+    }
+}
+
+impl UserEntry {
+    /// The user in every form a caller may name them by (the domain is the caller's to add).
+    pub fn resolved(&self) -> ResolvedUser {
+        ResolvedUser {
+            object_guid: self.guid.clone(),
+            sam_account_name: self.sam.clone(),
+            user_principal_name: self.upn.clone(),
+            domain: String::new(),
+            dn: self.dn.clone(),
         }
     }
 }
@@ -558,10 +624,9 @@ impl Directory {
         &self,
         op: &SealedOperation,
         deadline: Instant,
-        allow_protected: bool,
+        rules: &Rules,
     ) -> ApplyResult {
-        self.apply_with(op, deadline, allow_protected, &|_| {})
-            .await
+        self.apply_with(op, deadline, rules, &|_| {}).await
     }
 
     /// [`Directory::apply`], calling `on_write` with what was read of the user just before
@@ -570,7 +635,7 @@ impl Directory {
         &self,
         op: &SealedOperation,
         deadline: Instant,
-        allow_protected: bool,
+        rules: &Rules,
         on_write: &(dyn Fn(&WriteMark) + Sync),
     ) -> ApplyResult {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -604,7 +669,7 @@ impl Directory {
                 }
             };
             match self
-                .apply_on(&mut conn, op, deadline, allow_protected, on_write)
+                .apply_on(&mut conn, op, deadline, rules, on_write)
                 .await
             {
                 Ok(mut r) => {
@@ -649,13 +714,10 @@ impl Directory {
         conn: &mut Conn,
         op: &SealedOperation,
         deadline: Instant,
+        rules: &Rules,
     ) -> Result<ApplyResult, ApplyError> {
         let started = Instant::now();
-        let lookup = |error| ApplyError {
-            stage: Stage::Lookup,
-            error,
-            mark: None,
-        };
+        let lookup = ApplyError::at_lookup;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let user = match op.user.as_ref().and_then(|u| u.id.as_ref()) {
             None => None,
@@ -683,8 +745,18 @@ impl Directory {
                 }
             }
         };
+        // Outside the scope: writeback would refuse the user, so their resultant policy is
+        // not theirs to be shown here; the domain's is, with that said.
+        let out_of_scope = match &user {
+            Some(u) => self
+                .outside_scope(&mut conn.ldap, u, &rules.scope, remaining)
+                .await
+                .map_err(lookup)?
+                .is_some(),
+            None => false,
+        };
         let base = &self.inner.config.base_dn;
-        let effective = match &user {
+        let effective = match user.as_ref().filter(|_| !out_of_scope) {
             Some(u) => policy::effective_policy(&mut conn.ldap, base, &u.dn, remaining).await,
             None => policy::read_domain_policy(&mut conn.ldap, base, remaining)
                 .await
@@ -724,9 +796,15 @@ impl Directory {
             history_length: p.history_length,
             min_age_seconds: p.min_age_secs,
             max_age_seconds: p.max_age_secs,
-            next_change_allowed_unix_ms,
+            next_change_allowed_unix_ms: if out_of_scope {
+                0
+            } else {
+                next_change_allowed_unix_ms
+            },
             source: effective.source,
+            out_of_scope,
         });
+        r.user = user.as_ref().map(UserEntry::resolved);
         Ok(r)
     }
 
@@ -862,17 +940,73 @@ impl Directory {
             .collect())
     }
 
+    /// Why `user` is outside the writeback scope (the gateway's `cloud`, or this agent's
+    /// own), for operators; `None` when inside both.
+    async fn outside_scope(
+        &self,
+        ldap: &mut Ldap,
+        user: &UserEntry,
+        cloud: &scope::Scope,
+        timeout: Duration,
+    ) -> Result<Option<String>, LdapError> {
+        for (s, whose) in [
+            (cloud, "the writeback scope set on the gateway"),
+            (&self.inner.config.scope, "this agent's local scope"),
+        ] {
+            if !s.is_all() && !self.covers(ldap, user, s, timeout).await? {
+                return Ok(Some(format!(
+                    "{} is outside {whose} ({}); nothing was written",
+                    user.dn,
+                    s.describe()
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `scope` holds `user`: under one of its OUs, or a member of one of its groups
+    /// through any depth of nesting (asked of the DC with LDAP_MATCHING_RULE_IN_CHAIN). The
+    /// primary group (`primaryGroupID`, e.g. Domain Users) is not membership here.
+    async fn covers(
+        &self,
+        ldap: &mut Ldap,
+        user: &UserEntry,
+        scope: &scope::Scope,
+        timeout: Duration,
+    ) -> Result<bool, LdapError> {
+        // A DN the DC sent that does not parse is in no OU (refused, never let through).
+        if Dn::parse(&user.dn).is_ok_and(|dn| scope.has_ou_of(&dn)) {
+            return Ok(true);
+        }
+        if scope.groups.is_empty() {
+            return Ok(false);
+        }
+        let filter: String = scope
+            .groups
+            .iter()
+            .map(|g| format!("(memberOf:{IN_CHAIN}:={})", ldap3::ldap_escape(g.as_str())))
+            .collect();
+        let ldap3::SearchResult(entries, res) = ldap
+            .with_timeout(timeout)
+            .search(&user.dn, Scope::Base, &format!("(|{filter})"), vec!["1.1"])
+            .await?;
+        if res.rc != 0 {
+            return Err(LdapError::LdapResult { result: res });
+        }
+        Ok(entries.iter().any(|e| !e.is_ref()))
+    }
+
     async fn apply_on(
         &self,
         conn: &mut Conn,
         op: &SealedOperation,
         deadline: Instant,
-        allow_protected: bool,
+        rules: &Rules,
         on_write: &(dyn Fn(&WriteMark) + Sync),
     ) -> Result<ApplyResult, ApplyError> {
         let started = Instant::now();
         if let Some(Action::QueryPolicy(_)) = op.action {
-            return self.query_policy(conn, op, deadline).await;
+            return self.query_policy(conn, op, deadline, rules).await;
         }
         let Some(id) = op.user.as_ref().and_then(|u| u.id.as_ref()) else {
             return Ok(ApplyResult::new(
@@ -893,11 +1027,7 @@ impl Directory {
             .find_user(&mut conn.ldap, id, remaining)
             .instrument(tracing::info_span!("agent.lookup"))
             .await
-            .map_err(|error| ApplyError {
-                stage: Stage::Lookup,
-                error,
-                mark: None,
-            })?;
+            .map_err(ApplyError::at_lookup)?;
         let lookup_ms = started.elapsed().as_millis() as u32;
         let user = match users.as_slice() {
             [] => {
@@ -920,7 +1050,46 @@ impl Directory {
                 return Ok(r);
             }
         };
-        if user.admin_count && !allow_protected {
+        let target = Target {
+            user: &user,
+            action,
+            by_admin: op.initiator == relay::proto::Initiator::Admin as i32,
+            started,
+        };
+        let mut result = self
+            .apply_to(conn, &target, deadline, rules, on_write)
+            .await?;
+        result.user = Some(user.resolved());
+        Ok(result)
+    }
+
+    /// The checks and the write for the one user found.
+    async fn apply_to(
+        &self,
+        conn: &mut Conn,
+        &Target {
+            user,
+            action,
+            by_admin,
+            started,
+        }: &Target<'_>,
+        deadline: Instant,
+        rules: &Rules,
+        on_write: &(dyn Fn(&WriteMark) + Sync),
+    ) -> Result<ApplyResult, ApplyError> {
+        // The scope comes first: outside it the agent tells nothing more about the account.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let outside = self
+            .outside_scope(&mut conn.ldap, user, &rules.scope, remaining)
+            .await
+            .map_err(ApplyError::at_lookup)?;
+        let lookup_ms = started.elapsed().as_millis() as u32;
+        if let Some(why) = outside {
+            let mut r = ApplyResult::new(Outcome::OutOfScope, relay::messages::OUT_OF_SCOPE, why);
+            r.lookup_ms = lookup_ms;
+            return Ok(r);
+        }
+        if user.admin_count && !rules.allow_protected {
             let mut r = ApplyResult::new(
                 Outcome::ProtectedAccount,
                 "This account is protected; its password cannot be changed here. Please contact your administrator.",
@@ -929,7 +1098,6 @@ impl Directory {
             r.lookup_ms = lookup_ms;
             return Ok(r);
         }
-        let by_admin = op.initiator == relay::proto::Initiator::Admin as i32;
         if user.user_account_control & UF_ACCOUNTDISABLE != 0 && !by_admin {
             let mut r = ApplyResult::new(
                 Outcome::AccountDisabled,
@@ -951,7 +1119,7 @@ impl Directory {
             controls,
             new_password,
         } = Write::for_action(action);
-        let mark = Check::for_write(action, &user).map(|check| WriteMark {
+        let mark = Check::for_write(action, user).map(|check| WriteMark {
             url: conn.url.clone(),
             dn: user.dn.clone(),
             check,
@@ -1009,7 +1177,7 @@ impl Directory {
                 res.text.chars().take(8).collect()
             };
             let domain = effective.as_ref().and_then(|e| e.policy.as_ref());
-            let mut r = map_ldap_failure(res.rc, &text, &user, action, new_password, domain);
+            let mut r = map_ldap_failure(res.rc, &text, user, action, new_password, domain);
             if let Some(e) = &effective {
                 r.detail = format!("{}; effective policy from {}", r.detail, e.source);
             }
@@ -1026,6 +1194,15 @@ impl Directory {
             .observe(f64::from(write_ms) / 1000.0);
         Ok(result)
     }
+}
+
+/// What one operation is to do, to whom, once the user is found.
+struct Target<'a> {
+    user: &'a UserEntry,
+    action: &'a Action,
+    by_admin: bool,
+    /// When the lookup began.
+    started: Instant,
 }
 
 /// One LDAP modify: its modifications, its controls, and the candidate password (kept for
@@ -1193,6 +1370,25 @@ pub fn guid_bytes(canonical: &str) -> Option<[u8; 16]> {
     Some(le)
 }
 
+/// The canonical form (8-4-4-4-12, lower case) of an objectGUID's 16 bytes as AD stores them
+/// (first three groups little-endian); `None` for anything but 16 bytes.
+pub fn guid_string(le: &[u8]) -> Option<String> {
+    let b: [u8; 16] = le.try_into().ok()?;
+    let mut be = b;
+    be[0..4].reverse();
+    be[4..6].reverse();
+    be[6..8].reverse();
+    let h = hex::encode(be);
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
 fn is_policy_error(text: &str) -> bool {
     text.to_ascii_uppercase().contains("0000052D")
 }
@@ -1258,6 +1454,9 @@ mod tests {
             "\\99\\b3\\a1\\d2\\17\\db\\4c\\4a\\9c\\27\\01\\23\\45\\67\\89\\ab"
         );
         assert!(guid_filter_bytes("not-a-guid").is_none());
+        let g = "d2a1b399-db17-4a4c-9c27-0123456789ab";
+        assert_eq!(guid_string(&guid_bytes(g).unwrap()).unwrap(), g);
+        assert!(guid_string(&[0; 15]).is_none());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use relay::proto::{agent_frame, gateway_frame, AgentFrame, Hello};
 
 use crate::directory::{first_value, policy, Directory};
 use crate::AgentConfig;
+use relay::scope;
 use sd::{Right, RIGHT_DS_CONTROL_ACCESS, RIGHT_DS_WRITE_PROP};
 
 /// LDAP_SERVER_SD_FLAGS_OID with DACL_SECURITY_INFORMATION: lets a non-admin read the DACL.
@@ -157,14 +158,21 @@ pub struct DoctorOptions {
     pub skip_gateway: bool,
 }
 
-/// Runs every check.
+/// Runs every check. The gateway is asked first (its Welcome carries the forest's writeback
+/// scope, which the scope check combines with the local one) and listed last.
 pub async fn run(config: &AgentConfig, options: &DoctorOptions) -> Report {
     let mut report = Report::default();
+    let mut gateway = Report::default();
+    let cloud = if options.skip_gateway {
+        None
+    } else {
+        gateway_check(config, &mut gateway).await
+    };
     let domains = config.all_domains();
     let several = domains.len() > 1;
     for domain in domains {
         let mut part = Report::default();
-        check_domain(&domain.directory, options, &mut part).await;
+        check_domain(&domain.directory, options, cloud.as_ref(), &mut part).await;
         for mut c in part.checks {
             if several {
                 c.name = format!("{}: {}", domain.dns_name, c.name);
@@ -172,9 +180,7 @@ pub async fn run(config: &AgentConfig, options: &DoctorOptions) -> Report {
             report.checks.push(c);
         }
     }
-    if !options.skip_gateway {
-        gateway_check(config, &mut report).await;
-    }
+    report.checks.extend(gateway.checks);
     report
 }
 
@@ -182,6 +188,7 @@ pub async fn run(config: &AgentConfig, options: &DoctorOptions) -> Report {
 async fn check_domain(
     config: &crate::directory::DirectoryConfig,
     options: &DoctorOptions,
+    cloud: Option<&scope::Scope>,
     report: &mut Report,
 ) {
     let directory = match Directory::new(config.clone()) {
@@ -242,7 +249,126 @@ async fn check_domain(
         if let Err(e) = directory_checks(&mut ldap, &directory, options, report).await {
             report.push(Status::Fail, "directory", format!("{url}: {e}"), None);
         }
+        if let Err(e) = scope_check(&mut ldap, config, cloud, report).await {
+            report.push(Status::Fail, "scope", format!("{url}: {e}"), None);
+        }
     }
+}
+
+/// The effective writeback scope (the gateway's, when it was reached, and the local one),
+/// how many users under the base DN it covers, and every scope OU or group AD does not know.
+async fn scope_check(
+    ldap: &mut Ldap,
+    config: &crate::directory::DirectoryConfig,
+    cloud: Option<&scope::Scope>,
+    report: &mut Report,
+) -> Result<(), ldap3::LdapError> {
+    let local = &config.scope;
+    let scopes: Vec<(&scope::Scope, &str)> = [(Some(local), "local"), (cloud, "gateway")]
+        .into_iter()
+        .filter_map(|(s, whose)| s.map(|s| (s, whose)))
+        .collect();
+    for (s, whose) in &scopes {
+        for dn in s.ous.iter().chain(&s.groups) {
+            let ldap3::SearchResult(entries, res) = ldap
+                .search(dn.as_str(), Scope::Base, "(objectClass=*)", vec!["1.1"])
+                .await?;
+            // 32: noSuchObject.
+            if !matches!(res.rc, 0 | 32) {
+                return Err(ldap3::LdapError::LdapResult { result: res });
+            }
+            if res.rc == 32 || entries.is_empty() {
+                report.push(
+                    Status::Warn,
+                    format!("scope {whose}"),
+                    format!("{dn} (in the {whose} scope) does not exist in AD: it covers nobody"),
+                    Some(if *whose == "local" {
+                        "correct scope_ous / scope_groups in the agent's settings".to_owned()
+                    } else {
+                        "correct it with cloud-gateway admin set-forest --scope-ou / --scope-group"
+                            .to_owned()
+                    }),
+                );
+            }
+        }
+    }
+    // Every user under the base DN, then which of them each scope holds.
+    let users = "(&(objectClass=user)(sAMAccountType=805306368))";
+    let all = paged_dns(ldap, &config.base_dn, users).await?;
+    let mut inside: Vec<&String> = all.iter().collect();
+    for (s, _) in &scopes {
+        if s.is_all() {
+            continue;
+        }
+        let members: std::collections::HashSet<String> = if s.groups.is_empty() {
+            Default::default()
+        } else {
+            let chain: String = s
+                .groups
+                .iter()
+                .map(|g| {
+                    format!(
+                        "(memberOf:1.2.840.113556.1.4.1941:={})",
+                        ldap3::ldap_escape(g.as_str())
+                    )
+                })
+                .collect();
+            paged_dns(ldap, &config.base_dn, &format!("(&{users}(|{chain}))"))
+                .await?
+                .into_iter()
+                .map(|d| d.to_lowercase())
+                .collect()
+        };
+        inside.retain(|dn| {
+            members.contains(&dn.to_lowercase())
+                || relay::dn::Dn::parse(dn).is_ok_and(|d| s.has_ou_of(&d))
+        });
+    }
+    let describe = |whose: &str, s: Option<&scope::Scope>| match s {
+        Some(s) => format!("{whose}: {}", s.describe()),
+        None => format!("{whose}: not known (the gateway was not asked)"),
+    };
+    let message = format!(
+        "{}; {}; {} of {} users under {} are in scope",
+        describe("gateway", cloud),
+        describe("local", Some(local)),
+        inside.len(),
+        all.len(),
+        config.base_dn
+    );
+    if inside.is_empty() && !all.is_empty() {
+        report.push(
+            Status::Warn,
+            "scope",
+            message,
+            Some("no user is in both scopes: every operation will be answered OUT_OF_SCOPE; widen the local scope (scope_ous / scope_groups) or the gateway's (admin set-forest --scope-ou / --scope-group / --scope-all)".into()),
+        );
+    } else {
+        report.push(Status::Ok, "scope", message, None);
+    }
+    Ok(())
+}
+
+/// The DNs of every entry under `base` matching `filter`, page by page (AD returns at most
+/// 1000 per search).
+async fn paged_dns(
+    ldap: &mut Ldap,
+    base: &str,
+    filter: &str,
+) -> Result<Vec<String>, ldap3::LdapError> {
+    let adapters: Vec<Box<dyn ldap3::adapters::Adapter<'_, &str, Vec<&str>>>> = vec![
+        Box::new(ldap3::adapters::EntriesOnly::new()),
+        Box::new(ldap3::adapters::PagedResults::new(500)),
+    ];
+    let mut stream = ldap
+        .streaming_search_with(adapters, base, Scope::Subtree, filter, vec!["1.1"])
+        .await?;
+    let mut out = Vec::new();
+    while let Some(entry) = stream.next().await? {
+        out.push(SearchEntry::construct(entry).dn);
+    }
+    stream.finish().await.success()?;
+    Ok(out)
 }
 
 async fn search_one(
@@ -631,7 +757,9 @@ async fn sample_users(
         .collect())
 }
 
-async fn gateway_check(config: &AgentConfig, report: &mut Report) {
+/// The gateway's reachability and clock; returns the forest's writeback scope from the
+/// Welcome (`None` when the gateway could not be asked or its scope does not parse).
+async fn gateway_check(config: &AgentConfig, report: &mut Report) -> Option<scope::Scope> {
     let url = &config.gateway_url;
     let outcome = async {
         let credential = crate::identity::credential(config).map_err(|e| e.to_string())?;
@@ -698,6 +826,18 @@ async fn gateway_check(config: &AgentConfig, report: &mut Report) {
     .await;
     match outcome {
         Ok((welcome, rtt, midpoint)) => {
+            let cloud = match scope::Scope::from_proto(welcome.scope.as_ref()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    report.push(
+                        Status::Fail,
+                        "scope gateway",
+                        format!("the gateway's writeback scope is not usable: {e}"),
+                        Some("set it again with cloud-gateway admin set-forest".into()),
+                    );
+                    None
+                }
+            };
             report.push(Status::Ok, "gateway", format!("{url} reachable; agent accepted by replica {} for forest {} ({} ms round trip)", welcome.replica, welcome.forest, rtt.as_millis()), None);
             let skew_ms = welcome.gateway_time_unix_ms - midpoint;
             let abs = skew_ms.unsigned_abs();
@@ -723,6 +863,7 @@ async fn gateway_check(config: &AgentConfig, report: &mut Report) {
                 format!("clock differs from the gateway's by {skew_ms} ms"),
                 fix,
             );
+            cloud
         }
         Err(e) => {
             let fix = if e.contains("refused the agent") {
@@ -733,6 +874,7 @@ async fn gateway_check(config: &AgentConfig, report: &mut Report) {
                 )
             };
             report.push(Status::Fail, "gateway", e, Some(fix));
+            None
         }
     }
 }

@@ -8,7 +8,8 @@ use std::time::Instant;
 use relay::proto::{sealed_operation::Action, user_ref, Outcome, SealedOperation};
 
 use crate::directory::{
-    ApplyResult, Directory, DirectoryConfig, DirectoryError, Verified, WriteMark, MSG_UNAVAILABLE,
+    ApplyResult, Directory, DirectoryConfig, DirectoryError, Rules, Verified, WriteMark,
+    MSG_UNAVAILABLE,
 };
 
 /// One domain of the forest.
@@ -25,6 +26,26 @@ struct Domain {
     dns_name: String,
     upn_suffixes: Vec<String>,
     directory: Directory,
+}
+
+impl Domain {
+    /// Applies `op` here; the user found is reported with this domain's name.
+    async fn apply(
+        &self,
+        op: &SealedOperation,
+        deadline: Instant,
+        rules: &Rules,
+        on_write: &(dyn Fn(&WriteMark) + Sync),
+    ) -> ApplyResult {
+        let mut r = self
+            .directory
+            .apply_with(op, deadline, rules, on_write)
+            .await;
+        if let Some(u) = &mut r.user {
+            u.domain.clone_from(&self.dns_name);
+        }
+        r
+    }
 }
 
 /// Routes operations to the domain that holds the user.
@@ -86,34 +107,26 @@ impl Domains {
     }
 
     /// Applies `op` in the domain that holds its user; `on_write` as in
-    /// [`Directory::apply_with`].
-    pub async fn apply(
-        &self,
-        op: &SealedOperation,
+    /// [`Directory::apply_with`]. The user found is reported with that domain's name.
+    pub async fn apply<'a>(
+        &'a self,
+        op: &'a SealedOperation,
         deadline: Instant,
-        allow_protected: bool,
-        on_write: &(dyn Fn(&WriteMark) + Sync),
+        rules: &'a Rules,
+        on_write: &'a (dyn Fn(&WriteMark) + Sync),
     ) -> ApplyResult {
         let id = op.user.as_ref().and_then(|u| u.id.as_ref());
         let forest_wide_query = matches!(op.action, Some(Action::QueryPolicy(_))) && id.is_none();
+        let in_domain = |d: &'a Domain| d.apply(op, deadline, rules, on_write);
         if self.list.len() == 1 || forest_wide_query {
-            return self.list[0]
-                .directory
-                .apply_with(op, deadline, allow_protected, on_write)
-                .await;
+            return in_domain(&self.list[0]).await;
         }
         let Some(id) = id else {
-            return self.list[0]
-                .directory
-                .apply_with(op, deadline, allow_protected, on_write)
-                .await;
+            return in_domain(&self.list[0]).await;
         };
         if let user_ref::Id::UserPrincipalName(upn) = id {
             if let Some(d) = self.by_upn_suffix(upn) {
-                return d
-                    .directory
-                    .apply_with(op, deadline, allow_protected, on_write)
-                    .await;
+                return in_domain(d).await;
             }
         }
         let mut holders = Vec::new();
@@ -126,7 +139,7 @@ impl Domains {
             }
         }
         match holders.as_slice() {
-            [(d, _)] => d.directory.apply_with(op, deadline, allow_protected, on_write).await,
+            [(d, _)] => in_domain(d).await,
             [] if errors.is_empty() => ApplyResult::not_found(format!(
                 "no user matches in any domain of the forest ({})",
                 self.list.iter().map(|d| d.dns_name.as_str()).collect::<Vec<_>>().join(", ")

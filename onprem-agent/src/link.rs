@@ -23,7 +23,7 @@ use relay::proto::{
 use relay::trace::TraceParent;
 use tracing::Instrument;
 
-use crate::directory::{ApplyResult, Verified, WriteMark, MSG_UNAVAILABLE};
+use crate::directory::{ApplyResult, Rules, Verified, WriteMark, MSG_UNAVAILABLE};
 use crate::domains::Domains;
 use crate::identity::{Credential, IdentityError};
 use crate::journal::{Begin, Journal, JournalError};
@@ -402,6 +402,7 @@ impl Agent {
                 .chain(w.previous_signing_keys)
                 .collect(),
             allow_protected: w.allow_protected_accounts,
+            welcome_scope: w.scope,
             answer_grace: Duration::from_millis(u64::from(w.answer_grace_ms)),
             heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(500))),
             permits: Arc::new(Semaphore::new(self.config.max_in_flight.max(1) as usize)),
@@ -423,6 +424,8 @@ struct Session {
     /// The gateway's Ed25519 keys (from the Welcome): work none of them signed is refused.
     gateway_signing_keys: Vec<Vec<u8>>,
     allow_protected: bool,
+    /// The forest's writeback scope when this session began (operations carry their own).
+    welcome_scope: Option<relay::proto::WritebackScope>,
     /// How long after a deadline the gateway still records an answer.
     answer_grace: Duration,
     heartbeat_interval: Duration,
@@ -756,12 +759,33 @@ impl Session {
         }
         // The switches sealed with the operation are the forest's as it was accepted; the
         // Welcome's only stand in for a gateway that does not seal them.
-        let (allow_protected, unlock_enabled) = op
-            .switches
-            .as_ref()
-            .map_or((self.allow_protected, true), |s| {
-                (s.allow_protected_accounts, s.unlock_enabled)
-            });
+        let (allow_protected, unlock_enabled, scope) = match &op.switches {
+            Some(s) => (
+                s.allow_protected_accounts,
+                s.unlock_enabled,
+                s.scope.as_ref(),
+            ),
+            None => (self.allow_protected, true, self.welcome_scope.as_ref()),
+        };
+        // A scope that does not parse narrows to nothing: refused, never widened to all.
+        let scope = match relay::scope::Scope::from_proto(scope) {
+            Ok(s) => s,
+            Err(e) => {
+                return (
+                    refusal(
+                        op_id,
+                        trace,
+                        Outcome::Refused,
+                        &format!("the operation's writeback scope is not usable: {e}"),
+                    ),
+                    None,
+                )
+            }
+        };
+        let rules = Rules {
+            allow_protected,
+            scope,
+        };
         if !unlock_enabled
             && matches!(
                 op.action,
@@ -782,7 +806,7 @@ impl Session {
         let result: ApplyResult = self
             .agent
             .domains
-            .apply(&op, deadline, allow_protected, &|mark| {
+            .apply(&op, deadline, &rules, &|mark| {
                 if let Err(e) = self.agent.journal.mark(op_id, mark) {
                     tracing::warn!(event = "WB2015", error = %e, "cannot journal the user's state before a write; after a crash its outcome stays unknown");
                 }
@@ -821,6 +845,7 @@ impl Session {
             traceparent: trace.to_string(),
             directory: result.directory,
             policy: result.policy,
+            user: result.user,
         };
         (ack, unconfirmed)
     }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use onprem_agent::directory::{ApplyResult, Directory, DirectoryConfig};
+use onprem_agent::directory::{ApplyResult, Directory, DirectoryConfig, Rules};
 use relay::proto::{
     sealed_operation::Action, user_ref, Initiator, Outcome, PolicyViolation, ResetPassword,
     SealedOperation, UnlockAccount, UserRef,
@@ -24,6 +24,7 @@ fn config(dc: &SambaDc, urls: Vec<String>, bind_dn: String, password: &str) -> D
         pool_size: 2,
         connect_timeout: Duration::from_secs(2),
         use_dc_reason_text: true,
+        scope: relay::scope::Scope::default(),
     }
 }
 
@@ -58,7 +59,7 @@ fn soon() -> Instant {
 }
 
 async fn apply(d: &Directory, id: user_ref::Id, action: Action) -> ApplyResult {
-    d.apply(&op(id, action), soon(), false).await
+    d.apply(&op(id, action), soon(), &Rules::default()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +109,7 @@ async fn resets_changes_and_policy_answers() {
                 }),
             ),
             soon(),
-            false,
+            &Rules::default(),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Applied, "{r:?}");
@@ -242,7 +243,10 @@ async fn protected_accounts_unlock_rights_and_deadlines() {
         .apply(
             &op(sam("Administrator"), reset("Takeover#Admin1")),
             soon(),
-            true,
+            &Rules {
+                allow_protected: true,
+                ..Rules::default()
+            },
         )
         .await;
     assert_eq!(r.outcome, Outcome::AccessDenied, "{r:?}");
@@ -273,7 +277,7 @@ async fn protected_accounts_unlock_rights_and_deadlines() {
         .apply(
             &op(sam("gina"), reset("Too-Late#Reset1")),
             Instant::now(),
-            false,
+            &Rules::default(),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Expired, "{r:?}");
@@ -284,7 +288,7 @@ async fn protected_accounts_unlock_rights_and_deadlines() {
         .apply(
             &op(sam("gina"), reset("Too-Late#Reset2")),
             Instant::now() + Duration::from_millis(50),
-            false,
+            &Rules::default(),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Expired, "{r:?}");

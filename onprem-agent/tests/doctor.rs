@@ -57,6 +57,7 @@ fn config(dc: &SambaDc, bind_dn: String, password: &str, ca: std::path::PathBuf)
             pool_size: 1,
             connect_timeout: Duration::from_secs(3),
             use_dc_reason_text: true,
+            scope: relay::scope::Scope::default(),
         },
     }
 }

@@ -264,6 +264,7 @@ impl AgentLink for ScriptedLink {
             gateway_time_unix_ms: relay::now_unix_ms() + self.clock_ahead.load(Ordering::SeqCst),
             answer_grace_ms: 1000,
             previous_signing_keys: Vec::new(),
+            scope: None,
         };
         tx.send(Ok(GatewayFrame {
             frame: Some(gateway_frame::Frame::Welcome(welcome)),
@@ -494,6 +495,25 @@ impl RunningAgent {
         pool_size: usize,
         state_dir: Option<std::path::PathBuf>,
     ) -> Self {
+        Self::start_scoped(
+            gateway,
+            dc,
+            max_in_flight,
+            pool_size,
+            state_dir,
+            relay::scope::Scope::default(),
+        )
+    }
+
+    /// As [`RunningAgent::start_in`], with the AD admin's local writeback `scope`.
+    fn start_scoped(
+        gateway: &Gateway,
+        dc: &SambaDc,
+        max_in_flight: u32,
+        pool_size: usize,
+        state_dir: Option<std::path::PathBuf>,
+        scope: relay::scope::Scope,
+    ) -> Self {
         let config = AgentConfig {
             gateway_url: format!("https://{}", gateway.addr),
             gateway_ca: gateway.ca.ca_file(),
@@ -513,6 +533,7 @@ impl RunningAgent {
                 // long enough to outlast a frozen DC
                 connect_timeout: Duration::from_secs(20),
                 use_dc_reason_text: true,
+                scope,
             },
             metrics_listen: None,
             state_dir,
@@ -1128,6 +1149,7 @@ async fn switches_sealed_with_the_operation_decide() {
     op.switches = Some(relay::proto::ForestSwitches {
         allow_protected_accounts: true,
         unlock_enabled: true,
+        scope: None,
     });
     stream
         .send(gateway.work("protected-allowed", &op, Duration::from_secs(30)))
@@ -1142,6 +1164,7 @@ async fn switches_sealed_with_the_operation_decide() {
     op.switches = Some(relay::proto::ForestSwitches {
         allow_protected_accounts: false,
         unlock_enabled: false,
+        scope: None,
     });
     stream
         .send(gateway.work("protected-refused", &op, Duration::from_secs(30)))
@@ -1152,7 +1175,7 @@ async fn switches_sealed_with_the_operation_decide() {
     unlock.action = Some(relay::proto::sealed_operation::Action::Unlock(
         relay::proto::UnlockAccount::default(),
     ));
-    unlock.switches = op.switches;
+    unlock.switches = op.switches.clone();
     stream
         .send(gateway.work("unlock-off", &unlock, Duration::from_secs(30)))
         .await;
@@ -1160,6 +1183,151 @@ async fn switches_sealed_with_the_operation_decide() {
     assert_eq!(outcome(&ack), Outcome::NotEnabled, "{ack:?}");
     assert_untouched(&dc, &dn, written, "pam", "Switched#On1");
 
+    assert!(agent.stop(&mut stream).await.is_empty());
+    gateway.stop().await;
+}
+
+fn scope(ous: &[&str], groups: &[&str]) -> relay::scope::Scope {
+    let own = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    relay::scope::Scope::parse(&own(ous), &own(groups), "ous", "groups").unwrap()
+}
+
+/// The writeback scope, as the AD admin (the agent's local scope) and the tenant admin (the
+/// scope sealed with each operation) set it: by OU subtree and by nested group membership; a
+/// user outside either is answered `OUT_OF_SCOPE` before anything is written (checked in AD);
+/// the cloud scope narrows the local one and cannot widen it. Every answer names the user the
+/// agent found in all three forms, and the objectGUID it reports finds the same account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_users_in_both_scopes_are_written_and_the_cloud_cannot_widen_the_local_one() {
+    let dc = SambaDc::start("CORP.WRITEBACK.TEST").unwrap();
+    let forest = dc.dns_domain();
+    let base = dc.base_dn();
+    for ou in ["OU=Staff", "OU=Interns,OU=Staff", "OU=Contractors"] {
+        dc.samba_tool(&["ou", "create", &format!("{ou},{base}")])
+            .unwrap();
+    }
+    let pw = "Initial#Pass1";
+    let sue = dc.create_user_in("sue", pw, "OU=Staff").unwrap();
+    let ian = dc.create_user_in("ian", pw, "OU=Interns,OU=Staff").unwrap();
+    let carl = dc.create_user_in("carl", pw, "OU=Contractors").unwrap();
+    let olga = dc.create_user_in("olga", pw, "OU=Contractors").unwrap();
+    // carl is in "Writeback Users" through "Helpdesk" only (nested).
+    for g in ["Writeback Users", "Helpdesk"] {
+        dc.samba_tool(&["group", "add", g]).unwrap();
+    }
+    dc.samba_tool(&["group", "addmembers", "Writeback Users", "Helpdesk"])
+        .unwrap();
+    dc.samba_tool(&["group", "addmembers", "Helpdesk", "carl"])
+        .unwrap();
+    let staff = format!("OU=Staff,{base}");
+    let group = format!("CN=Writeback Users,CN=Users,{base}");
+    let contractors = format!("ou=contractors, {}", base.to_lowercase());
+
+    let mut gateway = Gateway::start(&forest).await;
+    let agent = RunningAgent::start_scoped(&gateway, &dc, 4, 2, None, scope(&[&staff], &[&group]));
+    let mut stream = gateway.accepted().await;
+    let mut n = 0;
+    let mut send = |sam: &str, cloud: Option<relay::scope::Scope>| {
+        n += 1;
+        let mut op = reset_of(&forest, sam, &format!("Scoped#Reset{n}"));
+        op.switches = Some(relay::proto::ForestSwitches {
+            allow_protected_accounts: false,
+            unlock_enabled: true,
+            scope: cloud.map(|c| c.to_proto()),
+        });
+        (
+            gateway.work(&format!("scoped-{n}"), &op, Duration::from_secs(30)),
+            n,
+        )
+    };
+    let writes = |dn: &str| AdWrites::read(&dc, dn);
+
+    // Local scope only: the OU's subtree and the nested member are written...
+    for (sam, dn) in [("sue", &sue), ("ian", &ian), ("carl", &carl)] {
+        let before = writes(dn);
+        let (work, _) = send(sam, None);
+        stream.send(work).await;
+        let ack = stream.ack().await;
+        assert_eq!(outcome(&ack), Outcome::Applied, "{sam}: {ack:?}");
+        assert_eq!(writes(dn), before.plus_password(), "{sam}");
+        let user = ack.user.as_ref().expect("the user found is reported");
+        assert_eq!(user.sam_account_name, sam);
+        assert_eq!(user.user_principal_name, upn(&dc, sam));
+        assert_eq!(user.domain, forest.to_ascii_lowercase());
+        assert!(user.dn.eq_ignore_ascii_case(dn), "{user:?}");
+        assert_eq!(user.object_guid.len(), 36, "{user:?}");
+    }
+    // ... olga is in neither the OU nor the group: refused before any write.
+    let before = writes(&olga);
+    let (work, _) = send("olga", None);
+    stream.send(work).await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::OutOfScope, "{ack:?}");
+    assert!(ack.detail.contains("local scope"), "{}", ack.detail);
+    assert_eq!(ack.message, relay::messages::OUT_OF_SCOPE);
+    assert_eq!(ack.user.as_ref().unwrap().sam_account_name, "olga");
+    assert_untouched(&dc, &olga, before, "olga", pw);
+
+    // The tenant admin narrows to OU=Staff: carl, in the local scope by group, is now out.
+    let before = writes(&carl);
+    let (work, _) = send("carl", Some(scope(&[&staff], &[])));
+    stream.send(work).await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::OutOfScope, "{ack:?}");
+    assert!(ack.detail.contains("set on the gateway"), "{}", ack.detail);
+    assert_eq!(
+        writes(&carl),
+        before,
+        "carl written outside the cloud scope"
+    );
+
+    // The tenant admin names OU=Contractors (spelled otherwise): carl is in both scopes and
+    // written; olga stays out, whatever the cloud side says.
+    let before = writes(&carl);
+    let (work, _) = send("carl", Some(scope(&[&contractors], &[])));
+    stream.send(work).await;
+    assert_eq!(outcome(&stream.ack().await), Outcome::Applied);
+    assert_eq!(writes(&carl), before.plus_password());
+    let before = writes(&olga);
+    let (work, _) = send("olga", Some(scope(&[&contractors], &[])));
+    stream.send(work).await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::OutOfScope, "{ack:?}");
+    assert_untouched(&dc, &olga, before, "olga", pw);
+
+    // The objectGUID the agent reported names the same account.
+    let (work, _) = send("sue", None);
+    stream.send(work).await;
+    let guid = stream.ack().await.user.unwrap().object_guid;
+    let before = writes(&sue);
+    let mut op = reset_of(&forest, "sue", "By#Guid-Reset1");
+    op.user.as_mut().unwrap().id = Some(user_ref::Id::ObjectGuid(guid.clone()));
+    stream
+        .send(gateway.work("by-guid", &op, Duration::from_secs(30)))
+        .await;
+    let ack = stream.ack().await;
+    assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+    assert_eq!(writes(&sue), before.plus_password());
+    assert_eq!(ack.user.unwrap().object_guid, guid);
+
+    // A policy query says whether the user is in scope, and shows nothing of theirs if not.
+    for (sam, out) in [("sue", false), ("olga", true)] {
+        let mut op = reset_of(&forest, sam, "unused");
+        op.action = Some(relay::proto::sealed_operation::Action::QueryPolicy(
+            relay::proto::QueryPolicy {},
+        ));
+        stream
+            .send(gateway.work(&format!("policy-{sam}"), &op, Duration::from_secs(30)))
+            .await;
+        let ack = stream.ack().await;
+        assert_eq!(outcome(&ack), Outcome::Applied, "{ack:?}");
+        let policy = ack.policy.unwrap();
+        assert_eq!(policy.out_of_scope, out, "{sam}: {policy:?}");
+        if out {
+            assert_eq!(policy.source, "domain");
+            assert_eq!(policy.next_change_allowed_unix_ms, 0);
+        }
+    }
     assert!(agent.stop(&mut stream).await.is_empty());
     gateway.stop().await;
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use onprem_agent::directory::{ApplyResult, Directory, DirectoryConfig};
+use onprem_agent::directory::{ApplyResult, Directory, DirectoryConfig, Rules};
 use relay::proto::{
     sealed_operation::Action, user_ref, ClearForcedChange, Initiator, Outcome, PolicyViolation,
     ResetPassword, SealedOperation, UserRef,
@@ -25,6 +25,7 @@ fn directory(dc: &SambaDc, use_dc_reason_text: bool) -> Directory {
         pool_size: 1,
         connect_timeout: Duration::from_secs(2),
         use_dc_reason_text,
+        scope: relay::scope::Scope::default(),
     })
     .unwrap()
 }
@@ -46,8 +47,12 @@ async fn apply_as(d: &Directory, user: &str, initiator: Initiator, action: Actio
         action: Some(action),
         switches: None,
     };
-    d.apply(&op, Instant::now() + Duration::from_secs(15), false)
-        .await
+    d.apply(
+        &op,
+        Instant::now() + Duration::from_secs(15),
+        &Rules::default(),
+    )
+    .await
 }
 
 async fn apply(d: &Directory, user: &str, action: Action) -> ApplyResult {

@@ -4,10 +4,12 @@
 
 pub mod ad;
 pub mod backoff;
+pub mod dn;
 pub mod envelope;
 pub mod messages;
 pub mod metrics;
 pub mod proto;
+pub mod scope;
 pub mod secret;
 pub mod telemetry;
 pub mod tls;

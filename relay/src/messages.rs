@@ -27,6 +27,7 @@ pub const NOT_ENABLED: &str =
     "This is not enabled for your organization's directory; nothing was changed.";
 pub const IN_PROGRESS: &str =
     "Your request is still being processed by your organization's directory. Check again shortly.";
+pub const OUT_OF_SCOPE: &str = "Your account's password cannot be managed here; nothing was changed. Please change it on your organization's network, or contact your IT helpdesk.";
 pub const AGENT_UNAVAILABLE: &str = "Your organization's directory cannot be reached right now; nothing was changed. Please try again in a few minutes.";
 
 /// The end user's message for an operation of `kind` (`reset`, `change`, `unlock`,
@@ -59,6 +60,7 @@ pub fn end_user(
         Outcome::TimedOut => UNKNOWN,
         Outcome::InProgress => IN_PROGRESS,
         Outcome::NotEnabled => NOT_ENABLED,
+        Outcome::OutOfScope => OUT_OF_SCOPE,
         Outcome::Refused | Outcome::Failed | Outcome::Unspecified => FAILED,
     };
     text.to_owned()
@@ -140,7 +142,7 @@ mod tests {
 
     #[test]
     fn every_outcome_has_a_message_and_none_claims_what_did_not_happen() {
-        for code in 0..=15 {
+        for code in 0..=16 {
             let o = Outcome::try_from(code).unwrap();
             let m = end_user("reset", o, PolicyViolation::Unspecified, None);
             assert!(!m.is_empty(), "{o:?}");

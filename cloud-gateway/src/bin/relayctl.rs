@@ -78,7 +78,8 @@ fn outcome_exit_code(outcome: Outcome) -> i32 {
         | Outcome::Refused
         | Outcome::Failed
         | Outcome::AccountDisabled
-        | Outcome::NotEnabled => 1,
+        | Outcome::NotEnabled
+        | Outcome::OutOfScope => 1,
         Outcome::TimedOut | Outcome::InProgress | Outcome::Unspecified => 3,
         Outcome::AgentUnavailable | Outcome::DirectoryUnavailable | Outcome::Expired => 4,
     }
@@ -253,6 +254,8 @@ struct PolicyView {
     min_age_seconds: u64,
     max_age_seconds: u64,
     next_change_allowed_unix_ms: Option<i64>,
+    /// The user given is outside the forest's writeback scope.
+    out_of_scope: bool,
 }
 
 #[derive(Subcommand)]
@@ -662,7 +665,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     fmt_time(p.next_change_allowed_unix_ms)
                 );
             }
+            if p.out_of_scope {
+                let _ = writeln!(
+                    t,
+                    "out of scope:     yes (writeback refuses this user: OUT_OF_SCOPE)"
+                );
+            }
             let view = PolicyView {
+                out_of_scope: p.out_of_scope,
                 forest: p.forest.clone(),
                 source: p.source.clone(),
                 min_length: p.min_length,

@@ -110,7 +110,17 @@ pub fn user_index_key(
     forest: &ForestId,
     user: &relay::proto::user_ref::Id,
 ) -> String {
-    format!("wb:{{{tenant}}}:user:{forest}:{}", user_label(user))
+    label_index_key(tenant, forest, &user_label(user))
+}
+
+/// [`user_index_key`] of a user known by its [`user_label`].
+pub fn label_index_key(tenant: &TenantId, forest: &ForestId, label: &str) -> String {
+    format!("wb:{{{tenant}}}:user:{forest}:{label}")
+}
+
+/// The names (labels) one user is known by, as an agent found them, under each of them.
+pub fn alias_key(tenant: &TenantId, forest: &ForestId, label: &str) -> String {
+    format!("wb:{{{tenant}}}:alias:{forest}:{label}")
 }
 
 /// `(tenant, forest)` of a queue key made by [`queue_key`].

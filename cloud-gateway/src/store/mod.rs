@@ -6,6 +6,7 @@
 
 mod backend;
 mod enrollment;
+mod identities;
 mod ids;
 mod keys;
 mod limits;
@@ -832,28 +833,6 @@ impl Store {
             .query_async(&mut self.conn())
             .await?;
         Ok(ok.is_some())
-    }
-
-    /// Indexes an operation under its user.
-    ///
-    /// # Errors
-    /// On Redis errors.
-    pub async fn index_user_operation(
-        &self,
-        key: &str,
-        op: &OperationId,
-        accepted_ms: i64,
-        ttl: Duration,
-    ) -> Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.zadd(key, op, accepted_ms)
-            .ignore()
-            .zremrangebyrank(key, 0, -1 - USER_INDEX_KEEP)
-            .ignore()
-            .pexpire(key, ttl.as_millis() as i64)
-            .ignore();
-        let _: () = pipe.query_async(&mut self.conn()).await?;
-        Ok(())
     }
 
     /// A user's operation ids since `since_ms`, newest first.
