@@ -94,6 +94,7 @@ pub async fn canary(gw: &Gateway, tenant: &store::TenantId, forest: &store::Fore
                 crate::writeback::Sealing {
                     operation: sealed,
                     recipients: &recipients,
+                    canonical_user: None,
                 },
                 CANARY_TIMEOUT,
                 CANARY_RECORD_TTL,

@@ -70,6 +70,9 @@ fn user_label_of(req: &SubmitRequest) -> String {
 pub(crate) struct Sealing<'a> {
     pub operation: SealedOperation,
     pub recipients: &'a [AgentPublicKey],
+    /// The one name its user's per-user order goes by (see `Store::canonical_user`);
+    /// `None`: the name the operation gives.
+    pub canonical_user: Option<String>,
 }
 
 pub struct WritebackService {
@@ -401,8 +404,13 @@ impl WritebackService {
             // The forest's switches as read above travel sealed with the operation.
             switches: Some(settings.sealed_switches()),
         };
-        // The user's guess or unlock budget, shared by every replica (`limits.rs`).
-        let user_label = user_label_of(req);
+        // The user's guess or unlock budget, shared by every replica (`limits.rs`), and their
+        // place in the per-user order: under one name whichever a caller used, once an agent
+        // has reported the user (an attacker cannot double the budget by switching names).
+        let user_label = gw
+            .store
+            .canonical_user(tenant, forest, &user_label_of(req))
+            .await?;
         let taken = crate::limits::take_user(gw, tenant, forest, kind, &user_label).await?;
         let queued = self
             .enqueue(
@@ -412,6 +420,7 @@ impl WritebackService {
                 Sealing {
                     operation: sealed,
                     recipients: &recipients,
+                    canonical_user: Some(user_label),
                 },
                 timeout,
                 self.gw.config.record_ttl,
@@ -478,6 +487,7 @@ impl WritebackService {
         Sealing {
             operation: sealed,
             recipients,
+            canonical_user,
         }: Sealing<'_>,
         Lifetime { timeout, ttl }: Lifetime,
         trace: TraceParent,
@@ -486,6 +496,7 @@ impl WritebackService {
         let kind = sealed.action.as_ref().map(|a| a.kind()).unwrap_or_default();
         let user_id = sealed.user.as_ref().and_then(|u| u.id.as_ref());
         let user_label = user_id.map(store::user_label).unwrap_or_default();
+        let queue_user = canonical_user.unwrap_or_else(|| user_label.clone());
         let indexed = user_id.is_some() && kind != "policy";
         let initiator = sealed.initiator;
         let traceparent = trace.to_string();
@@ -529,7 +540,7 @@ impl WritebackService {
             envelope: &envelope,
             key_version: KEY_VERSION,
             ttl,
-            user: &user_label,
+            user: &queue_user,
         };
         let limits = QueueLimits {
             forest: gw.config.forest_queue_limit,
@@ -658,6 +669,7 @@ impl WritebackService {
             Sealing {
                 operation: sealed,
                 recipients: &recipients,
+                canonical_user: None,
             },
             POLICY_TIMEOUT,
             POLICY_RECORD_TTL,

@@ -378,5 +378,21 @@ async fn every_attempt_is_found_by_any_name_and_the_scope_refuses_before_writing
     assert_eq!(policy["out_of_scope"], true, "{policy}");
     let (_, policy) = json(&sb, &["policy", "--user", "rita"], "");
     assert_ne!(policy["out_of_scope"], true, "{policy}");
+
+    // One user, one unlock budget (5 per window), whichever name a caller uses.
+    for name in ["rita", upn.as_str(), guid.as_str(), "rita", upn.as_str()] {
+        let (code, unlocked) = json(&sb, &["submit", "--user", name, "--unlock"], "");
+        assert_eq!(
+            (code, unlocked["outcome"].as_str()),
+            (0, Some("APPLIED")),
+            "{unlocked}"
+        );
+    }
+    let over = run(&sb, &["submit", "--user", &guid, "--unlock"], "");
+    assert_eq!(over.status.code(), Some(4), "{over:?}");
+    assert!(
+        String::from_utf8_lossy(&over.stderr).contains("ResourceExhausted"),
+        "{over:?}"
+    );
     sb.shutdown().await;
 }

@@ -37,6 +37,28 @@ impl Store {
             .collect())
     }
 
+    /// The one name a user's budgets and per-user order go by: the objectGUID an agent
+    /// reported for the user `label` names, else `label` itself.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn canonical_user(
+        &self,
+        tenant: &TenantId,
+        forest: &ForestId,
+        label: &str,
+    ) -> Result<String> {
+        if label.starts_with("guid:") {
+            return Ok(label.to_owned());
+        }
+        Ok(self
+            .aliases(tenant, forest, label)
+            .await?
+            .into_iter()
+            .find(|l| l.starts_with("guid:"))
+            .unwrap_or_else(|| label.to_owned()))
+    }
+
     /// Remembers that `labels` name one user of `forest` (each name's record replaced: a
     /// UPN or sAMAccountName may move to another account), and indexes `op` (accepted at that
     /// time) under each.
