@@ -394,5 +394,46 @@ async fn every_attempt_is_found_by_any_name_and_the_scope_refuses_before_writing
         String::from_utf8_lossy(&over.stderr).contains("ResourceExhausted"),
         "{over:?}"
     );
+    // An operation id already used for another user (olga's): ALREADY_EXISTS.
+    let olga_id = out_of_scope["operation_id"].as_str().unwrap();
+    let reused = run(
+        &sb,
+        &[
+            "submit",
+            "--user",
+            "rita",
+            "--reset",
+            "--password-stdin",
+            "--operation-id",
+            olga_id,
+        ],
+        "Reused#Id-Reset1\n",
+    );
+    assert_eq!(reused.status.code(), Some(1), "{reused:?}");
+    assert!(
+        String::from_utf8_lossy(&reused.stderr).contains("AlreadyExists"),
+        "{reused:?}"
+    );
+    // Both refusals are found under every name, with their reasons.
+    for name in names {
+        let (_, ops) = json(&sb, &["ops", "--user", name, "--since", "1h"], "");
+        let newest: Vec<(&str, &str)> = ops.as_array().unwrap()[..2]
+            .iter()
+            .map(|o| {
+                (
+                    o["outcome"].as_str().unwrap(),
+                    o["message"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert!(
+            newest[0].0 == "REFUSED" && newest[0].1.contains("already used"),
+            "by {name}: {ops}"
+        );
+        assert!(
+            newest[1].0 == "REFUSED" && newest[1].1.contains("unlock requests"),
+            "by {name}: {ops}"
+        );
+    }
     sb.shutdown().await;
 }
