@@ -981,14 +981,14 @@ impl Directory {
         if scope.groups.is_empty() {
             return Ok(false);
         }
-        let filter: String = scope
-            .groups
-            .iter()
-            .map(|g| format!("(memberOf:{IN_CHAIN}:={})", ldap3::ldap_escape(g.as_str())))
-            .collect();
         let ldap3::SearchResult(entries, res) = ldap
             .with_timeout(timeout)
-            .search(&user.dn, Scope::Base, &format!("(|{filter})"), vec!["1.1"])
+            .search(
+                &user.dn,
+                Scope::Base,
+                &member_of_any(&scope.groups),
+                vec!["1.1"],
+            )
             .await?;
         if res.rc != 0 {
             return Err(LdapError::LdapResult { result: res });
@@ -1308,11 +1308,6 @@ fn describe(id: &user_ref::Id) -> String {
     }
 }
 
-/// sAMAccountType SAM_NORMAL_USER_ACCOUNT: people's accounts, not computers, managed service
-/// accounts (gMSA) or trust accounts, whose passwords are not the writeback's business (all
-/// of them are `objectClass=user` too).
-const SAM_NORMAL_USER_ACCOUNT: &str = "805306368";
-
 /// The LDAP filter for the user named by `id` (empty for a malformed objectGUID).
 pub fn user_filter(id: &user_ref::Id) -> String {
     let (attr, value) = match id {
@@ -1329,7 +1324,25 @@ pub fn user_filter(id: &user_ref::Id) -> String {
             ldap3::ldap_escape(sam.as_str()).into_owned(),
         ),
     };
-    format!("(&(objectClass=user)(sAMAccountType={SAM_NORMAL_USER_ACCOUNT})({attr}={value}))")
+    people_and(&format!("({attr}={value})"))
+}
+
+/// An LDAP filter for people's user accounts that also match `term` (a filter, or empty):
+/// sAMAccountType SAM_NORMAL_USER_ACCOUNT (805306368), not computers, managed service
+/// accounts (gMSA) or trust accounts, whose passwords are not the writeback's business (all
+/// of them are `objectClass=user` too).
+pub fn people_and(term: &str) -> String {
+    format!("(&(objectClass=user)(sAMAccountType=805306368){term})")
+}
+
+/// An LDAP filter matching members of any of `groups`, through nested groups too
+/// (LDAP_MATCHING_RULE_IN_CHAIN; the primary group does not count).
+pub fn member_of_any(groups: &[Dn]) -> String {
+    let any: String = groups
+        .iter()
+        .map(|g| format!("(memberOf:{IN_CHAIN}:={})", ldap3::ldap_escape(g.as_str())))
+        .collect();
+    format!("(|{any})")
 }
 
 /// `"password"` in UTF-16LE, as AD wants `unicodePwd`.

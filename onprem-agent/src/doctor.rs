@@ -293,8 +293,7 @@ async fn scope_check(
         }
     }
     // Every user under the base DN, then which of them each scope holds.
-    let users = "(&(objectClass=user)(sAMAccountType=805306368))";
-    let all = paged_dns(ldap, &config.base_dn, users).await?;
+    let all = paged_dns(ldap, &config.base_dn, &crate::directory::people_and("")).await?;
     let mut inside: Vec<&String> = all.iter().collect();
     for (s, _) in &scopes {
         if s.is_all() {
@@ -303,17 +302,8 @@ async fn scope_check(
         let members: std::collections::HashSet<String> = if s.groups.is_empty() {
             Default::default()
         } else {
-            let chain: String = s
-                .groups
-                .iter()
-                .map(|g| {
-                    format!(
-                        "(memberOf:1.2.840.113556.1.4.1941:={})",
-                        ldap3::ldap_escape(g.as_str())
-                    )
-                })
-                .collect();
-            paged_dns(ldap, &config.base_dn, &format!("(&{users}(|{chain}))"))
+            let filter = crate::directory::people_and(&crate::directory::member_of_any(&s.groups));
+            paged_dns(ldap, &config.base_dn, &filter)
                 .await?
                 .into_iter()
                 .map(|d| d.to_lowercase())

@@ -42,6 +42,8 @@ pub async fn dump_redis(url: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
                     .query_async(&mut c)
                     .await?
             }
+            // Expired or deleted since KEYS listed it (e.g. a rate limiter's short-lived key).
+            "none" => continue,
             other => bail!("unexpected redis type {other} for {key}"),
         };
         let mut bytes = Vec::new();

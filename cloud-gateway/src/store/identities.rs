@@ -84,11 +84,15 @@ impl Store {
                 .arg(ttl.as_millis() as u64)
                 .ignore();
         }
-        if let Some((op, accepted_ms)) = op {
-            index(&mut pipe, tenant, forest, labels, op, accepted_ms, ttl);
-        }
         let _: () = pipe.query_async(&mut self.conn()).await?;
-        Ok(())
+        // Under every name: the index step reads the names just written.
+        match (op, labels.first()) {
+            (Some((op, accepted_ms)), Some(first)) => {
+                self.index_user_operation(tenant, forest, first, op, accepted_ms, ttl)
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Indexes `op` (accepted at `accepted_ms`) under its user's name `label` and every
@@ -141,32 +145,3 @@ return 1
 "#,
     )
 });
-
-/// Adds `op` to each label's user index, trimmed to its newest [`USER_INDEX_KEEP`].
-fn index(
-    pipe: &mut redis::Pipeline,
-    tenant: &TenantId,
-    forest: &ForestId,
-    labels: &[String],
-    op: &OperationId,
-    accepted_ms: i64,
-    ttl: Duration,
-) {
-    for l in labels {
-        let key = keys::label_index_key(tenant, forest, l);
-        pipe.cmd("ZADD")
-            .arg(&key)
-            .arg(accepted_ms)
-            .arg(op.as_str())
-            .ignore()
-            .cmd("ZREMRANGEBYRANK")
-            .arg(&key)
-            .arg(0)
-            .arg(-1 - USER_INDEX_KEEP)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(ttl.as_millis() as u64)
-            .ignore();
-    }
-}
