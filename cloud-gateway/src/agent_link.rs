@@ -286,18 +286,21 @@ struct Registration {
     sessions: Arc<Mutex<HashMap<(TenantId, ForestId), usize>>>,
     key: (TenantId, ForestId),
     streams: Arc<AgentStreams>,
-    agent_id: String,
+    agent: AgentKey,
     stream: u64,
 }
 
-/// The agent streams a replica holds, by agent id, each with what closes it. One agent
+/// The agent streams a replica holds, by agent identity (tenant, agent id), each with what closes it. One agent
 /// identity has one live stream: a newer one (on any replica) closes the others, with an
 /// alert (WB1016); a revocation or a rotated secret closes them all (WB1017).
 #[derive(Default)]
 pub struct AgentStreams {
     next: std::sync::atomic::AtomicU64,
-    by_agent: Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
+    by_agent: Mutex<HashMap<AgentKey, Vec<(u64, CancellationToken)>>>,
 }
+
+/// An agent identity: agent ids are per tenant.
+type AgentKey = (TenantId, String);
 
 impl AgentStreams {
     /// A stream id unique across replicas and restarts.
@@ -306,30 +309,30 @@ impl AgentStreams {
         (rand_u32() as u64) << 32 | (n & 0xffff_ffff)
     }
 
-    fn add(&self, agent_id: &str, stream: u64, cancel: CancellationToken) {
+    fn add(&self, agent: &AgentKey, stream: u64, cancel: CancellationToken) {
         self.by_agent
             .lock()
             .expect("agent streams")
-            .entry(agent_id.to_owned())
+            .entry(agent.clone())
             .or_default()
             .push((stream, cancel));
     }
 
-    fn remove(&self, agent_id: &str, stream: u64) {
+    fn remove(&self, agent: &AgentKey, stream: u64) {
         let mut m = self.by_agent.lock().expect("agent streams");
-        if let Some(v) = m.get_mut(agent_id) {
+        if let Some(v) = m.get_mut(agent) {
             v.retain(|(s, _)| *s != stream);
             if v.is_empty() {
-                m.remove(agent_id);
+                m.remove(agent);
             }
         }
     }
 
     /// Closes the agent's streams here, but `keep`; returns how many.
-    fn close(&self, agent_id: &str, keep: Option<u64>) -> usize {
+    fn close(&self, agent: &AgentKey, keep: Option<u64>) -> usize {
         let m = self.by_agent.lock().expect("agent streams");
         let mut n = 0;
-        for (s, cancel) in m.get(agent_id).into_iter().flatten() {
+        for (s, cancel) in m.get(agent).into_iter().flatten() {
             if Some(*s) != keep {
                 cancel.cancel();
                 n += 1;
@@ -358,22 +361,28 @@ pub async fn listen_agent_events(gw: Gateway) {
                 let Ok(payload) = msg.get_payload::<String>() else {
                     continue;
                 };
-                let mut parts = payload.split('\0');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some("revoke"), Some(agent_id), None) => {
-                        let n = gw.agent_streams.close(agent_id, None);
+                match store::AgentEvent::parse(&payload) {
+                    Some(store::AgentEvent::Revoke { tenant, agent_id }) => {
+                        let n = gw
+                            .agent_streams
+                            .close(&(tenant.clone(), agent_id.clone()), None);
                         if n > 0 {
-                            tracing::warn!(event = "WB1017", %agent_id, streams = n, "agent revoked or its secret rotated: its streams on this replica are closed");
+                            tracing::warn!(event = "WB1017", %tenant, %agent_id, streams = n, "agent revoked or its secret rotated: its streams on this replica are closed");
                         }
                     }
-                    (Some("connect"), Some(agent_id), Some(stream)) => {
-                        let keep = stream.parse().ok();
-                        let n = gw.agent_streams.close(agent_id, keep);
+                    Some(store::AgentEvent::Connect {
+                        tenant,
+                        agent_id,
+                        stream,
+                    }) => {
+                        let n = gw
+                            .agent_streams
+                            .close(&(tenant.clone(), agent_id.clone()), Some(stream));
                         if n > 0 {
-                            tracing::warn!(event = "WB1016", %agent_id, streams = n, "the agent opened a newer stream: its older one on this replica is closed (one stream per agent identity; a credential used from two hosts shows up here)");
+                            tracing::warn!(event = "WB1016", %tenant, %agent_id, streams = n, "the agent opened a newer stream: its older one on this replica is closed (one stream per agent identity; a credential used from two hosts shows up here)");
                         }
                     }
-                    _ => {
+                    None => {
                         tracing::warn!(payload = %payload.escape_debug(), "unknown agent event; ignored")
                     }
                 }
@@ -398,11 +407,9 @@ pub async fn listen_agent_events(gw: Gateway) {
 impl Registration {
     fn new(gw: &Gateway, session: &Session) -> Self {
         let (tenant, forest) = (&session.identity.tenant, &session.identity.forest);
-        gw.agent_streams.add(
-            &session.identity.agent_id,
-            session.stream,
-            session.cancel.clone(),
-        );
+        let agent = (tenant.clone(), session.identity.agent_id.clone());
+        gw.agent_streams
+            .add(&agent, session.stream, session.cancel.clone());
         let key = (tenant.clone(), forest.clone());
         *gw.sessions
             .lock()
@@ -420,7 +427,7 @@ impl Registration {
             sessions: gw.sessions.clone(),
             key,
             streams: gw.agent_streams.clone(),
-            agent_id: session.identity.agent_id.clone(),
+            agent,
             stream: session.stream,
         }
     }
@@ -428,7 +435,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.streams.remove(&self.agent_id, self.stream);
+        self.streams.remove(&self.agent, self.stream);
         crate::metrics::get()
             .connected_agents
             .with_label_values(&[self.key.0.as_str(), self.key.1.as_str()])
@@ -524,10 +531,11 @@ impl Session {
         // One stream per agent identity: the others (here or on another replica) close.
         if let Err(e) = gw
             .store
-            .publish_agent_event(&format!(
-                "connect\0{}\0{}",
-                self.identity.agent_id, self.stream
-            ))
+            .publish_agent_event(&store::AgentEvent::Connect {
+                tenant: self.identity.tenant.clone(),
+                agent_id: self.identity.agent_id.clone(),
+                stream: self.stream,
+            })
             .await
         {
             tracing::warn!(error = %e, "could not announce the agent's stream to the other replicas");

@@ -11,7 +11,7 @@ use relay::envelope::{self, AgentPublicKey, KeyBytes, OperationSigner};
 use relay::scope::Scope;
 use relay::secret::Secret;
 
-use crate::store::{ForestId, Store, StoreError, TenantId};
+use crate::store::{AgentEvent, ForestId, Store, StoreError, TenantId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
@@ -21,8 +21,6 @@ pub enum TenantError {
     UnknownTenant(String),
     #[error("no agent {0:?} is registered for this tenant")]
     UnknownAgent(String),
-    #[error("agent id {0:?} belongs to another tenant: choose another id")]
-    AgentIdTaken(String),
     #[error("{0}")]
     Crypto(#[from] envelope::EnvelopeError),
 }
@@ -40,6 +38,10 @@ pub enum AgentRefusal {
     Malformed,
     #[error("unknown agent {0:?}: no credential is registered under that id (register it with `cloud-gateway admin register-agent`)")]
     UnknownAgent(String),
+    /// No agent of that id holds the secret presented. Which tenants have an agent of that id
+    /// is not told.
+    #[error("no agent {0:?} holds this secret: the agent id or the secret is mistyped, the secret was rotated, or the agent is not registered (register it with `cloud-gateway admin register-agent`)")]
+    NoSuchSecret(String),
     #[error("wrong secret for agent {0:?}: the credential was rotated or mistyped")]
     WrongSecret(String),
     #[error("unknown agent {0:?}: its credential record was not written by this gateway (register it again with `cloud-gateway admin register-agent`)")]
@@ -329,7 +331,8 @@ impl Tenants {
 
     /// Writes an agent's credential record (`credential`: its secret's hash, or
     /// `cert:<enrollment>`), replacing the agent's earlier one, and closes the streams that
-    /// authenticated with that one, on every replica. An id another tenant holds is refused.
+    /// authenticated with that one, on every replica. Agent ids are the tenant's own: another
+    /// tenant's agent of the same id is a different agent, left alone.
     async fn put_credential(
         &self,
         tenant: &TenantId,
@@ -337,18 +340,21 @@ impl Tenants {
         agent_id: &str,
         credential: &str,
     ) -> Result<(), TenantError> {
-        self.may_hold(tenant, agent_id).await?;
+        self.must_exist(tenant).await?;
         let mac = self.seal(
             AGENT_RECORD,
             &[agent_id, tenant.as_str(), forest.as_str(), credential],
         );
         self.store
-            .put_agent_credential(agent_id, tenant, forest, credential, &mac)
+            .put_agent_credential(tenant, agent_id, forest, credential, &mac)
             .await?;
         // A rotation cuts off whoever holds the old secret, at once, on every replica.
         if let Err(e) = self
             .store
-            .publish_agent_event(&format!("revoke\0{agent_id}"))
+            .publish_agent_event(&AgentEvent::Revoke {
+                tenant: tenant.clone(),
+                agent_id: agent_id.to_owned(),
+            })
             .await
         {
             tracing::warn!(error = %e, %agent_id, "could not tell the replicas to close the agent's streams; each closes them at its next credential check");
@@ -356,17 +362,9 @@ impl Tenants {
         Ok(())
     }
 
-    /// Whether `tenant` exists and may hold `agent_id` (no other tenant holds it).
-    async fn may_hold(&self, tenant: &TenantId, agent_id: &str) -> Result<(), TenantError> {
+    async fn must_exist(&self, tenant: &TenantId) -> Result<(), TenantError> {
         if !self.exists(tenant).await? {
             return Err(TenantError::UnknownTenant(tenant.to_string()));
-        }
-        let existing = self.store.agent_credential(agent_id).await?;
-        if existing
-            .get("tenant")
-            .is_some_and(|owner| owner != tenant.as_str())
-        {
-            return Err(TenantError::AgentIdTaken(agent_id.to_owned()));
         }
         Ok(())
     }
@@ -375,7 +373,7 @@ impl Tenants {
     /// (`admin enroll-agent`). The agent trades it for a client certificate.
     ///
     /// # Errors
-    /// When the tenant does not exist, the id is another tenant's, or on Redis errors.
+    /// When the tenant does not exist, or on Redis errors.
     pub async fn create_enrollment(
         &self,
         tenant: &TenantId,
@@ -383,7 +381,7 @@ impl Tenants {
         agent_id: &str,
         ttl: std::time::Duration,
     ) -> Result<Secret, TenantError> {
-        self.may_hold(tenant, agent_id).await?;
+        self.must_exist(tenant).await?;
         let token = random_secret("wbe_")?;
         let hash = sha256_hex(token.expose().as_bytes());
         let expires = (relay::now_unix_ms() + ttl.as_millis() as i64).to_string();
@@ -434,7 +432,7 @@ impl Tenants {
     /// `who.enrollment` (an earlier secret or certificate stops working at once).
     ///
     /// # Errors
-    /// When the id is another tenant's, or on Redis errors.
+    /// On Redis errors.
     pub async fn put_enrolled_agent(
         &self,
         who: &crate::enroll::EnrolledName,
@@ -444,7 +442,7 @@ impl Tenants {
     }
 
     /// The identity of an agent presenting an enrolled certificate naming `who`, or why it
-    /// is refused (revoked, enrolled again since, another tenant's record).
+    /// is refused (revoked, enrolled again since).
     ///
     /// # Errors
     /// On Redis errors.
@@ -453,7 +451,7 @@ impl Tenants {
         who: &crate::enroll::EnrolledName,
     ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
         let identity = self
-            .check_credential(&who.agent_id, &who.credential())
+            .check_credential(&who.tenant, &who.agent_id, &who.credential())
             .await?;
         Ok(identity.and_then(|id| {
             if id.tenant == who.tenant && id.forest == who.forest {
@@ -470,18 +468,18 @@ impl Tenants {
     /// # Errors
     /// When no agent of that id belongs to the tenant, or on Redis errors.
     pub async fn revoke_agent(&self, tenant: &TenantId, agent_id: &str) -> Result<(), TenantError> {
-        let h = self.store.agent_credential(agent_id).await?;
-        let (Some(owner), Some(forest)) = (h.get("tenant"), h.get("forest")) else {
+        let h = self.store.agent_credential(tenant, agent_id).await?;
+        let Some(forest) = h.get("forest") else {
             return Err(TenantError::UnknownAgent(agent_id.to_owned()));
         };
-        if owner != tenant.as_str() {
-            return Err(TenantError::UnknownAgent(agent_id.to_owned()));
-        }
         self.store
-            .revoke_agent_credential(agent_id, tenant, &ForestId::from_store(forest.clone()))
+            .revoke_agent_credential(tenant, agent_id, &ForestId::from_store(forest.clone()))
             .await?;
         self.store
-            .publish_agent_event(&format!("revoke\0{agent_id}"))
+            .publish_agent_event(&AgentEvent::Revoke {
+                tenant: tenant.clone(),
+                agent_id: agent_id.to_owned(),
+            })
             .await?;
         tracing::warn!(event = "WB1017", %tenant, %agent_id, "agent revoked");
         Ok(())
@@ -498,11 +496,8 @@ impl Tenants {
     ) -> Result<Vec<RegisteredAgent>, TenantError> {
         let mut out = Vec::new();
         for agent_id in self.store.agent_ids(tenant).await? {
-            let h = self.store.agent_credential(&agent_id).await?;
-            let Some(forest) = h
-                .get("forest")
-                .filter(|_| h.get("tenant").map(String::as_str) == Some(tenant.as_str()))
-            else {
+            let h = self.store.agent_credential(tenant, &agent_id).await?;
+            let Some(forest) = h.get("forest") else {
                 continue;
             };
             let forest_id = ForestId::from_store(forest.clone());
@@ -529,7 +524,10 @@ impl Tenants {
     /// # Errors
     /// On Redis errors.
     pub async fn credential_current(&self, identity: &AgentIdentity) -> Result<bool, TenantError> {
-        let h = self.store.agent_credential(&identity.agent_id).await?;
+        let h = self
+            .store
+            .agent_credential(&identity.tenant, &identity.agent_id)
+            .await?;
         Ok(!h.contains_key("revoked_at")
             && h.get("secret_sha256").map(String::as_str) == Some(identity.secret_sha256.as_str()))
     }
@@ -666,7 +664,9 @@ impl Tenants {
         Ok(Some(tenant))
     }
 
-    /// Verifies `<agent_id>.<secret>`; returns who the agent is, or why it is refused.
+    /// Verifies `<agent_id>.<secret>`; returns who the agent is, or why it is refused. The
+    /// secret (`wba_` and base64url: no `.`) is what is after the last `.`, so an agent id may
+    /// hold dots; its hash finds the tenant (agent ids are per tenant).
     ///
     /// # Errors
     /// On Redis errors.
@@ -674,34 +674,44 @@ impl Tenants {
         &self,
         credential: &str,
     ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
-        let Some((agent_id, secret)) = credential.split_once('.') else {
+        let Some((agent_id, secret)) = credential.rsplit_once('.') else {
             return Ok(Err(AgentRefusal::Malformed));
         };
-        self.check_credential(agent_id, &sha256_hex(secret.as_bytes()))
-            .await
+        if agent_id.is_empty() || secret.is_empty() {
+            return Ok(Err(AgentRefusal::Malformed));
+        }
+        let hash = sha256_hex(secret.as_bytes());
+        let Some(tenant) = self.store.agent_secret_tenant(&hash, agent_id).await? else {
+            return Ok(Err(AgentRefusal::NoSuchSecret(agent_id.to_owned())));
+        };
+        self.check_credential(&tenant, agent_id, &hash).await
     }
 
-    /// Checks `presented` (a secret's hash, or `cert:<enrollment>`) against the agent's
-    /// credential record.
+    /// Checks `presented` (a secret's hash, or `cert:<enrollment>`) against the credential
+    /// record of `tenant`'s agent `agent_id`.
     async fn check_credential(
         &self,
+        tenant: &TenantId,
         agent_id: &str,
         presented: &str,
     ) -> Result<Result<AgentIdentity, AgentRefusal>, TenantError> {
-        let h = self.store.agent_credential(agent_id).await?;
+        let h = self.store.agent_credential(tenant, agent_id).await?;
         if let Some(at) = h.get("revoked_at") {
             return Ok(Err(AgentRefusal::Revoked {
                 agent_id: agent_id.to_owned(),
                 revoked_at_unix_ms: at.parse().unwrap_or(0),
             }));
         }
-        let (Some(tenant), Some(forest), Some(expected)) =
+        let (Some(owner), Some(forest), Some(expected)) =
             (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
         else {
             return Ok(Err(AgentRefusal::UnknownAgent(agent_id.to_owned())));
         };
         let mac = h.get("mac").map_or("", String::as_str);
-        if !self.sealed(AGENT_RECORD, &[agent_id, tenant, forest, expected], mac) {
+        // A record copied under another tenant's key names its own tenant in its MAC.
+        if owner != tenant.as_str()
+            || !self.sealed(AGENT_RECORD, &[agent_id, owner, forest, expected], mac)
+        {
             tracing::error!(event = "WB1093", %agent_id, %tenant, %forest, record = "agent credential", "an agent credential record whose MAC does not verify (not written by a gateway with this master key): refused");
             return Ok(Err(AgentRefusal::Unsealed(agent_id.to_owned())));
         }
@@ -711,7 +721,7 @@ impl Tenants {
         // Written by `register_agent`, whose ids were checked.
         Ok(Ok(AgentIdentity {
             agent_id: agent_id.to_owned(),
-            tenant: TenantId::from_store(tenant.clone()),
+            tenant: tenant.clone(),
             forest: ForestId::from_store(forest.clone()),
             secret_sha256: expected.clone(),
         }))
@@ -758,7 +768,7 @@ impl Tenants {
                 }
             }
             for agent_id in self.store.agent_ids(&tenant).await? {
-                let h = self.store.agent_credential(&agent_id).await?;
+                let h = self.store.agent_credential(&tenant, &agent_id).await?;
                 let (Some(owner), Some(forest), Some(credential)) =
                     (h.get("tenant"), h.get("forest"), h.get("secret_sha256"))
                 else {
@@ -776,8 +786,8 @@ impl Tenants {
                     let mac = self.seal(AGENT_RECORD, &fields);
                     self.store
                         .put_agent_credential(
-                            &agent_id,
                             &tenant,
+                            &agent_id,
                             &ForestId::from_store(forest.clone()),
                             credential,
                             &mac,

@@ -265,6 +265,8 @@ struct ScriptedAgent {
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<GatewayFrame>,
     heartbeats: tokio::task::JoinHandle<()>,
+    /// The tenant its Welcome named.
+    tenant: String,
 }
 
 impl Drop for ScriptedAgent {
@@ -365,15 +367,15 @@ impl ScriptedAgent {
         }
         let mut client = AgentLinkClient::new(channel);
         let mut inbound = client.connect(req).await?.into_inner();
-        let signing_keys = match inbound.message().await? {
+        let (signing_keys, tenant) = match inbound.message().await? {
             Some(GatewayFrame {
                 frame: Some(gateway_frame::Frame::Welcome(w)),
             }) => {
                 assert_eq!(w.sealing_key_id, key_id);
-                assert_eq!(w.tenant_id, "acme");
-                std::iter::once(w.operation_signing_key)
+                let keys = std::iter::once(w.operation_signing_key)
                     .chain(w.previous_signing_keys)
-                    .collect()
+                    .collect();
+                (keys, w.tenant_id)
             }
             other => panic!("expected welcome, got {other:?}"),
         };
@@ -396,6 +398,7 @@ impl ScriptedAgent {
             tx,
             rx: inbound,
             heartbeats,
+            tenant,
         })
     }
 
@@ -415,6 +418,15 @@ impl ScriptedAgent {
                 Ok(Ok(None) | Err(_)) => return Some(start.elapsed()),
             }
         }
+    }
+
+    /// Asserts that the gateway ends this stream within a second (waiting up to three).
+    async fn closes_within_a_second(&mut self, what: &str) {
+        let took = self.closed_within(Duration::from_secs(3)).await;
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(1)),
+            "{what} closed after {took:?}"
+        );
     }
 
     async fn next_work(&mut self, within: Duration) -> Option<Work> {
@@ -481,6 +493,7 @@ async fn connected_agent(
     let agent = ScriptedAgent::connect(env, "a1", secret.expose(), FOREST, instance, max_in_flight)
         .await
         .unwrap();
+    assert_eq!(agent.tenant, "acme");
     wait_live(env).await;
     (agent, secret)
 }
@@ -551,11 +564,7 @@ async fn a_revoked_or_rotated_agent_is_cut_off_within_a_second_on_every_replica(
         .register_agent(&ACME, &FOREST_ID, "a1")
         .await
         .unwrap();
-    let took = agent.closed_within(Duration::from_secs(3)).await;
-    assert!(
-        took.is_some_and(|t| t < Duration::from_secs(1)),
-        "the rotated-out stream closed after {took:?}"
-    );
+    agent.closes_within_a_second("the rotated-out stream").await;
     let err = ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i1", 1)
         .await
         .err()
@@ -577,11 +586,9 @@ async fn a_revoked_or_rotated_agent_is_cut_off_within_a_second_on_every_replica(
         keys.is_empty(),
         "a revoked agent is still sealed to: {keys:?}"
     );
-    let took = agent.closed_within(Duration::from_secs(3)).await;
-    assert!(
-        took.is_some_and(|t| t < Duration::from_secs(1)),
-        "the revoked agent's stream closed after {took:?}"
-    );
+    agent
+        .closes_within_a_second("the revoked agent's stream")
+        .await;
     for addr in [env.addr, other] {
         let err = ScriptedAgent::connect_via(&env, addr, "a1", rotated.expose(), FOREST, "i1", 1)
             .await
@@ -618,16 +625,157 @@ async fn a_newer_stream_of_one_agent_closes_the_older_one() {
         ScriptedAgent::connect_via(&env, other, "a1", secret.expose(), FOREST, "i2", 1)
             .await
             .unwrap();
-    let took = first.closed_within(Duration::from_secs(3)).await;
-    assert!(
-        took.is_some_and(|t| t < Duration::from_secs(1)),
-        "the older stream closed after {took:?}"
-    );
+    first.closes_within_a_second("the older stream").await;
     assert_eq!(
         second.closed_within(Duration::from_millis(1500)).await,
         None,
         "the newer stream stays"
     );
+    env.shutdown.cancel();
+}
+
+/// Agent ids are the tenant's own: two tenants each register an agent `dc1.corp` (a dot in the
+/// id works); each authenticates as its own tenant's, one stream of each stays open side by
+/// side, and rotating or revoking one leaves the other connected. A credential record from
+/// before per-tenant ids (the global `wb:agentcred:<id>`) still admits its agent and moves to
+/// the tenant's key when the agent is registered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_ids_are_per_tenant() {
+    let env = start().await;
+    let globex = TenantId::new("globex").unwrap();
+    env.tenants.create_tenant(&globex).await.unwrap();
+    let id = "dc1.corp";
+    let ours = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, id)
+        .await
+        .unwrap();
+    let theirs = env
+        .tenants
+        .register_agent(&globex, &FOREST_ID, id)
+        .await
+        .unwrap();
+    let mut acme_agent = ScriptedAgent::connect(&env, id, ours.expose(), FOREST, "i1", 1)
+        .await
+        .unwrap();
+    let mut globex_agent = ScriptedAgent::connect(&env, id, theirs.expose(), FOREST, "i1", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (acme_agent.tenant.as_str(), globex_agent.tenant.as_str()),
+        ("acme", "globex")
+    );
+    assert_eq!(
+        acme_agent.closed_within(Duration::from_millis(1500)).await,
+        None,
+        "the other tenant's agent of the same id closed this one's stream"
+    );
+    // Work for acme reaches acme's agent.
+    wait_live(&env).await;
+    let submit = {
+        let env = &env;
+        async move { env.submit("per-tenant-1", 5000).await }
+    };
+    let (answer, work) = tokio::join!(submit, async {
+        let work = acme_agent.next_work(Duration::from_secs(5)).await.unwrap();
+        acme_agent.ack(&work.operation_id, Outcome::Applied).await;
+        work
+    });
+    assert_eq!(work.tenant_id, "acme");
+    assert_eq!(
+        Outcome::try_from(answer.unwrap().outcome).unwrap(),
+        Outcome::Applied
+    );
+
+    // Rotating globex's secret closes globex's stream only; its old secret finds nothing.
+    let rotated = env
+        .tenants
+        .register_agent(&globex, &FOREST_ID, id)
+        .await
+        .unwrap();
+    globex_agent
+        .closes_within_a_second("the rotated agent's stream")
+        .await;
+    let err = ScriptedAgent::connect(&env, id, theirs.expose(), FOREST, "i2", 1)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.message()
+            .contains("no agent \"dc1.corp\" holds this secret"),
+        "{}",
+        err.message()
+    );
+    // Revoking globex's agent leaves acme's connected and registered.
+    let globex_agent = ScriptedAgent::connect(&env, id, rotated.expose(), FOREST, "i2", 1)
+        .await
+        .unwrap();
+    drop(globex_agent);
+    env.tenants.revoke_agent(&globex, id).await.unwrap();
+    let err = ScriptedAgent::connect(&env, id, rotated.expose(), FOREST, "i2", 1)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.message().contains("was revoked"), "{}", err.message());
+    assert_eq!(
+        acme_agent.closed_within(Duration::from_millis(1500)).await,
+        None,
+        "revoking globex's agent closed acme's"
+    );
+    let listed = env
+        .tenants
+        .list_agents(&ACME, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].revoked_at_unix_ms, None, "{listed:?}");
+    drop(acme_agent);
+
+    // A legacy record: as a gateway before per-tenant ids wrote it (global key, no index).
+    let client = redis::Client::open(env.redis.lock().unwrap().url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let old = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "old1")
+        .await
+        .unwrap();
+    let old_sha = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        old.expose().as_bytes(),
+    ));
+    let _: () = redis::cmd("RENAME")
+        .arg("wb:{acme}:agentcred:old1")
+        .arg("wb:agentcred:old1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("wb:agentsecret:{old_sha}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let legacy = ScriptedAgent::connect(&env, "old1", old.expose(), FOREST, "i3", 1)
+        .await
+        .unwrap();
+    assert_eq!(legacy.tenant, "acme");
+    drop(legacy);
+    // Another tenant cannot reach it through the legacy key.
+    assert!(env.tenants.revoke_agent(&globex, "old1").await.is_err());
+    let again = env
+        .tenants
+        .register_agent(&ACME, &FOREST_ID, "old1")
+        .await
+        .unwrap();
+    let (legacy_left, moved): (bool, bool) = redis::pipe()
+        .exists("wb:agentcred:old1")
+        .exists("wb:{acme}:agentcred:old1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((legacy_left, moved), (false, true));
+    ScriptedAgent::connect(&env, "old1", again.expose(), FOREST, "i3", 1)
+        .await
+        .unwrap();
     env.shutdown.cancel();
 }
 
@@ -789,15 +937,23 @@ async fn planted_token_and_credential_records_are_refused() {
         assert_eq!(err.code(), Code::Unauthenticated, "{planted}: {err:?}");
     }
 
-    // An agent credential planted from scratch, and a real one copied to another id.
+    // An agent credential planted from scratch, a real one copied to another id, and one
+    // planted under the id of an agent of another tenant (each with the secret index entry
+    // that leads to it: the index is only a lookup, the record must still verify).
     let real: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("wb:agentcred:a1")
+        .arg("wb:{acme}:agentcred:a1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("wb:agentsecret:{}", sha("wba_planted")))
+        .arg("acme")
         .query_async(&mut c)
         .await
         .unwrap();
     for (id, mac) in [("evil", ""), ("evil2", real["mac"].as_str())] {
         let _: () = redis::cmd("HSET")
-            .arg(format!("wb:agentcred:{id}"))
+            .arg(format!("wb:{{acme}}:agentcred:{id}"))
             .arg(&[
                 ("tenant", "acme"),
                 ("forest", FOREST),
@@ -1925,26 +2081,19 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(enroll(&env, short.expose(), &csr().0).await.is_err());
-    // Another tenant's id.
-    env.tenants
-        .create_tenant(&TenantId::new("globex").unwrap())
+    // Another tenant's agent of the same id is another agent: enrolling it leaves this one
+    // alone.
+    let globex = TenantId::new("globex").unwrap();
+    env.tenants.create_tenant(&globex).await.unwrap();
+    let theirs = env
+        .tenants
+        .create_enrollment(&globex, &FOREST_ID, "e1", Duration::from_secs(60))
         .await
         .unwrap();
-    let taken = env
-        .tenants
-        .create_enrollment(
-            &TenantId::new("globex").unwrap(),
-            &FOREST_ID,
-            "e1",
-            Duration::from_secs(60),
-        )
-        .await;
-    assert!(
-        matches!(
-            taken,
-            Err(cloud_gateway::tenants::TenantError::AgentIdTaken(_))
-        ),
-        "{taken:?}"
+    let theirs = enroll(&env, theirs.expose(), &csr().0).await.unwrap();
+    assert_eq!(
+        (theirs.tenant_id.as_str(), theirs.agent_id.as_str()),
+        ("globex", "e1")
     );
 
     // The certificate alone authenticates; the tenant and forest are the certificate's.
@@ -2016,11 +2165,9 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
 
     // Revoked: the stream closes within a second, neither certificate reconnects.
     env.tenants.revoke_agent(&ACME, "e1").await.unwrap();
-    let took = agent.closed_within(Duration::from_secs(3)).await;
-    assert!(
-        took.is_some_and(|t| t < Duration::from_secs(1)),
-        "the revoked agent's stream closed after {took:?}"
-    );
+    agent
+        .closes_within_a_second("the revoked agent's stream")
+        .await;
     for id in [&identity, &renewed_identity] {
         let err = ScriptedAgent::connect_enrolled(&env, id, "e1", "i1")
             .await
@@ -2455,7 +2602,9 @@ async fn a_store_that_lost_its_data_is_unavailable_not_unauthenticated() {
         .unwrap();
     assert_eq!(unknown.code(), Code::Unauthenticated);
     assert!(
-        unknown.message().contains("unknown agent \"nobody\""),
+        unknown
+            .message()
+            .contains("no agent \"nobody\" holds this secret"),
         "{}",
         unknown.message()
     );
@@ -2465,7 +2614,9 @@ async fn a_store_that_lost_its_data_is_unavailable_not_unauthenticated() {
         .unwrap();
     assert_eq!(wrong.code(), Code::Unauthenticated);
     assert!(
-        wrong.message().contains("wrong secret"),
+        wrong
+            .message()
+            .contains("no agent \"a1\" holds this secret: the agent id or the secret is mistyped"),
         "{}",
         wrong.message()
     );

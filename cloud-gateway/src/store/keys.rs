@@ -3,7 +3,7 @@
 //! `{T}` is the tenant id as a Redis Cluster hash tag: every key of one tenant (all of its
 //! forests' queues, records and indexes) lives in one hash slot, so each Lua script touches one
 //! slot. Cross-tenant data is limited to the tenant registry (`wb:tenants`), the store marker
-//! (`wb:meta`), token and agent-credential lookups (one key each) and pub/sub channels.
+//! (`wb:meta`), token and agent-secret lookups (one key each) and pub/sub channels.
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
@@ -14,7 +14,9 @@
 //! | `wb:enroll:<sha256>` | string | a one-time enrollment token's tenant, forest, agent id, expiry and MAC (expires with it; taken with GETDEL) |
 //! | `wb:{T}:rate` | string | the tenant's shared rate (GCRA theoretical arrival time, µs) |
 //! | `wb:{T}:budget:<guess\|unlock>:<forest>:<user>` | string | a user's guess or unlock budget in its window |
-//! | `wb:agentcred:<agent id>` | hash | tenant, forest, secret hash (or `cert:<enrollment>` for an enrolled agent), MAC; or tenant, forest, `revoked_at` once revoked |
+//! | `wb:{T}:agentcred:<agent id>` | hash | tenant, forest, secret hash (or `cert:<enrollment>` for an enrolled agent), MAC; or tenant, forest, `revoked_at` (and the revoked secret's hash) once revoked. Agent ids are the tenant's own: two tenants may both have an agent `dc1` |
+//! | `wb:agentsecret:<sha256>` | string | the tenant whose agent holds the secret of that hash (finds the record for `Bearer <agent id>.<secret>`; a planted one leads only to a record that must still verify) |
+//! | `wb:agentcred:<agent id>` | hash | legacy (before per-tenant ids): read when the tenant's own record is missing, removed when the agent is registered, enrolled, revoked or re-MACed |
 //! | `wb:{T}:agent-ids` | set | the agent ids registered for the tenant |
 //! | `wb:{T}:forest:<forest>` | hash | per-forest operator switches |
 //! | `wb:{T}:op:<op id>` | hash | operation record (never a password) |
@@ -44,7 +46,15 @@ pub fn tenant_key(tenant: &TenantId) -> String {
 pub fn token_key(token_sha256_hex: &str) -> String {
     format!("wb:token:{token_sha256_hex}")
 }
-pub fn agent_cred_key(agent_id: &str) -> String {
+pub fn agent_cred_key(tenant: &TenantId, agent_id: &str) -> String {
+    format!("wb:{{{tenant}}}:agentcred:{agent_id}")
+}
+/// Where an agent secret's hash names its tenant.
+pub fn agent_secret_key(secret_sha256_hex: &str) -> String {
+    format!("wb:agentsecret:{secret_sha256_hex}")
+}
+/// The global credential key of an agent registered before ids were per tenant.
+pub fn legacy_agent_cred_key(agent_id: &str) -> String {
     format!("wb:agentcred:{agent_id}")
 }
 pub fn forest_key(tenant: &TenantId, forest: &ForestId) -> String {
@@ -75,8 +85,9 @@ pub fn forests_key(tenant: &TenantId) -> String {
 pub fn agent_ids_key(tenant: &TenantId) -> String {
     format!("wb:{{{tenant}}}:agent-ids")
 }
-/// Pub/sub: `revoke\0<agent id>` (close every stream of the agent) and
-/// `connect\0<agent id>\0<session>` (close its other streams: one per agent identity).
+/// Pub/sub: `revoke\0<tenant>\0<agent id>` (close every stream of the agent) and
+/// `connect\0<tenant>\0<agent id>\0<session>` (close its other streams: one per agent
+/// identity); see [`AgentEvent`](super::AgentEvent).
 pub const AGENTS_CHANNEL: &str = "wb:agents";
 pub fn agent_info_key(tenant: &TenantId, forest: &ForestId, member: &str) -> String {
     format!("wb:{{{tenant}}}:agent:{forest}:{member}")

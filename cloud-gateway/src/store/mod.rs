@@ -6,6 +6,7 @@
 
 mod backend;
 mod enrollment;
+mod events;
 mod identities;
 mod ids;
 mod keys;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use relay::proto::{Outcome, PolicyViolation};
 
 pub use backend::{RedisOptions, REPLICA_ACK_TIMEOUT};
+pub use events::AgentEvent;
 pub use ids::{
     ForestId, InvalidId, OperationId, TenantId, MAX_FOREST_CHARS, MAX_FOREST_LABEL_CHARS,
     MAX_OPERATION_ID_CHARS, MAX_TENANT_ID_CHARS,
@@ -1013,67 +1015,124 @@ return 1
         Ok(self.conn().exists(tenant_key(tenant)).await?)
     }
 
-    /// Stores an agent credential (its secret's hash) for one tenant's forest.
+    /// Stores an agent credential (`credential`: its secret's hash, or `cert:<enrollment>`)
+    /// for one tenant's forest, replacing the agent's earlier one. A secret's hash is also
+    /// indexed (`wb:agentsecret:<hash>` names the tenant), and the replaced secret's index entry
+    /// is removed, so the old secret finds nothing.
     ///
     /// # Errors
     /// On Redis errors.
     pub async fn put_agent_credential(
         &self,
-        agent_id: &str,
         tenant: &TenantId,
+        agent_id: &str,
         forest: &ForestId,
-        secret_sha256: &str,
+        credential: &str,
         mac: &str,
     ) -> Result<()> {
-        // The tenant's sets share its slot; the credential (a global key) is replaced in one
-        // transaction of its own.
+        let old = self.agent_credential(tenant, agent_id).await?;
+        // The index first: until the record names the new hash, the index leads to a record
+        // that refuses it; the other way round, a new secret would briefly find nothing.
+        if !credential.starts_with("cert:") {
+            let _: () = self
+                .conn()
+                .set(agent_secret_key(credential), tenant.as_str())
+                .await?;
+        }
+        self.write_agent_record(
+            tenant,
+            agent_id,
+            forest,
+            [("secret_sha256", credential), ("mac", mac)],
+        )
+        .await?;
+        self.forget_old_secret(tenant, agent_id, &old, Some(credential))
+            .await
+    }
+
+    /// Replaces `tenant`'s record of `agent_id` by one of (`tenant`, `forest`, `fields`), and
+    /// lists the agent and its forest: one transaction, since they share the tenant's slot.
+    async fn write_agent_record(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+        forest: &ForestId,
+        fields: [(&str, &str); 2],
+    ) -> Result<()> {
+        let key = agent_cred_key(tenant, agent_id);
         let mut pipe = redis::pipe();
-        pipe.sadd(forests_key(tenant), forest)
+        pipe.atomic()
+            .sadd(forests_key(tenant), forest)
             .ignore()
             .sadd(agent_ids_key(tenant), agent_id)
+            .ignore()
+            .del(&key)
+            .ignore()
+            .hset_multiple(
+                &key,
+                &[("tenant", tenant.as_str()), ("forest", forest.as_str())],
+            )
+            .ignore()
+            .hset_multiple(&key, &fields)
             .ignore();
         let _: () = pipe.query_async(&mut self.conn()).await?;
-        let key = agent_cred_key(agent_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic().del(&key).ignore().hset_multiple(
-            &key,
-            &[
-                ("tenant", tenant.as_str()),
-                ("forest", forest.as_str()),
-                ("secret_sha256", secret_sha256),
-                ("mac", mac),
-            ],
-        );
-        let _: () = pipe.ignore().query_async(&mut self.conn()).await?;
         Ok(())
     }
 
-    /// Replaces an agent's credential by a tombstone (`tenant`, `forest`, `revoked_at`): it
-    /// admits nobody, and says why.
+    /// Removes what pointed at an agent's replaced record: its secret's index entry (unless it
+    /// is `keep`) and the agent's legacy record.
+    async fn forget_old_secret(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+        old: &HashMap<String, String>,
+        keep: Option<&str>,
+    ) -> Result<()> {
+        for field in ["secret_sha256", "revoked_sha256"] {
+            if let Some(hash) = old.get(field).filter(|h| !h.starts_with("cert:")) {
+                if Some(hash.as_str()) != keep {
+                    let _: () = self.conn().del(agent_secret_key(hash)).await?;
+                }
+            }
+        }
+        if self
+            .legacy_agent_credential(tenant, agent_id)
+            .await?
+            .is_some()
+        {
+            let _: () = self.conn().del(legacy_agent_cred_key(agent_id)).await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces an agent's credential by a tombstone (`tenant`, `forest`, `revoked_at`, and the
+    /// revoked secret's hash, whose index entry stays so the revoked agent is told it was
+    /// revoked): it admits nobody, and says why.
     ///
     /// # Errors
     /// On Redis errors.
     pub async fn revoke_agent_credential(
         &self,
-        agent_id: &str,
         tenant: &TenantId,
+        agent_id: &str,
         forest: &ForestId,
     ) -> Result<()> {
-        let key = agent_cred_key(agent_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(&key)
-            .ignore()
-            .hset_multiple(
-                &key,
-                &[
-                    ("tenant", tenant.as_str()),
-                    ("forest", forest.as_str()),
-                    ("revoked_at", &relay::now_unix_ms().to_string()),
-                ],
-            )
-            .ignore();
-        let _: () = pipe.query_async(&mut self.conn()).await?;
+        let old = self.agent_credential(tenant, agent_id).await?;
+        let revoked = old
+            .get("secret_sha256")
+            .or_else(|| old.get("revoked_sha256"))
+            .cloned()
+            .unwrap_or_default();
+        let revoked_at = relay::now_unix_ms().to_string();
+        self.write_agent_record(
+            tenant,
+            agent_id,
+            forest,
+            [("revoked_at", &revoked_at), ("revoked_sha256", &revoked)],
+        )
+        .await?;
+        self.forget_old_secret(tenant, agent_id, &old, Some(&revoked))
+            .await?;
         // Its instances stop being sealed to at once, before their streams close (each replica closes them within a second).
         let members: Vec<String> = self
             .conn()
@@ -1108,17 +1167,65 @@ return 1
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn publish_agent_event(&self, event: &str) -> Result<()> {
-        let _: i64 = self.conn().publish(AGENTS_CHANNEL, event).await?;
+    pub async fn publish_agent_event(&self, event: &AgentEvent) -> Result<()> {
+        let _: i64 = self.conn().publish(AGENTS_CHANNEL, event.encode()).await?;
         Ok(())
     }
 
-    /// An agent credential's fields (empty when unknown).
+    /// The fields of `tenant`'s credential record for `agent_id` (empty when unknown): its own
+    /// record, or a legacy one (from before agent ids were per tenant) that names the tenant.
     ///
     /// # Errors
     /// On Redis errors.
-    pub async fn agent_credential(&self, agent_id: &str) -> Result<HashMap<String, String>> {
-        Ok(self.conn().hgetall(agent_cred_key(agent_id)).await?)
+    pub async fn agent_credential(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+    ) -> Result<HashMap<String, String>> {
+        let h: HashMap<String, String> = self
+            .conn()
+            .hgetall(agent_cred_key(tenant, agent_id))
+            .await?;
+        if !h.is_empty() {
+            return Ok(h);
+        }
+        Ok(self
+            .legacy_agent_credential(tenant, agent_id)
+            .await?
+            .unwrap_or_default())
+    }
+
+    async fn legacy_agent_credential(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+    ) -> Result<Option<HashMap<String, String>>> {
+        let h: HashMap<String, String> =
+            self.conn().hgetall(legacy_agent_cred_key(agent_id)).await?;
+        Ok(Some(h).filter(|h| h.get("tenant").map(String::as_str) == Some(tenant.as_str())))
+    }
+
+    /// The tenant whose agent `agent_id` holds (or held, until it was revoked) the secret of
+    /// `secret_sha256`: from the secret index, or from a legacy record of that id with that
+    /// secret. The caller still verifies the record it leads to.
+    ///
+    /// # Errors
+    /// On Redis errors.
+    pub async fn agent_secret_tenant(
+        &self,
+        secret_sha256: &str,
+        agent_id: &str,
+    ) -> Result<Option<TenantId>> {
+        let indexed: Option<String> = self.conn().get(agent_secret_key(secret_sha256)).await?;
+        if let Some(tenant) = indexed {
+            return Ok(Some(TenantId::from_store(tenant)));
+        }
+        let legacy: HashMap<String, String> =
+            self.conn().hgetall(legacy_agent_cred_key(agent_id)).await?;
+        Ok(legacy
+            .get("tenant")
+            .filter(|_| legacy.get("secret_sha256").map(String::as_str) == Some(secret_sha256))
+            .map(|t| TenantId::from_store(t.clone())))
     }
 
     /// Sets some of a forest's operator switches.
