@@ -117,6 +117,19 @@ impl AgentLinkService {
             return Ok(outbound_stream(rx));
         }
         let sealing_key = sealing_key(&hello)?;
+        if let Some(bound) = identity
+            .sealing_key_id
+            .as_ref()
+            .filter(|bound| bound.as_str() != sealing_key.id())
+        {
+            tracing::warn!(event = "WB1028", tenant = %identity.tenant, agent_id = %identity.agent_id, announced = %sealing_key.id(), %bound, "an enrolled agent's stream announced a sealing key its certificate is not bound to: refused");
+            return Err(crate::tenants::AgentRefusal::UnboundSealingKey {
+                agent_id: identity.agent_id.clone(),
+                announced: sealing_key.id().to_owned(),
+                bound: bound.clone(),
+            }
+            .into());
+        }
         // The agent journals the highest store sequence it received: a store behind it was
         // restored from an older state; settle what that put back before any delivery.
         if identity.tenant == hello.store_high_water_tenant {
@@ -696,7 +709,7 @@ impl Session {
                     }
                 }
             }
-            Some(agent_frame::Frame::Renew(renew)) => self.renew(&renew.csr_pem).await,
+            Some(agent_frame::Frame::Renew(renew)) => self.renew(&renew).await,
             Some(agent_frame::Frame::Hello(_)) | None => {
                 tracing::warn!(agent_id = %self.identity.agent_id, "unexpected frame from agent; ignored");
             }
@@ -704,9 +717,10 @@ impl Session {
     }
 
     /// A new client certificate for an enrolled agent whose credential still stands: the
-    /// same name and enrollment, a new key (the CSR's), a new lifetime. A revoked or
+    /// same name and enrollment, a new key (the CSR's), bound to the new sealing key the
+    /// request names, a new lifetime; sent sealed to this stream's sealing key. A revoked or
     /// re-enrolled agent gets none (its stream is closing anyway).
-    async fn renew(&self, csr_pem: &str) {
+    async fn renew(&self, renew: &relay::proto::Renew) {
         let (Some(ca), Some(enrollment)) = (
             &self.gw.config.agent_ca,
             self.identity.secret_sha256.strip_prefix("cert:"),
@@ -726,18 +740,41 @@ impl Session {
                 return;
             }
         }
+        // Required: a renewal that bound no key would let a stolen certificate key escape
+        // the binding.
+        let Ok(next_key) = AgentPublicKey::from_bytes(&renew.sealing_key) else {
+            tracing::warn!(event = "WB1019", agent_id = %self.identity.agent_id, bytes = renew.sealing_key.len(), "renewal refused: renew.sealing_key is not a 32-byte X25519 public key (an agent from before certificates were bound to sealing keys: upgrade it, or enroll it again)");
+            return;
+        };
+        let sealing_key_id = Some(next_key.id().to_owned());
         let who = crate::enroll::EnrolledName {
             tenant: self.identity.tenant.clone(),
             forest: self.identity.forest.clone(),
             agent_id: self.identity.agent_id.clone(),
             enrollment: enrollment.to_owned(),
+            sealing_key_id,
         };
-        match ca.issue(csr_pem, &who) {
-            Ok((certificate_pem, not_after_unix_ms)) => {
-                tracing::info!(event = "WB1018", agent_id = %who.agent_id, not_after_unix_ms, "agent certificate renewed");
+        let issued = ca.issue(&renew.csr_pem, &who).and_then(|(pem, not_after)| {
+            let binding = relay::envelope::Binding::renewal(
+                who.tenant.as_str(),
+                who.forest.as_str(),
+                not_after,
+            );
+            let sealed = relay::envelope::seal_to(
+                std::slice::from_ref(&self.sealing_key),
+                self.gw.tenants.signer(),
+                &binding,
+                pem.as_bytes(),
+            )
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            Ok((sealed, not_after))
+        });
+        match issued {
+            Ok((sealed_certificate, not_after_unix_ms)) => {
+                tracing::info!(event = "WB1018", agent_id = %who.agent_id, not_after_unix_ms, sealing_key_id = ?who.sealing_key_id, "agent certificate renewed");
                 let renewed = relay::proto::Renewed {
-                    certificate_pem,
                     not_after_unix_ms,
+                    sealed_certificate,
                 };
                 let _ = self
                     .tx

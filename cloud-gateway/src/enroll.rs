@@ -7,9 +7,12 @@
 //! tenant, forest and agent id come from the certificate (a URI SAN
 //! `urn:writeback:agent:<tenant>:<forest>:<agent id>:<enrollment>`), and the agent's credential
 //! record must still name that enrollment (enrolling again, or `revoke-agent`, cuts the old
-//! certificate off at once, on every replica). Certificates are short-lived
-//! ([`DEFAULT_CERT_TTL`]) and renewed over the agent's stream, which a revoked agent no longer
-//! has.
+//! certificate off at once, on every replica). The certificate is bound to the agent's sealing
+//! key (a second URI SAN `urn:writeback:sealing-key:<key id>`): a stream on it that announces
+//! another key is refused, so a copied certificate key without the sealing-key file receives
+//! no work. Certificates are short-lived ([`DEFAULT_CERT_TTL`]) and renewed over the agent's
+//! stream, which a revoked agent no longer has, each renewal with a new sealing key; the new
+//! certificate is sent sealed to the stream's current sealing key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,9 +41,14 @@ pub struct EnrolledName {
     pub agent_id: String,
     /// Random per enrollment: the credential record names the current one.
     pub enrollment: String,
+    /// The id of the sealing key the certificate is bound to; `None` in a certificate issued
+    /// before keys were bound (such a certificate is still accepted until it expires, and
+    /// renews only onto a bound one).
+    pub sealing_key_id: Option<String>,
 }
 
 const SAN_PREFIX: &str = "urn:writeback:agent:";
+const SEALING_SAN_PREFIX: &str = "urn:writeback:sealing-key:";
 
 impl EnrolledName {
     fn uri(&self) -> String {
@@ -55,10 +63,17 @@ impl EnrolledName {
     pub fn from_certificate(der: &[u8]) -> Option<Self> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let san = cert.subject_alternative_name().ok()??;
-        san.value.general_names.iter().find_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(uri) => Self::parse(uri),
-            _ => None,
-        })
+        let uris = || {
+            san.value.general_names.iter().filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            })
+        };
+        let mut who = uris().find_map(Self::parse)?;
+        who.sealing_key_id = uris()
+            .find_map(|u| u.strip_prefix(SEALING_SAN_PREFIX))
+            .map(str::to_owned);
+        Some(who)
     }
 
     fn parse(uri: &str) -> Option<Self> {
@@ -74,6 +89,7 @@ impl EnrolledName {
             // Agent ids follow the tenant id rule (`admin register-agent`).
             agent_id: TenantId::new(agent_id).ok()?.into_string(),
             enrollment: enrollment.to_owned(),
+            sealing_key_id: None,
         })
     }
 
@@ -154,10 +170,18 @@ impl AgentCa {
         dn.push(DnType::CommonName, who.agent_id.as_str());
         dn.push(DnType::OrganizationName, who.tenant.as_str());
         params.distinguished_name = dn;
-        params.subject_alt_names =
-            vec![SanType::URI(who.uri().try_into().map_err(|_| {
-                GatewayError::Internal("agent name is not an IA5 string".into())
-            })?)];
+        let uris = std::iter::once(who.uri()).chain(
+            who.sealing_key_id
+                .iter()
+                .map(|id| format!("{SEALING_SAN_PREFIX}{id}")),
+        );
+        params.subject_alt_names = uris
+            .map(|u| {
+                u.try_into()
+                    .map(SanType::URI)
+                    .map_err(|_| GatewayError::Internal("agent name is not an IA5 string".into()))
+            })
+            .collect::<Result<_, _>>()?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         // Backdated a little for clocks behind ours, never by much of the lifetime (renewal is
@@ -193,6 +217,16 @@ impl EnrollmentService {
     }
 
     async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, GatewayError> {
+        let sealing_key = relay::envelope::AgentPublicKey::from_bytes(&req.sealing_key)
+            .map_err(|_| {
+                GatewayError::invalid(
+                    "sealing_key",
+                    format!(
+                        "must be the agent's 32-byte X25519 public key, got {} bytes (an agent from before certificates were bound to sealing keys: upgrade it)",
+                        req.sealing_key.len()
+                    ),
+                )
+            })?;
         let (tenant, forest, agent_id) = self
             .gw
             .tenants
@@ -207,10 +241,11 @@ impl EnrollmentService {
             forest,
             agent_id,
             enrollment: hex::encode(raw),
+            sealing_key_id: Some(sealing_key.id().to_owned()),
         };
         let (certificate_pem, not_after_unix_ms) = self.ca.issue(&req.csr_pem, &who)?;
         self.gw.tenants.put_enrolled_agent(&who).await?;
-        tracing::info!(event = "WB1018", tenant = %who.tenant, forest = %who.forest, agent_id = %who.agent_id, not_after_unix_ms, "agent enrolled: client certificate issued");
+        tracing::info!(event = "WB1018", tenant = %who.tenant, forest = %who.forest, agent_id = %who.agent_id, sealing_key_id = ?who.sealing_key_id, not_after_unix_ms, "agent enrolled: client certificate issued");
         Ok(EnrollResponse {
             certificate_pem,
             tenant_id: who.tenant.to_string(),
@@ -246,6 +281,7 @@ mod tests {
             forest: ForestId::new("corp.acme.test").unwrap(),
             agent_id: "dc1-agent".into(),
             enrollment: "00ff".into(),
+            sealing_key_id: Some("0123456789abcdef".into()),
         };
         let agent_key = KeyPair::generate().unwrap();
         let csr = CertificateParams::default()
@@ -255,7 +291,17 @@ mod tests {
             .unwrap();
         let (pem, not_after) = ca.issue(&csr, &who).unwrap();
         let der = rustls_pemfile_der(&pem);
-        assert_eq!(EnrolledName::from_certificate(&der), Some(who));
+        assert_eq!(EnrolledName::from_certificate(&der), Some(who.clone()));
+        // Without a bound key (issued before keys were bound).
+        let unbound = EnrolledName {
+            sealing_key_id: None,
+            ..who
+        };
+        let (pem, _) = ca.issue(&csr, &unbound).unwrap();
+        assert_eq!(
+            EnrolledName::from_certificate(&rustls_pemfile_der(&pem)),
+            Some(unbound)
+        );
         let left = not_after - relay::now_unix_ms();
         assert!(left > 23 * 3_600_000 && left <= 24 * 3_600_000, "{left}");
         let err = ca.issue(

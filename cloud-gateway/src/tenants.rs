@@ -51,6 +51,12 @@ pub enum AgentRefusal {
         agent_id: String,
         revoked_at_unix_ms: i64,
     },
+    #[error("agent {agent_id:?} announced sealing key {announced}, but its certificate is bound to sealing key {bound}: a certificate copied without its sealing-key file, or a key rotated outside renewal; enroll the agent again if its keys were lost")]
+    UnboundSealingKey {
+        agent_id: String,
+        announced: String,
+        bound: String,
+    },
 }
 
 /// What [`Tenants::remac_all`] did.
@@ -82,6 +88,9 @@ pub struct AgentIdentity {
     /// The hash of the secret it authenticated with: its streams close when the credential
     /// no longer has it (revoked or rotated).
     pub secret_sha256: String,
+    /// The sealing key its certificate is bound to (enrolled agents): its streams must
+    /// announce that key.
+    pub sealing_key_id: Option<String>,
 }
 
 /// Per-(tenant, forest) operator switches, as on the admin page of today's products.
@@ -455,7 +464,10 @@ impl Tenants {
             .await?;
         Ok(identity.and_then(|id| {
             if id.tenant == who.tenant && id.forest == who.forest {
-                Ok(id)
+                Ok(AgentIdentity {
+                    sealing_key_id: who.sealing_key_id.clone(),
+                    ..id
+                })
             } else {
                 Err(AgentRefusal::WrongSecret(who.agent_id.clone()))
             }
@@ -724,6 +736,7 @@ impl Tenants {
             tenant: tenant.clone(),
             forest: ForestId::from_store(forest.clone()),
             secret_sha256: expected.clone(),
+            sealing_key_id: None,
         }))
     }
 

@@ -2018,17 +2018,25 @@ fn csr() -> (String, String) {
     (csr, key.serialize_pem())
 }
 
+/// Enrolls with `csr_pem`, binding the certificate to the sealing key of scripted instance
+/// `instance` (`""`: no sealing key).
 async fn enroll(
     env: &Env,
     token: &str,
     csr_pem: &str,
+    instance: &str,
 ) -> Result<relay::proto::EnrollResponse, tonic::Status> {
     let mut c = relay::proto::agent_enrollment_client::AgentEnrollmentClient::new(
         env.channel().await.unwrap(),
     );
+    let sealing_key = match instance {
+        "" => Vec::new(),
+        i => instance_key(i).public().as_bytes().to_vec(),
+    };
     c.enroll(relay::proto::EnrollRequest {
         token: token.into(),
         csr_pem: csr_pem.into(),
+        sealing_key,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -2038,8 +2046,9 @@ async fn enroll(
 /// agent id; from then on the agent authenticates by that certificate alone (no secret), a
 /// used, expired or unknown token buys nothing, a certificate from another CA is refused, the
 /// certificate renews over the stream, and revocation cuts the certificate off within a second
-/// (no reconnect, no renewal). Enrolling again replaces the earlier certificate. An id
-/// another tenant holds cannot be taken.
+/// (no reconnect, no renewal). Enrolling again replaces the earlier certificate. The
+/// certificate is bound to the sealing key it was enrolled (or renewed) with: a stream on it
+/// announcing another key is refused, and a renewed certificate is sealed to the stream's key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
     let (ca_cert, ca_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
@@ -2056,7 +2065,13 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
         .await
         .unwrap();
     let (csr_pem, key_pem) = csr();
-    let enrolled = enroll(&env, token.expose(), &csr_pem).await.unwrap();
+    // Without a sealing key to bind: refused naming the field, the token not spent.
+    let err = enroll(&env, token.expose(), &csr_pem, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("sealing_key"), "{}", err.message());
+    let enrolled = enroll(&env, token.expose(), &csr_pem, "i1").await.unwrap();
     assert_eq!(
         (
             enrolled.tenant_id.as_str(),
@@ -2068,10 +2083,14 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
     let left = enrolled.not_after_unix_ms - relay::now_unix_ms();
     assert!(left > 3_500_000 && left <= 3_600_000, "{left}");
     // Once only.
-    let err = enroll(&env, token.expose(), &csr().0).await.unwrap_err();
+    let err = enroll(&env, token.expose(), &csr().0, "i1")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("used already"), "{}", err.message());
-    let err = enroll(&env, "wbe_made-up", &csr().0).await.unwrap_err();
+    let err = enroll(&env, "wbe_made-up", &csr().0, "i1")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     // Expired.
     let short = env
@@ -2080,7 +2099,7 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(enroll(&env, short.expose(), &csr().0).await.is_err());
+    assert!(enroll(&env, short.expose(), &csr().0, "i1").await.is_err());
     // Another tenant's agent of the same id is another agent: enrolling it leaves this one
     // alone.
     let globex = TenantId::new("globex").unwrap();
@@ -2090,7 +2109,7 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
         .create_enrollment(&globex, &FOREST_ID, "e1", Duration::from_secs(60))
         .await
         .unwrap();
-    let theirs = enroll(&env, theirs.expose(), &csr().0).await.unwrap();
+    let theirs = enroll(&env, theirs.expose(), &csr().0, "g1").await.unwrap();
     assert_eq!(
         (theirs.tenant_id.as_str(), theirs.agent_id.as_str()),
         ("globex", "e1")
@@ -2101,6 +2120,22 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
     let mut agent = ScriptedAgent::connect_enrolled(&env, &identity, "e1", "i1")
         .await
         .unwrap();
+    // The certificate is bound to i1's sealing key: the certificate and its key copied to a
+    // host without that key (announcing a key of its own) get nothing.
+    let unbound = |err: tonic::Status, want: &str| {
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(
+            err.message()
+                .contains(&format!("is bound to sealing key {want}")),
+            "{}",
+            err.message()
+        );
+    };
+    let copied = ScriptedAgent::connect_enrolled(&env, &identity, "e1", "i9")
+        .await
+        .err()
+        .expect("a certificate was accepted with a sealing key it is not bound to");
+    unbound(copied, instance_key("i1").public().id());
     // The same key under a certificate from another CA is refused at the TLS handshake or
     // by the gateway.
     let (other_cert, other_key) = cloud_gateway::enroll::AgentCa::generate().unwrap();
@@ -2118,6 +2153,7 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
                 forest: FOREST_ID.clone(),
                 agent_id: "e1".into(),
                 enrollment: "forged".into(),
+                sealing_key_id: Some(instance_key("i2").public().id().to_owned()),
             },
         )
         .unwrap()
@@ -2129,17 +2165,23 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
         "a certificate from another CA was accepted"
     );
 
-    // Renewal over the stream: a new certificate for a new key, the same name.
+    // Renewal over the stream: a new certificate for a new key and a new sealing key (i3's),
+    // the same name, sent sealed to the stream's sealing key (i1's). A renewal that names no
+    // sealing key (which would escape the binding) gets no answer.
+    let renew = |csr_pem: String, instance: &str| AgentFrame {
+        frame: Some(agent_frame::Frame::Renew(relay::proto::Renew {
+            csr_pem,
+            sealing_key: match instance {
+                "" => Vec::new(),
+                i => instance_key(i).public().as_bytes().to_vec(),
+            },
+        })),
+    };
     let (csr2, key2) = csr();
-    agent
-        .tx
-        .send(AgentFrame {
-            frame: Some(agent_frame::Frame::Renew(relay::proto::Renew {
-                csr_pem: csr2,
-            })),
-        })
-        .await
-        .unwrap();
+    agent.tx.send(renew(csr2.clone(), "")).await.unwrap();
+    agent.tx.send(renew(csr2, "i3")).await.unwrap();
+    // Frames are handled in order: had the first been answered, its answer would come first
+    // (and bind no key, failing the name check below).
     let renewed = loop {
         match tokio::time::timeout(Duration::from_secs(5), agent.rx.message())
             .await
@@ -2152,16 +2194,46 @@ async fn an_enrolled_agent_authenticates_by_certificate_until_revoked() {
             _ => continue,
         }
     };
-    let renewed_identity = (renewed.certificate_pem, key2);
+    let binding = relay::envelope::Binding::renewal("acme", FOREST, renewed.not_after_unix_ms);
+    let pem = agent
+        .keys
+        .open(
+            &agent.signing_keys,
+            &binding,
+            relay::envelope::KEY_VERSION,
+            &renewed.sealed_certificate,
+        )
+        .expect("the renewed certificate opens with the stream's sealing key");
+    assert!(
+        AgentKeyring::new(instance_key("i3"), Vec::new())
+            .open(
+                &agent.signing_keys,
+                &binding,
+                relay::envelope::KEY_VERSION,
+                &renewed.sealed_certificate
+            )
+            .is_err(),
+        "the renewed certificate opens with a key other than the stream's"
+    );
+    let renewed_identity = (String::from_utf8(pem.to_vec()).unwrap(), key2);
     let der = x509_parser::pem::parse_x509_pem(renewed_identity.0.as_bytes())
         .unwrap()
         .1
         .contents;
     let name = cloud_gateway::enroll::EnrolledName::from_certificate(&der).unwrap();
     assert_eq!(
-        (name.tenant.as_str(), name.agent_id.as_str()),
-        ("acme", "e1")
+        (
+            name.tenant.as_str(),
+            name.agent_id.as_str(),
+            name.sealing_key_id.as_deref()
+        ),
+        ("acme", "e1", Some(instance_key("i3").public().id()))
     );
+    let stale = ScriptedAgent::connect_enrolled(&env, &renewed_identity, "e1", "i1")
+        .await
+        .err()
+        .expect("a renewed certificate was accepted with the sealing key it replaced");
+    unbound(stale, instance_key("i3").public().id());
 
     // Revoked: the stream closes within a second, neither certificate reconnects.
     env.tenants.revoke_agent(&ACME, "e1").await.unwrap();

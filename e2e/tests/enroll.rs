@@ -1,7 +1,8 @@
 //! Enrollment end to end, against a real Samba AD DC: an agent enrolled with a one-time token
 //! has no secret at all, authenticates by its client certificate, applies a reset AD accepts,
 //! renews its certificate over the stream at half its lifetime (rotating its sealing key with
-//! it), and after a restart past the first certificate's expiry works on the renewed one.
+//! it: the new certificate is bound to the new key), refuses a rotation by hand, and after a
+//! restart past the first certificate's expiry works on the renewed one.
 
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,29 @@ async fn an_enrolled_agent_resets_renews_and_restarts_on_its_renewed_certificate
         keys.keys().len(),
         2,
         "the sealing key rotated with the certificate"
+    );
+    // The renewed certificate is bound to the new key, not the one the stream announced.
+    let der = x509_parser::pem::parse_x509_pem(renewed.as_ref().unwrap().as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let name = cloud_gateway::enroll::EnrolledName::from_certificate(&der).unwrap();
+    assert_eq!(
+        name.sealing_key_id.as_deref(),
+        Some(keys.current().public().id())
+    );
+    assert_ne!(keys.keys()[0].public().id(), keys.keys()[1].public().id());
+    // Rotating by hand would unbind it: refused, saying how to rotate.
+    let refused = onprem_agent::keys::rotate_by_hand(&state).unwrap_err();
+    assert!(refused.to_string().contains("enroll it again"), "{refused}");
+    assert_eq!(
+        onprem_agent::keys::load_or_create(Some(&state))
+            .unwrap()
+            .current()
+            .public()
+            .id(),
+        keys.current().public().id(),
+        "a refused rotation changed the key"
     );
 
     // Restart after the first certificate expired: the renewed one works.

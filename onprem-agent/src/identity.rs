@@ -30,6 +30,8 @@ pub enum IdentityError {
     NoStateDir,
     #[error("cannot generate a key pair: {0}")]
     Key(String),
+    #[error("sealing keys: {0}")]
+    Keys(#[from] crate::keys::KeyError),
     #[error("gateway: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("gateway refused the enrollment ({code:?}): {message}")]
@@ -102,6 +104,11 @@ pub fn load(state_dir: &Path) -> Result<Option<Enrolled>, IdentityError> {
         cert_pem,
         key_pem,
     }))
+}
+
+/// Whether an agent with this state directory enrolled (holds a certificate).
+pub fn is_enrolled(state_dir: &Path) -> bool {
+    paths(state_dir).0.exists()
 }
 
 /// Keeps a certificate and its key in `state_dir` (the key written 0600; each file replaced
@@ -191,7 +198,8 @@ pub fn new_request() -> Result<(String, Secret), IdentityError> {
 }
 
 /// Enrolls this agent with a one-time `token`: a new key pair, its certificate from the
-/// gateway, both kept in the state directory.
+/// gateway (bound to a new sealing key, which becomes the current one), all kept in the state
+/// directory.
 ///
 /// # Errors
 /// When there is no state directory, the gateway cannot be reached, or refuses the token.
@@ -199,6 +207,8 @@ pub async fn enroll(config: &AgentConfig, token: &Secret) -> Result<EnrollRespon
     relay::tls::install_crypto_provider();
     let dir = config.state_dir.as_ref().ok_or(IdentityError::NoStateDir)?;
     let (csr_pem, key_pem) = new_request()?;
+    let sealing_key =
+        relay::envelope::AgentKey::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
     let tls = tls(config, &Credential::Secret(Secret::default()))?;
     let channel = Endpoint::from_shared(config.gateway_url.clone())
         .map_err(|e| IdentityError::Invalid {
@@ -213,6 +223,7 @@ pub async fn enroll(config: &AgentConfig, token: &Secret) -> Result<EnrollRespon
         .enroll(EnrollRequest {
             token: token.expose().to_owned(),
             csr_pem,
+            sealing_key: sealing_key.public().as_bytes().to_vec(),
         })
         .await
         .map_err(|s| IdentityError::Refused {
@@ -221,6 +232,7 @@ pub async fn enroll(config: &AgentConfig, token: &Secret) -> Result<EnrollRespon
         })?
         .into_inner();
     store(dir, &response.certificate_pem, &key_pem)?;
+    crate::keys::rotate_to(dir, sealing_key)?;
     Ok(response)
 }
 

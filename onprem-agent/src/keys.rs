@@ -3,10 +3,12 @@
 //! The gateway seals each operation to the current key of every live agent of the forest (the
 //! agent announces its public half in every Hello).
 //!
-//! `onprem-agent rotate-key` makes a new current key and keeps the previous ones for
-//! [`RETIRED_KEPT`], so operations sealed to them before the rotation still open; a running
-//! agent announces the new key at its next connection. Without a state directory the key lives
-//! in memory for the life of the process.
+//! An enrolled agent's certificate is bound to its current key: the key rotates with the
+//! certificate (a new one at enrollment and at every renewal, [`rotate_to`]). An agent with a
+//! registered secret rotates it with `onprem-agent rotate-key` ([`rotate`]). Either way the
+//! previous keys are kept for [`RETIRED_KEPT`], so operations sealed to them before the
+//! rotation still open, and a running agent announces the new key at its next connection.
+//! Without a state directory the key lives in memory for the life of the process.
 //!
 //! File format, one key per line, current first: `<key id> <created unix ms> <retired unix ms,
 //! 0 for the current key> <private key hex>`.
@@ -35,6 +37,8 @@ pub enum KeyError {
     },
     #[error("{0}")]
     Crypto(#[from] relay::envelope::EnvelopeError),
+    #[error("this agent is enrolled: its sealing key is bound to its certificate and rotates with it at every renewal (at half the certificate's lifetime); a key rotated by hand would be refused by the gateway. To rotate now, enroll it again (`cloud-gateway admin enroll-agent`, then `onprem-agent enroll`): that makes a new sealing key too")]
+    Enrolled,
 }
 
 struct Entry {
@@ -94,6 +98,27 @@ pub struct Rotated {
 /// # Errors
 /// As [`load_or_create`].
 pub fn rotate(state_dir: &Path) -> Result<Rotated, KeyError> {
+    rotate_to(state_dir, AgentKey::generate()?)
+}
+
+/// `onprem-agent rotate-key`: [`rotate`], for an agent with a registered secret.
+///
+/// # Errors
+/// [`KeyError::Enrolled`] for an enrolled agent (its key rotates with its certificate); as
+/// [`load_or_create`].
+pub fn rotate_by_hand(state_dir: &Path) -> Result<Rotated, KeyError> {
+    if crate::identity::is_enrolled(state_dir) {
+        return Err(KeyError::Enrolled);
+    }
+    rotate(state_dir)
+}
+
+/// Makes `key` the current key in `state_dir` (a key the agent's new certificate is bound
+/// to), retiring the current one.
+///
+/// # Errors
+/// As [`load_or_create`].
+pub fn rotate_to(state_dir: &Path, key: AgentKey) -> Result<Rotated, KeyError> {
     std::fs::create_dir_all(state_dir)?;
     let file = path(state_dir);
     let mut entries = if file.exists() {
@@ -113,7 +138,7 @@ pub fn rotate(state_dir: &Path) -> Result<Rotated, KeyError> {
     entries.insert(
         0,
         Entry {
-            key: AgentKey::generate()?,
+            key,
             created_ms: now,
             retired_ms: 0,
         },

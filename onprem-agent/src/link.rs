@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
 use relay::backoff::Backoff;
-use relay::envelope::{AgentKeyring, Binding};
+use relay::envelope::{AgentKey, AgentKeyring, Binding};
 use relay::proto::agent_link_client::AgentLinkClient;
 use relay::proto::{
     agent_frame, gateway_frame, Ack, AgentFrame, Heartbeat, Hello, Outcome, PolicyViolation,
@@ -253,7 +253,7 @@ impl Agent {
         let mut last_heard = Instant::now();
         // The key of a renewal asked for and not answered yet; once renewed, this connection
         // (which keeps the certificate it started with) asks no more.
-        let mut renewing: Option<Secret> = None;
+        let mut renewing: Option<(Secret, AgentKey)> = None;
         let mut renewed = false;
         // Told by a draining replica to move: reconnect without backing off.
         let mut moving = false;
@@ -283,7 +283,7 @@ impl Agent {
                             Some(gateway_frame::Frame::Work(work)) => session.clone().accept(work),
                             Some(gateway_frame::Frame::Heartbeat(hb)) => session.clock.sample(hb.sent_unix_ms),
                             Some(gateway_frame::Frame::Renewed(r)) => {
-                                renewed = self.renewed(&r, renewing.take());
+                                renewed = self.renewed(&session, &r, renewing.take());
                             }
                             Some(gateway_frame::Frame::Moving(m)) => {
                                 tracing::info!(event = "WB2005", replica = %m.replica, "gateway replica draining: reconnecting at once");
@@ -320,10 +320,15 @@ impl Agent {
         result
     }
 
-    /// Asks the gateway for a new certificate for a new key; returns the key (kept until the
-    /// answer comes).
-    async fn ask_renewal(&self, tx: &mpsc::Sender<AgentFrame>) -> Option<Secret> {
-        let (csr_pem, key) = match crate::identity::new_request() {
+    /// Asks the gateway for a new certificate for a new key, bound to a new sealing key;
+    /// returns both keys (kept until the answer comes).
+    async fn ask_renewal(&self, tx: &mpsc::Sender<AgentFrame>) -> Option<(Secret, AgentKey)> {
+        let made = crate::identity::new_request().and_then(|(csr, key)| {
+            let next = AgentKey::generate()
+                .map_err(|e| crate::identity::IdentityError::Key(e.to_string()))?;
+            Ok((csr, key, next))
+        });
+        let (csr_pem, key, next) = match made {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(event = "WB2024", error = %e, "cannot make a renewal request");
@@ -331,29 +336,59 @@ impl Agent {
             }
         };
         let renew = AgentFrame {
-            frame: Some(agent_frame::Frame::Renew(relay::proto::Renew { csr_pem })),
+            frame: Some(agent_frame::Frame::Renew(relay::proto::Renew {
+                csr_pem,
+                sealing_key: next.public().as_bytes().to_vec(),
+            })),
         };
         tx.send(renew).await.ok()?;
         tracing::info!(
             event = "WB2024",
             "certificate past half its lifetime: renewal asked"
         );
-        Some(key)
+        Some((key, next))
     }
 
-    /// Keeps a renewed certificate with the key it was asked for, and rotates the sealing key
-    /// with it; both are used from the next connection.
-    /// Returns whether it was kept.
-    fn renewed(&self, r: &relay::proto::Renewed, key: Option<Secret>) -> bool {
-        let (Some(key), Some(dir)) = (key, &self.config.state_dir) else {
+    /// Opens a renewed certificate (sealed to this session's key) and keeps it with the key
+    /// it was asked for, and makes the sealing key it is bound to the current one; both are
+    /// used from the next connection. Returns whether it was kept.
+    fn renewed(
+        &self,
+        session: &Session,
+        r: &relay::proto::Renewed,
+        asked: Option<(Secret, AgentKey)>,
+    ) -> bool {
+        let (Some((key, next)), Some(dir)) = (asked, &self.config.state_dir) else {
             tracing::warn!("a renewed certificate nobody asked for; ignored");
             return false;
         };
-        if let Err(e) = crate::identity::store(dir, &r.certificate_pem, &key) {
+        let binding = relay::envelope::Binding::renewal(
+            &session.tenant,
+            &session.forest,
+            r.not_after_unix_ms,
+        );
+        let pem = session
+            .keys
+            .open(
+                &session.gateway_signing_keys,
+                &binding,
+                relay::envelope::KEY_VERSION,
+                &r.sealed_certificate,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|p| String::from_utf8(p.to_vec()).map_err(|e| e.to_string()));
+        let pem = match pem {
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::error!(event = "WB2024", error = %e, "the renewed certificate does not open with this agent's sealing key (not from this gateway?); ignored");
+                return false;
+            }
+        };
+        if let Err(e) = crate::identity::store(dir, &pem, &key) {
             tracing::error!(event = "WB2024", error = %e, "cannot keep the renewed certificate; the current one is used until it expires");
             return false;
         }
-        match crate::keys::rotate(dir) {
+        match crate::keys::rotate_to(dir, next) {
             Ok(k) => {
                 tracing::info!(event = "WB2024", not_after_unix_ms = r.not_after_unix_ms, sealing_key_id = %k.new_key_id, "certificate renewed and sealing key rotated; both used from the next connection")
             }

@@ -176,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             let Some(dir) = &config.state_dir else {
                 anyhow::bail!("state_dir is not set: this agent keeps its sealing key in memory and makes a new one at every start");
             };
-            let r = onprem_agent::keys::rotate(dir)?;
+            let r = onprem_agent::keys::rotate_by_hand(dir)?;
             println!("new sealing key: {}", r.new_key_id);
             if let Some(old) = r.retired_key_id {
                 println!("retired key:     {old} (kept 24 h for work already sealed to it)");

@@ -184,6 +184,24 @@ impl Binding<'_> {
     }
 }
 
+/// The operation id a renewed certificate is sealed under (to the sealing key of the stream
+/// that asked for it, deadline = the certificate's expiry).
+pub const RENEWAL_OPERATION_ID: &str = "certificate-renewal";
+
+impl<'a> Binding<'a> {
+    /// What a renewed certificate for (tenant, forest) expiring at `not_after_unix_ms` is
+    /// sealed to.
+    pub fn renewal(tenant_id: &'a str, forest: &'a str, not_after_unix_ms: i64) -> Self {
+        Self {
+            tenant_id,
+            forest,
+            operation_id: RENEWAL_OPERATION_ID,
+            deadline_unix_ms: not_after_unix_ms,
+            traceparent: "",
+        }
+    }
+}
+
 /// The public half of an agent's sealing key, with its id (what envelopes name it by).
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentPublicKey {
