@@ -75,7 +75,7 @@ fn request(t: &Target, user: usize, n: u64) -> SubmitRequest {
             &t.forest,
             &format!("{}{}", t.user_prefix, user % t.users.max(1)),
         )),
-        initiator: Initiator::Admin as i32,
+        initiator: Initiator::EndUser as i32,
         timeout_ms: 20_000,
         action: Some(action),
     }

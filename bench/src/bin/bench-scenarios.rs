@@ -60,6 +60,8 @@ fn pids(stack: &Stack) -> Vec<(String, u32)> {
     for a in &stack.agents {
         v.push((a.name.clone(), a.pid()));
     }
+    // The load generator shares the machine: its CPU is part of the picture.
+    v.push(("loadgen".to_owned(), std::process::id()));
     v
 }
 
@@ -144,7 +146,7 @@ async fn relay_overhead(r: &mut Report) -> anyhow::Result<()> {
     let warmup = secs("BENCH_WARMUP_SECS", 1.0);
     r.line(format!(
         "One gateway process, one `bench-noop-agent` process (the real agent link, in-flight limit {in_flight}; the agent's default is 8), one Redis; \
-         resets (admin initiator) over gRPC/TLS, 4 HTTP/2 connections, each caller on its own user. \
+         resets (end-user initiator) over gRPC/TLS, 4 HTTP/2 connections, each caller on its own user. \
          Tenant rate limit raised to 1,000,000/s for the run (`WRITEBACK_TENANT_RATE`, `WRITEBACK_TENANT_BURST`). \
          {:.0} s measured per step after {:.0} s warm-up.\n",
         measure.as_secs_f64(),
@@ -316,7 +318,7 @@ async fn real_ad(r: &mut Report) -> anyhow::Result<()> {
                 tenant_id: tenant.clone(),
                 operation_id: String::new(),
                 user: Some(UserRef::from_text(&forest, &user)),
-                initiator: Initiator::Admin as i32,
+                initiator: Initiator::EndUser as i32,
                 timeout_ms: 20_000,
                 action: Some(action),
             });
@@ -345,7 +347,7 @@ async fn real_ad(r: &mut Report) -> anyhow::Result<()> {
             }
             let op = SealedOperation {
                 user: Some(UserRef::from_text(&forest, &other)),
-                initiator: Initiator::Admin as i32,
+                initiator: Initiator::EndUser as i32,
                 switches: None,
                 action: Some(match kind {
                     Kind::Reset => Action::Reset(ResetPassword {
