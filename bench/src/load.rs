@@ -164,7 +164,7 @@ async fn one(
                 .entry(outcome.as_str_name().to_owned())
                 .or_default() += 1;
             if outcome == Outcome::Applied
-                && n % shared.sample_every == 0
+                && n.is_multiple_of(shared.sample_every)
                 && run.sampled_ops.len() < 500
             {
                 run.sampled_ops.push(r.operation_id);

@@ -281,10 +281,6 @@ async fn real_ad(r: &mut Report) -> anyhow::Result<()> {
     };
     let mut client = relay::proto::writeback_client::WritebackClient::new(stack.channel().await?);
     let p = pids(&stack);
-    let mut samba_pids: Vec<(String, u32)> = Vec::new();
-    if let Some(pid) = dc.pid() {
-        samba_pids.push(("samba".into(), pid));
-    }
     r.line(format!(
         "Samba AD DC (testkit), the real `onprem-agent run` process (LDAPS pool of 2), one gateway, one Redis. \
          {n} of each kind, one at a time, over {users} users; each relay write is followed by the same kind of \
