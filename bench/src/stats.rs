@@ -53,7 +53,8 @@ impl Histogram {
         }
         self.sort();
         let n = self.micros.len();
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
+        // The epsilon keeps 99.9 % of 1,000 at rank 999 (0.999 * 1000 is 999.0000000000001).
+        let rank = ((p / 100.0) * n as f64 - 1e-9).ceil() as usize;
         let idx = rank.clamp(1, n) - 1;
         Some(self.micros[idx] as f64 / 1000.0)
     }

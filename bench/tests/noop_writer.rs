@@ -86,7 +86,8 @@ fn a_writer_flag_is_refused() {
 fn a_writer_key_in_the_settings_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("agent.toml");
-    std::fs::write(&file, "writer = \"noop\"\n").unwrap();
+    // Private, as the agent wants its settings file: the refusal must be for the key.
+    relay::secret::write_private(&file, "writer = \"noop\"\n").unwrap();
     let (ok, out) = run_bounded(
         Command::new(agent_binary())
             .arg("run")
