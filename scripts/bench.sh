@@ -15,6 +15,12 @@ scripts/install-deps.sh
 # a Redis connection each in the gateway and in Redis).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 t0=$SECONDS
+# A profile of the relay-overhead step when perf can sample here (cpu-clock works in VMs that have
+# no hardware counters).
+if [ -z "${BENCH_PERF_DIR:-}" ] && command -v perf >/dev/null \
+   && perf record -q -e cpu-clock -o /dev/null -- true >/dev/null 2>&1; then
+  export BENCH_PERF_DIR=${BENCH_OUT:-${CARGO_TARGET_DIR:-target}/bench}
+fi
 $CARGO build --release -p cloud-gateway -p onprem-agent -p bench --bins
 target_dir=${CARGO_TARGET_DIR:-target}
 BENCH_OUT=${BENCH_OUT:-$target_dir/bench} "$target_dir/release/bench-scenarios"

@@ -131,6 +131,78 @@ async fn stage_table(r: &mut Report, t: &Target, ops: &[String]) {
     }
 }
 
+/// With `BENCH_PERF_DIR` set, a `perf record` (cpu-clock, call graphs) of the gateway, agent
+/// and Redis during the closed-loop step with `BENCH_PERF_AT` callers (default 32).
+fn profile_start(
+    p: &[(String, u32)],
+    callers: usize,
+    measure: Duration,
+) -> Option<(std::process::Child, PathBuf)> {
+    let dir = PathBuf::from(std::env::var_os("BENCH_PERF_DIR")?);
+    if callers != env_num("BENCH_PERF_AT", 32.0) as usize {
+        return None;
+    }
+    let data = dir.join("perf.data");
+    let list: Vec<String> = p
+        .iter()
+        .filter(|(n, _)| n != "loadgen")
+        .map(|(_, pid)| pid.to_string())
+        .collect();
+    std::process::Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "499",
+            "-g",
+            "-p",
+            &list.join(","),
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{:.1}", measure.as_secs_f64())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()
+        .map(|c| (c, data))
+}
+
+fn profile_finish(
+    r: &mut Report,
+    (mut child, data): (std::process::Child, PathBuf),
+    callers: usize,
+) {
+    let _ = child.wait();
+    let out = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--percent-limit",
+            "0.7",
+            "--sort",
+            "comm,dso,symbol",
+            "-i",
+        ])
+        .arg(&data)
+        .output();
+    let Ok(out) = out else { return };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let path = data.with_file_name("perf-report.txt");
+    let _ = std::fs::write(&path, &text);
+    let top: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(30)
+        .collect();
+    r.line(format!("\nProfile (perf record -e cpu-clock, gateway + agent + Redis, {callers} callers; full report {}):\n\n```\n{}\n```\n", path.display(), top.join("\n")));
+}
+
 /// Scenario 1: the relay's own cost, with the no-op writer.
 async fn relay_overhead(r: &mut Report) -> anyhow::Result<()> {
     r.line("\n## 1. Relay overhead (no-op writer)\n");
@@ -165,9 +237,13 @@ async fn relay_overhead(r: &mut Report) -> anyhow::Result<()> {
         tc.users = c;
         tc.user_prefix = format!("c{c}-");
         load::closed_loop(&tc, c, Duration::ZERO, warmup).await;
+        let perf = profile_start(&p, c, measure);
         let before = CpuSnapshot::take(&p);
         let mut run = load::closed_loop(&tc, c, Duration::ZERO, measure).await;
         let after = CpuSnapshot::take(&p);
+        if let Some(perf) = perf {
+            profile_finish(r, perf, c);
+        }
         let label = format!("closed, {c} callers");
         let cpu = cpu_cells(&before, &after, run.applied());
         r.line(row(&label, &mut run, &cpu));
