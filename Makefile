@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: up down test soak build fmt lint deps k8s-check package image
+.PHONY: up down test soak bench build fmt lint deps k8s-check package image
 
 up:
 	@scripts/stack-up.sh
@@ -72,3 +72,9 @@ test:
 # run counted as a clock-skew fault. Prints the one-line verdict and the recovery figures.
 soak:
 	@scripts/soak.sh
+
+# The benchmark scenarios of issue 11 (scripts/bench.sh): release build; relay overhead with the
+# no-op writer, relay vs direct LDAPS on Samba AD, 10,000 idle agent streams, Redis footprint.
+# Writes target/bench/report.md and one SVG plot per scenario; about 5 minutes. Not in `make test`.
+bench:
+	@scripts/bench.sh

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod keys;
 pub mod link;
 pub mod metrics;
+pub mod writer;
 
 use std::path::PathBuf;
 

@@ -28,6 +28,7 @@ use crate::domains::Domains;
 use crate::identity::{Credential, IdentityError};
 use crate::journal::{Begin, Journal, JournalError};
 use crate::keys::KeyError;
+use crate::writer::Writer;
 use crate::AgentConfig;
 use relay::secret::Secret;
 
@@ -66,7 +67,8 @@ pub enum LinkError {
 /// Long-lived state shared by all connections of this agent process.
 pub struct Agent {
     config: AgentConfig,
-    domains: Domains,
+    /// Where operations are applied: the forest's domains in `run`.
+    writer: Arc<dyn Writer>,
     instance_id: String,
     /// Outcomes (and intents) of operations, so a redelivery is never applied twice.
     journal: Journal,
@@ -87,6 +89,18 @@ impl Agent {
     /// # Errors
     /// When the journal or the keys cannot be opened.
     pub fn new(config: AgentConfig, domains: Domains) -> Result<Arc<Self>, StartError> {
+        Self::with_writer(config, Arc::new(domains))
+    }
+
+    /// As [`Agent::new`], applying operations with `writer` instead of the forest's domains
+    /// (the benchmark's no-op writer; `onprem-agent run` has no way to choose one).
+    ///
+    /// # Errors
+    /// When the journal or the keys cannot be opened.
+    pub fn with_writer(
+        config: AgentConfig,
+        writer: Arc<dyn Writer>,
+    ) -> Result<Arc<Self>, StartError> {
         let (journal, instance_id) = match &config.state_dir {
             Some(dir) => Journal::open(dir)?,
             None => (Journal::in_memory(), uuid::Uuid::new_v4().to_string()),
@@ -94,7 +108,7 @@ impl Agent {
         let keys = crate::keys::load_or_create(config.state_dir.as_deref())?;
         Ok(Arc::new(Self {
             config,
-            domains,
+            writer,
             instance_id,
             journal,
             keys: Mutex::new(Arc::new(keys)),
@@ -664,7 +678,7 @@ impl Session {
     /// answer so far); `None` when AD could not tell in time (the outcome stays unknown).
     async fn read_back(&self, base: Ack, u: Unconfirmed) -> Option<Ack> {
         let op_id = base.operation_id.clone();
-        let verified = self.agent.domains.verify(&u.mark, u.until).await;
+        let verified = self.agent.writer.verify(&u.mark, u.until).await;
         let (outcome, message, evidence) = match verified {
             Some(Verified::Landed(evidence)) => {
                 (Outcome::Applied, u.mark.check.applied_message(), evidence)
@@ -840,7 +854,7 @@ impl Session {
         let started = Instant::now();
         let result: ApplyResult = self
             .agent
-            .domains
+            .writer
             .apply(&op, deadline, &rules, &|mark| {
                 if let Err(e) = self.agent.journal.mark(op_id, mark) {
                     tracing::warn!(event = "WB2015", error = %e, "cannot journal the user's state before a write; after a crash its outcome stays unknown");
